@@ -1,0 +1,115 @@
+"""Command line: worker-orcd generate | serve | bench | pull | inspect.
+
+The CLI is the only place that prints; everything below it logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from worker_orcd.errors import WorkerError
+
+logger = logging.getLogger("worker_orcd")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "log_format", "text") != "json":
+        logging.basicConfig(
+            level=getattr(logging, args.log_level.upper()),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+    try:
+        return int(args.func(args) or 0)
+    except WorkerError as exc:
+        print(f"error [{exc.code}]: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="worker-orcd", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="fetch the test model into the cache")
+    p.add_argument("--print-path", action="store_true", help="only print where the model lives")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("inspect", help="describe a GGUF file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", nargs="*", default=[])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="run the HTTP worker")
+    from worker_orcd.server.options import add_serve_arguments
+
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="measure prefill and decode speed")
+    from worker_orcd.bench import add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from worker_orcd import hub
+
+    if args.print_path:
+        print(hub.model_path())
+        return 0
+    print(hub.pull())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from worker_orcd.gguf.inspect import format_report
+
+    print(format_report(args.file))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    raise NotImplementedError  # implemented with the engine
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from worker_orcd.server.main import serve
+
+    return serve(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from worker_orcd.bench import run_bench
+
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Public value types of the engine: what a request asks for and what it gets back."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from worker_orcd.errors import InvalidRequestError
+
+U64_MAX = 2**64 - 1
+
+
+class StopReason(str, enum.Enum):
+    MAX_TOKENS = "MAX_TOKENS"
+    EOS = "EOS"
+    STOP_SEQUENCE = "STOP_SEQUENCE"
+    CONTEXT_FULL = "CONTEXT_FULL"
+    CANCELLED = "CANCELLED"
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Decoding settings. temperature 0 is greedy; top_k 0, top_p 1, min_p 0, penalty 1 are 'off'."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError naming every field that is out of range."""
+        problems: list[str] = []
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            problems.append(f"max_tokens must be an integer >= 1 (got {self.max_tokens!r})")
+        if not _finite(self.temperature) or not 0.0 <= self.temperature <= 2.0:
+            problems.append(f"temperature must be in [0, 2] (got {self.temperature!r})")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0 (got {self.top_k!r})")
+        if not _finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1] (got {self.top_p!r})")
+        if not _finite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            problems.append(f"min_p must be in [0, 1] (got {self.min_p!r})")
+        if not _finite(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 2.0:
+            problems.append(
+                f"repetition_penalty must be in (0, 2] (got {self.repetition_penalty!r})"
+            )
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= U64_MAX):
+            problems.append(f"seed must be an unsigned 64-bit integer (got {self.seed!r})")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            problems.append("stop must hold non-empty strings")
+        if problems:
+            raise InvalidRequestError("; ".join(problems))
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(slots=True)
+class Timings:
+    prompt_tokens: int = 0
+    prefill_ms: float = 0.0
+    first_token_ms: float = 0.0
+    decode_ms: float = 0.0
+    tokens_out: int = 0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first generated token comes out of prefill; decode steps make the rest.
+        steps = max(self.tokens_out - 1, 0)
+        return steps / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
+
+
+@dataclass(slots=True)
+class GenerationOutput:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    stop_reason: StopReason
+    seed: int
+    stop_sequence: str | None = None
+    timings: Timings = field(default_factory=Timings)

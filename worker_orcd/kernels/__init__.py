@@ -1,1 +1,123 @@
+"""Kernels: pure functions on tensors. The public functions here are the only entry points.
 
+Each kernel has a torch reference (`*_ref`, runs anywhere). A faster implementation for a device type is
+plugged in with `register("cuda", "attention", fn)`, with the reference's signature; dispatch happens here,
+in one place, by the device of the first tensor argument. Tests compare every registered implementation
+with its reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from worker_orcd.kernels.activation import silu_and_mul_ref
+from worker_orcd.kernels.attention import AttentionMetadata, attention_ref, store_kv_ref
+from worker_orcd.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from worker_orcd.kernels.rope import apply_rope_ref, rope_cos_sin_cache
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AttentionMetadata",
+    "add_rms_norm",
+    "apply_rope",
+    "attention",
+    "embedding",
+    "linear",
+    "register",
+    "rms_norm",
+    "rope_cos_sin_cache",
+    "silu_and_mul",
+    "store_kv",
+]
+
+
+def _linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _embedding_ref(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids, weight)
+
+
+REFERENCE: dict[str, Callable[..., object]] = {
+    "rms_norm": rms_norm_ref,
+    "add_rms_norm": add_rms_norm_ref,
+    "apply_rope": apply_rope_ref,
+    "store_kv": store_kv_ref,
+    "attention": attention_ref,
+    "silu_and_mul": silu_and_mul_ref,
+    "linear": _linear_ref,
+    "embedding": _embedding_ref,
+}
+
+# device type ("cuda") -> kernel name -> implementation
+_BACKENDS: dict[str, dict[str, Callable[..., object]]] = {}
+
+
+def register(device_type: str, name: str, fn: Callable[..., object]) -> None:
+    """Use `fn` instead of the reference for tensors on `device_type`."""
+    if name not in REFERENCE:
+        raise KeyError(f"unknown kernel {name!r}; known: {sorted(REFERENCE)}")
+    _BACKENDS.setdefault(device_type, {})[name] = fn
+    logger.debug("kernel %s on %s -> %s", name, device_type, getattr(fn, "__qualname__", fn))
+
+
+def implementation(name: str, device: torch.device) -> Callable[..., object]:
+    return _BACKENDS.get(device.type, {}).get(name) or REFERENCE[name]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return implementation("rms_norm", x.device)(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return implementation("add_rms_norm", x.device)(x, residual, weight, eps)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return implementation("apply_rope", q.device)(q, k, positions, cos_sin)
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    implementation("store_kv", k.device)(k, v, k_cache, v_cache, slot_mapping)
+
+
+def attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    return implementation("attention", q.device)(
+        q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window
+    )
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return implementation("silu_and_mul", x.device)(x)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return implementation("linear", x.device)(x, weight, bias)
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return implementation("embedding", weight.device)(ids, weight)

@@ -1,0 +1,20 @@
+"""RMSNorm, alone and fused with the residual add (torch reference)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, D], weight [D] -> [T, D]; statistics in float32, scaled in x's dtype as transformers does."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (rms_norm(x + residual), x + residual); x, residual [T, D]."""
+    summed = x + residual
+    return rms_norm_ref(summed, weight, eps), summed

@@ -1,0 +1,36 @@
+"""Attention over the KV cache: store this step's k/v, then attend. The model runner binds the caches."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from worker_orcd import kernels
+from worker_orcd.kernels import AttentionMetadata
+
+
+class Attention(nn.Module):
+    """Holds one layer's KV cache views (k_cache, v_cache [num_slots, Hk, D]); no parameters."""
+
+    def __init__(
+        self, n_heads: int, n_kv_heads: int, head_dim: int, *, sliding_window: int | None = None
+    ) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q [T, H, D], k and v [T, Hk, D] -> [T, H, D]."""
+        if self.k_cache.numel() == 0:
+            raise RuntimeError("KV cache not bound: the model runner must bind caches before forward")
+        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return kernels.attention(
+            q, self.k_cache, self.v_cache, meta, scale=self.scale, sliding_window=self.sliding_window
+        )

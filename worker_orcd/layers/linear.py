@@ -1,0 +1,99 @@
+"""Linear layers that own their weight format and know how to place (fused) shards into it.
+
+Every parameter carries a `weight_loader(param, tensor, shard_id)` and, when it packs several source tensors,
+`shard_slices` mapping each shard id to its rows. The loader reads only these two attributes; a layer that
+keeps its weight in another format (quantized blocks) supplies its own weight_loader and forward.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from worker_orcd import kernels
+
+logger = logging.getLogger(__name__)
+
+ShardId = str | int | None
+
+
+def shard_shape(param: torch.Tensor, shard_id: ShardId) -> tuple[int, ...]:
+    """Shape a source tensor must have to fill shard `shard_id` of `param` (None: the whole param)."""
+    if shard_id is None:
+        return tuple(param.shape)
+    rows = param.shard_slices[shard_id]
+    return (rows.stop - rows.start, *param.shape[1:])
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+    """Copy `loaded` into `param` (or into its rows for `shard_id`), converting dtype and device."""
+    expected = shard_shape(param, shard_id)
+    if tuple(loaded.shape) != expected:
+        raise ValueError(f"expected shape {expected}, got {tuple(loaded.shape)}")
+    target = param.data if shard_id is None else param.data[param.shard_slices[shard_id]]
+    with torch.no_grad():
+        target.copy_(loaded)
+
+
+def _param(*shape: int) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    p.weight_loader = default_weight_loader
+    return p
+
+
+class Linear(nn.Module):
+    """y = x W^T + b with W [out, in]; output rows may be packed from several named shards."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = False,
+        shards: dict[ShardId, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = _param(out_features, in_features)
+        self.bias = _param(out_features) if bias else None
+        if shards:
+            if sum(shards.values()) != out_features:
+                raise ValueError(f"shard sizes {shards} do not add up to {out_features}")
+            slices: dict[ShardId, slice] = {}
+            offset = 0
+            for name, size in shards.items():
+                slices[name] = slice(offset, offset + size)
+                offset += size
+            for p in (self.weight, self.bias):
+                if p is not None:
+                    p.shard_slices = slices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class QKVLinear(Linear):
+    """Fused q/k/v projection: rows are q (H*D), then k (Hk*D), then v (Hk*D); shards "q", "k", "v"."""
+
+    def __init__(
+        self, hidden_size: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool
+    ) -> None:
+        self.q_size = n_heads * head_dim
+        self.kv_size = n_kv_heads * head_dim
+        sizes = {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
+        super().__init__(hidden_size, sum(sizes.values()), bias=bias, shards=sizes)
+
+
+class GateUpLinear(Linear):
+    """Fused gate/up projection: rows are gate (I) then up (I); shards 0 (gate) and 1 (up)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__(
+            hidden_size, 2 * intermediate_size, shards={0: intermediate_size, 1: intermediate_size}
+        )

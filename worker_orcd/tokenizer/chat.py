@@ -1,9 +1,10 @@
 """Chat templates: `tokenizer.chat_template` rendered with jinja2 the way transformers does it.
 
 Sandboxed (`ImmutableSandboxedEnvironment`), `trim_blocks` and `lstrip_blocks`, the `loopcontrols`
-extension, a `{% generation %}` block that just renders its body, `tojson` without ASCII escaping, and
-the globals `raise_exception` and `strftime_now`. The template sees `messages`, `add_generation_prompt`,
-`bos_token`, `eos_token` (and `unk_token`) plus any extra keyword, e.g. `tools`.
+extension, a `{% generation %}` block that just renders its body, `tojson` without ASCII escaping,
+and the globals `raise_exception` and `strftime_now`. The template sees `messages`,
+`add_generation_prompt`, `bos_token`, `eos_token` (and `unk_token`) plus any extra keyword, e.g.
+`tools`.
 
 A rendered prompt holds special tokens as text (`<|im_start|>`, and `<s>` when the template renders
 `{{ bos_token }}` as Phi-3's does): encode it with `Tokenizer.encode_chat`, or equivalently with
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 class _GenerationBlock(Extension):
-    """`{% generation %}...{% endgeneration %}` (marks assistant text for training masks): body only."""
+    """`{% generation %}...{% endgeneration %}` (marks assistant text): renders its body."""
 
     tags = {"generation"}
 
@@ -48,10 +49,16 @@ def _raise_exception(message: str) -> None:
     raise ChatTemplateError(f"chat template rejected the messages: {message}")
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -59,8 +66,9 @@ def _strftime_now(fmt: str) -> str:
 
 
 class ChatTemplate:
-    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "",
-                 unk_token: str | None = None) -> None:
+    def __init__(
+        self, source: str, *, bos_token: str = "", eos_token: str = "", unk_token: str | None = None
+    ) -> None:
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True,
             lstrip_blocks=True,
@@ -84,8 +92,11 @@ class ChatTemplate:
             return None
         tokens = md.get("tokenizer.ggml.tokens") or []
         special: dict[str, str] = {}
-        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                          ("unk_token", "unknown_token_id")):
+        for name, key in (
+            ("bos_token", "bos_token_id"),
+            ("eos_token", "eos_token_id"),
+            ("unk_token", "unknown_token_id"),
+        ):
             tid = md.get(f"tokenizer.ggml.{key}")
             if tid is not None and 0 <= int(tid) < len(tokens):
                 special[name] = tokens[int(tid)]
@@ -94,8 +105,12 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ModelLoadError(f"tokenizer.chat_template cannot be compiled: {e}") from e
 
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-               **kwargs: Any) -> str:
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> str:
         _check_messages(messages)
         context = {**self._tokens, "tools": None, **kwargs}
         try:

@@ -1,9 +1,9 @@
 """Tokenizer metadata from a GGUF file or from an already parsed metadata mapping.
 
 `gguf.GGUFReader` builds one numpy view per array element, which takes seconds for a 151936-token
-vocabulary. The tokenizer needs only the key/value section, so we walk it ourselves: a string array is a
-sequence of (u64 length, bytes) records and is decoded in one pass over a memory map; numeric arrays are
-read with one `np.frombuffer` each. Tensor infos and tensor data are never touched.
+vocabulary. The tokenizer needs only the key/value section, so we walk it ourselves: a string array
+is a sequence of (u64 length, bytes) records and is decoded in one pass over a memory map; numeric
+arrays are read with one `np.frombuffer` each. Tensor infos and tensor data are never touched.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ _STRING, _ARRAY = 8, 9
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-def read_gguf_metadata(path: str | PathLike[str], prefixes: tuple[str, ...] = ("",)) -> dict[str, Any]:
+def read_gguf_metadata(
+    path: str | PathLike[str], prefixes: tuple[str, ...] = ("",)
+) -> dict[str, Any]:
     """Read the key/value metadata of a GGUF file (keys starting with one of `prefixes`).
 
     Scalars become Python values, string arrays lists of str, numeric arrays numpy arrays.
@@ -120,7 +122,9 @@ def _read_value(buf: memoryview, off: int, vtype: int, keep: bool) -> tuple[Any,
     raise ModelLoadError(f"unknown GGUF array element type {etype} at offset {off}")
 
 
-def _read_str_array(buf: memoryview, off: int, count: int, keep: bool) -> tuple[list[str] | None, int]:
+def _read_str_array(
+    buf: memoryview, off: int, count: int, keep: bool
+) -> tuple[list[str] | None, int]:
     unpack = struct.Struct("<Q").unpack_from
     spans: list[tuple[int, int]] = []
     for _ in range(count):
@@ -184,7 +188,9 @@ class VocabData:
         if model == "gpt2" and merges is None:
             raise ModelLoadError("tokenizer.ggml.merges is missing (required for a gpt2 tokenizer)")
         if model == "llama" and scores is None:
-            raise ModelLoadError("tokenizer.ggml.scores is missing (required for a llama tokenizer)")
+            raise ModelLoadError(
+                "tokenizer.ggml.scores is missing (required for a llama tokenizer)"
+            )
         is_spm = model == "llama"
         pre = md.get("tokenizer.ggml.pre")
         return cls(
@@ -219,7 +225,9 @@ def _array(md: Mapping[str, Any], key: str, n: int, dtype: type) -> np.ndarray |
         return None
     arr = np.asarray(md[key], dtype=dtype)
     if arr.shape != (n,):
-        raise ModelLoadError(f"{key} has shape {arr.shape}, expected ({n},) like tokenizer.ggml.tokens")
+        raise ModelLoadError(
+            f"{key} has shape {arr.shape}, expected ({n},) like tokenizer.ggml.tokens"
+        )
     return arr
 
 

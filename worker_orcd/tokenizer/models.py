@@ -1,15 +1,17 @@
 """Builders for the two GGUF tokenizer kinds on top of the `tokenizers` library.
 
-Both return a `tokenizers.Tokenizer` without added tokens: special-token text is split off beforehand by
-`Tokenizer._partition`, the way llama.cpp does it, so each call here sees plain text only.
+Both return a `tokenizers.Tokenizer` without added tokens: special-token text is split off
+beforehand by `Tokenizer._partition`, the way llama.cpp does it, so each call here sees plain text
+only.
 
 - gpt2: byte-level BPE with the file's merges; the pre-tokenizer is llama.cpp's regex list for
-  `tokenizer.ggml.pre`, applied as successive isolating splits, then the GPT-2 byte-to-unicode mapping.
-- llama: SentencePiece BPE. llama.cpp merges the adjacent pair whose concatenation is the vocabulary piece
-  with the highest score (leftmost first on ties). That is a BPE whose merge list is every split
-  `left + right = piece` of a vocabulary piece, ranked by the piece's score, which is what we derive here
-  (as the HF converters do for SentencePiece BPE models). Characters missing from the vocabulary fall back to
-  `<0xNN>` byte tokens. Spaces are turned into U+2581 by the caller.
+  `tokenizer.ggml.pre`, applied as successive isolating splits, then the GPT-2 byte-to-unicode
+  mapping.
+- llama: SentencePiece BPE. llama.cpp merges the adjacent pair whose concatenation is the vocabulary
+  piece with the highest score (leftmost first on ties). That is a BPE whose merge list is every
+  split `left + right = piece` of a vocabulary piece, ranked by the piece's score, which is what we
+  derive here (as the HF converters do for SentencePiece BPE models). Characters missing from the
+  vocabulary fall back to `<0xNN>` byte tokens. Spaces are turned into U+2581 by the caller.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "llama-bpe": (_LLAMA3_FAMILY.replace("{DIGITS}", "{1,3}"),),
     "qwen2": (_LLAMA3_FAMILY.replace("{DIGITS}", ""),),
 }
-# Pre-tokenizers for which llama.cpp takes a whole pre-token that is itself a vocabulary entry as is.
+# Pre-tokenizers for which llama.cpp keeps a pre-token that is a vocabulary entry whole.
 _IGNORE_MERGES = frozenset({"llama-bpe"})
 
 SPM_SPACE = "\u2581"
@@ -66,7 +68,7 @@ def build_gpt2(vocab: VocabData) -> HFTokenizer:
             raise ModelLoadError(f"tokenizer.ggml.merges[{i}] = {m!r} is not 'left right'")
         merges.append((left, right))
     model = models.BPE(
-        vocab=dict(zip(vocab.tokens, range(len(vocab.tokens)))),
+        vocab=dict(zip(vocab.tokens, range(len(vocab.tokens)), strict=True)),
         merges=merges,
         ignore_merges=pre in _IGNORE_MERGES,
     )
@@ -92,7 +94,7 @@ def build_spm(vocab: VocabData) -> HFTokenizer:
                 merges.append((-float(scores[pid]), pid, cut, left, right))
     merges.sort()
     unk = tokens[vocab.unk_id] if vocab.unk_id is not None else None
-    ids = dict(zip(tokens, range(len(tokens))))
+    ids = dict(zip(tokens, range(len(tokens)), strict=True))
     missing = sum(f"<0x{b:02X}>" not in ids for b in range(256))
     if missing:
         logger.warning("SentencePiece vocabulary lacks %d of the 256 byte tokens <0xNN>", missing)
@@ -103,6 +105,9 @@ def build_spm(vocab: VocabData) -> HFTokenizer:
         fuse_unk=True,
         byte_fallback=True,
     )
-    logger.debug("SentencePiece BPE: %d merges derived from %d scored pieces", len(merges),
-                 int(np.count_nonzero(types == NORMAL)))
+    logger.debug(
+        "SentencePiece BPE: %d merges derived from %d scored pieces",
+        len(merges),
+        int(np.count_nonzero(types == NORMAL)),
+    )
     return HFTokenizer(model)

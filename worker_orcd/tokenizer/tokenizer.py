@@ -1,15 +1,16 @@
 """Tokenizer built from GGUF metadata: encode, decode, special tokens, end-of-generation ids.
 
 Encoding follows llama.cpp (`llama_vocab::tokenize`):
-1. the text is partitioned on special-token text, longest token first. USER_DEFINED tokens are always
-   split off; CONTROL and UNKNOWN tokens only with `parse_special=True` (otherwise their text is ordinary
-   text). Tokens with the rstrip/lstrip attribute swallow the whitespace beside them (Phi-3 sets it);
-2. each text fragment is tokenized on its own (byte-level BPE, or SentencePiece with a dummy-prefix space
-   at the start of the text and after every special token);
+1. the text is partitioned on special-token text, longest token first. USER_DEFINED tokens are
+   always split off; CONTROL and UNKNOWN tokens only with `parse_special=True` (otherwise their text
+   is ordinary text). Tokens with the rstrip/lstrip attribute swallow the whitespace beside them
+   (Phi-3 sets it);
+2. each text fragment is tokenized on its own (byte-level BPE, or SentencePiece with a dummy-prefix
+   space at the start of the text and after every special token);
 3. BOS/EOS are added when `add_special` and the metadata ask for them.
 
-Decoding is the inverse: SentencePiece drops the one dummy-prefix space of the first text token at the
-start and after each special token, so `decode(encode(s, add_special=False)) == s`.
+Decoding is the inverse: SentencePiece drops the one dummy-prefix space of the first text token at
+the start and after each special token, so `decode(encode(s, add_special=False)) == s`.
 """
 
 from __future__ import annotations
@@ -41,10 +42,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Token texts that end a turn or the text (llama.cpp's end-of-generation list), matched exactly.
-EOG_TOKEN_TEXTS = frozenset({
-    "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>",
-    "<end_of_turn>", "<EOT>", "_<EOT>", "<end_of_utterance>", "<|return|>", "<|call|>",
-})
+EOG_TOKEN_TEXTS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<|endoftext|>",
+        "<|end_of_text|>",
+        "<end_of_turn>",
+        "<EOT>",
+        "_<EOT>",
+        "<end_of_utterance>",
+        "<|return|>",
+        "<|call|>",
+    }
+)
 _C_SPACE = " \t\n\v\f\r"  # C isspace(), which llama.cpp uses for lstrip/rstrip
 
 
@@ -58,7 +71,7 @@ def _gpt2_byte_decoder() -> dict[str, int]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 _BYTE_DECODER = _gpt2_byte_decoder()
@@ -71,7 +84,7 @@ class Tokenizer:
     def __init__(self, vocab: VocabData) -> None:
         self._v = vocab
         self._types = vocab.types
-        self._ids: dict[str, int] = dict(zip(vocab.tokens, range(len(vocab.tokens))))
+        self._ids: dict[str, int] = dict(zip(vocab.tokens, range(len(vocab.tokens)), strict=True))
         self._hf = build_gpt2(vocab) if vocab.model == "gpt2" else build_spm(vocab)
         self._spm = vocab.model == "llama"
         self._space_prefix = self._spm and vocab.add_space_prefix
@@ -85,7 +98,8 @@ class Tokenizer:
         )
         self._special_order = tuple(order)
         self._skippable = frozenset(
-            int(i) for i in np.flatnonzero((types == CONTROL) | (types == UNKNOWN) | (types == UNUSED))
+            int(i)
+            for i in np.flatnonzero((types == CONTROL) | (types == UNKNOWN) | (types == UNUSED))
         )
         self._lstrip: frozenset[int] = frozenset()
         self._rstrip: frozenset[int] = frozenset()
@@ -99,9 +113,7 @@ class Tokenizer:
         eog = {i for t, i in self._ids.items() if t in EOG_TOKEN_TEXTS}
         eog.update(i for i in (vocab.eos_id, vocab.eot_id, vocab.eom_id) if i is not None)
         self._eog = frozenset(eog)
-        self._unused = tuple(
-            int(i) for i in np.flatnonzero((types == UNUSED) | (types == UNKNOWN))
-        )
+        self._unused = tuple(int(i) for i in np.flatnonzero((types == UNUSED) | (types == UNKNOWN)))
         self._chat_template: ChatTemplate | None = None
         self._chat_template_error: str | None = None
         if vocab.chat_template:
@@ -115,7 +127,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, source: str | PathLike[str] | Mapping[str, Any]) -> Tokenizer:
-        """From a GGUF path, or from its parsed metadata (`tokenizer.ggml.tokens` -> list[str], ...)."""
+        """From a GGUF path or its parsed metadata (`tokenizer.ggml.tokens` -> list[str], ...)."""
         return cls(VocabData.from_metadata(load_metadata(source)))
 
     # -- properties ------------------------------------------------------------------------------
@@ -237,11 +249,12 @@ class Tokenizer:
         return b"".join(chunks).decode("utf-8", "replace")
 
     def decoder(self, skip_special: bool = True, prev_id: int | None = None) -> IncrementalDecoder:
-        """A streaming decoder; it skips special tokens by default (the engine streams generated text).
+        """A streaming decoder; it skips special tokens by default (it streams generated text).
 
-        `prev_id` is the token before the first one pushed (the prompt's last). Without it the stream is
-        taken to start a text, so a SentencePiece first token loses its dummy-prefix space, exactly as in
-        `decode`. Pass the prompt's last id when continuing plain text (completion mode).
+        `prev_id` is the token before the first one pushed (the prompt's last). Without it the
+        stream is taken to start a text, so a SentencePiece first token loses its dummy-prefix
+        space, exactly as in `decode`. Pass the prompt's last id when continuing plain text
+        (completion mode).
         """
         from worker_orcd.tokenizer.decoder import IncrementalDecoder
 
@@ -261,7 +274,12 @@ class Tokenizer:
         piece = self._pieces[token_id]
         if piece is None:
             piece = self._pieces[token_id] = self._piece_bytes(token_id)
-        if at_start and self._space_prefix and piece[:1] == b" " and self._types[token_id] == NORMAL:
+        if (
+            at_start
+            and self._space_prefix
+            and piece[:1] == b" "
+            and self._types[token_id] == NORMAL
+        ):
             piece = piece[1:]
         return piece, False
 
@@ -280,11 +298,17 @@ class Tokenizer:
 
     def _check_id(self, token_id: int) -> None:
         if not 0 <= token_id < len(self._v.tokens):
-            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
+            raise ValueError(
+                f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
 
     # -- chat ------------------------------------------------------------------------------------
     def _template_tokens(self) -> dict[str, str]:
-        names = {"bos_token": self._v.bos_id, "eos_token": self._v.eos_id, "unk_token": self._v.unk_id}
+        names = {
+            "bos_token": self._v.bos_id,
+            "eos_token": self._v.eos_id,
+            "unk_token": self._v.unk_id,
+        }
         return {k: self._v.tokens[i] for k, i in names.items() if i is not None}
 
     @property
@@ -292,7 +316,10 @@ class Tokenizer:
         return self._chat_template
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
     ) -> str:
         if self._chat_template is None:
             if self._chat_template_error:
@@ -307,9 +334,12 @@ class Tokenizer:
         return self._chat_template.render(messages, add_generation_prompt, **kwargs)
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
     ) -> list[int]:
-        """Render the chat template and encode it for the model, with exactly one BOS when it wants one.
+        """Render the chat template and encode it, with exactly one BOS when the model wants one.
 
         The rendered text holds special tokens as text (`<|im_start|>`, Phi-3's `<s>` from
         `{{ bos_token }}`), so it is encoded with `parse_special=True`; BOS is added only when the

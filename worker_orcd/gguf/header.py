@@ -221,15 +221,10 @@ def parse_header(buf: memoryview, label: str) -> Header:
     n_kv = c.u64("the metadata key count")
     if n_tensors > MAX_TENSORS:
         raise ModelLoadError(f"{label}: too many tensors: {n_tensors} (limit {MAX_TENSORS})")
-    if n_tensors * _MIN_TENSOR_INFO_BYTES > size:
+    if n_kv * _MIN_KV_BYTES > size - c.pos:
         raise ModelLoadError(
-            f"{label}: too many tensors: a tensor count of {n_tensors} is implausible "
-            f"for a file of {size} bytes"
-        )
-    if n_kv * _MIN_KV_BYTES > size:
-        raise ModelLoadError(
-            f"{label}: too many metadata keys: a count of {n_kv} is implausible "
-            f"for a file of {size} bytes"
+            f"{label}: too many metadata keys: a count of {n_kv} needs at least "
+            f"{n_kv * _MIN_KV_BYTES} bytes but the file has {size} (corrupt count or truncated file)"
         )
 
     metadata: dict[str, Any] = {}
@@ -257,6 +252,12 @@ def parse_header(buf: memoryview, label: str) -> Header:
             f"got {alignment!r}"
         )
 
+    if n_tensors * _MIN_TENSOR_INFO_BYTES > size - c.pos:
+        raise ModelLoadError(
+            f"{label}: too many tensors: a tensor count of {n_tensors} is implausible, its table "
+            f"needs at least {n_tensors * _MIN_TENSOR_INFO_BYTES} bytes but only {size - c.pos} "
+            f"remain after the metadata (corrupt count or truncated file)"
+        )
     tensors: list[RawTensorInfo] = []
     names: set[str] = set()
     for i in range(n_tensors):

@@ -1,11 +1,95 @@
-"""Arguments of `worker-orcd serve`."""
+"""Arguments of `worker-orcd serve` and the resolved settings the server runs with."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+from dataclasses import dataclass
+
+PROMPT_MAX_CHARS = 32768
+MAX_STOP_STRINGS = 4
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {value})")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535] (got {value})")
+    return value
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True)
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", required=True, help="GGUF file to serve")
+    p.add_argument("--port", type=_port, required=True, help="TCP port; 0 picks a free one")
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--worker-id", default=None, help="name in logs and the ready callback")
+    p.add_argument("--gpu-device", type=int, default=0, help="CUDA device index")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--callback-url", default=None,
+                   help="POST {worker_id, uri, vram_bytes, model} here once ready")
+    p.add_argument("--max-tokens-in", type=_positive_int, default=None,
+                   help="largest prompt in tokens (default: the context length)")
+    p.add_argument("--max-tokens-out", type=_positive_int, default=2048)
+    p.add_argument("--inference-timeout-sec", type=float, default=300.0)
+    p.add_argument("--max-context", type=_positive_int, default=None)
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="jobs that may wait while one runs; beyond it requests get 503")
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """What the HTTP layer and the scheduler need to know, resolved from the arguments."""
+
+    worker_id: str
+    model_path: str
+    host: str
+    port: int
+    device: str
+    dtype: str | None
+    callback_url: str | None
+    max_tokens_in: int | None
+    max_tokens_out: int
+    inference_timeout_s: float
+    max_context: int | None
+    max_queue: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerSettings:
+        if args.max_queue < 0:
+            raise ValueError(f"--max-queue must be >= 0 (got {args.max_queue})")
+        if not args.inference_timeout_sec > 0:
+            raise ValueError(
+                f"--inference-timeout-sec must be > 0 (got {args.inference_timeout_sec})"
+            )
+        return cls(
+            worker_id=args.worker_id or f"worker-{socket.gethostname()}-{os.getpid()}",
+            model_path=args.model,
+            host=args.host,
+            port=args.port,
+            device=resolve_device(args.device, args.gpu_device),
+            dtype=args.dtype,
+            callback_url=args.callback_url,
+            max_tokens_in=args.max_tokens_in,
+            max_tokens_out=args.max_tokens_out,
+            inference_timeout_s=float(args.inference_timeout_sec),
+            max_context=args.max_context,
+            max_queue=args.max_queue,
+        )
+
+
+def resolve_device(device: str | None, gpu_device: int) -> str:
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{gpu_device}" if device == "cuda" else device

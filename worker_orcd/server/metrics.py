@@ -20,8 +20,6 @@ class Metrics:
     def __init__(
         self,
         *,
-        queue_length: Callable[[], float],
-        jobs_running: Callable[[], float],
         gpu_memory_bytes: Callable[[], float],
     ) -> None:
         self.registry = CollectorRegistry()
@@ -42,13 +40,19 @@ class Metrics:
         self.queue_wait_seconds = Histogram("worker_orcd_queue_wait_seconds",
                                             "Time a job waited in the queue",
                                             buckets=_SECONDS_BUCKETS, registry=r)
-        Gauge("worker_orcd_queue_length", "Jobs waiting", registry=r).set_function(queue_length)
-        Gauge("worker_orcd_jobs_running", "Jobs running", registry=r).set_function(jobs_running)
+        self._queue_length = Gauge("worker_orcd_queue_length", "Jobs waiting", registry=r)
+        self._jobs_running = Gauge("worker_orcd_jobs_running", "Jobs running", registry=r)
         started = time.monotonic()
         Gauge("worker_orcd_uptime_seconds", "Seconds since the worker started",
               registry=r).set_function(lambda: time.monotonic() - started)
         Gauge("worker_orcd_gpu_memory_used_bytes", "GPU memory held by the worker (0 on CPU)",
               registry=r).set_function(gpu_memory_bytes)
+
+    def watch(self, *, queue_length: Callable[[], float],
+              jobs_running: Callable[[], float]) -> None:
+        """Read the scheduler's live counts on every scrape."""
+        self._queue_length.set_function(queue_length)
+        self._jobs_running.set_function(jobs_running)
 
     def count_request(self, endpoint: str, outcome: str) -> None:
         self.requests.labels(endpoint=endpoint, outcome=outcome).inc()

@@ -1,0 +1,160 @@
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models.
+
+They share the scheduler with /execute: a request becomes a job whose id is the response id
+(`cmpl-...`, `chatcmpl-...`), so /cancel works on it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from worker_orcd.engine.types import GenerationOutput, StopReason
+from worker_orcd.server import sse
+from worker_orcd.server.jobs import Failed, Finished, Job, Started, Token
+from worker_orcd.server.schemas import FieldError, OpenAIRequest, parse_openai
+from worker_orcd.server.worker import Worker, http_status, job_events, read_json, watch_disconnect
+
+_FINISH_REASON = {
+    StopReason.EOS: "stop",
+    StopReason.STOP_SEQUENCE: "stop",
+    StopReason.MAX_TOKENS: "length",
+    StopReason.CONTEXT_FULL: "length",
+}
+
+
+def error_body(code: str, message: str, status: int, fields: list[FieldError]) -> dict[str, Any]:
+    kind = "invalid_request_error" if status == 400 else "server_error"
+    error: dict[str, Any] = {"message": message, "type": kind,
+                             "param": fields[0].field if fields else None, "code": code}
+    if fields:
+        error["fields"] = [f.to_dict() for f in fields]
+    return {"error": error}
+
+
+def add_routes(app: FastAPI, worker: Worker) -> None:
+    created = int(time.time())
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": worker.facts.model, "object": "model", "created": created,
+             "owned_by": "worker-orcd"},
+        ]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _serve(worker, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _serve(worker, request, chat=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """How to shape one response's objects."""
+
+    id: str
+    chat: bool
+    model: str
+    created: int
+
+    def envelope(self, chunk: bool) -> dict[str, Any]:
+        if self.chat:
+            kind = "chat.completion.chunk" if chunk else "chat.completion"
+        else:
+            kind = "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def choice(self, text: str | None, finish_reason: str | None, *, role: bool = False,
+               chunk: bool) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0}
+        if not self.chat:
+            choice["text"] = text or ""
+        elif chunk:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["message"] = {"role": "assistant", "content": text or ""}
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish_reason
+        return choice
+
+
+def _usage(output: GenerationOutput) -> dict[str, int]:
+    prompt, completion = len(output.prompt_ids), len(output.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+async def _serve(worker: Worker, request: Request, *, chat: bool) -> Response:
+    body = await read_json(request)
+    req = parse_openai(body, chat=chat, max_tokens_out=worker.settings.max_tokens_out)
+    job_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    request.state.job_id = job_id
+    endpoint = "v1_chat_completions" if chat else "v1_completions"
+    job = await worker.new_job(job_id, req.generation, endpoint=endpoint)
+    reply = _Reply(id=job_id, chat=chat, model=worker.facts.model, created=int(time.time()))
+    if req.stream:
+        return StreamingResponse(_stream(worker, job, request, req, reply),
+                                 media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+    watcher = asyncio.create_task(watch_disconnect(request, lambda: worker.cancel_on_exit(job)))
+    try:
+        async for event in job_events(job):
+            if isinstance(event, Failed):
+                status = http_status(event.code)
+                return JSONResponse(error_body(event.code, event.message, status, []),
+                                    status_code=status)
+            if isinstance(event, Finished):
+                out = event.output
+                return JSONResponse({
+                    **reply.envelope(chunk=False),
+                    "choices": [reply.choice(out.text, _FINISH_REASON[out.stop_reason],
+                                             chunk=False)],
+                    "usage": _usage(out),
+                })
+    finally:
+        watcher.cancel()
+        worker.cancel_on_exit(job)
+    raise AssertionError("a job's events always end with Finished or Failed")
+
+
+async def _stream(worker: Worker, job: Job, request: Request, req: OpenAIRequest,
+                  reply: _Reply) -> AsyncIterator[bytes]:
+    watcher = asyncio.create_task(watch_disconnect(request, lambda: worker.cancel_on_exit(job)))
+    # With include_usage every chunk carries "usage": null, and one last chunk carries the totals.
+    extra: dict[str, Any] = {"usage": None} if req.include_usage else {}
+
+    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> bytes:
+        choice = reply.choice(text, finish_reason, role=role, chunk=True)
+        return sse.data_only({**reply.envelope(chunk=True), "choices": [choice], **extra})
+
+    try:
+        async for event in job_events(job):
+            if isinstance(event, Started) and reply.chat:
+                yield chunk("", role=True)
+            elif isinstance(event, Token):
+                yield chunk(event.text)
+            elif isinstance(event, Finished):
+                out = event.output
+                yield chunk(None if reply.chat else "", _FINISH_REASON[out.stop_reason])
+                if req.include_usage:
+                    yield sse.data_only({**reply.envelope(chunk=True), "choices": [],
+                                         "usage": _usage(out)})
+            elif isinstance(event, Failed):
+                yield sse.data_only(error_body(event.code, event.message,
+                                               http_status(event.code), []))
+        yield sse.OPENAI_DONE
+    finally:
+        watcher.cancel()
+        worker.cancel_on_exit(job)

@@ -20,7 +20,8 @@ class RotaryEmbedding(nn.Module):
     With LongRoPE factors (`long_factors=True`), parameters `short_factors` and `long_factors` [rope_dim/2]
     are loaded from the file and `build()` must be called after loading: like llama.cpp, the short factors
     serve a context up to `original_context` and the long ones a longer context. cos and sin are scaled by
-    sqrt(1 + ln(s) / ln(original_context)) with s = trained_context / original_context, as transformers does.
+    sqrt(1 + ln(s) / ln(original_context)) with s = trained_context / original_context, as transformers does,
+    unless the file states the factor (`attention_scaling`).
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class RotaryEmbedding(nn.Module):
         long_factors: bool = False,
         original_context: int | None = None,
         trained_context: int | None = None,
+        attention_scaling: float | None = None,
     ) -> None:
         super().__init__()
         self.rope_dim = rope_dim
@@ -39,6 +41,7 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
         self.original_context = original_context
         self.trained_context = trained_context
+        self.attention_scaling = attention_scaling
         self.short_factors: nn.Parameter | None = None
         self.long_factors: nn.Parameter | None = None
         if long_factors:
@@ -60,7 +63,9 @@ class RotaryEmbedding(nn.Module):
             use_long = self.max_positions > self.original_context
             factors = (self.long_factors if use_long else self.short_factors).detach()
             s = (self.trained_context or self.original_context) / self.original_context
-            if s > 1.0:
+            if self.attention_scaling is not None:
+                scaling = self.attention_scaling
+            elif s > 1.0:
                 scaling = math.sqrt(1.0 + math.log(s) / math.log(self.original_context))
             logger.info(
                 "LongRoPE: %s factors for a context of %d (original %d), scaling %.4f",

@@ -1,0 +1,105 @@
+"""ModelRunner: turns a scheduled batch into tensors, runs the model, returns logits.
+
+It owns the KV cache tensors and binds each layer's views into the model's attention modules. The flat
+batch (input_ids [T], positions [T], AttentionMetadata) is built here and nowhere else, which is where a
+CUDA-graph decode path with static input buffers plugs in (`forward` is the eager path).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from worker_orcd.engine.kv_cache import KVCache
+from worker_orcd.engine.scheduler import ScheduledBatch
+from worker_orcd.kernels import AttentionMetadata
+from worker_orcd.model import CausalLM
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv: KVCache) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = kv.k.device
+        self.block_size = kv.block_size
+        for i, attn in enumerate(model.attention_layers()):
+            attn.k_cache = kv.k[i]  # [S, Hk, D]
+            attn.v_cache = kv.v[i]
+
+    def prepare(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """input_ids [T], positions [T] and the attention metadata of a scheduled batch."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        context_lens: list[int] = []
+        kv_slots: list[slice | torch.Tensor] = []
+        for seq, n in zip(batch.seqs, batch.n_new):
+            first, end = seq.n_cached, seq.n_cached + n
+            ids.extend(seq.token_ids[first:end])
+            positions.extend(range(first, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(first, end))
+            query_start.append(query_start[-1] + n)
+            context_lens.append(end)
+            kv_slots.append(self._context_slots(table, end))
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [-1] * (width - len(s.block_table)) for s in batch.seqs]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start=query_start,
+            context_lens=context_lens,
+            kv_slots=kv_slots,
+            query_start_t=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            context_lens_t=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            block_size=bs,
+            max_query_len=max(batch.n_new),
+            max_context_len=max(context_lens),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return input_ids, pos, meta
+
+    def _context_slots(self, table: list[int], n_ctx: int) -> slice | torch.Tensor:
+        n_blocks = -(-n_ctx // self.block_size)
+        first = table[0]
+        if table[:n_blocks] == list(range(first, first + n_blocks)):
+            start = first * self.block_size
+            return slice(start, start + n_ctx)
+        blocks = torch.tensor(table[:n_blocks], dtype=torch.int64, device=self.device)
+        offsets = torch.arange(self.block_size, device=self.device)
+        return (blocks[:, None] * self.block_size + offsets).flatten()[:n_ctx]
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch, *, all_logits: bool = False) -> torch.Tensor:
+        """float32 logits: of every token in the batch if all_logits, else of each sequence's last token
+        among those that reach the end of their known tokens (their next token is due)."""
+        start = time.perf_counter() if logger.isEnabledFor(logging.DEBUG) else 0.0
+        input_ids, positions, meta = self.prepare(batch)
+        hidden = self.model(input_ids, positions, meta)  # [T, D]
+        if not all_logits:
+            last = [
+                meta.query_start[i + 1] - 1
+                for i, (seq, n) in enumerate(zip(batch.seqs, batch.n_new))
+                if seq.n_cached + n == len(seq)
+            ]
+            hidden = hidden[last] if len(last) != hidden.shape[0] else hidden
+        logits = self.model.compute_logits(hidden)  # [N, V]
+        if start:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            logger.debug(
+                "forward %s: %d tokens, %d seqs, %d layers, %.2f ms",
+                "prefill" if batch.is_prefill else "decode", meta.num_tokens, meta.num_seqs,
+                len(self.model.model.layers), (time.perf_counter() - start) * 1e3,
+            )
+        return logits

@@ -1,0 +1,191 @@
+"""GGUF tensors -> model parameters.
+
+One table per architecture maps llama.cpp tensor names onto the model's (fused) parameters and shards.
+Names are matched exactly on whole dotted segments: `blk.N.<rest>` looks `<rest>` up in the per-block table
+and anything else is looked up whole, so `attn_q` can never match `attn_qkv`. Every tensor of the file must
+map to a parameter, every parameter must be filled exactly once (whole, or by each of its shards once), and
+every shape is checked before any data is read. Weights are dequantized into the compute dtype on the
+target device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from worker_orcd.config import ModelConfig
+from worker_orcd.errors import ModelLoadError
+from worker_orcd.gguf import GGUFFile
+from worker_orcd.layers.linear import ShardId, shard_shape
+from worker_orcd.model import CausalLM
+
+logger = logging.getLogger(__name__)
+
+Target = tuple[str, ShardId]  # (parameter name, shard id or None for the whole parameter)
+
+_GLOBAL: dict[str, Target] = {
+    "token_embd.weight": ("model.embed_tokens.weight", None),
+    "output_norm.weight": ("model.norm.weight", None),
+    "output.weight": ("lm_head.weight", None),
+    "rope_factors_short.weight": ("model.rotary_emb.short_factors", None),
+    "rope_factors_long.weight": ("model.rotary_emb.long_factors", None),
+}
+# Per-block tables: `blk.N.<key>` -> `model.layers.N.<param>`.
+_BLOCK_COMMON: dict[str, Target] = {
+    "attn_norm.weight": ("input_layernorm.weight", None),
+    "attn_output.weight": ("self_attn.o_proj.weight", None),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", None),
+    "ffn_down.weight": ("mlp.down_proj.weight", None),
+}
+_SPLIT_QKV: dict[str, Target] = {
+    f"attn_{s}.{kind}": (f"self_attn.qkv_proj.{kind}", s)
+    for s in ("q", "k", "v")
+    for kind in ("weight", "bias")
+}
+_FUSED_QKV: dict[str, Target] = {
+    "attn_qkv.weight": ("self_attn.qkv_proj.weight", None),
+    "attn_qkv.bias": ("self_attn.qkv_proj.bias", None),
+}
+_SPLIT_GATE_UP: dict[str, Target] = {
+    "ffn_gate.weight": ("mlp.gate_up_proj.weight", 0),
+    "ffn_up.weight": ("mlp.gate_up_proj.weight", 1),
+}
+# Phi-3: ffn_up holds the gate rows, then the up rows.
+_FUSED_GATE_UP: dict[str, Target] = {"ffn_up.weight": ("mlp.gate_up_proj.weight", None)}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorTable:
+    globals: dict[str, Target]
+    block: dict[str, Target]
+
+    def target(self, name: str, n_layers: int) -> Target | None:
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[0] == "blk" and parts[1].isdigit():
+            layer = int(parts[1])
+            entry = self.block.get(".".join(parts[2:]))
+            if entry is None or layer >= n_layers:
+                return None
+            return f"model.layers.{layer}.{entry[0]}", entry[1]
+        return self.globals.get(name)
+
+    def sources(self, param: str, shard: ShardId) -> list[str]:
+        """GGUF names that would fill (param, shard): for error messages."""
+        found = [n for n, t in self.globals.items() if t == (param, shard)]
+        parts = param.split(".")
+        if parts[:2] == ["model", "layers"] and len(parts) > 3:
+            rest = ".".join(parts[3:])
+            found += [f"blk.{parts[2]}.{k}" for k, t in self.block.items() if t == (rest, shard)]
+        return found
+
+
+_SPLIT = TensorTable(_GLOBAL, _BLOCK_COMMON | _SPLIT_QKV | _SPLIT_GATE_UP)
+TABLES: dict[str, TensorTable] = {
+    "llama": _SPLIT,
+    "qwen2": _SPLIT,
+    "phi3": TensorTable(_GLOBAL, _BLOCK_COMMON | _FUSED_QKV | _FUSED_GATE_UP),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    seconds: float
+    weight_bytes: int
+    n_tensors: int
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(
+    config: ModelConfig, *, device: torch.device, dtype: torch.dtype, max_positions: int
+) -> CausalLM:
+    """The model with uninitialised parameters allocated on `device` in `dtype`."""
+    with _default_dtype(dtype), torch.device(device):
+        return CausalLM(config, max_positions=max_positions)
+
+
+def plan_load(f: GGUFFile, config: ModelConfig, model: CausalLM) -> list[tuple[str, str, ShardId]]:
+    """(tensor, parameter, shard) for every tensor; raises ModelLoadError unless the file fills every
+    parameter exactly once with tensors of the right shapes."""
+    table = TABLES.get(config.architecture)
+    if table is None:
+        raise ModelLoadError(f"{f.path}: no tensor table for architecture '{config.architecture}'")
+    params = dict(model.named_parameters())
+    filled: dict[str, list[ShardId]] = {name: [] for name in params}
+    plan: list[tuple[str, str, ShardId]] = []
+    for info in f.tensors.values():
+        target = table.target(info.name, config.n_layers)
+        if target is None or target[0] not in params:
+            raise ModelLoadError(
+                f"{f.path}: unexpected tensor '{info.name}' for a {config.architecture} model "
+                f"with {config.n_layers} layers"
+            )
+        pname, shard = target
+        expected = shard_shape(params[pname], shard)
+        if info.shape != expected:
+            raise ModelLoadError(
+                f"{f.path}: tensor '{info.name}' has shape {info.shape} but {pname}"
+                f"{'' if shard is None else f'[{shard}]'} expects {expected}"
+            )
+        if shard in filled[pname] or (filled[pname] and (shard is None or None in filled[pname])):
+            raise ModelLoadError(f"{f.path}: tensor '{info.name}' loads {pname} a second time")
+        filled[pname].append(shard)
+        plan.append((info.name, pname, shard))
+    for pname, shards in filled.items():
+        needed = list(getattr(params[pname], "shard_slices", {None: None}))
+        if shards == [None]:
+            continue
+        for shard in needed:
+            if shard not in shards:
+                names = table.sources(pname, shard) or table.sources(pname, None)
+                raise ModelLoadError(
+                    f"{f.path}: missing tensor {' or '.join(repr(n) for n in names) or '?'} "
+                    f"for parameter {pname}"
+                )
+    return plan
+
+
+def load_model(
+    f: GGUFFile,
+    config: ModelConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_positions: int,
+) -> tuple[CausalLM, LoadReport]:
+    """Build the model and fill it from `f`, dequantizing every tensor into `dtype` on `device`."""
+    start = time.perf_counter()
+    model = build_model(config, device=device, dtype=dtype, max_positions=max_positions)
+    plan = plan_load(f, config, model)
+    params = dict(model.named_parameters())
+    total = sum(f.tensors[name].n_bytes for name, _, _ in plan)
+    done = 0
+    next_report = 0.1
+    for name, pname, shard in plan:
+        param = params[pname]
+        tensor = f.load(name, device=device, dtype=param.dtype)
+        param.weight_loader(param, tensor, shard)
+        del tensor
+        done += f.tensors[name].n_bytes
+        if done / total >= next_report:
+            logger.info("loading weights: %3.0f%% (%.2fs)", 100 * done / total,
+                        time.perf_counter() - start)
+            next_report += 0.1
+    model.finish_loading()
+    model.eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    report = LoadReport(time.perf_counter() - start, weight_bytes, len(plan))
+    return model, report

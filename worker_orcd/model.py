@@ -1,0 +1,161 @@
+"""ONE Llama-family decoder-only transformer. Every difference between the models it runs comes from
+ModelConfig flags (bias, fused tensors, sliding window, rope factors, tied embeddings); the layout of the
+fused parameters is the same for every file, and loader.py maps each file's tensors onto it.
+
+Module names follow transformers (`model.layers.N.self_attn.qkv_proj`, `mlp.gate_up_proj`, ...) so parity
+tests line up with Qwen2/Phi-3 reference implementations.
+
+The forward pass runs over a flat batch of T tokens that may belong to several sequences: input_ids [T],
+positions [T] and the AttentionMetadata (KV slots per token, per-sequence lengths) built by the model runner.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from worker_orcd.config import ModelConfig
+from worker_orcd.kernels import AttentionMetadata, apply_rope
+from worker_orcd.layers import (
+    Attention,
+    GateUpLinear,
+    Linear,
+    LMHead,
+    QKVLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    SiluAndMul,
+    VocabEmbedding,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVLinear(
+            config.hidden_size, config.n_heads, config.n_kv_heads, config.head_dim,
+            bias=config.qkv_bias,
+        )
+        self.o_proj = Linear(config.q_size, config.hidden_size)
+        self.attn = Attention(
+            config.n_heads, config.n_kv_heads, config.head_dim,
+            sliding_window=config.sliding_window,
+        )
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        meta: AttentionMetadata,
+        cos_sin: torch.Tensor,
+    ) -> torch.Tensor:
+        n = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hk) D]
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q = qkv[:, :q_size].view(n, self.n_heads, self.head_dim)  # [T, H, D]
+        k = qkv[:, q_size : q_size + kv_size].view(n, self.n_kv_heads, self.head_dim)  # [T, Hk, D]
+        v = qkv[:, q_size + kv_size :].view(n, self.n_kv_heads, self.head_dim)  # [T, Hk, D]
+        q, k = apply_rope(q, k, positions, cos_sin)
+        out = self.attn(q, k, v, meta)  # [T, H, D]
+        return self.o_proj(out.reshape(n, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size)
+        self.act_fn = SiluAndMul()
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
+        self.self_attn = SelfAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+        cos_sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden, residual [T, D]: the residual add of the previous block is fused into this norm."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta, cos_sin)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(
+            config.rope_dim,
+            max_positions,
+            config.rope_theta,
+            long_factors=config.has_rope_factors,
+            original_context=config.rope_original_context,
+            trained_context=config.context_length,
+            attention_scaling=config.rope_attn_factor,
+        )
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, D]
+        residual: torch.Tensor | None = None
+        cos_sin = self.rotary_emb.cos_sin
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, meta, cos_sin)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class CausalLM(nn.Module):
+    """input_ids [T], positions [T], meta -> hidden [T, D]; compute_logits(hidden [N, D]) -> [N, V]."""
+
+    def __init__(self, config: ModelConfig, *, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.max_positions = max_positions or config.context_length
+        self.model = Transformer(config, self.max_positions)
+        tied = self.model.embed_tokens if config.tied_embeddings else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # [N, V] float32
+
+    def attention_layers(self) -> list[Attention]:
+        """The per-layer attention modules, whose KV caches the model runner binds."""
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def finish_loading(self) -> None:
+        """Build what derives from loaded weights (the LongRoPE cos/sin cache)."""
+        self.model.rotary_emb.build()

@@ -1,0 +1,171 @@
+"""Every Triton kernel against its torch twin on random bf16 inputs (GPU only: -m gpu)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from worker_orcd.kernels.activation import silu_and_mul_ref
+from worker_orcd.kernels.attention import AttentionMetadata, attention_ref, store_kv_ref
+from worker_orcd.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from worker_orcd.kernels.rope import apply_rope_ref, rope_cos_sin_cache
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in output"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("d", [64, 96, 896, 3072, 3001])
+@pytest.mark.parametrize("n", [1, 7, 130])
+def test_rms_norm_and_add(n: int, d: int) -> None:
+    from worker_orcd.kernels.triton import norm
+
+    x = torch.randn(n, d, device=DEV, dtype=BF16)
+    r = torch.randn(n, d, device=DEV, dtype=BF16)
+    w = torch.randn(d, device=DEV, dtype=BF16)
+    assert rel_err(norm.rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6)) < 1e-2
+    y, s = norm.add_rms_norm(x, r, w, 1e-5)
+    y_ref, s_ref = add_rms_norm_ref(x, r, w, 1e-5)
+    assert torch.equal(s, s_ref)
+    assert rel_err(y, y_ref) < 1e-2
+
+
+@pytest.mark.parametrize("inter", [8192, 4864, 1001])
+@pytest.mark.parametrize("n", [1, 5, 257])
+def test_silu_and_mul(n: int, inter: int) -> None:
+    from worker_orcd.kernels.triton import activation
+
+    x = torch.randn(n, 2 * inter, device=DEV, dtype=BF16) * 3
+    assert rel_err(activation.silu_and_mul(x), silu_and_mul_ref(x)) < 1e-2
+
+
+def _qkv(n: int, h: int, hk: int, d: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v as views into one fused projection output, as the model makes them."""
+    qkv = torch.randn(n, (h + 2 * hk) * d, device=DEV, dtype=BF16)
+    q = qkv[:, : h * d].view(n, h, d)
+    k = qkv[:, h * d : (h + hk) * d].view(n, hk, d)
+    v = qkv[:, (h + hk) * d :].view(n, hk, d)
+    return q, k, v
+
+
+@pytest.mark.parametrize(
+    ("h", "hk", "d", "rope_dim"),
+    [(14, 2, 64, 64), (32, 32, 96, 96), (8, 2, 128, 128), (4, 4, 96, 64)],
+)
+@pytest.mark.parametrize("n", [1, 13])
+def test_rope_and_rope_store_kv(n: int, h: int, hk: int, d: int, rope_dim: int) -> None:
+    from worker_orcd.kernels.triton import rope
+
+    q, k, v = _qkv(n, h, hk, d)
+    cs = rope_cos_sin_cache(rope_dim, 4096, 10000.0, device=DEV)
+    pos = torch.randint(0, 4096, (n,), device=DEV)
+    q_ref, k_ref = apply_rope_ref(q, k, pos, cs)
+    q_out, k_out = rope.apply_rope(q, k, pos, cs)
+    assert rel_err(q_out, q_ref) < 1e-2 and rel_err(k_out, k_ref) < 1e-2
+
+    slots = torch.randperm(50, device=DEV)[:n]
+    kc = torch.randn(50, hk, d, device=DEV, dtype=BF16)
+    vc = torch.randn(50, hk, d, device=DEV, dtype=BF16)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    store_kv_ref(k_ref, v, kc_ref, vc_ref, slots)
+    q_fused = rope.rope_store_kv(q, k, v, pos, cs, kc, vc, slots)
+    assert rel_err(q_fused, q_ref) < 1e-2
+    assert rel_err(kc, kc_ref) < 1e-2 and torch.equal(vc, vc_ref)
+
+    kc2, vc2 = kc.clone(), vc.clone()
+    k2, v2 = torch.randn_like(k_ref), torch.randn_like(k_ref)
+    rope.store_kv(k2, v2, kc2, vc2, slots)
+    store_kv_ref(k2, v2, kc, vc, slots)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
+
+
+def _paged_batch(
+    ctx_lens: list[int], q_lens: list[int], h: int, hk: int, d: int, page: int = 16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Random q and caches; each sequence's blocks scattered over the cache in random order."""
+    n_blocks = sum(-(-c // page) for c in ctx_lens) + 2
+    kc = torch.randn(n_blocks * page, hk, d, device=DEV, dtype=BF16)
+    vc = torch.randn(n_blocks * page, hk, d, device=DEV, dtype=BF16)
+    free = torch.randperm(n_blocks).tolist()
+    tables, kv_slots, slots, qs = [], [], [], [0]
+    for c, ql in zip(ctx_lens, q_lens, strict=True):
+        table = [free.pop() for _ in range(-(-c // page))]
+        tables.append(table)
+        s = torch.tensor([table[p // page] * page + p % page for p in range(c)], device=DEV)
+        kv_slots.append(s)
+        slots += s[c - ql :].tolist()
+        qs.append(qs[-1] + ql)
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEV)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=DEV),
+        query_start=qs,
+        context_lens=list(ctx_lens),
+        kv_slots=kv_slots,
+        query_start_t=torch.tensor(qs, dtype=torch.int32, device=DEV),
+        context_lens_t=torch.tensor(ctx_lens, dtype=torch.int32, device=DEV),
+        block_tables=bt,
+        block_size=page,
+        max_query_len=max(q_lens),
+        max_context_len=max(ctx_lens),
+    )
+    q = torch.randn(qs[-1], h, d, device=DEV, dtype=BF16)
+    return q, kc, vc, meta
+
+
+HEADS = [(14, 2, 64), (32, 32, 96), (8, 2, 128), (4, 4, 128)]
+
+
+@pytest.mark.parametrize(("h", "hk", "d"), HEADS)
+@pytest.mark.parametrize("ctx", [[1], [37], [100, 4001], [3000, 5, 777]])
+@pytest.mark.parametrize("window", [None, 50])
+def test_decode_attention(ctx: list[int], h: int, hk: int, d: int, window: int | None) -> None:
+    from worker_orcd.kernels.triton.attention import attention
+
+    q, kc, vc, meta = _paged_batch(ctx, [1] * len(ctx), h, hk, d)
+    ref = attention_ref(q, kc, vc, meta, sliding_window=window)
+    out = attention(q, kc, vc, meta, sliding_window=window)
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize(("h", "hk", "d"), HEADS)
+@pytest.mark.parametrize(
+    ("ctx", "q_lens"), [([1], [1]), ([129], [129]), ([77, 300], [77, 45]), ([513, 20], [200, 20])]
+)
+@pytest.mark.parametrize("window", [None, 64])
+def test_prefill_attention(
+    ctx: list[int], q_lens: list[int], h: int, hk: int, d: int, window: int | None
+) -> None:
+    from worker_orcd.kernels.triton.attention import attention
+
+    q, kc, vc, meta = _paged_batch(ctx, q_lens, h, hk, d)
+    ref = attention_ref(q, kc, vc, meta, sliding_window=window, scale=1 / math.sqrt(d))
+    out = attention(q, kc, vc, meta, sliding_window=window)
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize(("n", "k"), [(9216, 3072), (3072, 8192), (1152, 896), (1001, 777)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv(n: int, k: int, bias: bool) -> None:
+    from worker_orcd.kernels.triton import gemv
+
+    x = torch.randn(1, k, device=DEV, dtype=BF16)
+    w = torch.randn(n, k, device=DEV, dtype=BF16) * 0.05
+    b = torch.randn(n, device=DEV, dtype=BF16) if bias else None
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert rel_err(gemv.gemv(x, w, b), ref) < 1e-2
+    assert rel_err(gemv.linear(x.view(1, 1, k), w, b).view(1, n), ref) < 1e-2
+    x5 = torch.randn(5, k, device=DEV, dtype=BF16)
+    ref5 = torch.nn.functional.linear(x5, w, b)
+    assert torch.equal(gemv.linear(x5, w, b), ref5)

@@ -1,0 +1,354 @@
+"""Attention over the paged KV cache for a flat batch (see `worker_orcd.kernels.attention`).
+
+Decode (one query token per sequence) is flash-decoding: the context of each (sequence, KV head) is
+split into NUM_SPLITS ranges that run on separate programs, each writing a partial softmax state
+(max, sum, weighted values); a second kernel merges them. All query heads that share a KV head are
+handled by one program, so GQA reads each cached key and value once. The split count depends only
+on the batch shape, and the range each split covers is computed on the device from the context
+length, so one captured CUDA graph serves every context length.
+
+Prefill (any query length, causal, after any cached prefix) is a flash-attention loop per block of
+query rows and query head. Both honour a sliding window W: a query at position p sees keys
+p - W + 1 .. p.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from worker_orcd.kernels.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+_LOG2E = 1.4426950408889634
+# Enough programs to cover the multiprocessors about twice for one decode step.
+_TARGET_PROGRAMS = 264
+_MAX_SPLITS = 64
+
+
+@triton.jit
+def _load_kv_block(cache_ptr, bt_row_ptr, p, p_mask, hk, HK, D, cols, d_mask, PAGE: tl.constexpr):
+    """Keys or values of token positions p [BLOCK_N] of one KV head -> [BLOCK_N, BLOCK_D]."""
+    block = tl.load(bt_row_ptr + p // PAGE, mask=p_mask, other=0).to(tl.int64)
+    slot = block * PAGE + p % PAGE
+    ptrs = cache_ptr + (slot * HK + hk)[:, None] * D + cols[None, :]
+    return tl.load(ptrs, mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [T, H, D] (token stride stride_qt)
+    kc_ptr,  # [S, Hk, D]
+    vc_ptr,  # [S, Hk, D]
+    bt_ptr,  # [B, max_blocks] int32
+    ctx_ptr,  # [B] int32
+    qs_ptr,  # [B + 1] int32
+    part_ptr,  # [B, H, NUM_SPLITS, BLOCK_D] float32
+    ml_ptr,  # [B, H, NUM_SPLITS, 2] float32: running max (log2 units), sum
+    qk_scale,  # softmax scale * log2(e)
+    H,
+    HK,
+    D,
+    stride_qt,
+    stride_bt,
+    window,  # 0: none
+    G: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    t = tl.load(qs_ptr + b).to(tl.int64)
+    lo = 0
+    if window > 0:
+        lo = tl.maximum(ctx - window, 0)
+    chunk = tl.cdiv(tl.cdiv(ctx - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, ctx)
+
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < G
+    cols = tl.arange(0, BLOCK_D)
+    d_mask = cols < D
+    heads = hk * G + g
+    q = tl.load(
+        q_ptr + t * stride_qt + heads[:, None] * D + cols[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [BLOCK_G, BLOCK_D]
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        p = n0 + tl.arange(0, BLOCK_N)
+        p_mask = p < end
+        k = _load_kv_block(kc_ptr, bt_row, p, p_mask, hk, HK, D, cols, d_mask, PAGE)
+        v = _load_kv_block(vc_ptr, bt_row, p, p_mask, hk, HK, D, cols, d_mask, PAGE)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N]
+        s = tl.where(p_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        prob = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(prob, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
+        m_i = m_new
+    out_row = (b * H + heads).to(tl.int64) * NUM_SPLITS + split  # [BLOCK_G]
+    tl.store(part_ptr + out_row[:, None] * BLOCK_D + cols[None, :], acc, mask=g_mask[:, None])
+    tl.store(ml_ptr + out_row * 2, m_i, mask=g_mask)
+    tl.store(ml_ptr + out_row * 2 + 1, l_i, mask=g_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_ptr,  # [B, H, NUM_SPLITS, BLOCK_D] float32
+    ml_ptr,  # [B, H, NUM_SPLITS, 2] float32
+    ctx_ptr,  # [B] int32
+    qs_ptr,  # [B + 1] int32
+    o_ptr,  # [T, H, D]
+    H,
+    D,
+    window,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    ctx = tl.load(ctx_ptr + b)
+    t = tl.load(qs_ptr + b).to(tl.int64)
+    lo = 0
+    if window > 0:
+        lo = tl.maximum(ctx - window, 0)
+    chunk = tl.cdiv(tl.cdiv(ctx - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    n_active = tl.cdiv(ctx - lo, chunk)
+    s = tl.arange(0, BLOCK_S)
+    s_mask = s < n_active
+    row = (b * H + h).to(tl.int64) * NUM_SPLITS + s  # [BLOCK_S]
+    m = tl.load(ml_ptr + row * 2, mask=s_mask, other=float("-inf"))
+    l_s = tl.load(ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
+    m_all = tl.max(m, axis=0)
+    w = tl.where(s_mask, tl.exp2(m - m_all), 0.0)
+    cols = tl.arange(0, BLOCK_D)
+    part = tl.load(
+        part_ptr + row[:, None] * BLOCK_D + cols[None, :], mask=s_mask[:, None], other=0.0
+    )
+    out = tl.sum(part * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
+    tl.store(o_ptr + (t * H + h) * D + cols, out.to(o_ptr.dtype.element_ty), mask=cols < D)
+
+
+def num_splits(n_seqs: int, n_kv_heads: int) -> int:
+    """Context splits per (sequence, KV head) of a decode step; depends on the batch shape only."""
+    return max(1, min(_MAX_SPLITS, triton.cdiv(_TARGET_PROGRAMS, n_seqs * n_kv_heads)))
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, H, D]
+    k_cache: torch.Tensor,  # [S, Hk, D]
+    v_cache: torch.Tensor,  # [S, Hk, D]
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    n_tokens, n_heads, d = q.shape
+    n_seqs = meta.num_seqs
+    n_kv = k_cache.shape[1]
+    group = n_heads // n_kv
+    assert q.stride(2) == 1 and q.stride(1) == d and k_cache.is_contiguous()
+    splits = num_splits(n_seqs, n_kv)
+    block_d = triton.next_power_of_2(d)
+    block_n = 64
+    part = torch.empty((n_seqs, n_heads, splits, block_d), dtype=torch.float32, device=q.device)
+    ml = torch.empty((n_seqs, n_heads, splits, 2), dtype=torch.float32, device=q.device)
+    out = torch.empty((n_tokens, n_heads, d), dtype=q.dtype, device=q.device)
+    window = sliding_window or 0
+    _decode_split_kernel[(n_seqs, n_kv, splits)](
+        q,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.context_lens_t,
+        meta.query_start_t,
+        part,
+        ml,
+        scale * _LOG2E,
+        n_heads,
+        n_kv,
+        d,
+        q.stride(0),
+        meta.block_tables.stride(0),
+        window,
+        G=group,
+        NUM_SPLITS=splits,
+        PAGE=meta.block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    _decode_merge_kernel[(n_seqs, n_heads)](
+        part,
+        ml,
+        meta.context_lens_t,
+        meta.query_start_t,
+        out,
+        n_heads,
+        d,
+        window,
+        NUM_SPLITS=splits,
+        BLOCK_N=block_n,
+        BLOCK_S=triton.next_power_of_2(splits),
+        BLOCK_D=block_d,
+        num_warps=1,
+    )
+    return out
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [T, H, D]
+    kc_ptr,  # [S, Hk, D]
+    vc_ptr,  # [S, Hk, D]
+    bt_ptr,  # [B, max_blocks] int32
+    ctx_ptr,  # [B] int32
+    qs_ptr,  # [B + 1] int32
+    o_ptr,  # [T, H, D] contiguous
+    qk_scale,
+    H,
+    HK,
+    D,
+    stride_qt,
+    stride_bt,
+    window,
+    G: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    m_block = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(qs_ptr + b)
+    q_len = tl.load(qs_ptr + b + 1) - q_start
+    m0 = m_block * BLOCK_M
+    if m0 >= q_len:
+        return
+    hk = h // G
+    ctx = tl.load(ctx_ptr + b)
+    first_pos = ctx - q_len
+    rows = m0 + tl.arange(0, BLOCK_M)
+    r_mask = rows < q_len
+    q_pos = first_pos + rows  # [BLOCK_M]
+    cols = tl.arange(0, BLOCK_D)
+    d_mask = cols < D
+    tok = (q_start + rows).to(tl.int64)
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + h * D + cols[None, :],
+        mask=r_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    hi = tl.minimum(ctx, first_pos + m0 + BLOCK_M)
+    lo = 0
+    if window > 0:
+        lo = tl.maximum(first_pos + m0 - window + 1, 0) // BLOCK_N * BLOCK_N
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    for n0 in range(lo, hi, BLOCK_N):
+        p = n0 + tl.arange(0, BLOCK_N)
+        p_mask = p < hi
+        k = _load_kv_block(kc_ptr, bt_row, p, p_mask, hk, HK, D, cols, d_mask, PAGE)
+        v = _load_kv_block(vc_ptr, bt_row, p, p_mask, hk, HK, D, cols, d_mask, PAGE)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+        visible = (p[None, :] <= q_pos[:, None]) & p_mask[None, :]
+        if window > 0:
+            visible = visible & (p[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row may see no key yet (padding rows, a window's first block): shift by 0, not -inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        prob = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(prob, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    tl.store(
+        o_ptr + (tok[:, None] * H + h) * D + cols[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=r_mask[:, None] & d_mask[None, :],
+    )
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    n_tokens, n_heads, d = q.shape
+    n_kv = k_cache.shape[1]
+    assert q.stride(2) == 1 and q.stride(1) == d and k_cache.is_contiguous()
+    out = torch.empty((n_tokens, n_heads, d), dtype=q.dtype, device=q.device)
+    block_m = 64 if meta.max_query_len > 16 else 16
+    block_d = triton.next_power_of_2(d)
+    grid = (triton.cdiv(meta.max_query_len, block_m), meta.num_seqs, n_heads)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.context_lens_t,
+        meta.query_start_t,
+        out,
+        scale * _LOG2E,
+        n_heads,
+        n_kv,
+        d,
+        q.stride(0),
+        meta.block_tables.stride(0),
+        sliding_window or 0,
+        G=n_heads // n_kv,
+        PAGE=meta.block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=64,
+        BLOCK_D=block_d,
+        num_warps=4,
+        num_stages=2,
+    )
+    return out
+
+
+def attention(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,  # [S, Hk, D]
+    v_cache: torch.Tensor,  # [S, Hk, D]
+    meta: AttentionMetadata,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of q over each sequence's cached context -> [T, H, D]."""
+    n_heads, n_kv = q.shape[1], k_cache.shape[1]
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv} KV heads")
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    if meta.is_decode:
+        return decode_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+    return prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window)

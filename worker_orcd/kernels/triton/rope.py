@@ -1,0 +1,225 @@
+"""NEOX rotary embedding, alone and fused with the KV-cache write; one program per (token, head).
+
+The cos/sin cache is [P, R] float32 with cos in the first R/2 columns and sin in the rest (see
+`worker_orcd.kernels.rope`). Only the first R dims of a head rotate; the rest are copied.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+logger = logging.getLogger(__name__)
+
+
+@triton.jit
+def _rotate_head(src, dst, cs_ptr, HALF, D, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rotate one head at `src` into `dst` with cos/sin row `cs_ptr`."""
+    i = tl.arange(0, BLOCK_HALF)
+    hm = i < HALF
+    cos = tl.load(cs_ptr + i, mask=hm, other=0.0)
+    sin = tl.load(cs_ptr + HALF + i, mask=hm, other=0.0)
+    x1 = tl.load(src + i, mask=hm, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + i, mask=hm, other=0.0).to(tl.float32)
+    ty = dst.dtype.element_ty
+    tl.store(dst + i, (x1 * cos - x2 * sin).to(ty), mask=hm)
+    tl.store(dst + HALF + i, (x2 * cos + x1 * sin).to(ty), mask=hm)
+    if 2 * HALF < D:  # partial rotary: the tail passes through
+        j = 2 * HALF + tl.arange(0, BLOCK_D)
+        jm = j < D
+        tl.store(dst + j, tl.load(src + j, mask=jm, other=0.0).to(ty), mask=jm)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr,  # [T, H, D] (any token stride)
+    k_ptr,  # [T, Hk, D]
+    v_ptr,  # [T, Hk, D], read when STORE
+    qo_ptr,  # [T, H, D] contiguous
+    ko_ptr,  # [T, Hk, D] contiguous, written unless STORE
+    kc_ptr,  # [S, Hk, D] key cache, written when STORE
+    vc_ptr,  # [S, Hk, D] value cache
+    pos_ptr,  # [T]
+    slot_ptr,  # [T]
+    cs_ptr,  # [P, R]
+    H,
+    HK,
+    D,
+    HALF,
+    stride_qt,
+    stride_kt,
+    stride_vt,
+    STORE: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    cs = cs_ptr + pos * (2 * HALF)
+    if h < H:
+        _rotate_head(
+            q_ptr + t * stride_qt + h * D,
+            qo_ptr + (t * H + h) * D,
+            cs,
+            HALF,
+            D,
+            BLOCK_HALF,
+            BLOCK_D,
+        )
+    else:
+        hk = h - H
+        if STORE:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            dst = kc_ptr + (slot * HK + hk) * D
+            _rotate_head(k_ptr + t * stride_kt + hk * D, dst, cs, HALF, D, BLOCK_HALF, BLOCK_D)
+            j = tl.arange(0, BLOCK_D)
+            jm = j < D
+            v = tl.load(v_ptr + t * stride_vt + hk * D + j, mask=jm, other=0.0)
+            tl.store(vc_ptr + (slot * HK + hk) * D + j, v.to(vc_ptr.dtype.element_ty), mask=jm)
+        else:
+            _rotate_head(
+                k_ptr + t * stride_kt + hk * D,
+                ko_ptr + (t * HK + hk) * D,
+                cs,
+                HALF,
+                D,
+                BLOCK_HALF,
+                BLOCK_D,
+            )
+
+
+def _check(x: torch.Tensor) -> None:
+    assert x.stride(2) == 1 and x.stride(1) == x.shape[2], "heads must be packed within a token"
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, H, D], k [T, Hk, D], positions [T], cos_sin [P, R] -> rotated (q, k), contiguous."""
+    n, n_heads, d = q.shape
+    n_kv = k.shape[1]
+    _check(q)
+    _check(k)
+    half = cos_sin.shape[1] // 2
+    qo = torch.empty((n, n_heads, d), dtype=q.dtype, device=q.device)
+    ko = torch.empty((n, n_kv, d), dtype=k.dtype, device=k.device)
+    if n:
+        _rope_kernel[(n, n_heads + n_kv)](
+            q,
+            k,
+            k,
+            qo,
+            ko,
+            ko,
+            ko,
+            positions,
+            positions,
+            cos_sin,
+            n_heads,
+            n_kv,
+            d,
+            half,
+            q.stride(0),
+            k.stride(0),
+            0,
+            STORE=False,
+            BLOCK_HALF=triton.next_power_of_2(half),
+            BLOCK_D=triton.next_power_of_2(d),
+            num_warps=1,
+        )
+    return qo, ko
+
+
+def rope_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate q and k; write rotated k and v [T, Hk, D] into the caches [S, Hk, D] at slot_mapping.
+
+    Returns the rotated q [T, H, D]. Equals apply_rope followed by store_kv, in one launch.
+    """
+    n, n_heads, d = q.shape
+    n_kv = k.shape[1]
+    for x in (q, k, v):
+        _check(x)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    half = cos_sin.shape[1] // 2
+    qo = torch.empty((n, n_heads, d), dtype=q.dtype, device=q.device)
+    if n:
+        _rope_kernel[(n, n_heads + n_kv)](
+            q,
+            k,
+            v,
+            qo,
+            qo,
+            k_cache,
+            v_cache,
+            positions,
+            slot_mapping,
+            cos_sin,
+            n_heads,
+            n_kv,
+            d,
+            half,
+            q.stride(0),
+            k.stride(0),
+            v.stride(0),
+            STORE=True,
+            BLOCK_HALF=triton.next_power_of_2(half),
+            BLOCK_D=triton.next_power_of_2(d),
+            num_warps=1,
+        )
+    return qo
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, HK, D, stride_kt, stride_vt, BLOCK_D: tl.constexpr
+):
+    t = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    j = tl.arange(0, BLOCK_D)
+    jm = j < D
+    k = tl.load(k_ptr + t * stride_kt + hk * D + j, mask=jm, other=0.0)
+    v = tl.load(v_ptr + t * stride_vt + hk * D + j, mask=jm, other=0.0)
+    tl.store(kc_ptr + (slot * HK + hk) * D + j, k.to(kc_ptr.dtype.element_ty), mask=jm)
+    tl.store(vc_ptr + (slot * HK + hk) * D + j, v.to(vc_ptr.dtype.element_ty), mask=jm)
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write k, v [T, Hk, D] into the caches [S, Hk, D] at slot_mapping [T]."""
+    n, n_kv, d = k.shape
+    _check(k)
+    _check(v)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    if n:
+        _store_kv_kernel[(n, n_kv)](
+            k,
+            v,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            n_kv,
+            d,
+            k.stride(0),
+            v.stride(0),
+            BLOCK_D=triton.next_power_of_2(d),
+            num_warps=1,
+        )

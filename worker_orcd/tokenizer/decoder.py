@@ -28,7 +28,7 @@ class IncrementalDecoder:
     skip_special: bool = True
     at_start: bool = True
     _utf8: codecs.IncrementalDecoder = field(
-        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+        init=False, default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
     )
 
     def push(self, token_id: int) -> str:

@@ -18,11 +18,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import jinja2
 import numpy as np
 
 from worker_orcd.errors import ChatTemplateError
+from worker_orcd.tokenizer.chat import ChatTemplate
+from worker_orcd.tokenizer.decoder import IncrementalDecoder
 from worker_orcd.tokenizer.metadata import (
     BYTE,
     CONTROL,
@@ -34,10 +37,6 @@ from worker_orcd.tokenizer.metadata import (
     load_metadata,
 )
 from worker_orcd.tokenizer.models import SPM_SPACE, build_gpt2, build_spm
-
-if TYPE_CHECKING:
-    from worker_orcd.tokenizer.chat import ChatTemplate
-    from worker_orcd.tokenizer.decoder import IncrementalDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +116,9 @@ class Tokenizer:
         self._chat_template: ChatTemplate | None = None
         self._chat_template_error: str | None = None
         if vocab.chat_template:
-            from worker_orcd.tokenizer.chat import ChatTemplate
-
             try:
                 self._chat_template = ChatTemplate(vocab.chat_template, **self._template_tokens())
-            except Exception as e:  # noqa: BLE001 - a bad template only disables chat mode
+            except jinja2.TemplateError as e:  # a bad template disables chat mode, not the model
                 self._chat_template_error = f"{type(e).__name__}: {e}"
                 logger.warning("tokenizer.chat_template cannot be compiled: %s", e)
 
@@ -256,8 +253,6 @@ class Tokenizer:
         space, exactly as in `decode`. Pass the prompt's last id when continuing plain text
         (completion mode).
         """
-        from worker_orcd.tokenizer.decoder import IncrementalDecoder
-
         at_start = True
         if prev_id is not None:
             self._check_id(prev_id)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGUFWriter
 
 from worker_orcd import hub
 
@@ -47,7 +47,7 @@ WriteGGUF = Callable[..., Path]
 
 @dataclass(slots=True)
 class TinyModel:
-    """Metadata and F32 tensors (torch-order shapes) of a tiny consistent model; edit, then write."""
+    """Metadata and F32 tensors (torch-order shapes) of a tiny consistent model."""
 
     arch: str
     metadata: dict[str, Any]
@@ -85,7 +85,8 @@ def _tiny_model(arch: str) -> TinyModel:
             shapes |= {f"{b}.attn_q.weight": (h, h), f"{b}.attn_k.weight": (kv, h)}
             shapes[f"{b}.attn_v.weight"] = (kv, h)
         if arch == "qwen2":
-            shapes |= {f"{b}.attn_q.bias": (h,), f"{b}.attn_k.bias": (kv,), f"{b}.attn_v.bias": (kv,)}
+            shapes |= {f"{b}.attn_q.bias": (h,), f"{b}.attn_k.bias": (kv,)}
+            shapes[f"{b}.attn_v.bias"] = (kv,)
         shapes[f"{b}.attn_output.weight"] = (h, h)
         shapes[f"{b}.ffn_norm.weight"] = (h,)
         if arch == "phi3":
@@ -102,7 +103,7 @@ def _tiny_model(arch: str) -> TinyModel:
 
 @pytest.fixture
 def tiny_model() -> Callable[[str], TinyModel]:
-    """tiny_model(arch="qwen2") -> a fresh TinyModel (qwen2: q/k/v biases; phi3: fused qkv, gate_up)."""
+    """tiny_model(arch="qwen2") -> a fresh TinyModel (qwen2: qkv biases; phi3: fused tensors)."""
     return lambda arch="qwen2": _tiny_model(arch)
 
 

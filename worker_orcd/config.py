@@ -1,8 +1,8 @@
 """ModelConfig: every hyperparameter and architecture difference the model needs, read from GGUF.
 
-The model reads flags (`qkv_bias`, `fused_qkv`, `fused_gate_up`, ...), never architecture names. Flags
-that describe tensors are taken from the tensors that are present; a vocab-only file (no tensors) gets
-the architecture's usual layout from `_LAYOUT_DEFAULTS`.
+The model reads flags (`qkv_bias`, `fused_qkv`, `fused_gate_up`, ...), never architecture names.
+Flags that describe tensors are taken from the tensors that are present; a vocab-only file (no
+tensors) gets the architecture's usual layout from `_LAYOUT_DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -121,9 +121,8 @@ class ModelConfig:
             tied = "output.weight" not in tensors
         else:
             layout = _LAYOUT_DEFAULTS[arch]
-            qkv_bias, fused_qkv, fused_gate_up = (
-                layout.qkv_bias, layout.fused_qkv, layout.fused_gate_up,
-            )
+            qkv_bias, fused_qkv = layout.qkv_bias, layout.fused_qkv
+            fused_gate_up = layout.fused_gate_up
             tied = False
 
         scaling_type = r.string("rope.scaling.type", default=None)
@@ -131,7 +130,7 @@ class ModelConfig:
             scaling_type = None
         if scaling_type is None and has_rope_factors:
             scaling_type = "longrope"
-        sliding_window = r.integer("attention.sliding_window", default=None, allow_zero=True) or None
+        window = r.integer("attention.sliding_window", default=None, allow_zero=True)
 
         return cls(
             architecture=arch,
@@ -150,7 +149,7 @@ class ModelConfig:
             rope_original_context=r.integer("rope.scaling.original_context_length", default=None),
             has_rope_factors=has_rope_factors,
             rms_eps=r.number("attention.layer_norm_rms_epsilon"),
-            sliding_window=sliding_window,
+            sliding_window=window or None,
             qkv_bias=qkv_bias,
             tied_embeddings=tied,
             fused_qkv=fused_qkv,
@@ -209,7 +208,7 @@ class _Keys:
         if isinstance(v, list):
             raise ModelLoadError(f"{self.f.path}: per-layer values for '{key}' are not supported")
         if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (v == 0 and not allow_zero):
-            raise ModelLoadError(f"{self.f.path}: metadata '{key}' must be a positive integer, got {v!r}")
+            raise ModelLoadError(f"{self.f.path}: '{key}' must be a positive integer, got {v!r}")
         return v
 
     def number(self, name: str, default: Any = _REQUIRED) -> Any:
@@ -217,7 +216,7 @@ class _Keys:
         if v is default and default is not _REQUIRED:
             return v
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ModelLoadError(f"{self.f.path}: metadata '{key}' must be a positive number, got {v!r}")
+            raise ModelLoadError(f"{self.f.path}: '{key}' must be a positive number, got {v!r}")
         return float(v)
 
     def string(self, name: str, default: Any = _REQUIRED) -> Any:

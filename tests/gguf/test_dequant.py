@@ -80,7 +80,7 @@ QUANTIZABLE = list(QUANT_ERROR)
 
 @pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda q: q.name)
 def test_quantized_weights_bit_exact_and_close(qtype: Q):
-    """Blocks made by the reference quantizer from real-looking weights: exact, and near the input."""
+    """Blocks made by the reference quantizer from weight-like data: exact, and near the input."""
     rng = np.random.default_rng(int(qtype))
     x = rng.standard_normal((16, 256), dtype=np.float32) * 0.02
     raw = gguf.quants.quantize(x, qtype)
@@ -136,6 +136,8 @@ def test_cuda_bit_exact(qtype: Q):
 
 @pytest.mark.slow
 def test_every_tensor_of_the_real_file_bit_exact(qwen_gguf_path: Path):
+    """Every tensor, loaded whole; the two 136M-value matrices are compared on sampled rows."""
+    rng = np.random.default_rng(0)
     elapsed = 0.0
     n_values = 0
     with GGUFFile.open(qwen_gguf_path) as f:
@@ -144,9 +146,12 @@ def test_every_tensor_of_the_real_file_bit_exact(qwen_gguf_path: Path):
             out = f.load(info.name)
             elapsed += time.perf_counter() - start
             n_values += out.numel()
-            ref = gguf.quants.dequantize(f.raw(info.name).reshape(info.shape[:-1] + (-1,)), info.qtype)
+            rows = f.raw(info.name).reshape(info.shape[:-1] + (-1,))
+            if out.numel() > 1 << 24:
+                idx = np.sort(rng.choice(rows.shape[0], 2048, replace=False))
+                rows, out = rows[idx], out[torch.from_numpy(idx)]
             try:
-                assert_bit_exact(out, ref)
+                assert_bit_exact(out, gguf.quants.dequantize(rows, info.qtype))
             except AssertionError as e:
                 raise AssertionError(f"{info.name} ({info.qtype.name}): {e}") from None
     assert n_values == 630_167_424

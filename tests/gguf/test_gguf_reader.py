@@ -23,7 +23,8 @@ def _reader_metadata(r: gguf.GGUFReader) -> dict:
 def test_matches_reference_reader_on_synthetic_file(write_gguf, tiny_model):
     m = tiny_model()
     rng = np.random.default_rng(1)
-    m.tensors["blk.0.ffn_down.weight"] = (gguf.quants.quantize(m.tensors["blk.0.ffn_down.weight"], Q.Q8_0), Q.Q8_0)
+    q8 = gguf.quants.quantize(m.tensors["blk.0.ffn_down.weight"], Q.Q8_0)
+    m.tensors["blk.0.ffn_down.weight"] = (q8, Q.Q8_0)
     m.tensors["blk.1.attn_q.weight"] = m.tensors["blk.1.attn_q.weight"].astype(np.float16)
     m.tensors["extra.3d"] = rng.standard_normal((3, 5, 32), dtype=np.float32)
     m.metadata |= {"test.flag": True, "test.scores": [0.5, -1.25], "test.name": "héllo ✓"}
@@ -70,7 +71,8 @@ def test_raw_is_a_read_only_view_and_load_copies(tiny_model, write_gguf):
     assert raw.tobytes() == path.read_bytes()[info.offset : info.offset + info.n_bytes]
     w = f.load("output_norm.weight")
     w.add_(1.0)  # a private copy: the file and later loads are untouched
-    assert torch.equal(f.load("output_norm.weight"), torch.from_numpy(m.tensors["output_norm.weight"]))
+    original = torch.from_numpy(m.tensors["output_norm.weight"])
+    assert torch.equal(f.load("output_norm.weight"), original)
     f.close()
     with pytest.raises(ModelLoadError, match="closed"):
         f.load("output_norm.weight")
@@ -90,7 +92,8 @@ def test_get_require_and_require_tensor(tiny_model, write_gguf):
         assert e.value.code == "MODEL_LOAD_FAILED"
         with pytest.raises(
             ModelLoadError,
-            match=r"tensor 'blk\.1\.ffn_up\.weight' has shape \(96, 64\) but the config expects \(64, 96\)",
+            match=r"'blk\.1\.ffn_up\.weight' has shape \(96, 64\) but the config expects "
+            r"\(64, 96\)",
         ):
             f.require_tensor("blk.1.ffn_up.weight", (64, 96))
 
@@ -117,7 +120,8 @@ def test_real_qwen_file(qwen_gguf_path: Path):
         )
         assert f.tensors["blk.0.ffn_down.weight"].shape == (896, 4864)
         assert f.tensors["blk.0.ffn_down.weight"].qtype == Q.Q6_K
-        assert list(f.tensors)[:3] == ["output.weight", "token_embd.weight", "blk.0.attn_norm.weight"]
+        first = ["output.weight", "token_embd.weight", "blk.0.attn_norm.weight"]
+        assert list(f.tensors)[:3] == first
 
 
 def test_vocab_file_metadata_matches_reference_reader(vocab_dir: Path):

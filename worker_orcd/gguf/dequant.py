@@ -1,10 +1,10 @@
-"""Dequantization of GGML tensor data in torch: one routine per quant type, registered in DEQUANTIZERS.
+"""Dequantization of GGML tensor data in torch: one routine per quant type, in DEQUANTIZERS.
 
-Each routine maps blocks `[n, type_size]` uint8 to `[n, block_size]` float32 and uses only torch ops,
-so it runs wherever the bytes are (CPU or CUDA). The arithmetic follows `gguf.quants` step by step
-(same products in the same order, all in float32), which makes the results bit-identical to that
-numpy reference. fp16 scales are read by viewing byte pairs as float16 (little-endian, like every
-device we run on). Layouts below: `d`/`dmin` are fp16 super-block scales, `qs` packed quants.
+Each routine maps blocks `[n, type_size]` uint8 to `[n, block_size]` float32 and uses only torch
+ops, so it runs wherever the bytes are (CPU or CUDA). The arithmetic follows `gguf.quants` step by
+step (same products in the same order, all in float32), which makes the results bit-identical to
+that numpy reference. fp16 scales are read by viewing byte pairs as float16 (little-endian, like
+every device we run on). Layouts below: `d`, `dmin` are fp16 (super-)block scales, `qs` quants.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import math
 from collections.abc import Callable
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, QK_K
+from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
+from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ def register(qtype: GGMLQuantizationType) -> Callable[[Dequantizer], Dequantizer
     return deco
 
 
-def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
-    """Dequantize the raw bytes `data` (uint8, on any device) of a `qtype` tensor to float32 `shape`.
+def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> Tensor:
+    """Dequantize the bytes `data` (uint8, any device) of a `qtype` tensor to float32 `shape`.
 
     `shape` is in torch order; its last dimension is the row length, a whole number of blocks.
     """

@@ -83,7 +83,7 @@ def _quant_mix(f: GGUFFile) -> list[str]:
     total = sum(nbytes.values())
     unsupported = sorted({t.qtype.name for t in f.tensors.values() if t.qtype not in DEQUANTIZERS})
     if not f.tensors:
-        return ["quant mix:     no tensors (vocab-only file)", f"total:         file {f.file_size:,} bytes"]
+        return ["quant mix:     no tensors (vocab-only file)"]
     lines = ["quant mix:", f"  {'type':<10}{'tensors':>8}{'bytes':>16}{'share':>8}"]
     for name, n in sorted(nbytes.items(), key=lambda kv: -kv[1]):
         share = f"{100 * n / total:.1f}%"

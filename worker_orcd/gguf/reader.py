@@ -4,9 +4,9 @@
         f.architecture, f.get("qwen2.block_count")
         w = f.load("blk.0.attn_q.weight", device="cuda")   # dequantized, torch order [out, in]
 
-Shapes are in torch order (outermost first): GGUF stores `ne` innermost first, so `token_embd` with
-ne=[896, 151936] has shape (151936, 896). All validation happens in `open`, so a file that opens can be
-loaded tensor by tensor without surprises.
+Shapes are in torch order (outermost first): GGUF stores `ne` innermost first, so `token_embd`
+with ne=[896, 151936] has shape (151936, 896). All validation happens in `open`, so a file that
+opens can be loaded tensor by tensor without surprises.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFValueType, GGMLQuantizationType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from worker_orcd.errors import ModelLoadError
 from worker_orcd.gguf.dequant import DEQUANTIZERS, dequantize
@@ -34,7 +34,7 @@ _MISSING = object()
 
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
-    """One tensor of the file. `shape` is in torch order; `offset` is the absolute byte offset in the file."""
+    """One tensor: `shape` in torch order, `offset` the absolute byte offset in the file."""
 
     name: str
     qtype: GGMLQuantizationType
@@ -84,8 +84,7 @@ class GGUFFile:
         tensors = _tensor_table(str(path), header, allow_unsupported_types)
         f = cls(path, data, header, tensors)
         logger.debug(
-            "opened %s: GGUF v%d, %s, %d keys, %d tensors",
-            path, f.version, f.architecture, len(f.metadata), len(tensors),
+            "opened %s: GGUF v%d, %s, %d tensors", path, f.version, f.architecture, len(tensors)
         )
         return f
 

@@ -1,0 +1,279 @@
+"""Quantized kernels on the GPU: GEMV GB/s per type and shape, per-token estimates, prefill options.
+
+Prints, in one session:
+  1. copy bandwidth of the card (bytes read + written), the ceiling for decode;
+  2. for every decode weight of Phi-3-mini Q4_K_M and Qwen2.5-0.5B Q4_K_M: the fused GEMV's time and
+     achieved GB/s (quantized bytes / time) with the default launch config and the best of a sweep;
+     every timing replays a CUDA graph whose calls rotate over enough weight copies to overflow L2;
+  3. the matmul part of a decode token for both models from those times (tok/s, GB/s);
+  4. rows of x where dequantize + cuBLAS overtakes the GEMV;
+  5. prefill at 512 and 2048 tokens: dequantize into a bf16 scratch + cuBLAS vs the fused Q4_K
+     Triton matmul, beside cuBLAS on bf16 weights.
+Weights are random blocks made on the GPU (speed does not depend on the values).
+
+    PYTHONPATH=. python benchmarks/quant_kernels.py [--out DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from worker_orcd.kernels.quant.formats import Q, nbytes, random_blocks, to_planes
+from worker_orcd.kernels.quant.ops import (
+    GemvConfig,
+    dequantize_planes,
+    gemv_config,
+    quant_gemv,
+    quant_matmul_fused_q4_k,
+)
+
+logger = logging.getLogger("benchmarks.quant_kernels")
+
+# (name, qtype, [out, in], launches per token)
+PHI3 = [
+    ("qkv", Q.Q5_K, (9216, 3072), 32),
+    ("o", Q.Q4_K, (3072, 3072), 32),
+    ("gate_up", Q.Q4_K, (16384, 3072), 32),
+    ("down", Q.Q6_K, (3072, 8192), 16),
+    ("down", Q.Q4_K, (3072, 8192), 16),
+    ("lm_head", Q.Q6_K, (32064, 3072), 1),
+]
+QWEN = [
+    ("qk", Q.Q5_0, (1024, 896), 24),
+    ("v", Q.Q8_0, (128, 896), 24),
+    ("o", Q.Q5_0, (896, 896), 24),
+    ("gate_up", Q.Q5_0, (9728, 896), 24),
+    ("down", Q.Q6_K, (896, 4864), 12),
+    ("down", Q.Q4_K, (896, 4864), 12),
+    ("lm_head", Q.Q8_0, (151936, 896), 1),
+]
+EXTRA = [("q4_0", Q.Q4_0, (3072, 3072), 0)]
+L2_FLUSH_BYTES = 200 << 20
+
+
+def sweep(qtype: Q) -> list[GemvConfig]:
+    tiles = {Q.Q8_0: (4, 16), Q.Q4_0: (8, 32), Q.Q5_0: (8, 32), Q.Q6_K: (2, 4)}.get(qtype, (1, 2))
+    return [GemvConfig(bn, t, 4) for bn in (1, 2, 4, 8, 16) for t in tiles] + [
+        GemvConfig(4, tiles[1], 2),
+        GemvConfig(16, tiles[1], 8),
+    ]
+
+
+def events_ms(fn: Callable[[], object], reps: int = 20) -> float:
+    """Median milliseconds of fn() timed with CUDA events (after warm-up)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def graph_us(calls: list[Callable[[], object]], reps: int = 15) -> float:
+    """Microseconds per call of a CUDA graph that makes every call once."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in calls[:2]:
+            c()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    return events_ms(graph.replay, reps) * 1000 / len(calls)
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = events_ms(lambda: dst.copy_(src), 10)
+    return 2 * src.numel() / ms / 1e6  # GB/s
+
+
+def gemv_rows(entries: list, quick: bool) -> dict[tuple, dict]:
+    results: dict[tuple, dict] = {}
+    for _, qtype, (n, k), _ in entries:
+        key = (qtype.name, n, k)
+        if key in results:
+            continue
+        size = nbytes(qtype, n, k)
+        copies = max(1, min(2048, math.ceil(L2_FLUSH_BYTES / size)))
+        planes = to_planes(random_blocks(qtype, n, k, device="cuda"), qtype, n, k)
+        weights = [planes] + [{a: t.clone() for a, t in planes.items()} for _ in range(copies - 1)]
+        x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+        y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+        default = gemv_config(qtype, n, k)
+        configs = [default] if quick else [default] + [c for c in sweep(qtype) if c != default]
+        timed = []
+        for cfg in configs:
+            calls = [partial(quant_gemv, x, p, qtype, n, k, out=y, config=cfg) for p in weights]
+            timed.append((graph_us(calls), cfg))
+        best_us, best = min(timed, key=lambda t: t[0])
+        default_us = timed[0][0]
+        results[key] = {
+            "qtype": qtype.name, "n": n, "k": k, "mb": size / 1e6, "copies": copies,
+            "default": [default.block_n, default.tile, default.num_warps], "default_us": default_us,
+            "best": [best.block_n, best.tile, best.num_warps], "best_us": best_us,
+            "all": [[c.block_n, c.tile, c.num_warps, us] for us, c in timed],
+        }  # fmt: skip
+        logger.info(
+            "gemv %-5s [%6d, %5d] %8.2f MB  default %s %7.2f us %6.0f GB/s | "
+            "best %s %7.2f us %6.0f GB/s",
+            qtype.name, n, k, size / 1e6, results[key]["default"], default_us,
+            size / default_us / 1e3,
+            results[key]["best"], best_us, size / best_us / 1e3,
+        )  # fmt: skip
+        del weights
+        torch.cuda.empty_cache()
+    return results
+
+
+def token_estimate(model: str, entries: list, gemv: dict, copy_gbs: float) -> dict:
+    out = {}
+    for which in ("default_us", "best_us"):
+        us = sum(gemv[(q.name, n, k)][which] * count for _, q, (n, k), count in entries)
+        total = sum(nbytes(q, n, k) * count for _, q, (n, k), count in entries)
+        out[which] = {"us": us, "tok_s": 1e6 / us, "gb": total / 1e9, "gbs": total / us / 1e3}
+        logger.info(
+            "%s matmuls per token (%s): %.1f us -> %.0f tok/s, %.2f GB/token at %.0f GB/s "
+            "(%.0f%% of copy)",
+            model, which.removesuffix("_us"), us, 1e6 / us, total / 1e9, total / us / 1e3,
+            100 * total / us / 1e3 / copy_gbs,
+        )  # fmt: skip
+    return out
+
+
+def _dense(
+    x: torch.Tensor, planes: dict, qtype: Q, n: int, k: int, scratch: torch.Tensor, y: torch.Tensor
+) -> None:
+    dequantize_planes(planes, qtype, n, k, out=scratch)
+    torch.matmul(x, scratch.t(), out=y)
+
+
+def rows_crossover() -> list[dict]:
+    rows = []
+    for qtype, (n, k) in [(Q.Q4_K, (3072, 3072)), (Q.Q4_K, (16384, 3072)), (Q.Q5_0, (9728, 896))]:
+        planes = to_planes(random_blocks(qtype, n, k, device="cuda"), qtype, n, k)
+        scratch = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
+        for m in (1, 2, 4, 8, 16, 32):
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            g = events_ms(partial(quant_gemv, x, planes, qtype, n, k, out=y)) * 1000
+            d = events_ms(partial(_dense, x, planes, qtype, n, k, scratch, y)) * 1000
+            rows.append({"qtype": qtype.name, "n": n, "k": k, "m": m, "gemv_us": g, "dense_us": d})
+            logger.info("rows %-5s [%5d, %4d] m=%2d gemv %8.1f us  dequant+cuBLAS %8.1f us",
+                        qtype.name, n, k, m, g, d)  # fmt: skip
+    return rows
+
+
+def prefill(entries: list) -> list[dict]:
+    rows = []
+    fused_cfgs = [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3)]
+    for name, qtype, (n, k), count in entries:
+        planes = to_planes(random_blocks(qtype, n, k, device="cuda"), qtype, n, k)
+        scratch = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
+        deq_us = events_ms(partial(dequantize_planes, planes, qtype, n, k, out=scratch)) * 1000
+        for m in (512, 2048):
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            mm_us = events_ms(partial(torch.matmul, x, scratch.t(), out=y)) * 1000
+            row = {"name": name, "qtype": qtype.name, "n": n, "k": k, "m": m, "count": count,
+                   "dequant_us": deq_us, "cublas_us": mm_us,
+                   "scratch_total_us": deq_us + mm_us}  # fmt: skip
+            if qtype == Q.Q4_K:
+                best = None
+                for bm, bn, nw, ns in fused_cfgs:
+                    try:
+                        fn = partial(quant_matmul_fused_q4_k, x, planes, n, k, block_m=bm,
+                                     block_n=bn, num_warps=nw, num_stages=ns)  # fmt: skip
+                        us = events_ms(fn) * 1000
+                    except Exception as e:  # noqa: BLE001 - a config may not fit shared memory
+                        logger.info("fused %s skipped: %s", (bm, bn, nw, ns), type(e).__name__)
+                        continue
+                    if best is None or us < best[0]:
+                        best = (us, [bm, bn, nw, ns])
+                if best:
+                    row["fused_us"], row["fused_cfg"] = best
+            rows.append(row)
+            logger.info(
+                "prefill %-7s %-5s [%5d, %4d] m=%4d  dequant %6.1f + cuBLAS %7.1f = %7.1f us "
+                "(%5.0f TFLOP/s on bf16)  fused %s",
+                name, qtype.name, n, k, m, deq_us, mm_us, deq_us + mm_us,
+                2 * m * n * k / mm_us / 1e6,
+                f"{row['fused_us']:.1f} us {row['fused_cfg']}" if "fused_us" in row else "-",
+            )  # fmt: skip
+        del scratch
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true", help="default configs only")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    torch.manual_seed(0)
+    import triton
+
+    info = {
+        "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__, "triton": triton.__version__,
+    }  # fmt: skip
+    logger.info("%s", info)
+    copy_gbs = copy_bandwidth()
+    logger.info("copy bandwidth: %.0f GB/s (read + written)", copy_gbs)
+    gemv = gemv_rows(PHI3 + QWEN + EXTRA, args.quick)
+    tokens = {
+        "phi3": token_estimate("Phi-3-mini Q4_K_M", PHI3, gemv, copy_gbs),
+        "qwen": token_estimate("Qwen2.5-0.5B Q4_K_M", QWEN, gemv, copy_gbs),
+    }
+    cross = rows_crossover()
+    pre = prefill(PHI3)
+    for m in (512, 2048):
+        sel = [r for r in pre if r["m"] == m]
+        scratch = sum(r["scratch_total_us"] * r["count"] for r in sel)
+        bf16 = sum(r["cublas_us"] * r["count"] for r in sel)
+        logger.info("Phi-3 prefill %d matmuls: scratch+cuBLAS %.0f us (%.0f tok/s), bf16 cuBLAS "
+                    "alone %.0f us", m, scratch, m * 1e6 / scratch, bf16)  # fmt: skip
+    with open(os.path.join(args.out, "quant_kernels.json"), "w") as f:
+        json.dump({**info, "copy_gbs": copy_gbs, "gemv": list(gemv.values()), "tokens": tokens,
+                   "rows": cross, "prefill": pre}, f, indent=1)  # fmt: skip
+
+    logger.info("\n%-7s %-18s %8s %10s %8s %10s %8s %6s", "type", "[out, in]", "MB", "default",
+                "GB/s",
+                "best", "GB/s", "%copy")  # fmt: skip
+    for r in gemv.values():
+        logger.info(
+            "%-7s %-18s %8.2f %8.2fus %8.0f %8.2fus %8.0f %5.0f%%",
+            r["qtype"], f"[{r['n']}, {r['k']}]",
+            r["mb"], r["default_us"], r["mb"] * 1e3 / r["default_us"], r["best_us"],
+            r["mb"] * 1e3 / r["best_us"], 100 * r["mb"] * 1e3 / r["best_us"] / copy_gbs,
+        )  # fmt: skip
+    for model, t in tokens.items():
+        logger.info("%s: default %.0f tok/s, best %.0f tok/s (matmuls only), copy %.0f GB/s",
+                    model, t["default_us"]["tok_s"], t["best_us"]["tok_s"], copy_gbs)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Triton quantized kernels against dequantize-then-matmul in float32.
+
+GPU tests (marker `gpu`) run real Qwen2.5 / Phi-3 shapes and odd ones. With TRITON_INTERPRET=1 the
+same checks run on CPU at small shapes (Triton's interpreter); otherwise those are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from worker_orcd.kernels.quant import (
+    HAS_TRITON,
+    SUPPORTED,
+    dequantize_planes,
+    dequantize_reference,
+    quant_gemv,
+    random_blocks,
+    to_planes,
+)
+from worker_orcd.kernels.quant.formats import Q, block_format
+from worker_orcd.kernels.quant.ops import GemvConfig, quant_matmul, quant_matmul_fused_q4_k
+
+CUDA = torch.cuda.is_available() and HAS_TRITON
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 and Triton")
+
+# [out, in]: Qwen2.5-0.5B, Phi-3-mini, and odd ones
+REAL = [
+    (896, 896), (4864, 896), (896, 4864), (151936, 896), (1024, 896), (128, 896),
+    (3072, 3072), (9216, 3072), (16384, 3072), (3072, 8192), (32064, 3072),
+]  # fmt: skip
+ODD = [(1, 256), (37, 768), (1000, 1280), (333, 2304)]
+
+
+def _shapes(qtype: Q, shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    bs = block_format(qtype).block_size
+    return [(n, k) for n, k in shapes if k % bs == 0]
+
+
+def _case(qtype: Q, n: int, k: int, device: str, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return to_planes(random_blocks(qtype, n, k, device=device, generator=g), qtype, n, k)
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+def check_gemv(
+    qtype: Q, n: int, k: int, m: int, dtype: torch.dtype, device: str, config: GemvConfig | None
+) -> None:
+    planes = _case(qtype, n, k, device, seed=n * 7 + k)
+    x = torch.randn(m, k, device=device, dtype=torch.float32).to(dtype)
+    w = dequantize_reference(planes, qtype, n, k)  # float32, gguf-exact
+    ref = x.double() @ w.double().T
+    # poison around a column slice of a wider output to catch unwritten or stray elements
+    out = torch.full((m, n + 5), float("nan"), device=device, dtype=dtype)
+    quant_gemv(x, planes, qtype, n, k, out=out[:, 2 : 2 + n], config=config)
+    y = out[:, 2 : 2 + n]
+    assert not y.isnan().any(), "unwritten output"
+    assert out[:, :2].isnan().all() and out[:, 2 + n :].isnan().all(), "write outside the slice"
+    # float32 accumulation; the only other rounding is the output's dtype
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}[dtype]
+    assert _rel(y, ref) < tol, f"{qtype.name} [{n}, {k}] m={m}: rel err {_rel(y, ref):.2e}"
+
+
+def check_dequant(qtype: Q, n: int, k: int, device: str) -> None:
+    planes = _case(qtype, n, k, device, seed=n + k)
+    ref = dequantize_reference(planes, qtype, n, k)
+    got = dequantize_planes(planes, qtype, n, k, dtype=torch.float32)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    ids = torch.randint(0, n, (11,), device=device)
+    rows = dequantize_planes(planes, qtype, n, k, ids=ids, dtype=torch.bfloat16)
+    # one bf16 rounding (Triton's interpreter truncates instead of rounding to nearest)
+    torch.testing.assert_close(rows.float(), ref[ids], rtol=2**-7, atol=0)
+
+
+# -- GPU ------------------------------------------------------------------------------------------
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
+def test_gemv_real_and_odd_shapes(qtype: Q) -> None:
+    for n, k in _shapes(qtype, REAL + ODD):
+        check_gemv(qtype, n, k, 1, torch.bfloat16, "cuda", None)
+    for n, k in _shapes(qtype, ODD):
+        check_gemv(qtype, n, k, 3, torch.float32, "cuda", None)
+        check_gemv(qtype, n, k, 2, torch.float16, "cuda", GemvConfig(2, 1, 2))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
+def test_dequant_and_embedding_rows(qtype: Q) -> None:
+    for n, k in _shapes(qtype, [(896, 896), (3072, 3072), (151936, 896)] + ODD):
+        check_dequant(qtype, n, k, "cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [9, 512])
+def test_quant_matmul_prefill_paths(m: int) -> None:
+    n, k = 1000, 3072
+    planes = _case(Q.Q4_K, n, k, "cuda", seed=5)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    ref = x.double() @ dequantize_reference(planes, Q.Q4_K, n, k).double().T
+    assert _rel(quant_matmul(x, planes, Q.Q4_K, n, k), ref) < 8e-3
+    assert _rel(quant_matmul_fused_q4_k(x, planes, n, k), ref) < 8e-3
+
+
+# -- CPU, Triton interpreter ---------------------------------------------------------------------
+
+
+@needs_interpreter
+@pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
+def test_interpreted_kernels(qtype: Q) -> None:
+    bs = block_format(qtype).block_size
+    for n, k, m, cfg in [(5, 3 * bs, 1, None), (37, 5 * bs, 2, GemvConfig(8, 2, 4))]:
+        check_gemv(qtype, n, k, m, torch.float32, "cpu", cfg)
+    check_dequant(qtype, 13, 2 * bs, "cpu")

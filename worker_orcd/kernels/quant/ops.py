@@ -1,0 +1,273 @@
+"""Quantized matmul and dequantization: Triton on CUDA, a torch reference twin everywhere.
+
+    quant_gemv(x, planes, qtype, n, k)            fused dequantize + GEMV (decode, few rows of x)
+    dequantize_planes(planes, qtype, n, k, ids=)  dense rows (prefill scratch, embedding lookup)
+    quant_matmul(x, planes, qtype, n, k)          picks one of the two by the number of rows of x
+    *_reference(...)                              the same functions in torch (float32), any device
+
+The references go back to GGUF bytes (`formats.from_planes`) and use the dequantizers of
+`worker_orcd.gguf.dequant`, which are bit-exact with gguf-py; the kernels are tested against them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+
+from worker_orcd.gguf.dequant import dequantize as dequantize_gguf
+from worker_orcd.kernels.quant.formats import Q, check_shape, from_planes
+
+logger = logging.getLogger(__name__)
+
+try:  # Triton is optional: without it (CPU-only installs) only the references run.
+    import triton
+
+    from worker_orcd.kernels.quant import dequant as _dq
+    from worker_orcd.kernels.quant import gemv as _gv
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+
+# Activation rows up to which the fused GEMV is used; above it, dequantize + cuBLAS.
+GEMV_MAX_ROWS = 8
+_SMS = 132  # H100/H200 multiprocessors; only shapes the launch heuristics
+
+
+@dataclass(frozen=True, slots=True)
+class GemvConfig:
+    block_n: int  # output rows per program
+    tile: int  # blocks (32-element types), super-blocks (Q4_K/Q5_K) or halves (Q6_K) per step
+    num_warps: int
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << max(0, v.bit_length() - 1)
+
+
+def gemv_config(qtype: GGMLQuantizationType, n: int, k: int) -> GemvConfig:
+    """Launch shape: enough programs for every multiprocessor twice, ~2 KB of quants per step."""
+    block_n = max(1, min(16, _pow2_floor(max(1, n // (2 * _SMS)))))
+    # 16-byte vectors per thread: bytes of quants a step covers per row, by type
+    if qtype == Q.Q8_0:
+        tile = max(2, min(16, 64 // block_n))  # 32 B per block
+    elif qtype in (Q.Q4_0, Q.Q5_0):
+        tile = max(4, min(32, 128 // block_n))  # 16 B per block
+    elif qtype in (Q.Q4_K, Q.Q5_K):
+        tile = max(1, min(4, 16 // block_n))  # 128 B per super-block
+    else:
+        tile = max(1, min(8, 32 // block_n))  # Q6_K: 96 B per half
+    return GemvConfig(block_n, tile, 4)
+
+
+def _kernel_args(
+    planes: dict[str, torch.Tensor], qtype: GGMLQuantizationType
+) -> tuple[object, list[torch.Tensor], dict[str, object], str]:
+    """(gemv kernel, plane args, constexpr flags, name of the tile constexpr) for `qtype`."""
+    p = planes
+    if qtype == Q.Q8_0:
+        return _gv.gemv_q8_0_kernel, [p["d"], p["qs"]], {}, "BLOCKS"
+    if qtype == Q.Q4_0:
+        return _gv._gemv_q4_q5_0, [p["d"], p["d"], p["qs"]], {"HAS_QH": False}, "BLOCKS"
+    if qtype == Q.Q5_0:
+        return _gv._gemv_q4_q5_0, [p["d"], p["qh"], p["qs"]], {"HAS_QH": True}, "BLOCKS"
+    if qtype == Q.Q4_K:
+        args = [p["dm"], p["scales"], p["qs"], p["qs"]]
+        return _gv._gemv_q4_q5_k, args, {"HAS_QH": False}, "SUPER"
+    if qtype == Q.Q5_K:
+        args = [p["dm"], p["scales"], p["qh"], p["qs"]]
+        return _gv._gemv_q4_q5_k, args, {"HAS_QH": True}, "SUPER"
+    if qtype == Q.Q6_K:
+        return _gv.gemv_q6_k_kernel, [p["d"], p["scales"], p["qh"], p["ql"]], {}, "HALVES"
+    raise ValueError(f"no quantized kernel for {qtype.name}")
+
+
+def _dequant_args(
+    planes: dict[str, torch.Tensor], qtype: GGMLQuantizationType
+) -> tuple[object, list[torch.Tensor], dict[str, object], str, int]:
+    """(kernel, plane args, flags, tile constexpr name, weights per tile unit)."""
+    p = planes
+    if qtype == Q.Q8_0:
+        return _dq.dequant_q8_0_kernel, [p["d"], p["qs"]], {}, "BLOCKS", 32
+    if qtype == Q.Q4_0:
+        return _dq._dequant_q4_q5_0, [p["d"], p["d"], p["qs"]], {"HAS_QH": False}, "BLOCKS", 32
+    if qtype == Q.Q5_0:
+        return _dq._dequant_q4_q5_0, [p["d"], p["qh"], p["qs"]], {"HAS_QH": True}, "BLOCKS", 32
+    if qtype == Q.Q4_K:
+        args = [p["dm"], p["scales"], p["qs"], p["qs"]]
+        return _dq._dequant_q4_q5_k, args, {"HAS_QH": False}, "SUPER", 256
+    if qtype == Q.Q5_K:
+        args = [p["dm"], p["scales"], p["qh"], p["qs"]]
+        return _dq._dequant_q4_q5_k, args, {"HAS_QH": True}, "SUPER", 256
+    if qtype == Q.Q6_K:
+        args = [p["d"], p["scales"], p["qh"], p["ql"]]
+        return _dq.dequant_q6_k_kernel, args, {}, "HALVES", 128
+    raise ValueError(f"no quantized kernel for {qtype.name}")
+
+
+def _check_x(x: torch.Tensor, k: int) -> None:
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"expected activations [M, {k}], got {tuple(x.shape)}")
+
+
+def quant_gemv(
+    x: torch.Tensor,
+    planes: dict[str, torch.Tensor],
+    qtype: GGMLQuantizationType,
+    n: int,
+    k: int,
+    *,
+    out: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """y = x W^T with W [n, k] in planes; x [M, k] (M small); out [M, n] may be a column slice."""
+    check_shape(qtype, n, k)
+    _check_x(x, k)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {n}] with unit column stride, got {tuple(out.shape)}")
+    cfg = config or gemv_config(qtype, n, k)
+    kernel, args, flags, tile_name = _kernel_args(planes, qtype)
+    grid = (m, triton.cdiv(n, cfg.block_n))
+    kernel[grid](
+        x, *args, out, n, k, x.stride(0), out.stride(0),
+        BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **flags, **{tile_name: cfg.tile},
+    )  # fmt: skip
+    return out
+
+
+def dequantize_planes(
+    planes: dict[str, torch.Tensor],
+    qtype: GGMLQuantizationType,
+    n: int,
+    k: int,
+    *,
+    ids: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Dense weight rows: all n rows, or rows `ids` (int tensor [R]); out [R, k] may be a slice."""
+    check_shape(qtype, n, k)
+    r = n if ids is None else ids.numel()
+    device = next(iter(planes.values())).device
+    if out is None:
+        out = torch.empty((r, k), dtype=dtype, device=device)
+    elif out.shape != (r, k) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{r}, {k}] with unit column stride, got {tuple(out.shape)}")
+    if r == 0:
+        return out
+    kernel, args, flags, tile_name, unit = _dequant_args(planes, qtype)
+    block_r, tile = (8, max(1, 512 // unit))
+    ids_arg = ids.reshape(-1) if ids is not None else out
+    grid = (triton.cdiv(r, block_r), triton.cdiv(k // unit, tile))
+    kernel[grid](
+        ids_arg, *args, out, r, k, out.stride(0),
+        HAS_IDS=ids is not None, BLOCK_R=block_r, num_warps=4, **flags, **{tile_name: tile},
+    )  # fmt: skip
+    return out
+
+
+class Scratch:
+    """One growing buffer per device and dtype for prefill's dequantized weight (one at a time)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = shape[0] * shape[1]
+        key = (device, dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buf
+            logger.debug("quant scratch on %s grown to %d %s", device, numel, dtype)
+        return buf[:numel].view(shape)
+
+
+SCRATCH = Scratch()
+
+
+def quant_matmul(
+    x: torch.Tensor,
+    planes: dict[str, torch.Tensor],
+    qtype: GGMLQuantizationType,
+    n: int,
+    k: int,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x W^T for x [M, k]: fused GEMV for M <= GEMV_MAX_ROWS, else dequantize + cuBLAS."""
+    _check_x(x, k)
+    if x.device.type != "cuda" or not HAS_TRITON:
+        y = quant_matmul_reference(x, planes, qtype, n, k).to(x.dtype)
+        if out is None:
+            return y
+        out.copy_(y)
+        return out
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        return quant_gemv(x, planes, qtype, n, k, out=out)
+    w = dequantize_planes(planes, qtype, n, k, out=SCRATCH.get((n, k), x.dtype, x.device))
+    if out is None:
+        return F.linear(x, w)
+    if out.is_contiguous():
+        return torch.matmul(x, w.t(), out=out)
+    return out.copy_(F.linear(x, w))
+
+
+# -- references -----------------------------------------------------------------------------------
+
+
+def dequantize_reference(
+    planes: dict[str, torch.Tensor],
+    qtype: GGMLQuantizationType,
+    n: int,
+    k: int,
+    *,
+    ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 [n, k] (or [len(ids), k]) through the GGUF bytes and the gguf-exact dequantizers."""
+    raw = from_planes(planes, qtype, n, k)
+    if ids is not None:
+        raw = raw[ids.reshape(-1).long()]
+    return dequantize_gguf(raw.reshape(-1), qtype, (raw.shape[0], k))
+
+
+def quant_matmul_reference(
+    x: torch.Tensor, planes: dict[str, torch.Tensor], qtype: GGMLQuantizationType, n: int, k: int
+) -> torch.Tensor:
+    """float32 x W^T with W dequantized in float32."""
+    _check_x(x, k)
+    return x.float() @ dequantize_reference(planes, qtype, n, k).t()
+
+
+def quant_matmul_fused_q4_k(
+    x: torch.Tensor,
+    planes: dict[str, torch.Tensor],
+    n: int,
+    k: int,
+    *,
+    block_m: int = 128,
+    block_n: int = 128,
+    num_warps: int = 8,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """Prefill alternative for Q4_K: dequantize tiles inside a Triton matmul (no scratch buffer)."""
+    check_shape(Q.Q4_K, n, k)
+    _check_x(x, k)
+    x = x.contiguous()
+    m = x.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _dq.matmul_q4_k_kernel[grid](
+        x, planes["dm"], planes["scales"], planes["qs"], out, m, n, k, x.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out

@@ -123,6 +123,7 @@ def test_wrong_sizes_are_rejected():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 def test_cuda_bit_exact(qtype: Q):
     rng = np.random.default_rng(int(qtype) + 100)

@@ -28,6 +28,7 @@ def test_matches_reference_reader_on_synthetic_file(write_gguf, tiny_model):
     m.tensors["blk.1.attn_q.weight"] = m.tensors["blk.1.attn_q.weight"].astype(np.float16)
     m.tensors["extra.3d"] = rng.standard_normal((3, 5, 32), dtype=np.float32)
     m.metadata |= {"test.flag": True, "test.scores": [0.5, -1.25], "test.name": "héllo ✓"}
+    m.metadata |= {"test.empty": "", "test.strings": ["a", "", "ü"], "test.bools": [True, False]}
     path = write_gguf(m)
 
     ref = gguf.GGUFReader(path)
@@ -48,6 +49,12 @@ def test_matches_reference_reader_on_synthetic_file(write_gguf, tiny_model):
         half = f.load("blk.1.attn_q.weight", dtype=torch.float16)
         assert half.dtype == torch.float16
         assert torch.equal(half, torch.from_numpy(m.tensors["blk.1.attn_q.weight"]))
+
+
+def test_nested_arrays_keep_their_structure(write_gguf):
+    # The reference reader flattens nested arrays; we keep them as written.
+    with GGUFFile.open(write_gguf(metadata={"x.nested": [[1, 2], [3]]})) as f:
+        assert f.get("x.nested") == [[1, 2], [3]]
 
 
 def test_version_2_is_accepted(tiny_model, write_gguf):

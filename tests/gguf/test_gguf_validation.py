@@ -58,6 +58,11 @@ def test_unsupported_version(model_file: Path, version: int):
     assert f"unsupported GGUF version {version} (supported: 2, 3)" in _open_error(model_file)
 
 
+def test_big_endian_file_is_rejected(model_file: Path):
+    _patch(model_file, 4, struct.pack(">I", 3))
+    assert "big-endian GGUF files are not supported" in _open_error(model_file)
+
+
 def test_missing_file(tmp_path: Path):
     with pytest.raises(ModelLoadError, match="cannot open model file"):
         GGUFFile.open(tmp_path / "nope.gguf")
@@ -120,6 +125,15 @@ def test_huge_string_length(model_file: Path):
     # The first key's length field: claim an exabyte.
     _patch(model_file, 24, struct.pack("<Q", 1 << 60))
     assert "truncated file" in _open_error(model_file)
+
+
+def test_huge_nested_array_count(write_gguf):
+    path = write_gguf(metadata={"x.nested": [[1, 2], [3]]})
+    data = path.read_bytes()
+    key = b"x.nested"
+    # key, u32 ARRAY, u32 item type ARRAY, then the u64 count.
+    _patch(path, data.index(key) + len(key) + 8, struct.pack("<Q", 1 << 40))
+    assert "truncated file" in _open_error(path)
 
 
 def test_unknown_value_type(model_file: Path):

@@ -174,6 +174,7 @@ class _Cursor:
             # Each string takes at least its 8-byte length: reject absurd counts before looping.
             self.need(count * 8, what)
             return self._strings(count, what)
+        self.need(count * 12, what)  # each nested array holds at least its type and length
         return [self.value(item_type, f"{what}[{i}]", depth + 1) for i in range(count)]
 
     def _strings(self, count: int, what: str) -> list[str]:
@@ -212,7 +213,7 @@ def parse_header(buf: memoryview, label: str) -> Header:
     c.pos = 4
     version = c.u32("the version")
     if version not in SUPPORTED_VERSIONS:
-        if version & 0xFFFF == 0 and (version >> 16) in SUPPORTED_VERSIONS:
+        if int.from_bytes(version.to_bytes(4, "little"), "big") in SUPPORTED_VERSIONS:
             raise ModelLoadError(f"{label}: big-endian GGUF files are not supported")
         raise ModelLoadError(
             f"{label}: unsupported GGUF version {version} (supported: "

@@ -132,7 +132,8 @@ class GGUFFile:
         out = dequantize(data, info.qtype, info.shape)
         if out.dtype != dtype:
             return out.to(dtype)
-        if out.data_ptr() == data.data_ptr():  # F32 on CPU: never hand out views of the file
+        if out.device.type == "cpu" and out.data_ptr() == data.data_ptr():
+            # F32 on CPU would alias the memory map: hand out an independent tensor.
             return out.clone()
         return out
 

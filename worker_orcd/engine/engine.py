@@ -1,0 +1,263 @@
+"""Engine: load a GGUF model once, then score prompts and generate text, one request at a time.
+
+    engine = Engine.load(path)                      # cpu/float32; Engine.load(path, device="cuda") is bf16
+    out = engine.generate("Hello", SamplingParams(max_tokens=16, temperature=0))
+    for delta in engine.stream("Hello", params): ...
+
+The engine is driven from one worker thread at a time (the server serialises jobs). The pieces below it:
+Sequence (state), Scheduler (policy), BlockManager (KV blocks), ModelRunner (tensors); generation.py holds
+the per-request loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence as SequenceOf
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker_orcd.config import ModelConfig
+from worker_orcd.engine.block_manager import BlockManager
+from worker_orcd.engine.generation import run_generation
+from worker_orcd.engine.kv_cache import KVCache
+from worker_orcd.engine.model_runner import ModelRunner
+from worker_orcd.engine.scheduler import Scheduler
+from worker_orcd.engine.sequence import Sequence
+from worker_orcd.engine.types import GenerationOutput, SamplingParams
+from worker_orcd.errors import InvalidRequestError, ModelLoadError, VramOomError
+from worker_orcd.gguf import GGUFFile
+from worker_orcd.loader import load_model
+from worker_orcd.model import CausalLM
+from worker_orcd.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+# Prompt tokens per forward pass; longer prompts are prefilled in chunks over the cached ones.
+MAX_PREFILL_TOKENS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    model_name: str
+    architecture: str
+    device: str
+    dtype: str
+    weight_bytes: int
+    kv_cache_bytes: int
+    quant_mix: dict[str, int]  # GGUF quant type -> number of tensors in the file
+    tokenizer_kind: str
+    vocab_size: int
+    context_length: int
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ModelLoadError(f"unsupported compute dtype {dtype} (use {', '.join(DTYPES)})")
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unsupported compute dtype '{dtype}' (use {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        model: CausalLM,
+        config: ModelConfig,
+        tokenizer: Tokenizer,
+        kv: KVCache,
+        context_length: int,
+        info: EngineInfo,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.device = kv.k.device
+        self.dtype = kv.k.dtype
+        self.model_name = info.model_name
+        self._info = info
+        self.blocks = BlockManager(kv.num_blocks, kv.block_size)
+        self.scheduler = Scheduler(
+            self.blocks, max_batch_tokens=min(MAX_PREFILL_TOKENS, context_length), max_seqs=1
+        )
+        self.runner = ModelRunner(model, kv)
+        self._banned = self._banned_ids()
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        max_context: int | None = None,
+    ) -> Engine:
+        """Load a GGUF model: weights dequantized into `dtype` on `device`, KV cache for
+        min(model context, max_context) tokens allocated up front."""
+        start = time.perf_counter()
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("device 'cuda' was asked for but CUDA is not available")
+        compute_dtype = resolve_dtype(dtype, dev)
+        if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
+            raise ModelLoadError(f"max_context must be a positive integer (got {max_context!r})")
+        with GGUFFile.open(path) as f:
+            config = ModelConfig.from_gguf(f)
+            tokenizer = Tokenizer.from_gguf(f.metadata)
+            context = min(config.context_length, max_context or config.context_length)
+            name = f.get("general.name") or Path(path).stem
+            quant_mix: dict[str, int] = {}
+            for t in f.tensors.values():
+                quant_mix[t.qtype.name] = quant_mix.get(t.qtype.name, 0) + 1
+            logger.info(
+                "loading %s (%s, %d layers) on %s as %s, context %d",
+                name, config.architecture, config.n_layers, dev, str(compute_dtype).removeprefix("torch."),
+                context,
+            )
+            try:
+                model, report = load_model(
+                    f, config, device=dev, dtype=compute_dtype, max_positions=context
+                )
+                kv = KVCache.allocate(config, context, dtype=compute_dtype, device=dev)
+            except torch.OutOfMemoryError as e:
+                raise ModelLoadError(f"out of memory while loading {name} on {dev}: {e}") from e
+        info = EngineInfo(
+            model_name=str(name),
+            architecture=config.architecture,
+            device=str(dev),
+            dtype=str(compute_dtype).removeprefix("torch."),
+            weight_bytes=report.weight_bytes,
+            kv_cache_bytes=kv.nbytes,
+            quant_mix=quant_mix,
+            tokenizer_kind=tokenizer.kind,
+            vocab_size=config.vocab_size,
+            context_length=context,
+        )
+        logger.info(
+            "loaded %s in %.2fs: %d tensors, weights %.1f MB, KV cache %.1f MB (%d tokens)",
+            name, time.perf_counter() - start, report.n_tensors, report.weight_bytes / 1e6,
+            kv.nbytes / 1e6, context,
+        )
+        return cls(
+            model=model, config=config, tokenizer=tokenizer, kv=kv, context_length=context, info=info
+        )
+
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def _banned_ids(self) -> torch.Tensor:
+        """Ids sampling must never draw: the tokenizer's unused ids and output rows past its vocab."""
+        ids = set(self.tokenizer.unused_ids)
+        ids.update(range(self.tokenizer.vocab_size, self.config.vocab_size))
+        return torch.tensor(sorted(i for i in ids if i < self.config.vocab_size), dtype=torch.int64,
+                            device=self.device)
+
+    # -- prompts -----------------------------------------------------------------------------------
+
+    def encode_prompt(
+        self,
+        prompt: str | None = None,
+        messages: SequenceOf[Mapping[str, Any]] | None = None,
+        system: str | None = None,
+    ) -> list[int]:
+        """Token ids of a raw prompt, or of chat messages rendered through the model's template
+        (with `system` as a leading system message)."""
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("give exactly one of prompt or messages")
+        if messages is None:
+            if system is not None:
+                raise InvalidRequestError("a system message needs chat messages, not a raw prompt")
+            return self.tokenizer.encode(prompt, add_special=True)
+        msgs = list(messages)
+        if system is not None:
+            msgs.insert(0, {"role": "system", "content": system})
+        return self.tokenizer.encode_chat(msgs, add_generation_prompt=True)
+
+    def prompt_ids(self, prompt: str | SequenceOf[int]) -> list[int]:
+        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            raise InvalidRequestError("prompt is empty: it encodes to no tokens")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})"
+            )
+        return ids
+
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        if n_prompt + max_tokens > self.context_length:
+            raise InvalidRequestError(
+                f"prompt of {n_prompt} tokens + max_tokens {max_tokens} = {n_prompt + max_tokens} "
+                f"exceeds the context of {self.context_length} tokens"
+            )
+
+    # -- scoring and generation ----------------------------------------------------------------
+
+    def score(self, ids: SequenceOf[int]) -> torch.Tensor:
+        """float32 logits [len(ids), vocab] at every position, computed on a fresh cache."""
+        token_ids = self.prompt_ids(ids)
+        if len(token_ids) > self.context_length:
+            raise InvalidRequestError(
+                f"{len(token_ids)} tokens exceed the context of {self.context_length} tokens"
+            )
+        seq = Sequence.from_prompt(token_ids)
+        self.scheduler.add(seq)
+        chunks: list[torch.Tensor] = []
+        try:
+            while seq.n_uncached:
+                batch = self.scheduler.schedule()
+                chunks.append(self.runner.forward(batch, all_logits=True).cpu())
+                self.scheduler.postprocess(batch)
+        except torch.OutOfMemoryError as e:
+            self._recover_oom()
+            raise VramOomError(f"out of GPU memory scoring {len(token_ids)} tokens") from e
+        finally:
+            self.scheduler.finish(seq)
+        return torch.cat(chunks)
+
+    def generate(
+        self,
+        prompt: str | SequenceOf[int],
+        params: SamplingParams,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationOutput:
+        """Generate from a prompt (text, or token ids); on_text gets each text delta as it is ready."""
+        steps = run_generation(self, prompt, params, cancel)
+        while True:
+            try:
+                delta = next(steps)
+            except StopIteration as done:
+                return done.value
+            if on_text is not None:
+                on_text(delta)
+
+    def stream(
+        self,
+        prompt: str | SequenceOf[int],
+        params: SamplingParams,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Text deltas as they are generated; the generator's return value is the GenerationOutput."""
+        return run_generation(self, prompt, params, cancel)
+
+    def _recover_oom(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -15,6 +15,7 @@ copy a small parameter tensor to the device.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -52,7 +53,9 @@ def sample(
     greedy = [p.temperature == 0 for p in params]
     if all(greedy):
         return filtered.argmax(dim=-1)
-    probs = torch.softmax(filtered, dim=-1)
+    # unnormalised probabilities: the race's argmax does not need the sum (and a one-row
+    # softmax over a large vocab is slow on CUDA)
+    probs = (filtered - filtered.amax(dim=-1, keepdim=True)).exp_()
     race = torch.empty_like(probs)
     if all(g is None for g in generators):
         race.exponential_()
@@ -108,16 +111,19 @@ def filter_logits(
                 kth = sorted_x.gather(1, _per_row(cols, dev, torch.long, always_tensor=True))
             sorted_x = sorted_x.masked_fill(sorted_x < kth, float("-inf"))  # ties with kth stay
         if any(p < 1.0 for p in top_p):
-            cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+            # ascending order: the last column holds the maximum
+            cum = (sorted_x - sorted_x[:, -1:]).exp_().cumsum_(dim=-1)
+            cum = cum / cum[:, -1:]
             # top-p off gets a limit that no cumulative mass is below
             drop = cum <= _per_row([1.0 - p if p < 1.0 else -1.0 for p in top_p], dev)
             drop[:, -1] = False  # keep at least the most likely token
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
         x = torch.empty_like(x).scatter_(1, order, sorted_x)
     if any(m > 0.0 for m in min_p):
-        probs = x.softmax(dim=-1)
-        floor = probs.amax(dim=-1, keepdim=True) * _per_row(min_p, dev)
-        x = x.masked_fill(probs < floor, float("-inf"))
+        # p < min_p * p_max  <=>  x < x_max + log(min_p); min_p 0 gives -inf, which drops nothing
+        log_min_p = [math.log(m) if m > 0.0 else float("-inf") for m in min_p]
+        floor = x.amax(dim=-1, keepdim=True) + _per_row(log_min_p, dev)
+        x = x.masked_fill(x < floor, float("-inf"))
     if not all(sampled):
         greedy = _per_row([0.0 if s else 1.0 for s in sampled], dev, always_tensor=True).bool()
         x = torch.where(greedy, base, x)

@@ -1,0 +1,175 @@
+"""Engine behaviour on a small random model: limits, stops, streaming, cancel, seeds, banned ids."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from worker_orcd.engine.engine import Engine
+from worker_orcd.engine.types import SamplingParams, StopReason
+from worker_orcd.errors import InvalidRequestError, VramOomError
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+def test_check_fits_names_the_numbers(phi3_engine: Engine) -> None:
+    phi3_engine.check_fits(200, 56)
+    with pytest.raises(InvalidRequestError, match=r"200 tokens \+ max_tokens 57 = 257.*256"):
+        phi3_engine.check_fits(200, 57)
+    ids = list(range(100, 300))
+    with pytest.raises(InvalidRequestError, match="256"):
+        phi3_engine.generate(ids, SamplingParams(max_tokens=57, temperature=0.0))
+    assert not phi3_engine.scheduler.has_work()
+
+
+def test_bad_prompts_are_refused(phi3_engine: Engine) -> None:
+    with pytest.raises(InvalidRequestError, match="empty"):
+        phi3_engine.generate([], GREEDY)
+    with pytest.raises(InvalidRequestError, match="32064 is outside"):
+        phi3_engine.generate([1, 32064], GREEDY)
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        phi3_engine.generate("hi", SamplingParams(max_tokens=0))
+
+
+def test_stream_equals_generate_and_decode(phi3_engine: Engine) -> None:
+    out = phi3_engine.generate("Once upon a time", GREEDY)
+    deltas: list[str] = []
+    out2 = phi3_engine.generate("Once upon a time", GREEDY, on_text=deltas.append)
+    assert out2.token_ids == out.token_ids
+    assert "".join(deltas) == out.text == out2.text
+    assert "".join(phi3_engine.stream("Once upon a time", GREEDY)) == out.text
+    prev = out.prompt_ids[-1]
+    dec = phi3_engine.tokenizer.decoder(prev_id=prev)
+    expected = "".join(dec.push(t) for t in out.token_ids) + dec.flush()
+    assert out.text == expected
+    assert out.stop_reason in (StopReason.MAX_TOKENS, StopReason.EOS)
+    t = out.timings
+    assert t.prompt_tokens == len(out.prompt_ids) and t.tokens_out == len(out.token_ids)
+    assert 0 < t.prefill_ms <= t.first_token_ms
+
+
+def test_stop_string_cuts_text(phi3_engine: Engine) -> None:
+    out = phi3_engine.generate("Once upon a time", SamplingParams(max_tokens=24, temperature=0.0))
+    assert len(out.text) > 6
+    stop = out.text[3:6]
+    first = out.text.find(stop)
+    cut = phi3_engine.generate(
+        "Once upon a time", SamplingParams(max_tokens=24, temperature=0.0, stop=(stop,))
+    )
+    assert cut.stop_reason is StopReason.STOP_SEQUENCE
+    assert cut.stop_sequence == stop
+    assert cut.text == out.text[:first]
+    assert cut.token_ids == out.token_ids[: len(cut.token_ids)]
+
+
+def test_cancel_stops_within_one_step(phi3_engine: Engine) -> None:
+    cancel = threading.Event()
+    seen: list[str] = []
+
+    def on_text(delta: str) -> None:
+        seen.append(delta)
+        cancel.set()
+
+    params = SamplingParams(max_tokens=50, temperature=1.0, seed=3)
+    out = phi3_engine.generate("Hello", params, on_text=on_text, cancel=cancel)
+    assert out.stop_reason is StopReason.CANCELLED
+    full = phi3_engine.generate("Hello", params)
+    assert len(out.token_ids) < len(full.token_ids)
+    assert out.token_ids == full.token_ids[: len(out.token_ids)]
+
+
+def test_seed_reproduces_and_is_reported(phi3_engine: Engine) -> None:
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
+    a = phi3_engine.generate("The weather", params)
+    b = phi3_engine.generate("The weather", params)
+    assert a.seed == 1234 and a.token_ids == b.token_ids
+    c = phi3_engine.generate("The weather", SamplingParams(max_tokens=10, temperature=1.0))
+    assert 0 <= c.seed < 2**64
+    again = SamplingParams(max_tokens=10, temperature=1.0, seed=c.seed)
+    assert phi3_engine.generate("The weather", again).token_ids == c.token_ids
+
+
+def test_unused_ids_are_never_sampled(phi3_engine: Engine) -> None:
+    """Make the padded/unused rows of the output head dominate: greedy and sampling avoid them."""
+    unused = list(phi3_engine.tokenizer.unused_ids)
+    assert unused, "the Phi-3 vocab pads with unused ids"
+    banned = set(phi3_engine._banned.tolist())
+    assert set(unused) <= banned
+    head = phi3_engine.model.lm_head.weight
+    saved = head[unused].clone()
+    try:
+        with torch.no_grad():
+            head[unused] = head[unused].sign() * 50.0
+        probe = phi3_engine.score([1, 450, 4799])
+        assert int(probe[-1].argmax()) in banned  # the test can tell
+        for params in (GREEDY, SamplingParams(max_tokens=12, temperature=2.0, seed=9)):
+            out = phi3_engine.generate("Hello there", params)
+            assert not set(out.token_ids) & banned
+    finally:
+        with torch.no_grad():
+            head[unused] = saved
+
+
+def test_repetition_penalty_reaches_the_sampler(phi3_engine: Engine) -> None:
+    """A penalty below 1 boosts seen ids: greedy then repeats prompt tokens it would not pick."""
+    plain = phi3_engine.generate("a b c d e f", SamplingParams(max_tokens=6, temperature=0.0))
+    boost = phi3_engine.generate(
+        "a b c d e f", SamplingParams(max_tokens=6, temperature=0.0, repetition_penalty=0.1)
+    )
+    assert not set(plain.token_ids) & set(plain.prompt_ids)
+    assert set(boost.token_ids) <= set(boost.prompt_ids)
+
+
+def test_oom_frees_the_request_and_engine_stays_usable(
+    phi3_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = phi3_engine.runner
+    real_forward = runner.forward
+    calls = {"n": 0}
+
+    def flaky(batch, **kw):  # noqa: ANN001, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(batch, **kw)
+
+    monkeypatch.setattr(runner, "forward", flaky)
+    free_before = phi3_engine.blocks.num_free
+    with pytest.raises(VramOomError):
+        phi3_engine.generate("Hello", SamplingParams(max_tokens=8, temperature=0.0))
+    assert phi3_engine.blocks.num_free == free_before
+    assert not phi3_engine.scheduler.has_work()
+    out = phi3_engine.generate("Hello", SamplingParams(max_tokens=4, temperature=0.0))
+    assert len(out.token_ids) >= 1
+
+
+def test_abandoned_stream_does_not_block_the_next_request(phi3_engine: Engine) -> None:
+    it = iter(phi3_engine.stream("Hello", SamplingParams(max_tokens=20, temperature=0.0)))
+    next(it)
+    out = phi3_engine.generate("Hello", SamplingParams(max_tokens=3, temperature=0.0))
+    assert len(out.token_ids) == 3 or out.stop_reason is StopReason.EOS
+    del it
+
+
+def test_chat_prompt_with_system(phi3_engine: Engine) -> None:
+    user = [{"role": "user", "content": "Hi"}]
+    ids = phi3_engine.encode_prompt(messages=user, system="Be brief")
+    tok = phi3_engine.tokenizer
+    assert ids == tok.encode_chat([{"role": "system", "content": "Be brief"}, *user])
+    assert tok.decode(ids).endswith("<|assistant|>")
+    with pytest.raises(InvalidRequestError):
+        phi3_engine.encode_prompt("Hi", system="Be brief")
+    with pytest.raises(InvalidRequestError):
+        phi3_engine.encode_prompt()
+
+
+def test_info(phi3_engine: Engine) -> None:
+    info = phi3_engine.info()
+    assert info.architecture == "phi3" and info.device == "cpu" and info.dtype == "float32"
+    assert info.context_length == 256 and info.vocab_size == 32064
+    assert info.weight_bytes == sum(p.numel() * 4 for p in phi3_engine.model.parameters())
+    assert info.kv_cache_bytes == 2 * 4 * 256 * 128 * 4
+    assert info.quant_mix == {"F32": sum(info.quant_mix.values())}
+    assert info.tokenizer_kind == "llama"

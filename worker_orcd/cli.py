@@ -96,7 +96,60 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    raise NotImplementedError  # implemented with the engine
+    import json
+
+    from worker_orcd.engine.engine import Engine
+    from worker_orcd.engine.types import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    params.validate()
+    engine = Engine.load(
+        args.model, device=args.device, dtype=args.dtype, max_context=args.max_context
+    )
+    if args.chat:
+        ids = engine.encode_prompt(
+            messages=[{"role": "user", "content": args.prompt}], system=args.system
+        )
+    else:
+        ids = engine.encode_prompt(args.prompt)
+
+    def echo(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    out = engine.generate(ids, params, on_text=None if args.json else echo)
+    if args.json:
+        t = out.timings
+        print(json.dumps({
+            "prompt_ids": out.prompt_ids,
+            "token_ids": out.token_ids,
+            "text": out.text,
+            "stop_reason": out.stop_reason.value,
+            "stop_sequence": out.stop_sequence,
+            "seed": out.seed,
+            "timings": {
+                "prompt_tokens": t.prompt_tokens,
+                "prefill_ms": round(t.prefill_ms, 3),
+                "prefill_tok_s": round(t.prefill_tok_s, 2),
+                "first_token_ms": round(t.first_token_ms, 3),
+                "decode_ms": round(t.decode_ms, 3),
+                "decode_tok_s": round(t.decode_tok_s, 2),
+                "tokens_out": t.tokens_out,
+            },
+        }, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,9 +1,365 @@
-"""`worker-orcd bench`: prefill and decode speed, beside a peer."""
+"""`worker-orcd bench`: prefill and decode speed, beside a peer.
+
+    worker-orcd bench --preset phi3-mini|qwen2.5-0.5b [--peer transformers]
+    worker-orcd bench --model FILE [--peer transformers]
+
+A preset builds the model with random bf16 weights at the real dimensions directly on the GPU (speed
+does not depend on the values). The card's copy bandwidth and bf16 matmul rate are measured first in
+the same run, so decode is reported as achieved GB/s (weights plus the KV cache read per token) and
+its share of that bandwidth. With `--peer transformers`, the same figures come from transformers
+(bf16, sdpa) in the same process, with the ratio ours / peer.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import time
+from dataclasses import asdict
+
+import torch
+
+from worker_orcd.benchtools import (
+    Ceilings,
+    SpeedRow,
+    cuda_time_ms,
+    measure_ceilings,
+    peer_transformers,
+)
+from worker_orcd.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_COMMON = dict(
+    rope_scaling_type=None,
+    rope_scaling_factor=None,
+    rope_original_context=None,
+    has_rope_factors=False,
+    sliding_window=None,
+    fused_qkv=True,
+    fused_gate_up=True,
+)
+PRESETS: dict[str, ModelConfig] = {
+    "phi3-mini": ModelConfig(
+        architecture="phi3",
+        n_layers=32,
+        hidden_size=3072,
+        n_heads=32,
+        n_kv_heads=32,
+        head_dim=96,
+        intermediate_size=8192,
+        vocab_size=32064,
+        context_length=4096,
+        rope_theta=10000.0,
+        rope_dim=96,
+        rms_eps=1e-5,
+        qkv_bias=False,
+        tied_embeddings=False,
+        **_COMMON,
+    ),
+    "qwen2.5-0.5b": ModelConfig(
+        architecture="qwen2",
+        n_layers=24,
+        hidden_size=896,
+        n_heads=14,
+        n_kv_heads=2,
+        head_dim=64,
+        intermediate_size=4864,
+        vocab_size=151936,
+        context_length=32768,
+        rope_theta=1000000.0,
+        rope_dim=64,
+        rms_eps=1e-6,
+        qkv_bias=True,
+        tied_embeddings=True,
+        **_COMMON,
+    ),
+}
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", default=None, help="GGUF file to load")
+    src.add_argument("--preset", choices=sorted(PRESETS), help="random bf16 weights at real dims")
+    p.add_argument("--peer", choices=["transformers"], default=None, help="also measure a peer")
+    p.add_argument("--prefill", type=int, nargs="+", default=[128, 512, 2048], metavar="N")
+    p.add_argument(
+        "--decode-context",
+        type=int,
+        nargs="+",
+        default=[100, 4000],
+        metavar="N",
+        help="mean context of the timed decode steps",
+    )
+    p.add_argument("--decode-steps", type=int, default=128)
+    p.add_argument("--no-graph", action="store_true", help="decode eagerly (no CUDA graph)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("bench needs a CUDA GPU")
+        return 1
+    device = torch.device("cuda")
+    ceil = measure_ceilings(device)
+    name = args.preset or args.model
+    model, config, kv = _load(args, device)
+    weight_bytes = _decode_weight_bytes(model, config)
+    need = _context_needed(args)
+    if need > kv.num_slots:
+        raise SystemExit(f"bench needs a context of {need} tokens; the cache holds {kv.num_slots}")
+    ours = OurBench(model, config, kv, weight_bytes, graph=not args.no_graph)
+    rows = ours.prefill(args.prefill) + ours.decode(args.decode_context, args.decode_steps)
+    ttft = ours.ttft(512) if 512 <= kv.num_slots else None
+    del ours, model, kv
+    torch.cuda.empty_cache()
+    peer_rows: list[SpeedRow] = []
+    if args.peer == "transformers":
+        preset = args.preset or _preset_like(config)
+        if preset is None:
+            logger.warning("no transformers config for %s; peer skipped", config.architecture)
+        else:
+            peer_rows = peer_transformers(
+                preset, device, args.prefill, args.decode_context, min(args.decode_steps, 64)
+            )
+    for r in rows + peer_rows:
+        if r.phase == "decode":
+            kv_bytes = _kv_bytes(config, r.context)
+            r.gbs = (weight_bytes + kv_bytes) / (r.ms / 1e3) / 1e9
+    _print(name, ceil, weight_bytes, rows, peer_rows, ttft)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "model": name,
+                    "ceilings": asdict(ceil),
+                    "weight_bytes": weight_bytes,
+                    "ttft_512_ms": ttft,
+                    "ours": [asdict(r) for r in rows],
+                    "peer": [asdict(r) for r in peer_rows],
+                },
+                f,
+                indent=1,
+            )
+    return 0
+
+
+def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, ModelConfig, KVCache)
+    from worker_orcd.engine.kv_cache import KVCache
+    from worker_orcd.kernels import triton as triton_kernels
+
+    if triton_kernels.available(device):
+        triton_kernels.register_all()
+    else:
+        logger.warning("Triton not installed: benchmarking the torch reference kernels")
+    need = _context_needed(args)
+    if args.preset:
+        config = PRESETS[args.preset]
+        context = max(need, 512)
+        t0 = time.perf_counter()
+        model = random_model(config, device, max_positions=max(context, config.context_length))
+        kv = KVCache.allocate(config, context, dtype=torch.bfloat16, device=device)
+        logger.info("built %s with random weights in %.1fs", args.preset, time.perf_counter() - t0)
+        return model, config, kv
+    from worker_orcd.engine.engine import Engine
+
+    engine = Engine.load(args.model, device=device, max_context=need)
+    return engine.model, engine.config, engine.runner.kv
+
+
+def _context_needed(args: argparse.Namespace) -> int:
+    """Cache slots the runs need: the longest prompt or decode run, warm-up steps and one scratch
+    block for graph padding."""
+    longest = max(args.prefill + [c + args.decode_steps // 2 + 8 for c in args.decode_context])
+    return longest + 16
+
+
+def random_model(config: ModelConfig, device: torch.device, *, max_positions: int):  # -> CausalLM
+    """The model with random bf16 weights (std 0.02, norms 1) made on `device`."""
+    from worker_orcd.layers import RMSNorm
+    from worker_orcd.loader import build_model
+
+    model = build_model(config, device=device, dtype=torch.bfloat16, max_positions=max_positions)
+    gen = torch.Generator(device=device).manual_seed(0)
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) in norms:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.finish_loading()
+    return model.eval()
+
+
+def _decode_weight_bytes(model: torch.nn.Module, config: ModelConfig) -> int:
+    """Bytes of weights one decode step reads: all but the embedding table (one row of it)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not config.tied_embeddings:
+        emb = model.model.embed_tokens.weight
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def _kv_bytes(config: ModelConfig, context: int) -> int:
+    return 2 * config.n_layers * context * config.n_kv_heads * config.head_dim * 2
+
+
+def _preset_like(config: ModelConfig) -> str | None:
+    """The preset with the same shapes as `config`: the peer is built from its config."""
+    keys = ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size")
+    for name, p in PRESETS.items():
+        if all(getattr(p, k) == getattr(config, k) for k in keys):
+            return name
+    return None
+
+
+def _print(
+    name: str,
+    ceil: Ceilings,
+    weight_bytes: int,
+    rows: list[SpeedRow],
+    peer_rows: list[SpeedRow],
+    ttft: float | None,
+) -> None:
+    print(
+        f"\n{ceil.device_name}: copy {ceil.copy_gbs:.0f} GB/s (read + written), "
+        f"bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s"
+    )
+    print(f"{name}: {weight_bytes / 1e9:.2f} GB of weights read per decoded token")
+    if ttft is not None:
+        print(f"time to first token, 512-token prompt: {ttft:.2f} ms")
+    print(
+        f"{'engine':13} {'phase':8} {'context':>7} {'tok/s':>9} {'ms':>8} {'GB/s':>6} "
+        f"{'%copy':>5} {'ours/peer':>9}"
+    )
+    peer = {(r.phase, r.context): r for r in peer_rows}
+    for r in rows:
+        _print_row(r, ceil, None)
+        p = peer.get((r.phase, r.context))
+        if p is not None:
+            _print_row(p, ceil, r.tok_s / p.tok_s)
+
+
+def _print_row(r: SpeedRow, ceil: Ceilings, ratio: float | None) -> None:
+    gbs = f"{r.gbs:6.0f} {100 * r.gbs / ceil.copy_gbs:4.0f}%" if r.gbs else f"{'':6} {'':5}"
+    ratio_s = f"{ratio:8.1f}x" if ratio is not None else ""
+    print(f"{r.engine:13} {r.phase:8} {r.context:7d} {r.tok_s:9.0f} {r.ms:8.2f} {gbs} {ratio_s}")
+
+
+class OurBench:
+    """Times this engine's model: prompt passes (CUDA graph per length bucket, and eager), time to
+    first token through the runner path, and greedy decode through the decode graph."""
+
+    def __init__(self, model, config: ModelConfig, kv, weight_bytes: int, *, graph: bool) -> None:
+        from worker_orcd.engine.cuda_graphs import CudaGraphRunner
+        from worker_orcd.engine.model_runner import ModelRunner
+
+        self.model = model
+        self.config = config
+        self.kv = kv
+        self.device = kv.k.device
+        self.runner = ModelRunner(model, kv)
+        self.graphs = CudaGraphRunner.create(model, kv) if graph else None
+        if graph and self.graphs is None:
+            logger.warning("CUDA graphs unavailable: running eagerly")
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def _ids(self, n: int) -> list[int]:
+        return torch.randint(0, self.config.vocab_size, (n,), generator=self.gen).tolist()
+
+    def _sequence(self, ids: list[int]):  # -> Sequence with a contiguous block table
+        from worker_orcd.engine.sequence import Sequence
+
+        seq = Sequence.from_prompt(ids)
+        seq.block_table = list(range(self.kv.num_blocks - 1))  # the last block is scratch
+        return seq
+
+    def _forward(self, seq, n: int, *, prefill: bool) -> torch.Tensor:
+        """One step through the graph when one fits, else the runner (what the engine does)."""
+        from worker_orcd.engine.scheduler import ScheduledBatch
+
+        batch = ScheduledBatch([seq], [n], is_prefill=prefill)
+        logits = None
+        if self.graphs is not None:
+            logits = self.graphs.try_forward(batch, self.kv.block_size)
+        if logits is None:
+            logits = self.runner.forward(batch)
+        seq.n_cached += n
+        return logits
+
+    @torch.inference_mode()
+    def prefill(self, lengths: list[int]) -> list[SpeedRow]:
+        """Prompt tok/s of one forward pass with the last token's logits, inputs on the host."""
+        from worker_orcd.engine.scheduler import ScheduledBatch
+
+        rows = []
+        for n in lengths:
+            ids = self._ids(n)
+
+            def graph_step(ids=ids, n=n) -> torch.Tensor:
+                seq = self._sequence(ids)
+                return self._forward(seq, n, prefill=True)
+
+            def eager_step(ids=ids, n=n) -> torch.Tensor:
+                seq = self._sequence(ids)
+                return self.runner.forward(ScheduledBatch([seq], [n], is_prefill=True))
+
+            for name, step in (("worker-orcd", graph_step), ("ours eager", eager_step)):
+                if name == "ours eager" and self.graphs is None:
+                    continue
+                ms = cuda_time_ms(step, warmup=2, iters=10)
+                rows.append(SpeedRow(name, "prefill", n, n / (ms / 1e3), ms))
+                logger.info(
+                    "%s prefill %d tokens: %.2f ms (%.0f tok/s)", name, n, ms, n / (ms / 1e3)
+                )
+        return rows
+
+    @torch.inference_mode()
+    def ttft(self, n: int, repeats: int = 7) -> float:
+        """Milliseconds from prompt ids on the host to the first greedy id on the host."""
+        times = []
+        for _ in range(repeats + 1):
+            seq = self._sequence(self._ids(n))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            logits = self._forward(seq, n, prefill=True)
+            int(torch.argmax(logits[-1]).item())
+            times.append((time.perf_counter() - t0) * 1e3)
+        rest = sorted(times[1:])
+        return rest[len(rest) // 2]
+
+    @torch.inference_mode()
+    def decode(self, contexts: list[int], steps: int) -> list[SpeedRow]:
+        """Greedy decode of `steps` tokens whose mean context is each of `contexts`.
+
+        worker-orcd: the decode graph feeding its argmax back, the host reading each id one step
+        behind. "ours host-fed": each step's id read, then the next step's inputs written from the
+        host, as the engine's general sampling path does.
+        """
+        rows = []
+        for ctx in contexts:
+            start = max(1, ctx - steps // 2)
+            for name in ("worker-orcd", "ours host-fed"):
+                if name == "ours host-fed" and self.graphs is None:
+                    continue
+                seq = self._sequence(self._ids(start))
+                token = int(torch.argmax(self._forward(seq, start, prefill=True)[-1]).item())
+                if name == "worker-orcd" and self.graphs is not None:
+                    decode = self.graphs.decode
+                    decode.decode_greedy(token, start, seq.block_table, 4)  # warm-up
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    decode.decode_greedy(token, start, seq.block_table, steps)
+                else:
+                    for i in range(4 + steps):
+                        if i == 4:
+                            torch.cuda.synchronize()
+                            t0 = time.perf_counter()
+                        seq.append(token)
+                        token = int(torch.argmax(self._forward(seq, 1, prefill=False)[-1]).item())
+                ms = (time.perf_counter() - t0) * 1e3 / steps
+                rows.append(SpeedRow(name, "decode", ctx, 1e3 / ms, ms))
+                logger.info("%s decode at context %d: %.3f ms/token", name, ctx, ms)
+        return rows

@@ -131,12 +131,19 @@ HEADS = [(14, 2, 64), (32, 32, 96), (8, 2, 128), (4, 4, 128)]
 @pytest.mark.parametrize("ctx", [[1], [37], [100, 4001], [3000, 5, 777]])
 @pytest.mark.parametrize("window", [None, 50])
 def test_decode_attention(ctx: list[int], h: int, hk: int, d: int, window: int | None) -> None:
-    from worker_orcd.kernels.triton.attention import attention
+    from worker_orcd.kernels.triton.attention import attention, decode_attention
 
     q, kc, vc, meta = _paged_batch(ctx, [1] * len(ctx), h, hk, d)
     ref = attention_ref(q, kc, vc, meta, sliding_window=window)
     out = attention(q, kc, vc, meta, sliding_window=window)
     assert rel_err(out, ref) < 1e-2
+    # The merge in its own kernel, and the one-split case, compute the same function.
+    scale = d**-0.5
+    two_kernels = decode_attention(q, kc, vc, meta, scale, window, fused_merge=False)
+    assert rel_err(two_kernels, ref) < 1e-2
+    one_split = decode_attention(q, kc, vc, meta, scale, window, splits=1)
+    assert rel_err(one_split, ref) < 1e-2
+    assert torch.equal(attention(q, kc, vc, meta, sliding_window=window), out)  # re-armed counters
 
 
 @pytest.mark.parametrize(("h", "hk", "d"), HEADS)

@@ -18,6 +18,7 @@ import logging
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -26,8 +27,8 @@ from worker_orcd.kernels.attention import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 _LOG2E = 1.4426950408889634
-# Enough programs to cover the multiprocessors about twice for one decode step.
-_TARGET_PROGRAMS = 264
+# Programs per decode step: about four per multiprocessor (best of a sweep, benchmarks/NOTES.md).
+_TARGET_PROGRAMS = 512
 _MAX_SPLITS = 64
 
 
@@ -50,6 +51,8 @@ def _decode_split_kernel(
     qs_ptr,  # [B + 1] int32
     part_ptr,  # [B, H, NUM_SPLITS, BLOCK_D] float32
     ml_ptr,  # [B, H, NUM_SPLITS, 2] float32: running max (log2 units), sum
+    lock_ptr,  # [B, Hk] int32 arrival counters, zero between launches (FUSED_MERGE)
+    o_ptr,  # [T, H, D] output (FUSED_MERGE)
     qk_scale,  # softmax scale * log2(e)
     H,
     HK,
@@ -63,6 +66,8 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
 ):
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -107,6 +112,59 @@ def _decode_split_kernel(
     tl.store(part_ptr + out_row[:, None] * BLOCK_D + cols[None, :], acc, mask=g_mask[:, None])
     tl.store(ml_ptr + out_row * 2, m_i, mask=g_mask)
     tl.store(ml_ptr + out_row * 2 + 1, l_i, mask=g_mask)
+    if FUSED_MERGE:
+        # The last split of this (sequence, KV head) to arrive merges all of them, then re-arms
+        # the counter; acq_rel orders the other splits' stores before its loads.
+        lock = lock_ptr + b * HK + hk
+        if tl.atomic_add(lock, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            n_active = tl.cdiv(ctx - lo, chunk)
+            for gi in range(G):
+                _merge_head(
+                    part_ptr,
+                    ml_ptr,
+                    o_ptr,
+                    b,
+                    hk * G + gi,
+                    t,
+                    H,
+                    D,
+                    n_active,
+                    NUM_SPLITS,
+                    BLOCK_S,
+                    BLOCK_D,
+                )
+            tl.atomic_xchg(lock, 0)
+
+
+@triton.jit
+def _merge_head(
+    part_ptr,
+    ml_ptr,
+    o_ptr,
+    b,
+    h,
+    t,
+    H,
+    D,
+    n_active,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Combine the partial softmax states of head h of sequence b into its output row."""
+    s = tl.arange(0, BLOCK_S)
+    s_mask = s < n_active
+    row = (b * H + h).to(tl.int64) * NUM_SPLITS + s  # [BLOCK_S]
+    m = tl.load(ml_ptr + row * 2, mask=s_mask, other=float("-inf"))
+    l_s = tl.load(ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
+    m_all = tl.max(m, axis=0)
+    w = tl.where(s_mask, tl.exp2(m - m_all), 0.0)
+    cols = tl.arange(0, BLOCK_D)
+    part = tl.load(
+        part_ptr + row[:, None] * BLOCK_D + cols[None, :], mask=s_mask[:, None], other=0.0
+    )
+    out = tl.sum(part * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
+    tl.store(o_ptr + (t * H + h) * D + cols, out.to(o_ptr.dtype.element_ty), mask=cols < D)
 
 
 @triton.jit
@@ -133,19 +191,7 @@ def _decode_merge_kernel(
         lo = tl.maximum(ctx - window, 0)
     chunk = tl.cdiv(tl.cdiv(ctx - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
     n_active = tl.cdiv(ctx - lo, chunk)
-    s = tl.arange(0, BLOCK_S)
-    s_mask = s < n_active
-    row = (b * H + h).to(tl.int64) * NUM_SPLITS + s  # [BLOCK_S]
-    m = tl.load(ml_ptr + row * 2, mask=s_mask, other=float("-inf"))
-    l_s = tl.load(ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
-    m_all = tl.max(m, axis=0)
-    w = tl.where(s_mask, tl.exp2(m - m_all), 0.0)
-    cols = tl.arange(0, BLOCK_D)
-    part = tl.load(
-        part_ptr + row[:, None] * BLOCK_D + cols[None, :], mask=s_mask[:, None], other=0.0
-    )
-    out = tl.sum(part * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
-    tl.store(o_ptr + (t * H + h) * D + cols, out.to(o_ptr.dtype.element_ty), mask=cols < D)
+    _merge_head(part_ptr, ml_ptr, o_ptr, b, h, t, H, D, n_active, NUM_SPLITS, BLOCK_S, BLOCK_D)
 
 
 def num_splits(n_seqs: int, n_kv_heads: int) -> int:
@@ -160,19 +206,25 @@ def decode_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    *,
+    splits: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    fused_merge: bool = True,
 ) -> torch.Tensor:
     n_tokens, n_heads, d = q.shape
     n_seqs = meta.num_seqs
     n_kv = k_cache.shape[1]
     group = n_heads // n_kv
     assert q.stride(2) == 1 and q.stride(1) == d and k_cache.is_contiguous()
-    splits = num_splits(n_seqs, n_kv)
+    splits = splits or num_splits(n_seqs, n_kv)
     block_d = triton.next_power_of_2(d)
-    block_n = 64
     part = torch.empty((n_seqs, n_heads, splits, block_d), dtype=torch.float32, device=q.device)
     ml = torch.empty((n_seqs, n_heads, splits, 2), dtype=torch.float32, device=q.device)
     out = torch.empty((n_tokens, n_heads, d), dtype=q.dtype, device=q.device)
     window = sliding_window or 0
+    lock = _arrival_counters(q.device, n_seqs * n_kv) if fused_merge else ml
     _decode_split_kernel[(n_seqs, n_kv, splits)](
         q,
         k_cache,
@@ -182,6 +234,8 @@ def decode_attention(
         meta.query_start_t,
         part,
         ml,
+        lock,
+        out,
         scale * _LOG2E,
         n_heads,
         n_kv,
@@ -195,24 +249,39 @@ def decode_attention(
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=4,
-    )
-    _decode_merge_kernel[(n_seqs, n_heads)](
-        part,
-        ml,
-        meta.context_lens_t,
-        meta.query_start_t,
-        out,
-        n_heads,
-        d,
-        window,
-        NUM_SPLITS=splits,
-        BLOCK_N=block_n,
         BLOCK_S=triton.next_power_of_2(splits),
-        BLOCK_D=block_d,
-        num_warps=1,
+        FUSED_MERGE=fused_merge,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
+    if not fused_merge:
+        _decode_merge_kernel[(n_seqs, n_heads)](
+            part,
+            ml,
+            meta.context_lens_t,
+            meta.query_start_t,
+            out,
+            n_heads,
+            d,
+            window,
+            NUM_SPLITS=splits,
+            BLOCK_N=block_n,
+            BLOCK_S=triton.next_power_of_2(splits),
+            BLOCK_D=block_d,
+            num_warps=1,
+        )
     return out
+
+
+# device -> zeroed int32 counters; never freed, since captured graphs keep their addresses.
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    held = _COUNTERS.setdefault(device, [])
+    if not held or held[-1].numel() < n:
+        held.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+    return held[-1]
 
 
 @triton.jit
@@ -351,4 +420,39 @@ def attention(
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     if meta.is_decode:
         return decode_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+    if _is_fresh_prompt(meta, sliding_window):
+        return fresh_prompt_attention(q, k_cache, v_cache, meta, scale)
     return prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+def _is_fresh_prompt(meta: AttentionMetadata, sliding_window: int | None) -> bool:
+    """One sequence whose whole context is this step's tokens, with no window cutting in."""
+    if meta.num_seqs != 1 or meta.context_lens[0] != meta.num_tokens:
+        return False
+    return sliding_window is None or sliding_window >= meta.num_tokens
+
+
+def fresh_prompt_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,  # [S, Hk, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of a whole prompt through torch's flash kernel (faster than ours there).
+
+    The keys and values are gathered back from the cache through the device-side slot mapping, so
+    a CUDA graph of a prompt-length bucket stays valid for any placement of its blocks.
+    """
+    n, n_heads, d = q.shape
+    keys = k_cache.index_select(0, meta.slot_mapping).transpose(0, 1)  # [Hk, T, D]
+    values = v_cache.index_select(0, meta.slot_mapping).transpose(0, 1)  # [Hk, T, D]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        keys[None],
+        values[None],
+        is_causal=True,
+        scale=scale,
+        enable_gqa=n_heads != k_cache.shape[1],
+    )  # [1, H, T, D]
+    return out[0].transpose(0, 1).contiguous()  # [T, H, D]

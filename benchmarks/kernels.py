@@ -1,0 +1,201 @@
+"""Per-kernel timings at decode and prefill shapes of Phi-3-mini and Qwen2.5-0.5B.
+
+Prefill attention: Triton (paged cache) against torch sdpa on contiguous q/k/v; decode attention
+(flash-decoding) at long contexts as GB/s of K/V read; the small per-layer kernels of a decode step
+(microseconds inside a CUDA graph); GEMV block shapes with longer K steps.
+
+    PYTHONPATH=. python benchmarks/kernels.py
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.ceilings import graph_time_us
+from worker_orcd.benchtools import cuda_time_ms
+from worker_orcd.kernels.attention import AttentionMetadata
+from worker_orcd.kernels.triton import activation, attention, gemv, norm, rope
+
+logger = logging.getLogger("benchmarks.kernels")
+DEV = torch.device("cuda")
+BF16 = torch.bfloat16
+MODELS = {"phi3": (32, 32, 96, 3072, 8192), "qwen": (14, 2, 64, 896, 4864)}
+
+
+def _meta(n_ctx: int, q_len: int, page: int = 16) -> AttentionMetadata:
+    n_blocks = -(-n_ctx // page)
+    return AttentionMetadata(
+        slot_mapping=torch.arange(n_ctx - q_len, n_ctx, device=DEV),
+        query_start=[0, q_len],
+        context_lens=[n_ctx],
+        kv_slots=[slice(0, n_ctx)],
+        query_start_t=torch.tensor([0, q_len], dtype=torch.int32, device=DEV),
+        context_lens_t=torch.tensor([n_ctx], dtype=torch.int32, device=DEV),
+        block_tables=torch.arange(n_blocks, dtype=torch.int32, device=DEV)[None],
+        block_size=page,
+        max_query_len=q_len,
+        max_context_len=n_ctx,
+    )
+
+
+def prefill_attention() -> list[str]:
+    lines = []
+    for name, (h, hk, d, _, _) in MODELS.items():
+        for n in (512, 2048):
+            q = torch.randn(n, h, d, device=DEV, dtype=BF16)
+            kc = torch.randn(n, hk, d, device=DEV, dtype=BF16)
+            vc = torch.randn(n, hk, d, device=DEV, dtype=BF16)
+            meta = _meta(n, n)
+            t_tri = cuda_time_ms(
+                lambda q=q, kc=kc, vc=vc, m=meta: attention.attention(q, kc, vc, m)
+            )
+            qt, kt, vt = q.transpose(0, 1)[None], kc.transpose(0, 1)[None], vc.transpose(0, 1)[None]
+            t_sdpa = cuda_time_ms(
+                lambda qt=qt, kt=kt, vt=vt: F.scaled_dot_product_attention(
+                    qt, kt, vt, is_causal=True, enable_gqa=True
+                )
+            )
+            flops = 4 * n * n / 2 * d * h
+            lines.append(
+                f"prefill attn {name} {n:5d}: triton {t_tri * 1e3:7.1f} us "
+                f"({flops / t_tri / 1e9:4.0f} TFLOP/s)  sdpa {t_sdpa * 1e3:7.1f} us"
+            )
+    return lines
+
+
+def decode_attention() -> list[str]:
+    lines = []
+    for name, (h, hk, d, _, _) in MODELS.items():
+        for ctx in (100, 4000, 16000):
+            layers = max(2, -(-256 * 2**20 // (2 * ctx * hk * d * 2)))
+            caches = [
+                (
+                    torch.randn(ctx, hk, d, device=DEV, dtype=BF16),
+                    torch.randn(ctx, hk, d, device=DEV, dtype=BF16),
+                )
+                for _ in range(layers)
+            ]
+            q = torch.randn(1, h, d, device=DEV, dtype=BF16)
+            meta = _meta(ctx, 1)
+            us = graph_time_us(
+                [
+                    lambda q=q, kc=kc, vc=vc, m=meta: attention.attention(q, kc, vc, m)
+                    for kc, vc in caches
+                ]
+            )
+            nbytes = 2 * ctx * hk * d * 2
+            lines.append(
+                f"decode attn {name} ctx {ctx:5d}: {us:6.1f} us  {nbytes / us / 1e3:5.0f} GB/s "
+                f"({attention.num_splits(1, hk)} splits)"
+            )
+    return lines
+
+
+def decode_attention_sweep() -> list[str]:
+    """Split count, key block and pipelining depth of flash-decoding at long contexts."""
+    lines = []
+    for name, (h, hk, d, _, _) in MODELS.items():
+        for ctx in (4000,):
+            layers = max(2, -(-256 * 2**20 // (2 * ctx * hk * d * 2)))
+            caches = [
+                (
+                    torch.randn(ctx, hk, d, device=DEV, dtype=BF16),
+                    torch.randn(ctx, hk, d, device=DEV, dtype=BF16),
+                )
+                for _ in range(layers)
+            ]
+            q = torch.randn(1, h, d, device=DEV, dtype=BF16)
+            meta = _meta(ctx, 1)
+            nbytes = 2 * ctx * hk * d * 2
+            res = []
+            for splits in (8, 16, 32, 64, 128):
+                if splits * hk > 8192:
+                    continue
+                for block_n, warps, stages in ((64, 4, 2), (32, 4, 2), (64, 4, 3), (128, 8, 2)):
+                    kw = dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+                    us = graph_time_us(
+                        [
+                            lambda q=q, kc=kc, vc=vc, m=meta, kw=kw: attention.decode_attention(
+                                q, kc, vc, m, 0.1, **kw
+                            )
+                            for kc, vc in caches
+                        ]
+                    )
+                    res.append((us, f"s{splits}/n{block_n}/w{warps}/st{stages}"))
+            res.sort()
+            best = ", ".join(f"{cfg} {us:.1f}us {nbytes / us / 1e3:.0f}GB/s" for us, cfg in res[:4])
+            lines.append(f"decode sweep {name} ctx {ctx}: {best}")
+    return lines
+
+
+def small_kernels() -> list[str]:
+    return [line for name, dims in MODELS.items() for line in _small_kernels(name, *dims)]
+
+
+def _small_kernels(name: str, h: int, hk: int, d: int, hidden: int, inter: int) -> list[str]:
+    lines = []
+    x = torch.randn(1, hidden, device=DEV, dtype=BF16)
+    r = torch.randn(1, hidden, device=DEV, dtype=BF16)
+    w = torch.randn(hidden, device=DEV, dtype=BF16)
+    qkv = torch.randn(1, (h + 2 * hk) * d, device=DEV, dtype=BF16)
+    q = qkv[:, : h * d].view(1, h, d)
+    k = qkv[:, h * d : (h + hk) * d].view(1, hk, d)
+    v = qkv[:, (h + hk) * d :].view(1, hk, d)
+    cs = torch.randn(4096, d, device=DEV)
+    pos = torch.tensor([100], device=DEV)
+    kc = torch.randn(4096, hk, d, device=DEV, dtype=BF16)
+    vc = torch.randn(4096, hk, d, device=DEV, dtype=BF16)
+    gu = torch.randn(1, 2 * inter, device=DEV, dtype=BF16)
+    calls = {
+        "add_rms_norm": lambda: norm.add_rms_norm(x, r, w, 1e-6),
+        "apply_rope": lambda: rope.apply_rope(q, k, pos, cs),
+        "store_kv": lambda: rope.store_kv(k, v, kc, vc, pos),
+        "rope_store_kv": lambda: rope.rope_store_kv(q, k, v, pos, cs, kc, vc, pos),
+        "silu_and_mul": lambda: activation.silu_and_mul(gu),
+        "embedding": lambda: F.embedding(pos, kc.view(4096, -1)),
+        "argmax": lambda: torch.argmax(gu.float(), dim=-1),
+    }
+    for kname, fn in calls.items():
+        lines.append(f"small {name} {kname:14}: {graph_time_us([fn] * 64):5.2f} us")
+    return lines
+
+
+def gemv_blocks() -> list[str]:
+    lines = []
+    for shape in [
+        (9216, 3072),
+        (3072, 3072),
+        (16384, 3072),
+        (3072, 8192),
+        (32064, 3072),
+        (9728, 896),
+        (896, 4864),
+    ]:
+        n, k = shape
+        copies = max(2, -(-512 * 2**20 // (n * k * 2)))
+        ws = [torch.randn(n, k, device=DEV, dtype=BF16) for _ in range(copies)]
+        x = torch.randn(1, k, device=DEV, dtype=BF16)
+        out = torch.empty(1, n, device=DEV, dtype=BF16)
+        res = []
+        for cfg in [(2, 1024, 4), (2, 2048, 4), (1, 2048, 4), (2, 2048, 8), (4, 2048, 8)]:
+            us = graph_time_us(
+                [lambda x=x, w=w, o=out, c=cfg: gemv.gemv(x, w, config=c, out=o) for w in ws]
+            )
+            res.append(f"{cfg}={us:5.1f}({n * k * 2 / us / 1e3:4.0f})")
+        lines.append(f"gemv {n}x{k}: " + " ".join(res))
+    return lines
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    lines = prefill_attention() + decode_attention() + decode_attention_sweep() + small_kernels()
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,327 @@
+"""Forward passes captured as CUDA graphs, with static input buffers and an eager fallback.
+
+A batch-1 step launches a few hundred small kernels, and on a slow host launching them costs more
+than running them; replaying a captured graph costs one launch. Two kinds are captured:
+
+- decode: one token for each of up to B sequences. The graph reads token ids, positions and block
+  tables from static buffers, derives KV slots and context lengths on the device, and ends with the
+  float32 logits and their argmax. It then advances its own inputs (next id = argmax, position + 1),
+  so greedy decoding can replay it back to back with no host work between steps (`decode_greedy`).
+- prompt: a whole fresh prompt, padded up to a bucket length (16, 32, ... 2048 tokens). Padding goes
+  after the prompt, so causal attention keeps real tokens from seeing it; padding tokens write their
+  K/V into the cache's last slot, which the engine never hands to a sequence while a graph runs.
+
+The static buffers are inference tensors: the public methods run under torch.inference_mode.
+
+Graphs need the Triton kernels (the torch reference reads lengths on the host, which a graph would
+freeze). `CudaGraphRunner.create` returns None where they cannot serve (CPU, no Triton), and
+`try_forward` returns None for a batch no graph fits; callers then run the eager path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from worker_orcd import kernels
+from worker_orcd.engine.kv_cache import KVCache
+from worker_orcd.engine.scheduler import ScheduledBatch
+from worker_orcd.kernels import AttentionMetadata
+from worker_orcd.model import CausalLM
+
+logger = logging.getLogger(__name__)
+
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def _bind_caches(model: CausalLM, kv: KVCache) -> None:
+    for i, attn in enumerate(model.attention_layers()):
+        attn.k_cache = kv.k[i]  # [S, Hk, D]
+        attn.v_cache = kv.v[i]
+
+
+def _warm_and_capture(
+    fn: Callable[[], tuple[torch.Tensor, ...]], device: torch.device, pool: object
+) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
+class DecodeGraphs:
+    """One captured decode step per batch size, sharing static buffers sized for the largest."""
+
+    def __init__(self, model: CausalLM, kv: KVCache, batch_sizes: Sequence[int] = (1,)) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = dev = kv.k.device
+        self.max_batch = b = max(batch_sizes)
+        self.max_blocks = kv.num_blocks
+        self.scratch_slot = kv.num_slots - 1
+        # host staging (pinned) and the graph's static inputs
+        self._host_ids_pos = torch.zeros((2, b), dtype=torch.int64, pin_memory=True)
+        self._host_tables = torch.zeros((b, self.max_blocks), dtype=torch.int32, pin_memory=True)
+        self.token_ids = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.block_tables = torch.full(
+            (b, self.max_blocks), kv.num_blocks - 1, dtype=torch.int32, device=dev
+        )
+        self._slots = torch.full((b,), self.scratch_slot, dtype=torch.int64, device=dev)
+        self._context_lens = torch.ones(b, dtype=torch.int32, device=dev)
+        self._query_start = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        pool = None
+        for n in sorted(batch_sizes, reverse=True):
+            self.block_tables.fill_(kv.num_blocks - 1)
+            self.positions.fill_(self.scratch_slot % kv.block_size)
+            self._graphs[n], self._outputs[n] = _warm_and_capture(
+                lambda n=n: self._step(n), dev, pool
+            )
+            pool = self._graphs[n].pool()
+
+    def _step(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.kv.block_size
+        ids, pos, tables = self.token_ids[:n], self.positions[:n], self.block_tables[:n]
+        blocks = tables.gather(1, (pos // bs)[:, None]).squeeze(1).to(torch.int64)
+        self._slots[:n].copy_(blocks * bs + pos % bs)
+        self._context_lens[:n].copy_(pos + 1)
+        meta = AttentionMetadata(
+            slot_mapping=self._slots[:n],
+            query_start=list(range(n + 1)),
+            context_lens=[1] * n,
+            kv_slots=[slice(0, 1)] * n,
+            query_start_t=self._query_start[: n + 1],
+            context_lens_t=self._context_lens[:n],
+            block_tables=tables,
+            block_size=bs,
+            max_query_len=1,
+            max_context_len=self.kv.num_slots,
+        )
+        hidden = self.model(ids, pos, meta)  # [n, D]
+        logits = self.model.compute_logits(hidden)  # [n, V] float32
+        next_ids = torch.argmax(logits, dim=-1)  # [n]
+        # Advance the inputs for a back-to-back greedy replay; the host overwrites them otherwise.
+        ids.copy_(next_ids)
+        pos.add_(1)
+        return logits, next_ids
+
+    def batch_size_for(self, n: int) -> int | None:
+        """The smallest captured batch size that holds n sequences, or None."""
+        fits = [b for b in self._graphs if b >= n]
+        return min(fits) if fits else None
+
+    @torch.inference_mode()
+    def load_inputs(
+        self,
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+    ) -> int:
+        """Write one step's inputs; rows past len(token_ids) decode a dummy token into the scratch
+        slot. Returns the captured batch size to replay."""
+        n = len(token_ids)
+        size = self.batch_size_for(n)
+        if size is None:
+            raise ValueError(f"no decode graph holds {n} sequences (largest {self.max_batch})")
+        host, tables = self._host_ids_pos, self._host_tables
+        host[0, :n] = torch.as_tensor(token_ids, dtype=torch.int64)
+        host[1, :n] = torch.as_tensor(positions, dtype=torch.int64)
+        host[:, n:size] = 0
+        tables[n:size] = self.kv.num_blocks - 1
+        host[1, n:size] = self.scratch_slot % self.kv.block_size
+        for i, row in enumerate(block_tables):
+            if len(row) > self.max_blocks:
+                raise ValueError(
+                    f"block table of {len(row)} blocks; the cache has {self.max_blocks}"
+                )
+            tables[i, : len(row)] = torch.as_tensor(row, dtype=torch.int32)
+        # The host buffers are rewritten next step: the caller reads this step's result first.
+        self.token_ids[:size].copy_(host[0, :size], non_blocking=True)
+        self.positions[:size].copy_(host[1, :size], non_blocking=True)
+        self.block_tables[:size].copy_(tables[:size], non_blocking=True)
+        return size
+
+    @torch.inference_mode()
+    def replay(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the captured step; logits [size, V] and greedy ids [size], valid until the next."""
+        self._graphs[size].replay()
+        logits, next_ids = self._outputs[size]
+        return logits, next_ids
+
+    @torch.inference_mode()
+    def decode_greedy(
+        self, token_id: int, position: int, block_table: Sequence[int], steps: int
+    ) -> list[int]:
+        """Greedy-decode `steps` tokens of one sequence after `token_id` at `position`.
+
+        The graph feeds its argmax back to itself; the host reads each id one step behind the GPU
+        through a pinned buffer, so it never waits on the step it has just launched.
+        """
+        size = self.load_inputs([token_id], [position], [block_table])
+        out = torch.empty(steps, dtype=torch.int64, pin_memory=True)
+        done = [torch.cuda.Event() for _ in range(steps)]
+        ids: list[int] = []
+        for i in range(steps):
+            _, next_ids = self.replay(size)
+            out[i : i + 1].copy_(next_ids[:1], non_blocking=True)
+            done[i].record()
+            if i:
+                done[i - 1].synchronize()
+                ids.append(int(out[i - 1]))
+        done[-1].synchronize()
+        ids.append(int(out[steps - 1]))
+        return ids
+
+
+class PromptGraphs:
+    """One captured forward pass of a fresh single-sequence prompt per bucket length."""
+
+    def __init__(self, model: CausalLM, kv: KVCache, buckets: Sequence[int]) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = dev = kv.k.device
+        self.buckets = sorted(buckets)
+        n_max = self.buckets[-1]
+        self.scratch_slot = kv.num_slots - 1
+        self._host = torch.zeros((2, n_max), dtype=torch.int64, pin_memory=True)
+        self._host_last = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+        self.token_ids = torch.zeros(n_max, dtype=torch.int64, device=dev)
+        self.slots = torch.full((n_max,), self.scratch_slot, dtype=torch.int64, device=dev)
+        self.last = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._positions = torch.arange(n_max, dtype=torch.int64, device=dev)
+        self._no_tables = torch.zeros((1, 1), dtype=torch.int32, device=dev)
+        self._lengths = {  # bucket -> (query_start_t [2], context_lens_t [1]); made before capture
+            n: (
+                torch.tensor([0, n], dtype=torch.int32, device=dev),
+                torch.tensor([n], dtype=torch.int32, device=dev),
+            )
+            for n in self.buckets
+        }
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        pool = None
+        for n in reversed(self.buckets):
+            self._graphs[n], self._outputs[n] = _warm_and_capture(
+                lambda n=n: self._step(n), dev, pool
+            )
+            pool = self._graphs[n].pool()
+
+    def _step(self, n: int) -> tuple[torch.Tensor]:
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[:n],
+            query_start=[0, n],
+            context_lens=[n],
+            kv_slots=[slice(0, n)],
+            query_start_t=self._lengths[n][0],
+            context_lens_t=self._lengths[n][1],
+            block_tables=self._no_tables,
+            block_size=self.kv.block_size,
+            max_query_len=n,
+            max_context_len=n,
+        )
+        hidden = self.model(self.token_ids[:n], self._positions[:n], meta)  # [n, D]
+        return (self.model.compute_logits(hidden.index_select(0, self.last)),)  # [1, V]
+
+    def bucket_for(self, n: int) -> int | None:
+        fits = [b for b in self.buckets if b >= n]
+        return fits[0] if fits else None
+
+    @torch.inference_mode()
+    def forward(
+        self, token_ids: Sequence[int], slots: Sequence[int] | torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [1, V] of the prompt's last token; a static view valid until the next replay."""
+        n = len(token_ids)
+        size = self.bucket_for(n)
+        if size is None:
+            raise ValueError(f"no prompt graph holds {n} tokens (largest {self.buckets[-1]})")
+        self._host[0, :n] = torch.as_tensor(token_ids, dtype=torch.int64)
+        self._host[1, :n] = torch.as_tensor(slots, dtype=torch.int64)
+        self._host[0, n:size] = 0
+        self._host[1, n:size] = self.scratch_slot
+        self._host_last[0] = n - 1
+        self.token_ids[:size].copy_(self._host[0, :size], non_blocking=True)
+        self.slots[:size].copy_(self._host[1, :size], non_blocking=True)
+        self.last.copy_(self._host_last, non_blocking=True)
+        self._graphs[size].replay()
+        return self._outputs[size][0]
+
+
+class CudaGraphRunner:
+    """Decode and prompt graphs of one model and KV cache, behind `try_forward(batch)`."""
+
+    def __init__(self, decode: DecodeGraphs, prompt: PromptGraphs | None) -> None:
+        self.decode = decode
+        self.prompt = prompt
+
+    @classmethod
+    def create(
+        cls,
+        model: CausalLM,
+        kv: KVCache,
+        *,
+        batch_sizes: Sequence[int] = (1,),
+        prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
+    ) -> CudaGraphRunner | None:
+        """Capture the graphs, or None (eager path) where they cannot serve."""
+        device = kv.k.device
+        if device.type != "cuda":
+            return None
+        from worker_orcd.kernels import triton as triton_kernels
+
+        if not triton_kernels.available(device):
+            logger.info("CUDA graphs off: Triton is not installed")
+            return None
+        triton_kernels.register_all()
+        if kernels.implementation("attention", device) is kernels.REFERENCE["attention"]:
+            logger.info("CUDA graphs off: no device-side attention kernel")
+            return None
+        start = time.perf_counter()
+        _bind_caches(model, kv)
+        with torch.inference_mode():
+            decode = DecodeGraphs(model, kv, batch_sizes)
+            window = model.config.sliding_window
+            limit = min(kv.num_slots - 1, model.max_positions)
+            buckets = [b for b in prompt_buckets if b <= limit and (window is None or b <= window)]
+            prompt = PromptGraphs(model, kv, buckets) if buckets else None
+        logger.info(
+            "captured CUDA graphs in %.2fs: decode batch sizes %s, prompt buckets %s",
+            time.perf_counter() - start,
+            sorted(batch_sizes),
+            buckets,
+        )
+        return cls(decode, prompt)
+
+    @torch.inference_mode()
+    def try_forward(self, batch: ScheduledBatch, block_size: int) -> torch.Tensor | None:
+        """Logits [N, V] of each sequence's due token through a graph, or None if none fits.
+
+        The result is a static view, valid until the next graph replay.
+        """
+        seqs = batch.seqs
+        if not batch.is_prefill:
+            if self.decode.batch_size_for(len(seqs)) is None or any(n != 1 for n in batch.n_new):
+                return None
+            ids = [s.token_ids[s.n_cached] for s in seqs]
+            positions = [s.n_cached for s in seqs]
+            size = self.decode.load_inputs(ids, positions, [s.block_table for s in seqs])
+            return self.decode.replay(size)[0][: len(seqs)]
+        if self.prompt is None or len(seqs) != 1:
+            return None
+        seq, n = seqs[0], batch.n_new[0]
+        if seq.n_cached != 0 or n != len(seq) or self.prompt.bucket_for(n) is None:
+            return None
+        blocks = torch.as_tensor(seq.block_table[: -(-n // block_size)], dtype=torch.int64)
+        slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:n]
+        return self.prompt.forward(seq.token_ids, slots)

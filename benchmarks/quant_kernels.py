@@ -63,11 +63,16 @@ L2_FLUSH_BYTES = 200 << 20
 
 
 def sweep(qtype: Q) -> list[GemvConfig]:
-    tiles = {Q.Q8_0: (4, 16), Q.Q4_0: (8, 32), Q.Q5_0: (8, 32), Q.Q6_K: (2, 4)}.get(qtype, (1, 2))
-    return [GemvConfig(bn, t, 4) for bn in (1, 2, 4, 8, 16) for t in tiles] + [
-        GemvConfig(4, tiles[1], 2),
-        GemvConfig(16, tiles[1], 8),
-    ]
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        shapes = [(1, 2), (2, 2), (4, 1), (4, 2), (8, 1), (8, 2), (8, 4), (16, 1), (16, 2),
+                  (16, 4), (32, 1), (32, 2)]  # fmt: skip
+    elif qtype == Q.Q6_K:
+        shapes = [(1, 4), (2, 4), (2, 8), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4), (8, 8),
+                  (16, 2), (16, 4), (32, 2)]  # fmt: skip
+    else:
+        tiles = (4, 16) if qtype == Q.Q8_0 else (8, 32)
+        shapes = [(bn, t) for bn in (1, 2, 4, 8, 16, 32) for t in tiles]
+    return [GemvConfig(bn, t, w) for bn, t in shapes for w in (4, 8) if w == 4 or bn * t >= 32]
 
 
 def events_ms(fn: Callable[[], object], reps: int = 20) -> float:
@@ -226,6 +231,14 @@ def prefill(entries: list) -> list[dict]:
     return rows
 
 
+def _guarded(fn: Callable[[], list], default: list) -> list:
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001 - keep the other sections' numbers
+        logger.exception("section failed")
+        return default
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -247,8 +260,8 @@ def main() -> int:
         "phi3": token_estimate("Phi-3-mini Q4_K_M", PHI3, gemv, copy_gbs),
         "qwen": token_estimate("Qwen2.5-0.5B Q4_K_M", QWEN, gemv, copy_gbs),
     }
-    cross = rows_crossover()
-    pre = prefill(PHI3)
+    cross = _guarded(rows_crossover, [])
+    pre = _guarded(lambda: prefill(PHI3), [])
     for m in (512, 2048):
         sel = [r for r in pre if r["m"] == m]
         scratch = sum(r["scratch_total_us"] * r["count"] for r in sel)

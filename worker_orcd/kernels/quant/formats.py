@@ -101,14 +101,20 @@ def check_shape(qtype: GGMLQuantizationType, n: int, k: int) -> BlockFormat:
     return fmt
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A copy with row-major strides (`contiguous()` keeps odd strides of size-1 dimensions,
+    which `view(dtype)` and the kernels' index arithmetic do not accept)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def _f16(b: torch.Tensor) -> torch.Tensor:
     """[..., 2] bytes -> [...] float16 (little-endian)."""
-    return b.contiguous().view(torch.float16).squeeze(-1)
+    return _dense(b).view(torch.float16).squeeze(-1)
 
 
 def _u32(b: torch.Tensor) -> torch.Tensor:
     """[..., 4] bytes -> [...] int32 (little-endian bit pattern)."""
-    return b.contiguous().view(torch.int32).squeeze(-1)
+    return _dense(b).view(torch.int32).squeeze(-1)
 
 
 def _q5k_qh_words(qh: torch.Tensor) -> torch.Tensor:
@@ -148,7 +154,7 @@ def to_planes(
     b = raw.reshape(n, nblk, fmt.type_size)
 
     def flat(x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous().reshape(n, -1)
+        return _dense(x).reshape(n, -1)
 
     if qtype == Q.Q8_0:
         return {"d": _f16(b[..., 0:2]), "qs": flat(b[..., 2:34]).view(torch.int8)}
@@ -159,13 +165,13 @@ def to_planes(
     if qtype == Q.Q4_K:
         return {
             "dm": _f16(b[..., 0:4].reshape(n, nblk, 2, 2)),
-            "scales": b[..., 4:16].contiguous(),
+            "scales": _dense(b[..., 4:16]),
             "qs": flat(b[..., 16:144]),
         }
     if qtype == Q.Q5_K:
         return {
             "dm": _f16(b[..., 0:4].reshape(n, nblk, 2, 2)),
-            "scales": b[..., 4:16].contiguous(),
+            "scales": _dense(b[..., 4:16]),
             "qh": _q5k_qh_words(b[..., 16:48]),
             "qs": flat(b[..., 48:176]),
         }
@@ -186,7 +192,7 @@ def from_planes(
     nblk = k // fmt.block_size
 
     def blk(x: torch.Tensor, width: int) -> torch.Tensor:
-        return x.contiguous().view(torch.uint8).reshape(n, nblk, width)
+        return _dense(x).view(torch.uint8).reshape(n, nblk, width)
 
     p = planes
     if qtype == Q.Q8_0:

@@ -21,6 +21,14 @@ logger = logging.getLogger(__name__)
 
 
 @triton.jit
+def _to_f32(q, offset: tl.constexpr):
+    """float(q - offset) for int32 0 <= q < 2**23, exact: the bits of 2**23 + q read as a float,
+    minus 2**23 + offset. One logic op and one add, instead of the quarter-rate int-to-float
+    conversion that would otherwise bound these kernels below the memory bandwidth."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
+
+
+@triton.jit
 def _k4_scale_min(ptr, base, j, mask):
     """Six-bit scale and min of sub-blocks `j` (0..7) from the 12 scale bytes at `ptr + base`."""
     low = j < 4
@@ -34,12 +42,12 @@ def _k4_scale_min(ptr, base, j, mask):
 
 @triton.jit
 def gemv_q8_0_kernel(
-    x_ptr, d_ptr, qs_ptr, y_ptr, N, K, stride_xm, stride_ym,
+    x_ptr, d_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, BLOCKS blocks, 32 weights]
-    pid_m = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
+    rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     r64 = rows.to(tl.int64)
     nb = K // 32
@@ -57,19 +65,19 @@ def gemv_q8_0_kernel(
         )  # fmt: skip
         d = tl.load(d_ptr + r64[:, None] * nb + blk[None, :], mask=m2, other=0.0)
         xv = tl.load(x_row + (blk * 32)[:, None] + ll[None, :], mask=bmask[:, None], other=0.0)
-        part = tl.sum(q.to(tl.float32) * xv.to(tl.float32)[None, :, :], axis=2)
+        part = tl.sum(_to_f32(q.to(tl.int32) + 128, 128.0) * xv.to(tl.float32)[None], axis=2)
         acc += tl.sum(part * d.to(tl.float32), axis=1)
     tl.store(y_ptr + pid_m * stride_ym + rows, acc, mask=rmask)
 
 
 @triton.jit
 def _gemv_q4_q5_0(
-    x_ptr, d_ptr, qh_ptr, qs_ptr, y_ptr, N, K, stride_xm, stride_ym,
+    x_ptr, d_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, BLOCKS blocks, 16 bytes]; byte l holds elements l (low) and l + 16 (high)
-    pid_m = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
+    rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     r64 = rows.to(tl.int64)
     nb = K // 32
@@ -89,29 +97,31 @@ def _gemv_q4_q5_0(
         hi = q >> 4
         if HAS_QH:
             h = tl.load(qh_ptr + r64[:, None] * nb + blk[None, :], mask=m2, other=0)[:, :, None]
-            lo = (lo | (((h >> ll[None, None, :]) & 1) << 4)) - 16
-            hi = (hi | (((h >> (ll + 16)[None, None, :]) & 1) << 4)) - 16
+            lo = lo | (((h >> ll[None, None, :]) & 1) << 4)
+            hi = hi | (((h >> (ll + 16)[None, None, :]) & 1) << 4)
+            flo = _to_f32(lo, 16.0)
+            fhi = _to_f32(hi, 16.0)
         else:
-            lo = lo - 8
-            hi = hi - 8
+            flo = _to_f32(lo, 8.0)
+            fhi = _to_f32(hi, 8.0)
         d = tl.load(d_ptr + r64[:, None] * nb + blk[None, :], mask=m2, other=0.0)
         xoff = (blk * 32)[:, None] + ll[None, :]
         xlo = tl.load(x_row + xoff, mask=bmask[:, None], other=0.0).to(tl.float32)
         xhi = tl.load(x_row + xoff + 16, mask=bmask[:, None], other=0.0).to(tl.float32)
-        part = tl.sum(lo.to(tl.float32) * xlo[None] + hi.to(tl.float32) * xhi[None], axis=2)
+        part = tl.sum(flo * xlo[None] + fhi * xhi[None], axis=2)
         acc += tl.sum(part * d.to(tl.float32), axis=1)
     tl.store(y_ptr + pid_m * stride_ym + rows, acc, mask=rmask)
 
 
 @triton.jit
 def _gemv_q4_q5_k(
-    x_ptr, dm_ptr, scales_ptr, qh_ptr, qs_ptr, y_ptr, N, K, stride_xm, stride_ym,
+    x_ptr, dm_ptr, scales_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, SUPER: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, SUPER super-blocks, 4 chunks, 32 bytes]; chunk c holds sub-block 2c in its
     # low nibbles (elements 64c + l) and 2c + 1 in its high nibbles (elements 64c + 32 + l)
-    pid_m = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
+    rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     r64 = rows.to(tl.int64)
     ns = K // 256
@@ -145,8 +155,8 @@ def _gemv_q4_q5_k(
         xm = smask[:, None, None]
         xlo = tl.load(x_row + xoff, mask=xm, other=0.0).to(tl.float32)
         xhi = tl.load(x_row + xoff + 32, mask=xm, other=0.0).to(tl.float32)
-        dlo = tl.sum(lo.to(tl.float32) * xlo[None], axis=3)  # [BN, S, 4]
-        dhi = tl.sum(hi.to(tl.float32) * xhi[None], axis=3)
+        dlo = tl.sum(_to_f32(lo, 0.0) * xlo[None], axis=3)  # [BN, S, 4]
+        dhi = tl.sum(_to_f32(hi, 0.0) * xhi[None], axis=3)
         slo = tl.sum(xlo, axis=2)[None]  # [1, S, 4]
         shi = tl.sum(xhi, axis=2)[None]
         sbi = r64[:, None] * ns + sb[None, :]  # [BN, S] super-block index
@@ -164,14 +174,14 @@ def _gemv_q4_q5_k(
 
 @triton.jit
 def gemv_q6_k_kernel(
-    x_ptr, d_ptr, scales_ptr, qh_ptr, ql_ptr, y_ptr, N, K, stride_xm, stride_ym,
+    x_ptr, d_ptr, scales_ptr, qh_ptr, ql_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     BLOCK_N: tl.constexpr, HALVES: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, HALVES half-super-blocks of 128, 2, 16]: l = 16t + u in 0..31, and the
     # four 32-element groups f of a half are (ql[l] low, ql[l+32] low, ql[l] high, ql[l+32] high)
     # with 2-bit fields f of qh[l]; 16-element sub-block of (f, t) is 2f + t within the half.
-    pid_m = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
+    rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     r64 = rows.to(tl.int64)
     nh = K // 128
@@ -191,10 +201,10 @@ def gemv_q6_k_kernel(
         qb = tl.load(ql_ptr + qoff + 32, mask=m4, other=0).to(tl.int32)
         hoff = r64[:, None, None, None] * (K // 4) + (hh * 32)[None, :, None, None] + lu[None, None]
         qh = tl.load(qh_ptr + hoff, mask=m4, other=0).to(tl.int32)
-        q0 = ((qa & 15) | ((qh & 3) << 4)) - 32
-        q1 = ((qb & 15) | (((qh >> 2) & 3) << 4)) - 32
-        q2 = ((qa >> 4) | (((qh >> 4) & 3) << 4)) - 32
-        q3 = ((qb >> 4) | ((qh >> 6) << 4)) - 32
+        q0 = _to_f32((qa & 15) | ((qh & 3) << 4), 32.0)
+        q1 = _to_f32((qb & 15) | (((qh >> 2) & 3) << 4), 32.0)
+        q2 = _to_f32((qa >> 4) | (((qh >> 4) & 3) << 4), 32.0)
+        q3 = _to_f32((qb >> 4) | ((qh >> 6) << 4), 32.0)
         xoff = (hh * 128)[:, None, None] + lu[None]  # [H, 2, 16]
         xm = hmask[:, None, None]
         x0 = tl.load(x_row + xoff, mask=xm, other=0.0).to(tl.float32)[None]
@@ -208,10 +218,10 @@ def gemv_q6_k_kernel(
         s2 = tl.load(scales_ptr + sbase + 4, mask=m3, other=0).to(tl.float32)
         s3 = tl.load(scales_ptr + sbase + 6, mask=m3, other=0).to(tl.float32)
         tot = (
-            s0 * tl.sum(q0.to(tl.float32) * x0, axis=3)
-            + s1 * tl.sum(q1.to(tl.float32) * x1, axis=3)
-            + s2 * tl.sum(q2.to(tl.float32) * x2, axis=3)
-            + s3 * tl.sum(q3.to(tl.float32) * x3, axis=3)
+            s0 * tl.sum(q0 * x0, axis=3)
+            + s1 * tl.sum(q1 * x1, axis=3)
+            + s2 * tl.sum(q2 * x2, axis=3)
+            + s3 * tl.sum(q3 * x3, axis=3)
         )  # [BN, H, 2]
         d = tl.load(d_ptr + r64[:, None] * (K // 256) + (hh // 2)[None, :], mask=m2, other=0.0)
         acc += tl.sum(d.to(tl.float32) * tl.sum(tot, axis=2), axis=1)

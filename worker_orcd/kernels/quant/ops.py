@@ -136,9 +136,9 @@ def quant_gemv(
         raise ValueError(f"out must be [{m}, {n}] with unit column stride, got {tuple(out.shape)}")
     cfg = config or gemv_config(qtype, n, k)
     kernel, args, flags, tile_name = _kernel_args(planes, qtype)
-    grid = (m, triton.cdiv(n, cfg.block_n))
+    grid = (m * triton.cdiv(n, cfg.block_n),)
     kernel[grid](
-        x, *args, out, n, k, x.stride(0), out.stride(0),
+        x, *args, out, m, n, k, x.stride(0), out.stride(0),
         BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **flags, **{tile_name: cfg.tile},
     )  # fmt: skip
     return out

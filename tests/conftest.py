@@ -156,3 +156,11 @@ def write_gguf(tmp_path: Path) -> WriteGGUF:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def qwen_engine(qwen_gguf_path: Path):  # noqa: ANN201 - Engine is imported lazily
+    """The real Qwen model in the engine (cpu, float32, context 2048), loaded once per session."""
+    from worker_orcd.engine.engine import Engine
+
+    return Engine.load(qwen_gguf_path, device="cpu", dtype="float32", max_context=2048)

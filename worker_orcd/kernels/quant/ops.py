@@ -33,9 +33,9 @@ try:  # Triton is optional: without it (CPU-only installs) only the references r
 except ImportError:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
-# Activation rows up to which the fused GEMV is used; above it, dequantize + cuBLAS.
-GEMV_MAX_ROWS = 8
-_SMS = 132  # H100/H200 multiprocessors; only shapes the launch heuristics
+# Activation rows up to which the fused GEMV is used; above it, dequantize + cuBLAS (measured
+# crossover on H200: GEMV ahead at 2 rows, behind at 4 for Phi-3's largest weights).
+GEMV_MAX_ROWS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,23 +45,17 @@ class GemvConfig:
     num_warps: int
 
 
-def _pow2_floor(v: int) -> int:
-    return 1 << max(0, v.bit_length() - 1)
-
-
 def gemv_config(qtype: GGMLQuantizationType, n: int, k: int) -> GemvConfig:
-    """Launch shape: enough programs for every multiprocessor twice, ~2 KB of quants per step."""
-    block_n = max(1, min(16, _pow2_floor(max(1, n // (2 * _SMS)))))
-    # 16-byte vectors per thread: bytes of quants a step covers per row, by type
+    """Launch shape, from the sweep in benchmarks/quant_kernels.py (H200, see benchmarks/QUANT.md):
+    wide steps along K (2-4 KB of quants per program and step) and few rows per program, more rows
+    only for tall matrices."""
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        return GemvConfig(8 if n >= 2048 else 2, 4, 4)
+    if qtype == Q.Q6_K:
+        return GemvConfig(8 if n >= 16384 else 4 if n >= 2048 else 2, 8, 4)
     if qtype == Q.Q8_0:
-        tile = max(2, min(16, 64 // block_n))  # 32 B per block
-    elif qtype in (Q.Q4_0, Q.Q5_0):
-        tile = max(4, min(32, 128 // block_n))  # 16 B per block
-    elif qtype in (Q.Q4_K, Q.Q5_K):
-        tile = max(1, min(4, 16 // block_n))  # 128 B per super-block
-    else:
-        tile = max(1, min(8, 32 // block_n))  # Q6_K: 96 B per half
-    return GemvConfig(block_n, tile, 4)
+        return GemvConfig(32, 4, 4) if n >= 32768 else GemvConfig(4, 16, 4)
+    return GemvConfig(16 if n >= 8192 else 4, 32, 4)  # Q4_0, Q5_0
 
 
 def _kernel_args(

@@ -162,10 +162,22 @@ def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, Mode
         kv = KVCache.allocate(config, context, dtype=torch.bfloat16, device=device)
         logger.info("built %s with random weights in %.1fs", args.preset, time.perf_counter() - t0)
         return model, config, kv
-    from worker_orcd.engine.engine import Engine
+    from worker_orcd.gguf import GGUFFile
+    from worker_orcd.loader import load_model
 
-    engine = Engine.load(args.model, device=device, max_context=need)
-    return engine.model, engine.config, engine.runner.kv
+    t0 = time.perf_counter()
+    with GGUFFile.open(args.model) as f:
+        config = ModelConfig.from_gguf(f)
+        if need > config.context_length:
+            raise SystemExit(
+                f"bench needs a context of {need} tokens; {args.model} has {config.context_length}"
+            )
+        model, _ = load_model(
+            f, config, device=device, dtype=torch.bfloat16, max_positions=config.context_length
+        )
+    kv = KVCache.allocate(config, need, dtype=torch.bfloat16, device=device)
+    logger.info("loaded %s in %.1fs", args.model, time.perf_counter() - t0)
+    return model, config, kv
 
 
 def _context_needed(args: argparse.Namespace) -> int:

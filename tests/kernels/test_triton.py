@@ -176,3 +176,17 @@ def test_gemv(n: int, k: int, bias: bool) -> None:
     x5 = torch.randn(5, k, device=DEV, dtype=BF16)
     ref5 = torch.nn.functional.linear(x5, w, b)
     assert torch.equal(gemv.linear(x5, w, b), ref5)
+
+
+@pytest.mark.parametrize(("n", "inter"), [(3072, 8192), (896, 4864), (1001, 777)])
+def test_silu_and_mul_linear(n: int, inter: int) -> None:
+    from worker_orcd.kernels.triton import activation, gemv
+
+    gate_up = torch.randn(1, 2 * inter, device=DEV, dtype=BF16) * 2
+    w = torch.randn(n, inter, device=DEV, dtype=BF16) * 0.05
+    fused = gemv.silu_and_mul_linear(gate_up, w)
+    assert torch.equal(fused, gemv.gemv(activation.silu_and_mul(gate_up), w))
+    ref = torch.nn.functional.linear(silu_and_mul_ref(gate_up).double(), w.double())
+    assert rel_err(fused, ref) < 1e-2
+    many = torch.randn(7, 2 * inter, device=DEV, dtype=BF16)
+    assert rel_err(gemv.silu_and_mul_linear(many, w), silu_and_mul_ref(many) @ w.T) < 1e-2

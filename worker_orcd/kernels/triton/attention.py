@@ -2,7 +2,9 @@
 
 Decode (one query token per sequence) is flash-decoding: the context of each (sequence, KV head) is
 split into NUM_SPLITS ranges that run on separate programs, each writing a partial softmax state
-(max, sum, weighted values); a second kernel merges them. All query heads that share a KV head are
+(max, sum, weighted values); a second kernel merges them. (The merge can also run in the program of
+the last split to finish, saving a launch, but that serialises the merge of a KV head's query heads
+and measured slower on an H200: benchmarks/NOTES.md.) All query heads that share a KV head are
 handled by one program, so GQA reads each cached key and value once. The split count depends only
 on the batch shape, and the range each split covers is computed on the device from the context
 length, so one captured CUDA graph serves every context length.
@@ -211,7 +213,7 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
-    fused_merge: bool = True,
+    fused_merge: bool = False,
 ) -> torch.Tensor:
     n_tokens, n_heads, d = q.shape
     n_seqs = meta.num_seqs

@@ -32,6 +32,7 @@ def _gemv_kernel(
     stride_wn,
     stride_ym,
     HAS_BIAS: tl.constexpr,
+    SILU_MUL: tl.constexpr,  # x is [M, 2K] gate then up; the input is silu(gate) * up
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -45,7 +46,14 @@ def _gemv_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + cols
         k_mask = kk < K
-        x = tl.load(x_ptr + m * stride_xm + kk, mask=k_mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + m * stride_xm + kk, mask=k_mask, other=0.0)
+        if SILU_MUL:
+            # Rounded as the separate silu_and_mul kernel rounds, so the result is the same.
+            up = tl.load(x_ptr + m * stride_xm + K + kk, mask=k_mask, other=0.0).to(tl.float32)
+            g = x.to(tl.float32)
+            act = (g * tl.sigmoid(g)).to(x.dtype).to(tl.float32)
+            x = (act * up).to(x.dtype)
+        x = x.to(tl.float32)
         w = tl.load(
             w_rows + kk[None, :],
             mask=row_mask[:, None] & k_mask[None, :],
@@ -75,17 +83,19 @@ def use_gemv(rows: int, n: int, k: int) -> bool:
 
 
 def gemv(
-    x: torch.Tensor,  # [M, K]
+    x: torch.Tensor,  # [M, K], or [M, 2K] with silu_mul
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
     *,
+    silu_mul: bool = False,
     config: tuple[int, int, int] | None = None,
     out: torch.Tensor | None = None,  # [M, N]
 ) -> torch.Tensor:
-    """x @ weight.T + bias for a few rows of x; `config` overrides (BLOCK_N, BLOCK_K, num_warps)."""
-    m, k = x.shape
-    n = weight.shape[0]
-    assert weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
+    """x @ weight.T + bias for a few rows of x; with silu_mul, silu(x[:, :K]) * x[:, K:] is the
+    input. `config` overrides (BLOCK_N, BLOCK_K, num_warps)."""
+    m = x.shape[0]
+    n, k = weight.shape
+    assert x.shape[1] == (2 * k if silu_mul else k) and weight.stride(1) == 1 and x.stride(1) == 1
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps = config or pick_config(n, k)
@@ -101,11 +111,27 @@ def gemv(
         weight.stride(0),
         out.stride(0),
         HAS_BIAS=bias is not None,
+        SILU_MUL=silu_mul,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,
     )
     return out
+
+
+def silu_and_mul_linear(
+    gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """linear(silu_and_mul(gate_up), weight, bias); gate_up [T, 2I], weight [N, I] -> [T, N].
+
+    One kernel for decode-sized inputs (the MLP's down projection reads gate and up directly).
+    """
+    from worker_orcd.kernels.triton.activation import silu_and_mul
+
+    rows, n, k = gate_up.shape[0], weight.shape[0], weight.shape[1]
+    if not use_gemv(rows, n, k) or gate_up.stride(-1) != 1 or rows == 0:
+        return torch.nn.functional.linear(silu_and_mul(gate_up), weight, bias)
+    return gemv(gate_up, weight, bias, silu_mul=True)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

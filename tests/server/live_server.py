@@ -145,3 +145,57 @@ def stream_execute(client: httpx.Client, body: dict[str, Any]) -> list[SseEvent]
         assert resp.status_code == 200, resp.read()
         assert resp.headers["content-type"].startswith("text/event-stream")
         return list(parse_sse(resp.iter_raw()))
+
+
+class BackgroundStream:
+    """POST a streaming request on a thread and collect its events as they arrive."""
+
+    def __init__(self, url: str, body: dict[str, Any], path: str = "/execute") -> None:
+        self.url, self.body, self.path = url, body, path
+        self.events: list[SseEvent] = []
+        self.status: int | None = None
+        self.error_body: bytes = b""
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with httpx.Client(base_url=self.url, timeout=120) as client, client.stream(
+                "POST", self.path, json=self.body
+            ) as resp:
+                self.status = resp.status_code
+                if resp.status_code != 200:
+                    self.error_body = resp.read()
+                    return
+                for event in parse_sse(resp.iter_raw()):
+                    self.events.append(event)
+        finally:
+            self.done.set()
+
+    def wait_for(self, name: str, count: int = 1, timeout: float = 60.0) -> SseEvent:
+        """The `count`-th event called `name`, waiting for it to arrive."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = [e for e in list(self.events) if e.event == name]
+            if len(seen) >= count:
+                return seen[count - 1]
+            if self.done.is_set() and len([e for e in self.events if e.event == name]) < count:
+                raise AssertionError(f"stream ended without {count} {name} events: {self.events}")
+            time.sleep(0.002)
+        raise TimeoutError(f"no {count} {name} events within {timeout} s")
+
+    def join(self, timeout: float = 60.0) -> list[SseEvent]:
+        assert self.done.wait(timeout), f"stream did not end within {timeout} s"
+        return self.events
+
+
+def check_one_terminal(events: list[SseEvent]) -> SseEvent:
+    """Events are started, token..., then exactly one end or error, with `i` counting from 0."""
+    names = [e.event for e in events]
+    assert names[0] == "started", names
+    terminal = [n for n in names if n in ("end", "error")]
+    assert len(terminal) == 1 and names[-1] == terminal[0], names
+    assert set(names[1:-1]) <= {"token"}, names
+    assert [e.json()["i"] for e in events[1:-1]] == list(range(len(events) - 2))
+    return events[-1]

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_EVERY_S = 2.0
+PROGRESS_EVERY_S = 5.0
 
 
 def load_engine(settings: ServerSettings) -> Engine | None:

@@ -53,7 +53,7 @@ def serve(args: argparse.Namespace) -> int:
     if engine is None:
         return 1
     try:
-        sock = socket.create_server((settings.host, settings.port), reuse_port=False)
+        sock = listen(settings.host, settings.port)
     except OSError as exc:
         log_event(logger, "error", worker_id=wid, code="BIND_FAILED", host=settings.host,
                   port=settings.port, message=str(exc), level=logging.ERROR)
@@ -67,6 +67,23 @@ def serve(args: argparse.Namespace) -> int:
     worker = Worker(engine=engine, facts=facts, settings=settings, scheduler=scheduler,
                     metrics=metrics)
     return asyncio.run(_serve(worker, sock))
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket. Created with proto=IPPROTO_TCP (socket.create_server leaves it 0) so
+    that asyncio sets TCP_NODELAY on accepted connections: without it a response written in two
+    parts waits for the client's delayed ACK (~40 ms), and so would every SSE event."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      proto=socket.IPPROTO_TCP)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class _Server(uvicorn.Server):

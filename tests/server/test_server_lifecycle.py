@@ -1,0 +1,138 @@
+"""Start-up, the ready callback, queue overflow, the inference timeout and SIGTERM, each on a server
+of its own (these need flags the shared server does not have, or end the process)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from live_server import BackgroundStream, check_one_terminal, start_server
+
+pytestmark = pytest.mark.slow
+
+
+class CallbackReceiver:
+    """A tiny HTTP server on 127.0.0.1 that records the JSON bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        received: list[tuple[str, dict[str, Any]]] = []
+        got = threading.Event()
+        self.received, self.got = received, got
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                length = int(self.headers.get("Content-Length", "0"))
+                received.append((self.path, json.loads(self.rfile.read(length))))
+                got.set()
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/ready"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[CallbackReceiver]:
+    r = CallbackReceiver()
+    yield r
+    r.close()
+
+
+def test_unloadable_model_exits_nonzero_with_one_clear_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker_orcd.cli", "serve", "--model", str(bad), "--port", "0",
+         "--device", "cpu", "--log-format", "json", "--worker-id", "doomed"],
+        capture_output=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    records = [json.loads(line) for line in proc.stderr.decode().splitlines() if line.strip()]
+    errors = [r for r in records if r["level"] in ("ERROR", "CRITICAL")]
+    assert len(errors) == 1, records
+    assert errors[0]["event"] == "error" and errors[0]["code"] == "MODEL_LOAD_FAILED"
+    assert errors[0]["path"] == str(bad) and errors[0]["worker_id"] == "doomed"
+    assert errors[0]["message"]
+    assert not [r for r in records if r.get("event") == "ready"]
+
+
+def test_callback_overflow_timeout_and_sigterm(qwen_gguf_path: Path,
+                                               receiver: CallbackReceiver) -> None:
+    server = start_server(qwen_gguf_path, "--worker-id", "lifecycle", "--max-queue", "1",
+                          "--inference-timeout-sec", "2", "--max-context", "2048",
+                          "--max-tokens-out", "2048", "--callback-url", receiver.url)
+    try:
+        # Ready callback: after the `ready` line, with the address that works.
+        assert receiver.got.wait(30)
+        path, body = receiver.received[0]
+        assert path == "/ready"
+        assert body == {"worker_id": "lifecycle", "uri": server.url, "vram_bytes": 0,
+                        "model": body["model"]}
+        events = [r.get("event") for r in server.logs if r.get("event")]
+        order = ["startup", "model_load_start", "model_load_complete", "ready", "callback"]
+        assert [e for e in events if e in order] == order
+        with server.client() as client:
+            assert client.get("/v1/models").json()["data"][0]["id"] == body["model"]
+
+        # One job runs, one waits (--max-queue 1), the third is refused.
+        long_job = {"prompt": "Count: 1, 2, 3,", "max_tokens": 1500, "temperature": 0}
+        running = BackgroundStream(server.url, {"job_id": "run", **long_job})
+        running.wait_for("started")
+        queued = BackgroundStream(server.url, {"job_id": "wait", **long_job})
+        with server.client() as client:
+            deadline = time.monotonic() + 10
+            while client.get("/health").json()["jobs_queued"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            resp = client.post("/execute", json={"job_id": "third", **long_job})
+            assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+            assert resp.json() == {"code": "QUEUE_FULL", "retriable": True,
+                                   "message": "queue is full (1 waiting, --max-queue 1)"}
+            resp = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+            assert resp.status_code == 503 and resp.json()["error"]["code"] == "QUEUE_FULL"
+
+        # The running job passes --inference-timeout-sec 2.
+        events = running.join(30)
+        err = check_one_terminal(events).json()
+        assert (err["code"], err["retriable"]) == ("INFERENCE_TIMEOUT", True)
+        assert 2.0 <= events[-1].at - events[0].at < 10
+
+        # SIGTERM while the queued job runs: its stream ends with an error event, port released.
+        queued.wait_for("token")
+        t0 = time.monotonic()
+        assert server.stop(signal.SIGTERM, timeout=30) == 0
+        stop_s = time.monotonic() - t0
+        err = check_one_terminal(queued.join(10)).json()
+        assert (err["code"], err["retriable"]) == ("WORKER_SHUTDOWN", True)
+        assert stop_s < 15
+        host, port = server.url.removeprefix("http://").split(":")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.url}/health", timeout=2)
+        with socket.create_server((host, int(port))):
+            pass  # the port is free again
+        server.drain()
+        phases = [r.get("phase") for r in server.logs if r.get("event") == "shutdown"]
+        assert phases == ["begin", "complete"]
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()

@@ -1,0 +1,114 @@
+"""The official `openai` client, unchanged, against the shared live server."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from live_server import LiveServer
+
+from worker_orcd.engine.types import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-checked", max_retries=0,
+                         timeout=120)
+
+
+def greedy(engine, max_tokens: int, **prompt: object):  # noqa: ANN001, ANN003, ANN201
+    ids = engine.encode_prompt(**prompt)
+    return engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0, seed=0))
+
+
+def finish_reasons(chunks: list) -> list[str]:  # noqa: ANN001
+    return [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+
+
+def test_models_list(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
+    models = client.models.list()
+    assert [m.id for m in models.data] == [engine.model_name]
+
+
+def test_completions(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
+    prompt = "def fibonacci(n):"
+    ref = greedy(engine, 10, prompt=prompt)
+    out = client.completions.create(model=engine.model_name, prompt=prompt, max_tokens=10,
+                                    temperature=0)
+    assert out.object == "text_completion" and out.id.startswith("cmpl-")
+    assert out.choices[0].text == ref.text
+    assert out.choices[0].finish_reason == ("length" if len(ref.token_ids) == 10 else "stop")
+    assert out.usage is not None
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (
+        len(ref.prompt_ids), len(ref.token_ids))
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_completions_streaming_with_usage(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
+    prompt = "def fibonacci(n):"
+    ref = greedy(engine, 10, prompt=prompt)
+    chunks = list(client.completions.create(model="any", prompt=prompt, max_tokens=10,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == ref.text
+    assert finish_reasons(chunks) == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(ref.token_ids) == 10
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_stop_gives_finish_reason_stop(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
+    prompt = "def add(a, b):\n"
+    ref = greedy(engine, 16, prompt=prompt)
+    stop = ref.text.strip()[:3]
+    out = client.completions.create(model="any", prompt=prompt, max_tokens=16, temperature=0,
+                                    stop=[stop])
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == ref.text[: ref.text.index(stop)]
+
+
+def test_chat_completions(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "What is 2 + 2? Answer with the number only."}]
+    ref = greedy(engine, 16, messages=messages)
+    out = client.chat.completions.create(model=engine.model_name, messages=messages, max_tokens=16,
+                                         temperature=0)
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    msg = out.choices[0].message
+    assert msg.role == "assistant" and msg.content == ref.text
+    assert "4" in msg.content
+    assert out.choices[0].finish_reason == "stop"  # the model ends its answer
+    assert out.usage is not None and out.usage.completion_tokens == len(ref.token_ids)
+
+
+def test_chat_completions_streaming(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
+    messages = [{"role": "user", "content": "Name three colours, comma separated."}]
+    ref = greedy(engine, 8, messages=messages)
+    stream = client.chat.completions.create(model="any", messages=messages, max_tokens=8,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ref.text
+    assert finish_reasons(chunks) == ["length" if len(ref.token_ids) == 8 else "stop"]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == len(ref.prompt_ids)
+
+
+def test_chat_streaming_without_usage(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True,
+        seed=7, extra_body={"top_k": 20}))
+    assert all(c.usage is None for c in chunks)
+    assert len(finish_reasons(chunks)) == 1
+
+
+def test_invalid_request_is_a_bad_request_error(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="any", prompt="x", max_tokens=5, temperature=3, n=2)
+    error = info.value.body
+    assert isinstance(error, dict) and error["code"] == "INVALID_REQUEST"
+    assert {f["field"] for f in error["fields"]} == {"temperature", "n"}

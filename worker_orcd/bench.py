@@ -181,10 +181,8 @@ def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, Mode
 
 
 def _context_needed(args: argparse.Namespace) -> int:
-    """Cache slots the runs need: the longest prompt or decode run, warm-up steps and one scratch
-    block for graph padding."""
-    longest = max(args.prefill + [c + args.decode_steps // 2 + 8 for c in args.decode_context])
-    return longest + 16
+    """Cache slots the runs need: the longest prompt, or decode run with its warm-up steps."""
+    return max(args.prefill + [c + args.decode_steps // 2 + 8 for c in args.decode_context])
 
 
 def random_model(config: ModelConfig, device: torch.device, *, max_positions: int):  # -> CausalLM
@@ -285,7 +283,7 @@ class OurBench:
         from worker_orcd.engine.sequence import Sequence
 
         seq = Sequence.from_prompt(ids)
-        seq.block_table = list(range(self.kv.num_blocks - 1))  # the last block is scratch
+        seq.block_table = list(range(self.kv.num_blocks))
         return seq
 
     def _forward(self, seq, n: int, *, prefill: bool) -> torch.Tensor:

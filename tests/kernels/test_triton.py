@@ -190,3 +190,25 @@ def test_silu_and_mul_linear(n: int, inter: int) -> None:
     assert rel_err(fused, ref) < 1e-2
     many = torch.randn(7, 2 * inter, device=DEV, dtype=BF16)
     assert rel_err(gemv.silu_and_mul_linear(many, w), silu_and_mul_ref(many) @ w.T) < 1e-2
+
+
+def test_negative_slots_write_nothing() -> None:
+    """Padding tokens of a captured graph carry slot -1: the store kernels skip them."""
+    from worker_orcd.kernels.triton import rope
+
+    q, k, v = _qkv(4, 4, 2, 96)
+    cs = rope_cos_sin_cache(96, 64, 10000.0, device=DEV)
+    pos = torch.tensor([0, 1, 2, 3], device=DEV)
+    slots = torch.tensor([5, -1, 7, -1], device=DEV)
+    for store in ("store_kv", "rope_store_kv"):
+        kc = torch.randn(10, 2, 96, device=DEV, dtype=BF16)
+        vc = torch.randn(10, 2, 96, device=DEV, dtype=BF16)
+        kc0, vc0 = kc.clone(), vc.clone()
+        if store == "store_kv":
+            rope.store_kv(k, v, kc, vc, slots)
+        else:
+            rope.rope_store_kv(q, k, v, pos, cs, kc, vc, slots)
+        untouched = [0, 1, 2, 3, 4, 6, 8, 9]
+        assert torch.equal(kc[untouched], kc0[untouched])
+        assert torch.equal(vc[untouched], vc0[untouched])
+        assert torch.equal(vc[5], v[0]) and torch.equal(vc[7], v[2])

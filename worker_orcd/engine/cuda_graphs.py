@@ -8,8 +8,10 @@ than running them; replaying a captured graph costs one launch. Two kinds are ca
   float32 logits and their argmax. It then advances its own inputs (next id = argmax, position + 1),
   so greedy decoding can replay it back to back with no host work between steps (`decode_greedy`).
 - prompt: a whole fresh prompt, padded up to a bucket length (16, 32, ... 2048 tokens). Padding goes
-  after the prompt, so causal attention keeps real tokens from seeing it; padding tokens write their
-  K/V into the cache's last slot, which the engine never hands to a sequence while a graph runs.
+  after the prompt, so causal attention keeps real tokens from seeing it.
+
+Padding tokens and padding rows carry KV slot -1 and block -1: the Triton kernels write nothing for
+them and read zeros, so neither capture nor replay touches a cache slot the caller does not own.
 
 The static buffers are inference tensors: the public methods run under torch.inference_mode.
 
@@ -67,24 +69,21 @@ class DecodeGraphs:
         self.device = dev = kv.k.device
         self.max_batch = b = max(batch_sizes)
         self.max_blocks = kv.num_blocks
-        self.scratch_slot = kv.num_slots - 1
         # host staging (pinned) and the graph's static inputs
         self._host_ids_pos = torch.zeros((2, b), dtype=torch.int64, pin_memory=True)
         self._host_tables = torch.zeros((b, self.max_blocks), dtype=torch.int32, pin_memory=True)
         self.token_ids = torch.zeros(b, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.block_tables = torch.full(
-            (b, self.max_blocks), kv.num_blocks - 1, dtype=torch.int32, device=dev
-        )
-        self._slots = torch.full((b,), self.scratch_slot, dtype=torch.int64, device=dev)
+        self.block_tables = torch.full((b, self.max_blocks), -1, dtype=torch.int32, device=dev)
+        self._slots = torch.full((b,), -1, dtype=torch.int64, device=dev)
         self._context_lens = torch.ones(b, dtype=torch.int32, device=dev)
         self._query_start = torch.arange(b + 1, dtype=torch.int32, device=dev)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, tuple[torch.Tensor, ...]] = {}
         pool = None
         for n in sorted(batch_sizes, reverse=True):
-            self.block_tables.fill_(kv.num_blocks - 1)
-            self.positions.fill_(self.scratch_slot % kv.block_size)
+            self.block_tables.fill_(-1)  # warm-up and capture write nothing to the cache
+            self.positions.zero_()
             self._graphs[n], self._outputs[n] = _warm_and_capture(
                 lambda n=n: self._step(n), dev, pool
             )
@@ -128,8 +127,8 @@ class DecodeGraphs:
         positions: Sequence[int],
         block_tables: Sequence[Sequence[int]],
     ) -> int:
-        """Write one step's inputs; rows past len(token_ids) decode a dummy token into the scratch
-        slot. Returns the captured batch size to replay."""
+        """Write one step's inputs; rows past len(token_ids) are padding (block -1, nothing
+        written). Returns the captured batch size to replay."""
         n = len(token_ids)
         size = self.batch_size_for(n)
         if size is None:
@@ -138,14 +137,14 @@ class DecodeGraphs:
         host[0, :n] = torch.as_tensor(token_ids, dtype=torch.int64)
         host[1, :n] = torch.as_tensor(positions, dtype=torch.int64)
         host[:, n:size] = 0
-        tables[n:size] = self.kv.num_blocks - 1
-        host[1, n:size] = self.scratch_slot % self.kv.block_size
+        tables[n:size] = -1
         for i, row in enumerate(block_tables):
             if len(row) > self.max_blocks:
                 raise ValueError(
                     f"block table of {len(row)} blocks; the cache has {self.max_blocks}"
                 )
             tables[i, : len(row)] = torch.as_tensor(row, dtype=torch.int32)
+            tables[i, len(row) :] = -1
         # The host buffers are rewritten next step: the caller reads this step's result first.
         self.token_ids[:size].copy_(host[0, :size], non_blocking=True)
         self.positions[:size].copy_(host[1, :size], non_blocking=True)
@@ -193,11 +192,10 @@ class PromptGraphs:
         self.device = dev = kv.k.device
         self.buckets = sorted(buckets)
         n_max = self.buckets[-1]
-        self.scratch_slot = kv.num_slots - 1
         self._host = torch.zeros((2, n_max), dtype=torch.int64, pin_memory=True)
         self._host_last = torch.zeros(1, dtype=torch.int64, pin_memory=True)
         self.token_ids = torch.zeros(n_max, dtype=torch.int64, device=dev)
-        self.slots = torch.full((n_max,), self.scratch_slot, dtype=torch.int64, device=dev)
+        self.slots = torch.full((n_max,), -1, dtype=torch.int64, device=dev)
         self.last = torch.zeros(1, dtype=torch.int64, device=dev)
         self._positions = torch.arange(n_max, dtype=torch.int64, device=dev)
         self._no_tables = torch.zeros((1, 1), dtype=torch.int32, device=dev)
@@ -249,7 +247,7 @@ class PromptGraphs:
         self._host[0, :n] = torch.as_tensor(token_ids, dtype=torch.int64)
         self._host[1, :n] = torch.as_tensor(slots, dtype=torch.int64)
         self._host[0, n:size] = 0
-        self._host[1, n:size] = self.scratch_slot
+        self._host[1, n:size] = -1
         self._host_last[0] = n - 1
         self.token_ids[:size].copy_(self._host[0, :size], non_blocking=True)
         self.slots[:size].copy_(self._host[1, :size], non_blocking=True)

@@ -40,7 +40,9 @@ def _load_kv_block(cache_ptr, bt_row_ptr, p, p_mask, hk, HK, D, cols, d_mask, PA
     block = tl.load(bt_row_ptr + p // PAGE, mask=p_mask, other=0).to(tl.int64)
     slot = block * PAGE + p % PAGE
     ptrs = cache_ptr + (slot * HK + hk)[:, None] * D + cols[None, :]
-    return tl.load(ptrs, mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+    # A negative block marks a padding row of a captured batch: it reads zeros.
+    valid = p_mask & (block >= 0)
+    return tl.load(ptrs, mask=valid[:, None] & d_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -447,8 +449,10 @@ def fresh_prompt_attention(
     a CUDA graph of a prompt-length bucket stays valid for any placement of its blocks.
     """
     n, n_heads, d = q.shape
-    keys = k_cache.index_select(0, meta.slot_mapping).transpose(0, 1)  # [Hk, T, D]
-    values = v_cache.index_select(0, meta.slot_mapping).transpose(0, 1)  # [Hk, T, D]
+    # Padding tokens (negative slots) come after the prompt; what they read is never seen.
+    slots = meta.slot_mapping.clamp(min=0)
+    keys = k_cache.index_select(0, slots).transpose(0, 1)  # [Hk, T, D]
+    values = v_cache.index_select(0, slots).transpose(0, 1)  # [Hk, T, D]
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],
         keys[None],

@@ -74,12 +74,13 @@ def _rope_kernel(
         hk = h - H
         if STORE:
             slot = tl.load(slot_ptr + t).to(tl.int64)
-            dst = kc_ptr + (slot * HK + hk) * D
-            _rotate_head(k_ptr + t * stride_kt + hk * D, dst, cs, HALF, D, BLOCK_HALF, BLOCK_D)
-            j = tl.arange(0, BLOCK_D)
-            jm = j < D
-            v = tl.load(v_ptr + t * stride_vt + hk * D + j, mask=jm, other=0.0)
-            tl.store(vc_ptr + (slot * HK + hk) * D + j, v.to(vc_ptr.dtype.element_ty), mask=jm)
+            if slot >= 0:  # a negative slot marks a padding token: nothing is written
+                dst = kc_ptr + (slot * HK + hk) * D
+                _rotate_head(k_ptr + t * stride_kt + hk * D, dst, cs, HALF, D, BLOCK_HALF, BLOCK_D)
+                j = tl.arange(0, BLOCK_D)
+                jm = j < D
+                v = tl.load(v_ptr + t * stride_vt + hk * D + j, mask=jm, other=0.0)
+                tl.store(vc_ptr + (slot * HK + hk) * D + j, v.to(vc_ptr.dtype.element_ty), mask=jm)
         else:
             _rotate_head(
                 k_ptr + t * stride_kt + hk * D,
@@ -144,7 +145,8 @@ def rope_store_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
-    """Rotate q and k; write rotated k and v [T, Hk, D] into the caches [S, Hk, D] at slot_mapping.
+    """Rotate q and k; write rotated k and v [T, Hk, D] into the caches [S, Hk, D] at slot_mapping
+    (tokens with a negative slot are not written).
 
     Returns the rotated q [T, H, D]. Equals apply_rope followed by store_kv, in one launch.
     """
@@ -189,12 +191,13 @@ def _store_kv_kernel(
     t = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    j = tl.arange(0, BLOCK_D)
-    jm = j < D
-    k = tl.load(k_ptr + t * stride_kt + hk * D + j, mask=jm, other=0.0)
-    v = tl.load(v_ptr + t * stride_vt + hk * D + j, mask=jm, other=0.0)
-    tl.store(kc_ptr + (slot * HK + hk) * D + j, k.to(kc_ptr.dtype.element_ty), mask=jm)
-    tl.store(vc_ptr + (slot * HK + hk) * D + j, v.to(vc_ptr.dtype.element_ty), mask=jm)
+    if slot >= 0:  # a negative slot marks a padding token: nothing is written
+        j = tl.arange(0, BLOCK_D)
+        jm = j < D
+        k = tl.load(k_ptr + t * stride_kt + hk * D + j, mask=jm, other=0.0)
+        v = tl.load(v_ptr + t * stride_vt + hk * D + j, mask=jm, other=0.0)
+        tl.store(kc_ptr + (slot * HK + hk) * D + j, k.to(kc_ptr.dtype.element_ty), mask=jm)
+        tl.store(vc_ptr + (slot * HK + hk) * D + j, v.to(vc_ptr.dtype.element_ty), mask=jm)
 
 
 def store_kv(
@@ -204,7 +207,8 @@ def store_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Write k, v [T, Hk, D] into the caches [S, Hk, D] at slot_mapping [T]."""
+    """Write k, v [T, Hk, D] into the caches [S, Hk, D] at slot_mapping [T] (skipping negative
+    slots, which mark padding tokens)."""
     n, n_kv, d = k.shape
     _check(k)
     _check(v)

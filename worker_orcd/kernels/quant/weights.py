@@ -152,6 +152,15 @@ class PackedWeight:
             mix[_type_name(s)] += _nbytes(s)
         return mix
 
+    def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of a single-part weight (an embedding table), dequantized: [*ids, k]."""
+        if len(self.parts) != 1:
+            raise ValueError("embedding lookup needs a weight of one part")
+        s = self.parts[0][1]
+        if isinstance(s, QuantizedWeight):
+            return s.embedding(ids, dtype)
+        return F.embedding(ids, s).to(dtype)
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., k] -> [..., n] in x's dtype."""
         lead = x.shape[:-1]

@@ -82,6 +82,19 @@ def test_seed_is_generated_when_absent_and_replays(server: LiveServer) -> None:
     assert text_of(again) == text_of(first)
 
 
+def test_chat_messages_go_through_the_template(server: LiveServer, engine) -> None:  # noqa: ANN001
+    messages = [{"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": "What colour is the sky on a clear day?"}]
+    with server.client() as client:
+        events = stream_execute(client, {"job_id": job_id(), "messages": messages,
+                                         "max_tokens": 6, "temperature": 0})
+    ids = engine.encode_prompt(messages=messages)
+    assert events[0].json()["prompt_tokens"] == len(ids)
+    check_one_terminal(events)
+    ref = engine.generate(ids, SamplingParams(max_tokens=6, temperature=0, seed=0))
+    assert text_of(events) == ref.text and "blue" in ref.text.lower()
+
+
 def test_chinese_and_emoji_stream_whole_characters(server: LiveServer, engine) -> None:  # noqa: ANN001
     # Each of 🦩, 🫠, 龘 and 靐 takes two or three byte-level tokens in Qwen's vocabulary; a pattern
     # repeated three times is continued by greedy decoding. 13 tokens are one more repetition; a

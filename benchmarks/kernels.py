@@ -68,9 +68,10 @@ def prefill_attention() -> list[str]:
 
 
 def decode_attention() -> list[str]:
+    """Flash-decoding at several contexts: one program per KV head against the split kernels."""
     lines = []
     for name, (h, hk, d, _, _) in MODELS.items():
-        for ctx in (100, 4000, 16000):
+        for ctx in (100, 256, 512, 4000, 16000):
             layers = max(2, -(-256 * 2**20 // (2 * ctx * hk * d * 2)))
             caches = [
                 (
@@ -81,17 +82,19 @@ def decode_attention() -> list[str]:
             ]
             q = torch.randn(1, h, d, device=DEV, dtype=BF16)
             meta = _meta(ctx, 1)
-            us = graph_time_us(
-                [
-                    lambda q=q, kc=kc, vc=vc, m=meta: attention.attention(q, kc, vc, m)
-                    for kc, vc in caches
-                ]
-            )
             nbytes = 2 * ctx * hk * d * 2
-            lines.append(
-                f"decode attn {name} ctx {ctx:5d}: {us:6.1f} us  {nbytes / us / 1e3:5.0f} GB/s "
-                f"({attention.num_splits(1, hk)} splits)"
-            )
+            res = []
+            for splits in (1, attention.num_splits(1, hk)):
+                us = graph_time_us(
+                    [
+                        lambda q=q, kc=kc, vc=vc, m=meta, s=splits: attention.decode_attention(
+                            q, kc, vc, m, 0.1, splits=s
+                        )
+                        for kc, vc in caches
+                    ]
+                )
+                res.append(f"{splits} splits {us:6.1f} us {nbytes / us / 1e3:5.0f} GB/s")
+            lines.append(f"decode attn {name} ctx {ctx:5d}: " + "; ".join(res))
     return lines
 
 

@@ -245,11 +245,13 @@ def _print(
         f"{'%copy':>5} {'ours/peer':>9}"
     )
     peer = {(r.phase, r.context): r for r in peer_rows}
-    for r in rows:
-        _print_row(r, ceil, None)
-        p = peer.get((r.phase, r.context))
+    for key in dict.fromkeys((r.phase, r.context) for r in rows):
+        p = peer.get(key)
+        for r in rows:
+            if (r.phase, r.context) == key:
+                _print_row(r, ceil, r.tok_s / p.tok_s if p is not None else None)
         if p is not None:
-            _print_row(p, ceil, r.tok_s / p.tok_s)
+            _print_row(p, ceil, None)
 
 
 def _print_row(r: SpeedRow, ceil: Ceilings, ratio: float | None) -> None:

@@ -47,28 +47,30 @@ def _decode(runner: ModelRunner, seq: Sequence, token: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("preset", ["qwen2.5-0.5b", "phi3-mini"])
-def test_graph_replay_matches_eager(preset: str) -> None:
+# With 120, decode crosses from the short-context graph to the split one.
+@pytest.mark.parametrize("prompt_len", [37, 120])
+def test_graph_replay_matches_eager(preset: str, prompt_len: int) -> None:
     from worker_orcd.engine.cuda_graphs import CudaGraphRunner
 
     model, config, kv = _model(preset, layers=3, context=700)
     kv.k.normal_()
     kv.v.normal_()
     k_before, v_before = kv.k.clone(), kv.v.clone()
-    graphs = CudaGraphRunner.create(model, kv, prompt_buckets=(16, 64))
+    graphs = CudaGraphRunner.create(model, kv, prompt_buckets=(16, 64, 256))
     assert graphs is not None
     # Warm-up and capture wrote nothing into the cache.
     assert torch.equal(kv.k, k_before) and torch.equal(kv.v, v_before)
     runner = ModelRunner(model, kv)
     gen = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, config.vocab_size, (37,), generator=gen).tolist()
+    prompt = torch.randint(0, config.vocab_size, (prompt_len,), generator=gen).tolist()
     table = list(range(kv.num_blocks))[::-1]  # blocks far from contiguous
 
-    # The prompt through its bucket graph (37 tokens padded to 64) and eagerly.
+    # The prompt through its bucket graph (padded to 64 or 256 tokens) and eagerly.
     seq = Sequence.from_prompt(prompt)
     seq.block_table = table
     batch = ScheduledBatch([seq], [len(prompt)], is_prefill=True)
     g_first = graphs.try_forward(batch, kv.block_size).clone()
-    # The padding tokens wrote nothing: only the prompt's 37 slots changed.
+    # The padding tokens wrote nothing: only the prompt's slots changed.
     bs = kv.block_size
     own = torch.tensor([table[p // bs] * bs + p % bs for p in range(len(prompt))], device=DEV)
     others = torch.ones(kv.num_slots, dtype=torch.bool, device=DEV)

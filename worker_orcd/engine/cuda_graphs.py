@@ -36,7 +36,7 @@ from worker_orcd.model import CausalLM
 
 logger = logging.getLogger(__name__)
 
-PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 def _bind_caches(model: CausalLM, kv: KVCache) -> None:
@@ -60,8 +60,15 @@ def _warm_and_capture(
     return graph, out
 
 
+GraphKey = tuple[int, bool]  # (batch size, short context)
+
+
 class DecodeGraphs:
-    """One captured decode step per batch size, sharing static buffers sized for the largest."""
+    """Captured decode steps, sharing static buffers sized for the largest batch.
+
+    Two per batch size: one for contexts up to SHORT_CONTEXT keys (attention in one program per
+    KV head, no merge launch) and one for any context (split over programs, then merged).
+    """
 
     def __init__(self, model: CausalLM, kv: KVCache, batch_sizes: Sequence[int] = (1,)) -> None:
         self.model = model
@@ -78,18 +85,24 @@ class DecodeGraphs:
         self._slots = torch.full((b,), -1, dtype=torch.int64, device=dev)
         self._context_lens = torch.ones(b, dtype=torch.int32, device=dev)
         self._query_start = torch.arange(b + 1, dtype=torch.int32, device=dev)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, tuple[torch.Tensor, ...]] = {}
-        pool = None
-        for n in sorted(batch_sizes, reverse=True):
-            self.block_tables.fill_(-1)  # warm-up and capture write nothing to the cache
-            self.positions.zero_()
-            self._graphs[n], self._outputs[n] = _warm_and_capture(
-                lambda n=n: self._step(n), dev, pool
-            )
-            pool = self._graphs[n].pool()
+        self._graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[GraphKey, tuple[torch.Tensor, ...]] = {}
+        self.batch_sizes = sorted(batch_sizes)
+        from worker_orcd.kernels.triton.attention import SHORT_CONTEXT
 
-    def _step(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.short_context = SHORT_CONTEXT if SHORT_CONTEXT < kv.num_slots else 0
+        pool = None
+        for n in reversed(self.batch_sizes):
+            for short in (False, True) if self.short_context else (False,):
+                self.block_tables.fill_(-1)  # warm-up and capture write nothing to the cache
+                self.positions.zero_()
+                key = (n, short)
+                self._graphs[key], self._outputs[key] = _warm_and_capture(
+                    lambda n=n, short=short: self._step(n, short), dev, pool
+                )
+                pool = self._graphs[key].pool()
+
+    def _step(self, n: int, short: bool) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.kv.block_size
         ids, pos, tables = self.token_ids[:n], self.positions[:n], self.block_tables[:n]
         blocks = tables.gather(1, (pos // bs)[:, None]).squeeze(1).to(torch.int64)
@@ -105,7 +118,7 @@ class DecodeGraphs:
             block_tables=tables,
             block_size=bs,
             max_query_len=1,
-            max_context_len=self.kv.num_slots,
+            max_context_len=self.short_context if short else self.kv.num_slots,
         )
         hidden = self.model(ids, pos, meta)  # [n, D]
         logits = self.model.compute_logits(hidden)  # [n, V] float32
@@ -117,8 +130,12 @@ class DecodeGraphs:
 
     def batch_size_for(self, n: int) -> int | None:
         """The smallest captured batch size that holds n sequences, or None."""
-        fits = [b for b in self._graphs if b >= n]
-        return min(fits) if fits else None
+        fits = [b for b in self.batch_sizes if b >= n]
+        return fits[0] if fits else None
+
+    def key(self, size: int, max_context: int) -> GraphKey:
+        """The graph for a step whose longest context (keys, this token included) is given."""
+        return size, 0 < max_context <= self.short_context
 
     @torch.inference_mode()
     def load_inputs(
@@ -126,9 +143,9 @@ class DecodeGraphs:
         token_ids: Sequence[int],
         positions: Sequence[int],
         block_tables: Sequence[Sequence[int]],
-    ) -> int:
+    ) -> GraphKey:
         """Write one step's inputs; rows past len(token_ids) are padding (block -1, nothing
-        written). Returns the captured batch size to replay."""
+        written). Returns the key of the graph to replay."""
         n = len(token_ids)
         size = self.batch_size_for(n)
         if size is None:
@@ -149,13 +166,13 @@ class DecodeGraphs:
         self.token_ids[:size].copy_(host[0, :size], non_blocking=True)
         self.positions[:size].copy_(host[1, :size], non_blocking=True)
         self.block_tables[:size].copy_(tables[:size], non_blocking=True)
-        return size
+        return self.key(size, max(positions) + 1)
 
     @torch.inference_mode()
-    def replay(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the captured step; logits [size, V] and greedy ids [size], valid until the next."""
-        self._graphs[size].replay()
-        logits, next_ids = self._outputs[size]
+    def replay(self, key: GraphKey) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run a captured step; logits [size, V] and greedy ids [size], valid until the next."""
+        self._graphs[key].replay()
+        logits, next_ids = self._outputs[key]
         return logits, next_ids
 
     @torch.inference_mode()
@@ -167,12 +184,12 @@ class DecodeGraphs:
         The graph feeds its argmax back to itself; the host reads each id one step behind the GPU
         through a pinned buffer, so it never waits on the step it has just launched.
         """
-        size = self.load_inputs([token_id], [position], [block_table])
+        size = self.load_inputs([token_id], [position], [block_table])[0]
         out = torch.empty(steps, dtype=torch.int64, pin_memory=True)
         done = [torch.cuda.Event() for _ in range(steps)]
         ids: list[int] = []
         for i in range(steps):
-            _, next_ids = self.replay(size)
+            _, next_ids = self.replay(self.key(size, position + i + 1))
             out[i : i + 1].copy_(next_ids[:1], non_blocking=True)
             done[i].record()
             if i:
@@ -290,8 +307,13 @@ class CudaGraphRunner:
         with torch.inference_mode():
             decode = DecodeGraphs(model, kv, batch_sizes)
             window = model.config.sliding_window
-            limit = min(kv.num_slots - 1, model.max_positions)
-            buckets = [b for b in prompt_buckets if b <= limit and (window is None or b <= window)]
+            limit = min(kv.num_slots, model.max_positions)
+            fits = {b for b in prompt_buckets if b <= limit}
+            if window is not None and window < limit:
+                # Longer prompts take the windowed kernel, which reads block tables that a prompt
+                # graph does not fill: the window itself is the last bucket.
+                fits = {b for b in fits if b <= window} | {window}
+            buckets = sorted(fits)
             prompt = PromptGraphs(model, kv, buckets) if buckets else None
         logger.info(
             "captured CUDA graphs in %.2fs: decode batch sizes %s, prompt buckets %s",
@@ -313,8 +335,8 @@ class CudaGraphRunner:
                 return None
             ids = [s.token_ids[s.n_cached] for s in seqs]
             positions = [s.n_cached for s in seqs]
-            size = self.decode.load_inputs(ids, positions, [s.block_table for s in seqs])
-            return self.decode.replay(size)[0][: len(seqs)]
+            key = self.decode.load_inputs(ids, positions, [s.block_table for s in seqs])
+            return self.decode.replay(key)[0][: len(seqs)]
         if self.prompt is None or len(seqs) != 1:
             return None
         seq, n = seqs[0], batch.n_new[0]

@@ -32,6 +32,8 @@ _LOG2E = 1.4426950408889634
 # Programs per decode step: about four per multiprocessor (best of a sweep, benchmarks/NOTES.md).
 _TARGET_PROGRAMS = 512
 _MAX_SPLITS = 64
+# Longest context (keys) decoded without splitting: a single program per KV head loops over it.
+SHORT_CONTEXT = 128
 
 
 @triton.jit
@@ -112,6 +114,15 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(prob, axis=1)
         acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
         m_i = m_new
+    if NUM_SPLITS == 1:  # the whole context in this program: write the output directly
+        out = acc / l_i[:, None]
+        o_rows = (t * H + heads.to(tl.int64)) * D
+        tl.store(
+            o_ptr + o_rows[:, None] + cols[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=g_mask[:, None] & d_mask[None, :],
+        )
+        return
     out_row = (b * H + heads).to(tl.int64) * NUM_SPLITS + split  # [BLOCK_G]
     tl.store(part_ptr + out_row[:, None] * BLOCK_D + cols[None, :], acc, mask=g_mask[:, None])
     tl.store(ml_ptr + out_row * 2, m_i, mask=g_mask)
@@ -222,12 +233,17 @@ def decode_attention(
     n_kv = k_cache.shape[1]
     group = n_heads // n_kv
     assert q.stride(2) == 1 and q.stride(1) == d and k_cache.is_contiguous()
-    splits = splits or num_splits(n_seqs, n_kv)
+    if splits is None:
+        # Short contexts: one program per (sequence, KV head), no merge launch. The host bound
+        # max_context_len is frozen in a captured graph; DecodeGraphs captures both variants.
+        short = meta.max_context_len <= SHORT_CONTEXT
+        splits = 1 if short else num_splits(n_seqs, n_kv)
     block_d = triton.next_power_of_2(d)
     part = torch.empty((n_seqs, n_heads, splits, block_d), dtype=torch.float32, device=q.device)
     ml = torch.empty((n_seqs, n_heads, splits, 2), dtype=torch.float32, device=q.device)
     out = torch.empty((n_tokens, n_heads, d), dtype=q.dtype, device=q.device)
     window = sliding_window or 0
+    fused_merge = fused_merge and splits > 1
     lock = _arrival_counters(q.device, n_seqs * n_kv) if fused_merge else ml
     _decode_split_kernel[(n_seqs, n_kv, splits)](
         q,
@@ -258,7 +274,7 @@ def decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if not fused_merge:
+    if not fused_merge and splits > 1:
         _decode_merge_kernel[(n_seqs, n_heads)](
             part,
             ml,

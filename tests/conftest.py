@@ -7,6 +7,7 @@ Vocab-only GGUFs with real metadata live in the `shared/` checkout beside the re
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,3 +165,9 @@ def qwen_engine(qwen_gguf_path: Path):  # noqa: ANN201 - Engine is imported lazi
     from worker_orcd.engine.engine import Engine
 
     return Engine.load(qwen_gguf_path, device="cpu", dtype="float32", max_context=2048)
+
+
+# GNU OpenMP threads spin after every parallel region unless told otherwise; on 2 busy cores each small
+# op after a GEMM then waits milliseconds for a core (batch-1 decode ~4x slower). libgomp reads this
+# when torch loads it, so it is set here, before any test module imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

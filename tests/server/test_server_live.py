@@ -184,7 +184,9 @@ def test_duplicate_live_job_id_is_rejected(server: LiveServer) -> None:
     stream.wait_for("started")
     with server.client() as client:
         resp = client.post("/execute", json={"job_id": jid, "prompt": "x"})
-        assert resp.status_code == 400 and "already queued or running" in resp.json()["message"]
+        assert resp.status_code == 400
+        assert resp.json()["fields"][0]["field"] == "job_id"
+        assert "already queued or running" in resp.json()["fields"][0]["constraint"]
         assert client.post("/cancel", json={"job_id": jid}).status_code == 202
     stream.join()
 

@@ -165,7 +165,8 @@ class Scheduler:
             if self._stopping:
                 raise ShuttingDownError("worker is shutting down")
             if job.job_id in self._live:
-                raise DuplicateJobError(f"job_id {job.job_id!r} is already queued or running")
+                raise DuplicateJobError(
+                    "must be unique among live jobs: this one is already queued or running")
             # One job runs and up to max_queue wait; counting live jobs is free of the race
             # with the engine thread picking the next job up.
             if len(self._live) >= self._max_queue + 1:

@@ -17,7 +17,16 @@ from starlette.requests import Request
 
 from worker_orcd.engine.types import GenerationOutput, SamplingParams
 from worker_orcd.errors import InvalidRequestError
-from worker_orcd.server.jobs import ErrorCode, Failed, Finished, Job, JobEvent, JobState, Scheduler
+from worker_orcd.server.jobs import (
+    DuplicateJobError,
+    ErrorCode,
+    Failed,
+    Finished,
+    Job,
+    JobEvent,
+    JobState,
+    Scheduler,
+)
 from worker_orcd.server.logs import log_event
 from worker_orcd.server.metrics import Metrics
 from worker_orcd.server.options import ServerSettings
@@ -117,13 +126,17 @@ class Worker:
         except RequestValidationError:
             raise
         except InvalidRequestError as exc:  # e.g. a chat request to a model without a template
-            raise RequestValidationError([FieldError("messages", exc.message)]) from exc
+            field = "prompt" if gen.prompt is not None else "messages"
+            raise RequestValidationError([FieldError(field, exc.message)]) from exc
         max_tokens = self._check_fit(len(ids), gen.max_tokens)
         seed = gen.seed if gen.seed is not None else secrets.randbits(64)
         params = gen.sampling(max_tokens=max_tokens, seed=seed)
         job = Job(job_id=job_id, prompt_ids=ids, params=params, endpoint=endpoint,
                   loop=asyncio.get_running_loop())
-        self.scheduler.submit(job)
+        try:
+            self.scheduler.submit(job)
+        except DuplicateJobError as exc:
+            raise RequestValidationError([FieldError("job_id", exc.message)]) from exc
         log_event(logger, "job_queued", worker_id=self.settings.worker_id, job_id=job_id,
                   endpoint=endpoint, prompt_chars=gen.prompt_chars, prompt_tokens=len(ids),
                   queued=self.scheduler.jobs_queued, level=logging.DEBUG)

@@ -82,7 +82,9 @@ class Engine:
         kv: KVCache,
         context_length: int,
         info: EngineInfo,
+        path: Path | None = None,
     ) -> None:
+        self.path = path
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -155,7 +157,8 @@ class Engine:
             kv.nbytes / 1e6, context,
         )
         return cls(
-            model=model, config=config, tokenizer=tokenizer, kv=kv, context_length=context, info=info
+            model=model, config=config, tokenizer=tokenizer, kv=kv, context_length=context, info=info,
+            path=Path(path),
         )
 
     def info(self) -> EngineInfo:

@@ -32,6 +32,12 @@ def _model(preset: str, layers: int, context: int):  # -> (model, config, kv)
     return model, config, kv
 
 
+def _eager_runner(model, kv: KVCache) -> ModelRunner:
+    runner = ModelRunner(model, kv)
+    runner.graphs = None  # the runner's own CUDA graphs off: every step runs eagerly
+    return runner
+
+
 def _prefill(runner: ModelRunner, seq: Sequence) -> torch.Tensor:
     n = seq.n_uncached
     logits = runner.forward(ScheduledBatch([seq], [n], is_prefill=True))
@@ -60,7 +66,7 @@ def test_graph_replay_matches_eager(preset: str, prompt_len: int) -> None:
     assert graphs is not None
     # Warm-up and capture wrote nothing into the cache.
     assert torch.equal(kv.k, k_before) and torch.equal(kv.v, v_before)
-    runner = ModelRunner(model, kv)
+    runner = _eager_runner(model, kv)
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, config.vocab_size, (prompt_len,), generator=gen).tolist()
     table = list(range(kv.num_blocks))[::-1]  # blocks far from contiguous
@@ -105,7 +111,7 @@ def test_triton_path_matches_torch_reference(preset: str, monkeypatch: pytest.Mo
     from worker_orcd.kernels import triton as triton_kernels
 
     model, config, kv = _model(preset, layers=2, context=400)
-    runner = ModelRunner(model, kv)
+    runner = _eager_runner(model, kv)
     gen = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, config.vocab_size, (131,), generator=gen).tolist()
 
@@ -127,3 +133,31 @@ def test_triton_path_matches_torch_reference(preset: str, monkeypatch: pytest.Mo
     err = ((fast_logits - ref_logits).norm() / ref_logits.norm()).item()
     assert err < 2e-2
     assert fast_ids[:8] == ref_ids[:8]
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-0.5b", "phi3-mini"])
+def test_model_runner_graphs_match_eager(preset: str) -> None:
+    """The runner's graph path (whole prompt, then decode steps) gives the eager path's tokens."""
+    model, config, kv = _model(preset, layers=2, context=600)
+    runner = ModelRunner(model, kv)
+    if getattr(runner, "graphs", None) is None:
+        pytest.skip("the model runner does not capture CUDA graphs")
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, config.vocab_size, (101,), generator=gen).tolist()
+
+    def greedy(r: ModelRunner) -> tuple[list[int], torch.Tensor]:
+        seq = Sequence.from_prompt(prompt)
+        seq.block_table = list(range(kv.num_blocks))
+        logits = _prefill(r, seq).clone()
+        first = logits
+        ids = []
+        for _ in range(40):  # crosses the short-context graph's end
+            ids.append(int(logits[-1].argmax()))
+            logits = _decode(r, seq, ids[-1]).clone()
+        return ids, first
+
+    graph_ids, graph_first = greedy(runner)
+    runner.graphs = None
+    eager_ids, eager_first = greedy(runner)
+    assert ((graph_first - eager_first).norm() / eager_first.norm()).item() < 1e-2
+    assert graph_ids == eager_ids

@@ -103,11 +103,11 @@ class DecodeGraphs:
                 pool = self._graphs[key].pool()
 
     def _step(self, n: int, short: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        from worker_orcd.kernels.triton import decode_step
+
         bs = self.kv.block_size
         ids, pos, tables = self.token_ids[:n], self.positions[:n], self.block_tables[:n]
-        blocks = tables.gather(1, (pos // bs)[:, None]).squeeze(1).to(torch.int64)
-        self._slots[:n].copy_(blocks * bs + pos % bs)
-        self._context_lens[:n].copy_(pos + 1)
+        decode_step.slots_and_context_lens(pos, tables, self._slots[:n], self._context_lens[:n], bs)
         meta = AttentionMetadata(
             slot_mapping=self._slots[:n],
             query_start=list(range(n + 1)),
@@ -124,8 +124,7 @@ class DecodeGraphs:
         logits = self.model.compute_logits(hidden)  # [n, V] float32
         next_ids = torch.argmax(logits, dim=-1)  # [n]
         # Advance the inputs for a back-to-back greedy replay; the host overwrites them otherwise.
-        ids.copy_(next_ids)
-        pos.add_(1)
+        decode_step.advance(next_ids, ids, pos)
         return logits, next_ids
 
     def batch_size_for(self, n: int) -> int | None:

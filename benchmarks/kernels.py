@@ -4,7 +4,7 @@ Prefill attention: Triton (paged cache) against torch sdpa on contiguous q/k/v; 
 (flash-decoding) at long contexts as GB/s of K/V read; the small per-layer kernels of a decode step
 (microseconds inside a CUDA graph); GEMV block shapes with longer K steps.
 
-    PYTHONPATH=. python benchmarks/kernels.py
+    PYTHONPATH=. python benchmarks/kernels.py [prefill] [decode] [sweep] [small]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def _meta(n_ctx: int, q_len: int, page: int = 16) -> AttentionMetadata:
 
 
 def prefill_attention() -> list[str]:
+    """The Triton prefill kernel over a sweep of tile shapes against torch sdpa (flash)."""
     lines = []
     for name, (h, hk, d, _, _) in MODELS.items():
         for n in (512, 2048):
@@ -50,19 +51,34 @@ def prefill_attention() -> list[str]:
             kc = torch.randn(n, hk, d, device=DEV, dtype=BF16)
             vc = torch.randn(n, hk, d, device=DEV, dtype=BF16)
             meta = _meta(n, n)
-            t_tri = cuda_time_ms(
-                lambda q=q, kc=kc, vc=vc, m=meta: attention.attention(q, kc, vc, m)
-            )
+            flops = 4 * n * n / 2 * d * h
+            res = []
+            for bm, bn, warps, stages in [
+                (64, 64, 4, 2),
+                (64, 64, 4, 3),
+                (128, 64, 8, 2),
+                (128, 64, 8, 3),
+                (128, 32, 4, 2),
+                (64, 32, 4, 3),
+            ]:
+                kw = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+                ms = cuda_time_ms(
+                    lambda q=q, kc=kc, vc=vc, m=meta, kw=kw: attention.prefill_attention(
+                        q, kc, vc, m, 0.1, **kw
+                    )
+                )
+                res.append((ms, f"m{bm}/n{bn}/w{warps}/s{stages}"))
+            res.sort()
             qt, kt, vt = q.transpose(0, 1)[None], kc.transpose(0, 1)[None], vc.transpose(0, 1)[None]
             t_sdpa = cuda_time_ms(
                 lambda qt=qt, kt=kt, vt=vt: F.scaled_dot_product_attention(
                     qt, kt, vt, is_causal=True, enable_gqa=True
                 )
             )
-            flops = 4 * n * n / 2 * d * h
+            best = ", ".join(f"{c} {ms * 1e3:.0f}us" for ms, c in res[:3])
             lines.append(
-                f"prefill attn {name} {n:5d}: triton {t_tri * 1e3:7.1f} us "
-                f"({flops / t_tri / 1e9:4.0f} TFLOP/s)  sdpa {t_sdpa * 1e3:7.1f} us"
+                f"prefill attn {name} {n:5d}: sdpa {t_sdpa * 1e3:6.1f} us; triton "
+                f"({flops / res[0][0] / 1e9:.0f} TFLOP/s best) {best}"
             )
     return lines
 
@@ -195,7 +211,14 @@ def gemv_blocks() -> list[str]:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    lines = prefill_attention() + decode_attention() + decode_attention_sweep() + small_kernels()
+    parts = sys.argv[1:] or ["prefill", "decode", "sweep", "small"]
+    table = {
+        "prefill": prefill_attention,
+        "decode": decode_attention,
+        "sweep": decode_attention_sweep,
+        "small": small_kernels,
+    }
+    lines = [line for part in parts for line in table[part]()]
     print("\n".join(lines))
     return 0
 

@@ -305,6 +305,50 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 @triton.jit
+def _prefill_block(
+    q,
+    kc_ptr,
+    vc_ptr,
+    bt_row,
+    n0,
+    hi,
+    q_pos,
+    window,
+    m_i,
+    l_i,
+    acc,
+    qk_scale,
+    hk,
+    HK,
+    D,
+    cols,
+    d_mask,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One key block of the online softmax; MASKED applies causality, the window and the end."""
+    p = n0 + tl.arange(0, BLOCK_N)
+    p_mask = p < hi
+    k = _load_kv_block(kc_ptr, bt_row, p, p_mask, hk, HK, D, cols, d_mask, PAGE)
+    v = _load_kv_block(vc_ptr, bt_row, p, p_mask, hk, HK, D, cols, d_mask, PAGE)
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        visible = (p[None, :] <= q_pos[:, None]) & p_mask[None, :]
+        if window > 0:
+            visible = visible & (p[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row may see no key yet (padding rows, a window's first block): shift by 0, not -inf.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    prob = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(prob, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr,  # [T, H, D]
     kc_ptr,  # [S, Hk, D]
@@ -356,24 +400,57 @@ def _prefill_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    for n0 in range(lo, hi, BLOCK_N):
-        p = n0 + tl.arange(0, BLOCK_N)
-        p_mask = p < hi
-        k = _load_kv_block(kc_ptr, bt_row, p, p_mask, hk, HK, D, cols, d_mask, PAGE)
-        v = _load_kv_block(vc_ptr, bt_row, p, p_mask, hk, HK, D, cols, d_mask, PAGE)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
-        visible = (p[None, :] <= q_pos[:, None]) & p_mask[None, :]
-        if window > 0:
-            visible = visible & (p[None, :] > q_pos[:, None] - window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row may see no key yet (padding rows, a window's first block): shift by 0, not -inf.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        prob = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(prob, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
-        m_i = m_new
+    # Key blocks that every row of this block sees in full need no mask; only the blocks on the
+    # diagonal (and all of them under a sliding window) do.
+    full_end = lo
+    if window == 0:
+        full_end = (first_pos + m0 + 1) // BLOCK_N * BLOCK_N
+    for n0 in range(lo, full_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_block(
+            q,
+            kc_ptr,
+            vc_ptr,
+            bt_row,
+            n0,
+            hi,
+            q_pos,
+            window,
+            m_i,
+            l_i,
+            acc,
+            qk_scale,
+            hk,
+            HK,
+            D,
+            cols,
+            d_mask,
+            PAGE,
+            BLOCK_N,
+            False,
+        )
+    for n0 in range(full_end, hi, BLOCK_N):
+        m_i, l_i, acc = _prefill_block(
+            q,
+            kc_ptr,
+            vc_ptr,
+            bt_row,
+            n0,
+            hi,
+            q_pos,
+            window,
+            m_i,
+            l_i,
+            acc,
+            qk_scale,
+            hk,
+            HK,
+            D,
+            cols,
+            d_mask,
+            PAGE,
+            BLOCK_N,
+            True,
+        )
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(
@@ -390,12 +467,17 @@ def prefill_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    *,
+    block_m: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     n_tokens, n_heads, d = q.shape
     n_kv = k_cache.shape[1]
     assert q.stride(2) == 1 and q.stride(1) == d and k_cache.is_contiguous()
     out = torch.empty((n_tokens, n_heads, d), dtype=q.dtype, device=q.device)
-    block_m = 64 if meta.max_query_len > 16 else 16
+    block_m = block_m or (64 if meta.max_query_len > 16 else 16)
     block_d = triton.next_power_of_2(d)
     grid = (triton.cdiv(meta.max_query_len, block_m), meta.num_seqs, n_heads)
     _prefill_kernel[grid](
@@ -416,10 +498,10 @@ def prefill_attention(
         G=n_heads // n_kv,
         PAGE=meta.block_size,
         BLOCK_M=block_m,
-        BLOCK_N=64,
+        BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 

@@ -1,11 +1,11 @@
 """GGUF tensors -> model parameters.
 
-One table per architecture maps llama.cpp tensor names onto the model's (fused) parameters and shards.
-Names are matched exactly on whole dotted segments: `blk.N.<rest>` looks `<rest>` up in the per-block table
-and anything else is looked up whole, so `attn_q` can never match `attn_qkv`. Every tensor of the file must
-map to a parameter, every parameter must be filled exactly once (whole, or by each of its shards once), and
-every shape is checked before any data is read. Weights are dequantized into the compute dtype on the
-target device.
+One table per architecture maps llama.cpp tensor names onto the model's (fused) parameters and
+shards. Names are matched exactly on whole dotted segments: `blk.N.<rest>` looks `<rest>` up in the
+per-block table and anything else is looked up whole, so `attn_q` can never match `attn_qkv`. Every
+tensor of the file must map to a parameter, every parameter must be filled exactly once (whole, or
+by each of its shards once), and every shape is checked before any data is read. Weights are
+dequantized into the compute dtype on the target device.
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def build_model(
 
 
 def plan_load(f: GGUFFile, config: ModelConfig, model: CausalLM) -> list[tuple[str, str, ShardId]]:
-    """(tensor, parameter, shard) for every tensor; raises ModelLoadError unless the file fills every
-    parameter exactly once with tensors of the right shapes."""
+    """(tensor, parameter, shard) for every tensor; raises ModelLoadError unless the file fills
+    every parameter exactly once with tensors of the right shapes."""
     table = TABLES.get(config.architecture)
     if table is None:
         raise ModelLoadError(f"{f.path}: no tensor table for architecture '{config.architecture}'")
@@ -181,8 +181,9 @@ def load_model(
         del tensor
         done += f.tensors[name].n_bytes
         if done / total >= next_report:
-            logger.info("loading weights: %3.0f%% (%.2fs)", 100 * done / total,
-                        time.perf_counter() - start)
+            logger.info(
+                "loading weights: %3.0f%% (%.2fs)", 100 * done / total, time.perf_counter() - start
+            )
             next_report += 0.1
     model.finish_loading()
     model.eval()

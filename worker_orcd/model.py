@@ -1,12 +1,13 @@
 """ONE Llama-family decoder-only transformer. Every difference between the models it runs comes from
-ModelConfig flags (bias, fused tensors, sliding window, rope factors, tied embeddings); the layout of the
-fused parameters is the same for every file, and loader.py maps each file's tensors onto it.
+ModelConfig flags (bias, fused tensors, sliding window, rope factors, tied embeddings); the layout
+of the fused parameters is the same for every file, and loader.py maps each file's tensors onto it.
 
-Module names follow transformers (`model.layers.N.self_attn.qkv_proj`, `mlp.gate_up_proj`, ...) so parity
-tests line up with Qwen2/Phi-3 reference implementations.
+Module names follow transformers (`model.layers.N.self_attn.qkv_proj`, `mlp.gate_up_proj`, ...) so
+parity tests line up with Qwen2/Phi-3 reference implementations.
 
-The forward pass runs over a flat batch of T tokens that may belong to several sequences: input_ids [T],
-positions [T] and the AttentionMetadata (KV slots per token, per-sequence lengths) built by the model runner.
+The forward pass runs over a flat batch of T tokens that may belong to several sequences: input_ids
+[T], positions [T] and the AttentionMetadata (KV slots per token, per-sequence lengths) built by the
+model runner.
 """
 
 from __future__ import annotations
@@ -40,12 +41,17 @@ class SelfAttention(nn.Module):
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
         self.qkv_proj = QKVLinear(
-            config.hidden_size, config.n_heads, config.n_kv_heads, config.head_dim,
+            config.hidden_size,
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
             bias=config.qkv_bias,
         )
         self.o_proj = Linear(config.q_size, config.hidden_size)
         self.attn = Attention(
-            config.n_heads, config.n_kv_heads, config.head_dim,
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
             sliding_window=config.sliding_window,
         )
 
@@ -94,7 +100,8 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         cos_sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden, residual [T, D]: the residual add of the previous block is fused into this norm."""
+        """hidden, residual [T, D]: the residual add of the previous block is fused into this
+        norm."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
@@ -134,7 +141,8 @@ class Transformer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """input_ids [T], positions [T], meta -> hidden [T, D]; compute_logits(hidden [N, D]) -> [N, V]."""
+    """input_ids [T], positions [T], meta -> hidden [T, D]; compute_logits(hidden [N, D]) -> [N,
+    V]."""
 
     def __init__(self, config: ModelConfig, *, max_positions: int | None = None) -> None:
         super().__init__()

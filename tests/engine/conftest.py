@@ -10,6 +10,7 @@ from worker_orcd.engine.engine import Engine
 
 @pytest.fixture(scope="module")
 def phi3_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    """Random 4-layer Phi-3 with the real Phi-3 tokenizer (padded vocab with unused ids), context 256."""
+    """Random 4-layer Phi-3 with the real Phi-3 tokenizer (padded vocab with unused ids), context
+    256."""
     path = write_gguf(make_phi3(), tmp_path_factory.mktemp("engine") / "phi3.gguf")
     return Engine.load(path, max_context=256)

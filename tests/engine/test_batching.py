@@ -48,7 +48,7 @@ def test_two_sequences_in_one_batch_match_separate_scores(phi3_engine: Engine) -
         logits = runner.forward(batch)  # the last prompt token of each
         assert sched.postprocess(batch) == [s1, s2]
         rows1, rows2 = [logits[0]], [logits[1]]
-        for t1, t2 in zip(c1, c2):
+        for t1, t2 in zip(c1, c2, strict=True):
             s1.append(t1)
             s2.append(t2)
             batch = sched.schedule()

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 
 def test_chat_answer_is_coherent(qwen_engine: Engine) -> None:
     ids = qwen_engine.encode_prompt(
-        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+        messages=[
+            {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
+        ]
     )
     out = qwen_engine.generate(ids, SamplingParams(max_tokens=24, temperature=0.0))
     assert "Paris" in out.text
@@ -56,9 +58,23 @@ def test_stop_string_across_tokens(qwen_engine: Engine) -> None:
 def test_cli_generate_json(qwen_engine: Engine, qwen_gguf_path: Path) -> None:
     """One subprocess (it loads the model again): --json output agrees with the engine."""
     cmd = [
-        sys.executable, "-m", "worker_orcd.cli", "--log-level", "warning", "generate",
-        "--model", str(qwen_gguf_path), "--prompt", "Hello, world!", "--max-tokens", "6",
-        "--temperature", "0", "--max-context", "64", "--json",
+        sys.executable,
+        "-m",
+        "worker_orcd.cli",
+        "--log-level",
+        "warning",
+        "generate",
+        "--model",
+        str(qwen_gguf_path),
+        "--prompt",
+        "Hello, world!",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--max-context",
+        "64",
+        "--json",
     ]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUTF8": "1"}

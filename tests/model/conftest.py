@@ -1,4 +1,5 @@
-"""Fixtures for parity tests: random-weight transformers models written to GGUF and loaded by the engine."""
+"""Fixtures for parity tests: random-weight transformers models written to GGUF and loaded by the
+engine."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ Pair = tuple[PreTrainedModel, Engine]
 
 @pytest.fixture(scope="module")
 def tiny_pairs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pair]:
-    """tiny_pairs(arch) -> the default small model of arch, built once per test module (read-only)."""
+    """tiny_pairs(arch) -> the default small model of arch, built once per test module
+    (read-only)."""
     cache: dict[str, Pair] = {}
 
     def get(arch: str) -> Pair:
@@ -36,7 +38,8 @@ def tiny_pairs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pair
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Callable[..., Pair]:
-    """pair(arch, max_context=None, device="cpu", dtype=None, **dims) -> (transformers model, engine)."""
+    """pair(arch, max_context=None, device="cpu", dtype=None, **dims) -> (transformers model,
+    engine)."""
 
     def build(
         arch: str,

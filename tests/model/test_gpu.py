@@ -1,9 +1,9 @@
-"""CUDA, bfloat16: the parity checks of test_parity.py with bf16 tolerances, and greedy tokens of the
-real-size random Phi-3 on CUDA against CPU float32. Run with `pytest -m gpu` on a GPU machine.
+"""CUDA, bfloat16: the parity checks of test_parity.py with bf16 tolerances, and greedy tokens of
+the real-size random Phi-3 on CUDA against CPU float32. Run with `pytest -m gpu` on a GPU machine.
 
 bf16 tolerance: our error against the float32 reference must be within a small factor of what
-transformers itself reaches in bf16 on the same GPU (plus a floor), so the bound tracks bf16 rounding
-rather than a guessed constant.
+transformers itself reaches in bf16 on the same GPU (plus a floor), so the bound tracks bf16
+rounding rather than a guessed constant.
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ def test_bf16_phi3_sliding_window(pair: Callable[..., Pair]) -> None:
 
 def test_real_size_phi3_greedy_cuda_matches_cpu(pair: Callable[..., Pair]) -> None:
     """Greedy tokens on CUDA (bf16) follow CPU float32: each CUDA token is the float32 argmax on the
-    same prefix unless float32 itself puts the two within bf16 rounding of a tie (random weights give
-    top-2 margins down to ~0.01 logits; bf16 moves logits by ~0.05 here, as it does transformers')."""
+    same prefix unless float32 itself puts the two within bf16 rounding of a tie (random weights
+    give top-2 margins down to ~0.01 logits; bf16 moves logits by ~0.05 here, as it does
+    transformers')."""
     hf, cpu = pair("phi3", **PHI3_MINI_DIMS)
     gpu = Engine.load(cpu.path, device="cuda", max_context=512)
     prompt = random_ids(13, cpu.config.vocab_size, seed=5)
@@ -101,7 +102,8 @@ def test_real_size_phi3_greedy_cuda_matches_cpu(pair: Callable[..., Pair]) -> No
     want = cpu.generate(prompt, params).token_ids
     got = gpu.generate(prompt, params).token_ids
     assert got[:2] == want[:2]
-    ref = cpu.score(prompt + got[:-1])[len(prompt) - 1 :]  # float32 logits on the CUDA path's prefix
+    # float32 logits on the CUDA path's own prefix
+    ref = cpu.score(prompt + got[:-1])[len(prompt) - 1 :]
     exact = 0
     for i, token in enumerate(got):
         best = int(ref[i].argmax())

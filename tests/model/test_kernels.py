@@ -68,7 +68,9 @@ def test_rope_partial_rotary_and_factors() -> None:
     k = torch.randn(t, 4, head_dim)
     positions = torch.arange(t) * 7
     factors = torch.linspace(1.0, 4.0, rope_dim // 2)
-    cache = kernels.rope_cos_sin_cache(rope_dim, 64, 10000.0, factors=factors, attention_scaling=1.5)
+    cache = kernels.rope_cos_sin_cache(
+        rope_dim, 64, 10000.0, factors=factors, attention_scaling=1.5
+    )
     got_q, _ = kernels.apply_rope(q, k, positions, cache)
     assert torch.equal(got_q[..., rope_dim:], q[..., rope_dim:])
     inv = 1.0 / (10000.0 ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
@@ -82,7 +84,8 @@ def test_rope_partial_rotary_and_factors() -> None:
 def _paged_batch(
     q_lens: list[int], ctx_lens: list[int], n_kv: int, head_dim: int, block_size: int, seed: int
 ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Random K/V for each sequence's full context, scattered into a paged cache in random blocks."""
+    """Random K/V for each sequence's full context, scattered into a paged cache in random
+    blocks."""
     g = torch.Generator().manual_seed(seed)
     n_blocks_per = [math.ceil(c / block_size) for c in ctx_lens]
     n_blocks = sum(n_blocks_per) + 3
@@ -90,16 +93,18 @@ def _paged_batch(
     k_cache = torch.zeros(n_blocks * block_size, n_kv, head_dim)
     v_cache = torch.zeros_like(k_cache)
     tables, kv_slots, ks, vs, slot_mapping = [], [], [], [], []
-    for c, nb in zip(ctx_lens, n_blocks_per):
+    for c, nb in zip(ctx_lens, n_blocks_per, strict=True):
         table = [perm.pop() for _ in range(nb)]
         tables.append(table)
-        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(c)])
+        slots = torch.tensor(
+            [table[p // block_size] * block_size + p % block_size for p in range(c)]
+        )
         kv_slots.append(slots)
         ks.append(torch.randn(c, n_kv, head_dim, generator=g))
         vs.append(torch.randn(c, n_kv, head_dim, generator=g))
     # Earlier context is already cached; the query tokens' k/v are stored by store_kv.
     new_k, new_v = [], []
-    for b, (ql, c) in enumerate(zip(q_lens, ctx_lens)):
+    for b, (ql, c) in enumerate(zip(q_lens, ctx_lens, strict=True)):
         k_cache[kv_slots[b][: c - ql]] = ks[b][: c - ql]
         v_cache[kv_slots[b][: c - ql]] = vs[b][: c - ql]
         slot_mapping.append(kv_slots[b][c - ql :])
@@ -126,7 +131,9 @@ def _paged_batch(
 
 
 @pytest.mark.parametrize(
-    "n_heads,n_kv,head_dim", [(14, 2, 64), (32, 32, 96), (8, 4, 128)], ids=["gqa64", "mha96", "gqa128"]
+    "n_heads,n_kv,head_dim",
+    [(14, 2, 64), (32, 32, 96), (8, 4, 128)],
+    ids=["gqa64", "mha96", "gqa128"],
 )
 @pytest.mark.parametrize("window", [None, 5])
 def test_attention_matches_sdpa_with_explicit_mask(
@@ -137,7 +144,7 @@ def test_attention_matches_sdpa_with_explicit_mask(
     meta, k_cache, v_cache, ks, vs = _paged_batch(q_lens, ctx_lens, n_kv, head_dim, 4, head_dim)
     q = torch.randn(sum(q_lens), n_heads, head_dim)
     got = kernels.attention(q, k_cache, v_cache, meta, sliding_window=window)
-    for b, (ql, c) in enumerate(zip(q_lens, ctx_lens)):
+    for b, (ql, c) in enumerate(zip(q_lens, ctx_lens, strict=True)):
         qb = q[meta.query_start[b] : meta.query_start[b + 1]].transpose(0, 1)  # [H, L, D]
         kb = ks[b].repeat_interleave(n_heads // n_kv, dim=1).transpose(0, 1)  # [H, C, D]
         vb = vs[b].repeat_interleave(n_heads // n_kv, dim=1).transpose(0, 1)

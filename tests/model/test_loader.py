@@ -1,4 +1,5 @@
-"""Loader: exact tensor-name tables, shape checks naming both shapes, every parameter filled exactly once."""
+"""Loader: exact tensor-name tables, shape checks naming both shapes, every parameter filled exactly
+once."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def _load(path: Any) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "phi3"])
-def test_every_tensor_lands_in_its_slice(arch: str, tiny_model: Callable, write_gguf: Callable) -> None:
+def test_every_tensor_lands_in_its_slice(
+    arch: str, tiny_model: Callable, write_gguf: Callable
+) -> None:
     m = tiny_model(arch)
     model = _load(write_gguf(m))
     params = dict(model.named_parameters())
@@ -41,7 +44,9 @@ def test_every_tensor_lands_in_its_slice(arch: str, tiny_model: Callable, write_
         assert torch.equal(qkv, torch.cat([q, k, v]))
         bias = params["model.layers.1.self_attn.qkv_proj.bias"]
         assert torch.equal(bias, torch.cat([t[f"blk.1.attn_{s}.bias"] for s in "qkv"]))
-        assert torch.equal(gate_up, torch.cat([t["blk.1.ffn_gate.weight"], t["blk.1.ffn_up.weight"]]))
+        assert torch.equal(
+            gate_up, torch.cat([t["blk.1.ffn_gate.weight"], t["blk.1.ffn_up.weight"]])
+        )
     assert torch.equal(params["lm_head.weight"], t["output.weight"])
     assert torch.equal(params["model.layers.0.input_layernorm.weight"], t["blk.0.attn_norm.weight"])
 
@@ -56,7 +61,9 @@ def test_missing_tensor_is_named(tiny_model: Callable, write_gguf: Callable) -> 
 def test_wrong_shape_names_both_shapes(tiny_model: Callable, write_gguf: Callable) -> None:
     m = tiny_model("phi3")
     m.tensors["blk.0.ffn_up.weight"] = np.zeros((100, m.hidden), dtype=np.float32)
-    with pytest.raises(ModelLoadError, match=r"'blk\.0\.ffn_up\.weight' has shape \(100, 64\).*\(192, 64\)"):
+    with pytest.raises(
+        ModelLoadError, match=r"'blk\.0\.ffn_up\.weight' has shape \(100, 64\).*\(192, 64\)"
+    ):
         _load(write_gguf(m))
 
 
@@ -70,7 +77,8 @@ def test_names_match_whole_segments(tiny_model: Callable, write_gguf: Callable) 
     assert TABLES["qwen2"].target("blk.0.attn_q.weight.extra", 2) is None
     assert TABLES["qwen2"].target("blk.2.attn_q.weight", 2) is None  # beyond block_count
     assert TABLES["qwen2"].target("blk.1.attn_q.weight", 2) == (
-        "model.layers.1.self_attn.qkv_proj.weight", "q",
+        "model.layers.1.self_attn.qkv_proj.weight",
+        "q",
     )
 
 
@@ -94,7 +102,10 @@ def test_parameter_filled_twice_is_refused(tiny_model: Callable, write_gguf: Cal
         )
         TABLES["phi3"] = doubled
         try:
-            with pytest.raises(ModelLoadError, match=r"'output\.weight' loads model\.embed_tokens\.weight a second time"):
+            with pytest.raises(
+                ModelLoadError,
+                match=r"'output\.weight' loads model\.embed_tokens\.weight a second time",
+            ):
                 plan_load(f, config, model)
         finally:
             TABLES["phi3"] = table

@@ -1,5 +1,5 @@
-"""Parity with transformers (float32, CPU) on random-weight Qwen2 (GQA, qkv bias) and Phi-3 (MHA, fused
-qkv and gate/up) models written to GGUF as llama.cpp lays them out."""
+"""Parity with transformers (float32, CPU) on random-weight Qwen2 (GQA, qkv bias) and Phi-3 (MHA,
+fused qkv and gate/up) models written to GGUF as llama.cpp lays them out."""
 
 from __future__ import annotations
 
@@ -56,12 +56,17 @@ def test_attention_output_of_first_layer(arch: str, tiny_pairs: Callable[[str], 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_real_layer_dims(arch: str, pair: Callable[..., Pair]) -> None:
-    """Real per-layer dimensions (Phi-3-mini 3072/32 heads/96/8192/32064; Qwen2.5-0.5B), 2 layers."""
+    """Real per-layer dimensions (Phi-3-mini 3072/32 heads/96/8192/32064; Qwen2.5-0.5B), 2
+    layers."""
     hf, engine = pair(arch, **REAL_DIMS[arch])
     if arch == "phi3":
         c = engine.config
         assert (c.hidden_size, c.n_heads, c.head_dim, c.intermediate_size, c.vocab_size) == (
-            3072, 32, 96, 8192, 32064,
+            3072,
+            32,
+            96,
+            8192,
+            32064,
         )
     ids = random_ids(21, engine.config.vocab_size, seed=2)
     assert rel_err(engine.score(ids), hf_logits(hf, ids)) < TOL
@@ -111,7 +116,8 @@ def test_32_greedy_tokens_match(arch: str, tiny_pairs: Callable[[str], Pair]) ->
 
 
 def test_phi3_sliding_window_longer_prompt(pair: Callable[..., Pair]) -> None:
-    """A prompt (and decode steps) longer than a declared window of 8 keys, as transformers masks it."""
+    """A prompt (and decode steps) longer than a declared window of 8 keys, as transformers masks
+    it."""
     hf, engine = pair("phi3", sliding_window=8)
     assert engine.config.sliding_window == 8
     ids = random_ids(40, engine.config.vocab_size, seed=6)

@@ -1,8 +1,10 @@
-"""The real Qwen2.5-Coder-0.5B Q4_K_M file: greedy continuations match transformers loading the same GGUF.
+"""The real Qwen2.5-Coder-0.5B Q4_K_M file: greedy continuations match transformers loading the same
+GGUF.
 
 transformers dequantizes the file with gguf-py into float32; we must agree token for token. Each
-continuation is checked by teacher forcing: one transformers forward over prompt + our tokens must put its
-argmax on each of our tokens, and (short prompts) its logits must match ours at every position.
+continuation is checked by teacher forcing: one transformers forward over prompt + our tokens must
+put its argmax on each of our tokens, and (short prompts) its logits must match ours at every
+position.
 """
 
 from __future__ import annotations

@@ -11,12 +11,15 @@ logger = logging.getLogger(__name__)
 
 
 class BlockManager:
-    """Slot s of the cache belongs to block s // block_size. Free blocks are handed out lowest first, so a
-    lone sequence on an idle cache gets contiguous slots (the attention reference reads them as a slice)."""
+    """Slot s of the cache belongs to block s // block_size. Free blocks are handed out lowest
+    first, so a lone sequence on an idle cache gets contiguous slots (the attention reference reads
+    them as a slice)."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need at least one block of one slot (got {num_blocks} x {block_size})")
+            raise ValueError(
+                f"need at least one block of one slot (got {num_blocks} x {block_size})"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free = list(range(num_blocks))
@@ -49,4 +52,7 @@ class BlockManager:
         seq.block_table.clear()
 
     def slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+        return (
+            seq.block_table[position // self.block_size] * self.block_size
+            + position % self.block_size
+        )

@@ -1,12 +1,12 @@
 """Engine: load a GGUF model once, then score prompts and generate text, one request at a time.
 
-    engine = Engine.load(path)                      # cpu/float32; Engine.load(path, device="cuda") is bf16
+    engine = Engine.load(path)   # cpu/float32; Engine.load(path, device="cuda") is bf16
     out = engine.generate("Hello", SamplingParams(max_tokens=16, temperature=0))
     for delta in engine.stream("Hello", params): ...
 
-The engine is driven from one worker thread at a time (the server serialises jobs). The pieces below it:
-Sequence (state), Scheduler (policy), BlockManager (KV blocks), ModelRunner (tensors); generation.py holds
-the per-request loop.
+The engine is driven from one worker thread at a time (the server serialises jobs). The pieces below
+it: Sequence (state), Scheduler (policy), BlockManager (KV blocks), ModelRunner (tensors);
+generation.py holds the per-request loop.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence as SequenceOf
+from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,8 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         max_context: int | None = None,
     ) -> Engine:
-        """Load a GGUF model: weights dequantized into `dtype` on `device`, KV cache for
-        min(model context, max_context) tokens allocated up front."""
+        """Load a GGUF model: weights dequantized into `dtype` on `device`, KV cache for min(model
+        context, max_context) tokens allocated up front."""
         start = time.perf_counter()
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -129,7 +130,11 @@ class Engine:
                 quant_mix[t.qtype.name] = quant_mix.get(t.qtype.name, 0) + 1
             logger.info(
                 "loading %s (%s, %d layers) on %s as %s, context %d",
-                name, config.architecture, config.n_layers, dev, str(compute_dtype).removeprefix("torch."),
+                name,
+                config.architecture,
+                config.n_layers,
+                dev,
+                str(compute_dtype).removeprefix("torch."),
                 context,
             )
             try:
@@ -153,11 +158,20 @@ class Engine:
         )
         logger.info(
             "loaded %s in %.2fs: %d tensors, weights %.1f MB, KV cache %.1f MB (%d tokens)",
-            name, time.perf_counter() - start, report.n_tensors, report.weight_bytes / 1e6,
-            kv.nbytes / 1e6, context,
+            name,
+            time.perf_counter() - start,
+            report.n_tensors,
+            report.weight_bytes / 1e6,
+            kv.nbytes / 1e6,
+            context,
         )
         return cls(
-            model=model, config=config, tokenizer=tokenizer, kv=kv, context_length=context, info=info,
+            model=model,
+            config=config,
+            tokenizer=tokenizer,
+            kv=kv,
+            context_length=context,
+            info=info,
             path=Path(path),
         )
 
@@ -165,11 +179,15 @@ class Engine:
         return self._info
 
     def _banned_ids(self) -> torch.Tensor:
-        """Ids sampling must never draw: the tokenizer's unused ids and output rows past its vocab."""
+        """Ids sampling must never draw: the tokenizer's unused ids and output rows past its
+        vocab."""
         ids = set(self.tokenizer.unused_ids)
         ids.update(range(self.tokenizer.vocab_size, self.config.vocab_size))
-        return torch.tensor(sorted(i for i in ids if i < self.config.vocab_size), dtype=torch.int64,
-                            device=self.device)
+        return torch.tensor(
+            sorted(i for i in ids if i < self.config.vocab_size),
+            dtype=torch.int64,
+            device=self.device,
+        )
 
     # -- prompts -----------------------------------------------------------------------------------
 
@@ -196,10 +214,11 @@ class Engine:
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise InvalidRequestError("prompt is empty: it encodes to no tokens")
-        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        vocab = self.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise InvalidRequestError(
-                f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})"
+                f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
             )
         return ids
 
@@ -242,7 +261,8 @@ class Engine:
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerationOutput:
-        """Generate from a prompt (text, or token ids); on_text gets each text delta as it is ready."""
+        """Generate from a prompt (text, or token ids); on_text gets each text delta as it is
+        ready."""
         steps = run_generation(self, prompt, params, cancel)
         while True:
             try:
@@ -258,7 +278,8 @@ class Engine:
         params: SamplingParams,
         cancel: threading.Event | None = None,
     ) -> Iterator[str]:
-        """Text deltas as they are generated; the generator's return value is the GenerationOutput."""
+        """Text deltas as they are generated; the generator's return value is the
+        GenerationOutput."""
         return run_generation(self, prompt, params, cancel)
 
     def _recover_oom(self) -> None:

@@ -1,7 +1,7 @@
 """The per-request generation loop: prefill, then sample / stream / stop / decode until done.
 
-A generator yielding text deltas and returning the GenerationOutput, so that Engine.generate (callback)
-and Engine.stream (iterator) share one code path.
+A generator yielding text deltas and returning the GenerationOutput, so that Engine.generate
+(callback) and Engine.stream (iterator) share one code path.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Generator, Sequence as SequenceOf
+from collections.abc import Generator
+from collections.abc import Sequence as SequenceOf
 from typing import TYPE_CHECKING
 
 import torch
@@ -136,7 +137,8 @@ def _sample(
     rng: torch.Generator,
     history: torch.Tensor | None,
 ) -> int:
-    """The next token from logits [1, V]; history [L] is the sequence so far (repetition penalty)."""
+    """The next token from logits [1, V]; history [L] is the sequence so far (repetition
+    penalty)."""
     ids = sample(logits, [params], [rng], None if history is None else [history], engine._banned)
     return int(ids[0])
 
@@ -146,6 +148,11 @@ def _log_request(out: GenerationOutput) -> None:
     logger.info(
         "request: %d prompt tokens, prefill %.1f ms (%.1f tok/s), TTFT %.1f ms, decode %.1f tok/s, "
         "%d tokens out, stop %s",
-        t.prompt_tokens, t.prefill_ms, t.prefill_tok_s, t.first_token_ms, t.decode_tok_s,
-        t.tokens_out, out.stop_reason.value,
+        t.prompt_tokens,
+        t.prefill_ms,
+        t.prefill_tok_s,
+        t.first_token_ms,
+        t.decode_tok_s,
+        t.tokens_out,
+        out.stop_reason.value,
     )

@@ -1,8 +1,8 @@
 """ModelRunner: turns a scheduled batch into tensors, runs the model, returns logits.
 
-It owns the KV cache tensors and binds each layer's views into the model's attention modules. The flat
-batch (input_ids [T], positions [T], AttentionMetadata) is built here and nowhere else, which is where a
-CUDA-graph decode path with static input buffers plugs in (`forward` is the eager path).
+It owns the KV cache tensors and binds each layer's views into the model's attention modules. The
+flat batch (input_ids [T], positions [T], AttentionMetadata) is built here and nowhere else, which
+is where a CUDA-graph decode path with static input buffers plugs in (`forward` is the eager path).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class ModelRunner:
         query_start = [0]
         context_lens: list[int] = []
         kv_slots: list[slice | torch.Tensor] = []
-        for seq, n in zip(batch.seqs, batch.n_new):
+        for seq, n in zip(batch.seqs, batch.n_new, strict=True):
             first, end = seq.n_cached, seq.n_cached + n
             ids.extend(seq.token_ids[first:end])
             positions.extend(range(first, end))
@@ -81,15 +81,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, *, all_logits: bool = False) -> torch.Tensor:
-        """float32 logits: of every token in the batch if all_logits, else of each sequence's last token
-        among those that reach the end of their known tokens (their next token is due)."""
+        """float32 logits: of every token in the batch if all_logits, else of each sequence's last
+        token among those that reach the end of their known tokens (their next token is due)."""
         start = time.perf_counter() if logger.isEnabledFor(logging.DEBUG) else 0.0
         input_ids, positions, meta = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta)  # [T, D]
         if not all_logits:
             last = [
                 meta.query_start[i + 1] - 1
-                for i, (seq, n) in enumerate(zip(batch.seqs, batch.n_new))
+                for i, (seq, n) in enumerate(zip(batch.seqs, batch.n_new, strict=True))
                 if seq.n_cached + n == len(seq)
             ]
             hidden = hidden[last] if len(last) != hidden.shape[0] else hidden
@@ -99,7 +99,10 @@ class ModelRunner:
                 torch.cuda.synchronize(self.device)
             logger.debug(
                 "forward %s: %d tokens, %d seqs, %d layers, %.2f ms",
-                "prefill" if batch.is_prefill else "decode", meta.num_tokens, meta.num_seqs,
-                len(self.model.model.layers), (time.perf_counter() - start) * 1e3,
+                "prefill" if batch.is_prefill else "decode",
+                meta.num_tokens,
+                meta.num_seqs,
+                len(self.model.model.layers),
+                (time.perf_counter() - start) * 1e3,
             )
         return logits

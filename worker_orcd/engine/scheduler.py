@@ -1,7 +1,8 @@
 """Scheduler: decides which tokens of which sequences the next forward pass carries.
 
-Policy: prompts first (chunked to at most max_batch_tokens per step, so a long prompt may take several
-steps, each attending to the chunks before it), then one decode token for every running sequence.
+Policy: prompts first (chunked to at most max_batch_tokens per step, so a long prompt may take
+several steps, each attending to the chunks before it), then one decode token for every running
+sequence.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch) -> list[Sequence]:
         """Mark the scheduled tokens cached; return the sequences whose next token is due."""
         due: list[Sequence] = []
-        for seq, n in zip(batch.seqs, batch.n_new):
+        for seq, n in zip(batch.seqs, batch.n_new, strict=True):
             seq.n_cached += n
             if seq.n_uncached == 0:
                 due.append(seq)

@@ -17,8 +17,9 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(slots=True)
 class Sequence:
-    """token_ids holds the prompt then the generated tokens. The K/V of the first n_cached tokens are in
-    the cache, in the slots given by block_table; the last sampled token is cached by the next step."""
+    """token_ids holds the prompt then the generated tokens. The K/V of the first n_cached tokens
+    are in the cache, in the slots given by block_table; the last sampled token is cached by the
+    next step."""
 
     token_ids: list[int]
     n_prompt: int

@@ -1,9 +1,9 @@
 """Kernels: pure functions on tensors. The public functions here are the only entry points.
 
-Each kernel has a torch reference (`*_ref`, runs anywhere). A faster implementation for a device type is
-plugged in with `register("cuda", "attention", fn)`, with the reference's signature; dispatch happens here,
-in one place, by the device of the first tensor argument. Tests compare every registered implementation
-with its reference.
+Each kernel has a torch reference (`*_ref`, runs anywhere). A faster implementation for a device
+type is plugged in with `register("cuda", "attention", fn)`, with the reference's signature;
+dispatch happens here, in one place, by the device of the first tensor argument. Tests compare every
+registered implementation with its reference.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
-"""Attention over a paged KV cache for a flat batch of tokens from several sequences (torch reference).
+"""Attention over a paged KV cache for a flat batch of tokens from several sequences (torch
+reference).
 
-A forward pass carries T tokens belonging to B sequences, laid out one sequence after another. Sequence b
-owns tokens [query_start[b], query_start[b+1]) of the batch; after this step its KV cache holds
-context_lens[b] tokens, the last (query_start[b+1] - query_start[b]) of which are the ones in the batch.
-Prefill (a whole prompt or a chunk of it after earlier chunks) and decode (one token per sequence) are the
-same computation with different query lengths.
+A forward pass carries T tokens belonging to B sequences, laid out one sequence after another.
+Sequence b owns tokens [query_start[b], query_start[b+1]) of the batch; after this step its KV cache
+holds context_lens[b] tokens, the last (query_start[b+1] - query_start[b]) of which are the ones in
+the batch. Prefill (a whole prompt or a chunk of it after earlier chunks) and decode (one token per
+sequence) are the same computation with different query lengths.
 
-The cache of one layer is two tensors [num_slots, Hk, D]; slot s lives in block s // block_size. Sequence b's
-blocks are block_tables[b]; the new tokens are written to slot_mapping[t] before attention reads them.
+The cache of one layer is two tensors [num_slots, Hk, D]; slot s lives in block s // block_size.
+Sequence b's blocks are block_tables[b]; the new tokens are written to slot_mapping[t] before
+attention reads them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Query rows per step of the reference kernel: bounds the [Hk, G, rows, C] score tensor for long prompts.
+# Query rows per step of the reference kernel: bounds the [Hk, G, rows, C] score tensor for long
+# prompts.
 _QUERY_CHUNK = 512
 
 
@@ -27,8 +30,8 @@ class AttentionMetadata:
 
     Device tensors (what a GPU kernel reads): slot_mapping [T] int64, query_start_t [B+1] int32,
     context_lens_t [B] int32, block_tables [B, max_blocks] int32. Host copies of the lengths let the
-    reference path loop without device syncs; kv_slots[b] is sequence b's context slots in order, as a
-    slice when they are contiguous (batch 1 on a fresh cache) or an index tensor otherwise.
+    reference path loop without device syncs; kv_slots[b] is sequence b's context slots in order, as
+    a slice when they are contiguous (batch 1 on a fresh cache) or an index tensor otherwise.
     """
 
     slot_mapping: torch.Tensor
@@ -78,8 +81,9 @@ def attention_ref(
 ) -> torch.Tensor:
     """Causal attention of q [T, H, D] over each sequence's cached context -> [T, H, D].
 
-    Any number of query heads per KV head (H % Hk == 0; MHA is G = 1). With a sliding window W, a query at
-    position p sees keys at positions p - W + 1 .. p (W keys including itself), as transformers does.
+    Any number of query heads per KV head (H % Hk == 0; MHA is G = 1). With a sliding window W, a
+    query at position p sees keys at positions p - W + 1 .. p (W keys including itself), as
+    transformers does.
     """
     n_tokens, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[1]

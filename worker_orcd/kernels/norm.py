@@ -6,7 +6,8 @@ import torch
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [T, D], weight [D] -> [T, D]; statistics in float32, scaled in x's dtype as transformers does."""
+    """x [T, D], weight [D] -> [T, D]; statistics in float32, scaled in x's dtype as transformers
+    does."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)

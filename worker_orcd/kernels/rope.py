@@ -1,8 +1,8 @@
-"""Rotary position embedding, NEOX pairing (element i with i + rope_dim/2), as llama.cpp applies it to
-qwen2 and phi3 and transformers' rotate_half does.
+"""Rotary position embedding, NEOX pairing (element i with i + rope_dim/2), as llama.cpp applies it
+to qwen2 and phi3 and transformers' rotate_half does.
 
-The cos/sin cache is one float32 tensor [max_positions, rope_dim] holding cos in the first half of the last
-dimension and sin in the second; it is built once per model and indexed by position.
+The cos/sin cache is one float32 tensor [max_positions, rope_dim] holding cos in the first half of
+the last dimension and sin in the second; it is built once per model and indexed by position.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ def rope_cos_sin_cache(
 ) -> torch.Tensor:
     """cos/sin cache [max_positions, rope_dim] (float32).
 
-    `factors` [rope_dim / 2] are LongRoPE frequency divisors (Phi-3 rope_factors_short/long); the cos and sin
-    are multiplied by `attention_scaling` as transformers does for LongRoPE.
+    `factors` [rope_dim / 2] are LongRoPE frequency divisors (Phi-3 rope_factors_short/long); the
+    cos and sin are multiplied by `attention_scaling` as transformers does for LongRoPE.
     """
     if rope_dim % 2:
         raise ValueError(f"rope_dim must be even (got {rope_dim})")

@@ -1,4 +1,5 @@
-"""Attention over the KV cache: store this step's k/v, then attend. The model runner binds the caches."""
+"""Attention over the KV cache: store this step's k/v, then attend. The model runner binds the
+caches."""
 
 from __future__ import annotations
 
@@ -29,8 +30,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hk, D] -> [T, H, D]."""
         if self.k_cache.numel() == 0:
-            raise RuntimeError("KV cache not bound: the model runner must bind caches before forward")
+            raise RuntimeError(
+                "KV cache not bound: the model runner must bind caches before forward"
+            )
         kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return kernels.attention(
-            q, self.k_cache, self.v_cache, meta, scale=self.scale, sliding_window=self.sliding_window
+            q,
+            self.k_cache,
+            self.v_cache,
+            meta,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
         )

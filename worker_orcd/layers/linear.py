@@ -1,8 +1,9 @@
 """Linear layers that own their weight format and know how to place (fused) shards into it.
 
-Every parameter carries a `weight_loader(param, tensor, shard_id)` and, when it packs several source tensors,
-`shard_slices` mapping each shard id to its rows. The loader reads only these two attributes; a layer that
-keeps its weight in another format (quantized blocks) supplies its own weight_loader and forward.
+Every parameter carries a `weight_loader(param, tensor, shard_id)` and, when it packs several source
+tensors, `shard_slices` mapping each shard id to its rows. The loader reads only these two
+attributes; a layer that keeps its weight in another format (quantized blocks) supplies its own
+weight_loader and forward.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ ShardId = str | int | None
 
 
 def shard_shape(param: torch.Tensor, shard_id: ShardId) -> tuple[int, ...]:
-    """Shape a source tensor must have to fill shard `shard_id` of `param` (None: the whole param)."""
+    """Shape a source tensor must have to fill shard `shard_id` of `param` (None: the whole
+    param)."""
     if shard_id is None:
         return tuple(param.shape)
     rows = param.shard_slices[shard_id]
     return (rows.stop - rows.start, *param.shape[1:])
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+def default_weight_loader(
+    param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None
+) -> None:
     """Copy `loaded` into `param` (or into its rows for `shard_id`), converting dtype and device."""
     expected = shard_shape(param, shard_id)
     if tuple(loaded.shape) != expected:
@@ -79,7 +83,8 @@ class Linear(nn.Module):
 
 
 class QKVLinear(Linear):
-    """Fused q/k/v projection: rows are q (H*D), then k (Hk*D), then v (Hk*D); shards "q", "k", "v"."""
+    """Fused q/k/v projection: rows are q (H*D), then k (Hk*D), then v (Hk*D); shards "q", "k",
+    "v"."""
 
     def __init__(
         self, hidden_size: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool

@@ -1,4 +1,5 @@
-"""Rotary embedding shared by all layers: owns the cos/sin cache and, for LongRoPE, the factor tensors."""
+"""Rotary embedding shared by all layers: owns the cos/sin cache and, for LongRoPE, the factor
+tensors."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ logger = logging.getLogger(__name__)
 class RotaryEmbedding(nn.Module):
     """NEOX rotary embedding over the first `rope_dim` dims of each head.
 
-    With LongRoPE factors (`long_factors=True`), parameters `short_factors` and `long_factors` [rope_dim/2]
-    are loaded from the file and `build()` must be called after loading: like llama.cpp, the short factors
-    serve a context up to `original_context` and the long ones a longer context. cos and sin are scaled by
-    sqrt(1 + ln(s) / ln(original_context)) with s = trained_context / original_context, as transformers does,
-    unless the file states the factor (`attention_scaling`).
+    With LongRoPE factors (`long_factors=True`), parameters `short_factors` and `long_factors`
+    [rope_dim/2] are loaded from the file and `build()` must be called after loading: like
+    llama.cpp, the short factors serve a context up to `original_context` and the long ones a longer
+    context. cos and sin are scaled by sqrt(1 + ln(s) / ln(original_context)) with s =
+    trained_context / original_context, as transformers does, unless the file states the factor
+    (`attention_scaling`).
     """
 
     def __init__(
@@ -48,7 +50,9 @@ class RotaryEmbedding(nn.Module):
             if not original_context:
                 raise ValueError("LongRoPE factors need the original context length")
             for name in ("short_factors", "long_factors"):
-                p = nn.Parameter(torch.empty(rope_dim // 2, dtype=torch.float32), requires_grad=False)
+                p = nn.Parameter(
+                    torch.empty(rope_dim // 2, dtype=torch.float32), requires_grad=False
+                )
                 p.weight_loader = default_weight_loader
                 setattr(self, name, p)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
@@ -56,7 +60,8 @@ class RotaryEmbedding(nn.Module):
             self.build()
 
     def build(self) -> None:
-        """(Re)compute the cos/sin cache [max_positions, rope_dim] from theta and the loaded factors."""
+        """(Re)compute the cos/sin cache [max_positions, rope_dim] from theta and the loaded
+        factors."""
         factors = None
         scaling = 1.0
         if self.long_factors is not None:
@@ -69,12 +74,19 @@ class RotaryEmbedding(nn.Module):
                 scaling = math.sqrt(1.0 + math.log(s) / math.log(self.original_context))
             logger.info(
                 "LongRoPE: %s factors for a context of %d (original %d), scaling %.4f",
-                "long" if use_long else "short", self.max_positions, self.original_context, scaling,
+                "long" if use_long else "short",
+                self.max_positions,
+                self.original_context,
+                scaling,
             )
         device = self.cos_sin.device
         self.cos_sin = kernels.rope_cos_sin_cache(
-            self.rope_dim, self.max_positions, self.theta,
-            factors=factors, attention_scaling=scaling, device=device,
+            self.rope_dim,
+            self.max_positions,
+            self.theta,
+            factors=factors,
+            attention_scaling=scaling,
+            device=device,
         )
 
     def forward(

@@ -30,7 +30,12 @@ from worker_orcd.engine.model_runner import ModelRunner
 from worker_orcd.engine.scheduler import Scheduler
 from worker_orcd.engine.sequence import Sequence
 from worker_orcd.engine.types import GenerationOutput, SamplingParams
-from worker_orcd.errors import InvalidRequestError, ModelLoadError, VramOomError
+from worker_orcd.errors import (
+    InsufficientVramError,
+    InvalidRequestError,
+    ModelLoadError,
+    VramOomError,
+)
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.loader import load_model
 from worker_orcd.model import CausalLM
@@ -124,6 +129,13 @@ class Engine:
             config = ModelConfig.from_gguf(f)
             tokenizer = Tokenizer.from_gguf(f.metadata)
             context = min(config.context_length, max_context or config.context_length)
+            if max_context is not None and max_context > config.context_length:
+                logger.info(
+                    "max_context %d is beyond the model's context %d; using %d",
+                    max_context,
+                    config.context_length,
+                    context,
+                )
             name = f.get("general.name") or Path(path).stem
             quant_mix: dict[str, int] = {}
             for t in f.tensors.values():
@@ -143,7 +155,15 @@ class Engine:
                 )
                 kv = KVCache.allocate(config, context, dtype=compute_dtype, device=dev)
             except torch.OutOfMemoryError as e:
-                raise ModelLoadError(f"out of memory while loading {name} on {dev}: {e}") from e
+                need = (
+                    config.n_params_estimate() * torch.empty(0, dtype=compute_dtype).element_size()
+                )
+                kv_need = KVCache.bytes_for(config, context, compute_dtype)
+                raise InsufficientVramError(
+                    f"out of GPU memory loading {name} on {dev}: weights need ~{need / 1e9:.2f} GB "
+                    f"and the KV cache for {context} tokens {kv_need / 1e9:.2f} GB "
+                    "(a smaller max_context shrinks the cache)"
+                ) from e
         info = EngineInfo(
             model_name=str(name),
             architecture=config.architecture,

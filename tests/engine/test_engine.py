@@ -173,3 +173,15 @@ def test_info(phi3_engine: Engine) -> None:
     assert info.kv_cache_bytes == 2 * 4 * 256 * 128 * 4
     assert info.quant_mix == {"F32": sum(info.quant_mix.values())}
     assert info.tokenizer_kind == "llama"
+
+
+def test_context_full_stops_generation(
+    phi3_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's own guard: with the up-front check bypassed, generation stops at the end."""
+    monkeypatch.setattr(phi3_engine, "check_fits", lambda n_prompt, max_tokens: None)
+    prompt = list(range(1000, 1250))
+    out = phi3_engine.generate(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=1))
+    assert out.stop_reason is StopReason.CONTEXT_FULL
+    assert len(prompt) + len(out.token_ids) == phi3_engine.context_length
+    assert phi3_engine.blocks.num_free == phi3_engine.blocks.num_blocks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -185,3 +186,14 @@ def test_context_full_stops_generation(
     assert out.stop_reason is StopReason.CONTEXT_FULL
     assert len(prompt) + len(out.token_ids) == phi3_engine.context_length
     assert phi3_engine.blocks.num_free == phi3_engine.blocks.num_blocks
+
+
+def test_request_and_forward_logging(phi3_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="worker_orcd"):
+        out = phi3_engine.generate("Hello", SamplingParams(max_tokens=3, temperature=0.0))
+    n = len(out.prompt_ids)
+    text = caplog.text
+    assert f"forward prefill: {n} tokens, 1 seqs, 4 layers" in text
+    assert "forward decode: 1 tokens, 1 seqs, 4 layers" in text
+    assert f"request: {n} prompt tokens, prefill" in text
+    assert "TTFT" in text and "decode" in text and f"stop {out.stop_reason.value}" in text

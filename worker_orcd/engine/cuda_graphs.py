@@ -7,8 +7,11 @@ than running them; replaying a captured graph costs one launch. Two kinds are ca
   tables from static buffers, derives KV slots and context lengths on the device, and ends with the
   float32 logits and their argmax. It then advances its own inputs (next id = argmax, position + 1),
   so greedy decoding can replay it back to back with no host work between steps (`decode_greedy`).
-- prompt: a whole fresh prompt, padded up to a bucket length (16, 32, ... 2048 tokens). Padding goes
-  after the prompt, so causal attention keeps real tokens from seeing it.
+  Each batch size has two graphs: contexts up to SHORT_CONTEXT keys, attended without splitting,
+  and any context.
+- prompt: a whole fresh prompt, padded up to a bucket length (16, 32, ... 4096 tokens, and the
+  sliding window if the model has one). Padding goes after the prompt, so causal attention keeps
+  real tokens from seeing it.
 
 Padding tokens and padding rows carry KV slot -1 and block -1: the Triton kernels write nothing for
 them and read zeros, so neither capture nor replay touches a cache slot the caller does not own.

@@ -96,7 +96,7 @@ def test_unused_ids_are_never_sampled(phi3_engine: Engine) -> None:
     """Make the padded/unused rows of the output head dominate: greedy and sampling avoid them."""
     unused = list(phi3_engine.tokenizer.unused_ids)
     assert unused, "the Phi-3 vocab pads with unused ids"
-    banned = set(phi3_engine._banned.tolist())
+    banned = set(phi3_engine.banned_ids.tolist())
     assert set(unused) <= banned
     head = phi3_engine.model.lm_head.weight
     saved = head[unused].clone()

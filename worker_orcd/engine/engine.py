@@ -104,7 +104,7 @@ class Engine:
             self.blocks, max_batch_tokens=min(MAX_PREFILL_TOKENS, context_length), max_seqs=1
         )
         self.runner = ModelRunner(model, kv)
-        self._banned = self._banned_ids()
+        self.banned_ids = self._banned_ids()  # [n] int64 on the device
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -267,7 +267,7 @@ class Engine:
                 chunks.append(self.runner.forward(batch, all_logits=True).cpu())
                 self.scheduler.postprocess(batch)
         except torch.OutOfMemoryError as e:
-            self._recover_oom()
+            self.release_cached_memory()
             raise VramOomError(f"out of GPU memory scoring {len(token_ids)} tokens") from e
         finally:
             self.scheduler.finish(seq)
@@ -302,6 +302,7 @@ class Engine:
         GenerationOutput."""
         return run_generation(self, prompt, params, cancel)
 
-    def _recover_oom(self) -> None:
+    def release_cached_memory(self) -> None:
+        """After a GPU OOM: hand the allocator's cached blocks back (the request's are freed)."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -100,7 +100,7 @@ def run_generation(
                 yield tail
     except torch.OutOfMemoryError as e:
         engine.scheduler.finish(seq)
-        engine._recover_oom()
+        engine.release_cached_memory()
         raise VramOomError(
             f"out of GPU memory generating from a {len(prompt_ids)}-token prompt; "
             "the request's KV cache was freed"
@@ -139,7 +139,7 @@ def _sample(
 ) -> int:
     """The next token from logits [1, V]; history [L] is the sequence so far (repetition
     penalty)."""
-    ids = sample(logits, [params], [rng], None if history is None else [history], engine._banned)
+    ids = sample(logits, [params], [rng], None if history is None else [history], engine.banned_ids)
     return int(ids[0])
 
 

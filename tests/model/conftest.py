@@ -96,7 +96,7 @@ def prefill_then_decode(engine: Engine, prompt: list[int], continuation: list[in
             seq.append(token)
             batch = sched.schedule()
             assert not batch.is_prefill
-            rows.append(engine.runner.forward(batch))
+            rows.append(engine.runner.forward(batch).clone())  # a graph's logits are reused
             sched.postprocess(batch)
     finally:
         sched.finish(seq)

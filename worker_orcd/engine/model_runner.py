@@ -1,8 +1,9 @@
 """ModelRunner: turns a scheduled batch into tensors, runs the model, returns logits.
 
 It owns the KV cache tensors and binds each layer's views into the model's attention modules. The
-flat batch (input_ids [T], positions [T], AttentionMetadata) is built here and nowhere else, which
-is where a CUDA-graph decode path with static input buffers plugs in (`forward` is the eager path).
+flat batch (input_ids [T], positions [T], AttentionMetadata) is built here and nowhere else. On CUDA
+it also owns the captured graphs (cuda_graphs.py): `forward` replays one when a graph fits the batch
+and runs the model eagerly otherwise; `graphs = None` forces the eager path.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 
 import torch
 
+from worker_orcd.engine.cuda_graphs import CudaGraphRunner
 from worker_orcd.engine.kv_cache import KVCache
 from worker_orcd.engine.scheduler import ScheduledBatch
 from worker_orcd.kernels import AttentionMetadata
@@ -21,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVCache) -> None:
+    def __init__(self, model: CausalLM, kv: KVCache, *, cuda_graphs: bool = True) -> None:
         self.model = model
         self.kv = kv
         self.device = kv.k.device
@@ -29,6 +31,8 @@ class ModelRunner:
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache = kv.k[i]  # [S, Hk, D]
             attn.v_cache = kv.v[i]
+        # None on CPU, without Triton, or when turned off: every step runs eagerly.
+        self.graphs = CudaGraphRunner.create(model, kv) if cuda_graphs else None
 
     def prepare(
         self, batch: ScheduledBatch
@@ -82,8 +86,25 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, *, all_logits: bool = False) -> torch.Tensor:
         """float32 logits: of every token in the batch if all_logits, else of each sequence's last
-        token among those that reach the end of their known tokens (their next token is due)."""
+        token among those that reach the end of their known tokens (their next token is due).
+
+        A graph's logits are a static view, valid until the next forward: consume or clone them.
+        """
         start = time.perf_counter() if logger.isEnabledFor(logging.DEBUG) else 0.0
+        if self.graphs is not None and not all_logits:
+            logits = self.graphs.try_forward(batch, self.block_size)
+            if logits is not None:
+                if start:
+                    torch.cuda.synchronize(self.device)
+                    logger.debug(
+                        "forward %s (graph): %d tokens, %d seqs, %d layers, %.2f ms",
+                        "prefill" if batch.is_prefill else "decode",
+                        batch.num_tokens,
+                        len(batch.seqs),
+                        len(self.model.model.layers),
+                        (time.perf_counter() - start) * 1e3,
+                    )
+                return logits
         input_ids, positions, meta = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta)  # [T, D]
         if not all_logits:

@@ -89,6 +89,7 @@ class Engine:
         context_length: int,
         info: EngineInfo,
         path: Path | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self.path = path
         self.model = model
@@ -103,7 +104,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.blocks, max_batch_tokens=min(MAX_PREFILL_TOKENS, context_length), max_seqs=1
         )
-        self.runner = ModelRunner(model, kv)
+        self.runner = ModelRunner(model, kv, cuda_graphs=cuda_graphs)
         self.banned_ids = self._banned_ids()  # [n] int64 on the device
 
     # -- loading -----------------------------------------------------------------------------------
@@ -115,9 +116,12 @@ class Engine:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
         max_context: int | None = None,
+        *,
+        cuda_graphs: bool = False,
     ) -> Engine:
         """Load a GGUF model: weights dequantized into `dtype` on `device`, KV cache for min(model
-        context, max_context) tokens allocated up front."""
+        context, max_context) tokens allocated up front. `cuda_graphs` captures the decode and
+        prompt graphs on CUDA (Triton kernels) and replays them where a batch fits."""
         start = time.perf_counter()
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -193,6 +197,7 @@ class Engine:
             context_length=context,
             info=info,
             path=Path(path),
+            cuda_graphs=cuda_graphs,
         )
 
     def info(self) -> EngineInfo:

@@ -48,6 +48,38 @@ def _bind_caches(model: CausalLM, kv: KVCache) -> None:
         attn.v_cache = kv.v[i]
 
 
+class _HostStaging:
+    """Pinned host buffers for the inputs' host-to-device copies, used in a ring.
+
+    A copy from pinned memory runs when the stream reaches it, so a buffer may be rewritten only
+    once the copy that last read it has run: `take` waits for that (normally long done), and
+    callers need not synchronize between steps.
+    """
+
+    def __init__(self, specs: Sequence[tuple[tuple[int, ...], torch.dtype]], depth: int = 3):
+        self._sets = [
+            [torch.zeros(shape, dtype=dtype, pin_memory=True) for shape, dtype in specs]
+            for _ in range(depth)
+        ]
+        self._copied: list[torch.cuda.Event | None] = [None] * depth
+        self._next = 0
+        self._current = 0
+
+    def take(self) -> list[torch.Tensor]:
+        """The next set of buffers, free to write."""
+        i = self._current = self._next
+        self._next = (i + 1) % len(self._sets)
+        if self._copied[i] is not None:
+            self._copied[i].synchronize()
+        return self._sets[i]
+
+    def copies_issued(self) -> None:
+        """Mark the copies from the set last taken as enqueued on the current stream."""
+        event = torch.cuda.Event()
+        event.record()
+        self._copied[self._current] = event
+
+
 def _warm_and_capture(
     fn: Callable[[], tuple[torch.Tensor, ...]], device: torch.device, pool: object
 ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
@@ -80,8 +112,7 @@ class DecodeGraphs:
         self.max_batch = b = max(batch_sizes)
         self.max_blocks = kv.num_blocks
         # host staging (pinned) and the graph's static inputs
-        self._host_ids_pos = torch.zeros((2, b), dtype=torch.int64, pin_memory=True)
-        self._host_tables = torch.zeros((b, self.max_blocks), dtype=torch.int32, pin_memory=True)
+        self._staging = _HostStaging([((2, b), torch.int64), ((b, self.max_blocks), torch.int32)])
         self.token_ids = torch.zeros(b, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(b, dtype=torch.int64, device=dev)
         self.block_tables = torch.full((b, self.max_blocks), -1, dtype=torch.int32, device=dev)
@@ -152,7 +183,7 @@ class DecodeGraphs:
         size = self.batch_size_for(n)
         if size is None:
             raise ValueError(f"no decode graph holds {n} sequences (largest {self.max_batch})")
-        host, tables = self._host_ids_pos, self._host_tables
+        host, tables = self._staging.take()
         host[0, :n] = torch.as_tensor(token_ids, dtype=torch.int64)
         host[1, :n] = torch.as_tensor(positions, dtype=torch.int64)
         host[:, n:size] = 0
@@ -164,10 +195,10 @@ class DecodeGraphs:
                 )
             tables[i, : len(row)] = torch.as_tensor(row, dtype=torch.int32)
             tables[i, len(row) :] = -1
-        # The host buffers are rewritten next step: the caller reads this step's result first.
         self.token_ids[:size].copy_(host[0, :size], non_blocking=True)
         self.positions[:size].copy_(host[1, :size], non_blocking=True)
         self.block_tables[:size].copy_(tables[:size], non_blocking=True)
+        self._staging.copies_issued()
         return self.key(size, max(positions) + 1)
 
     @torch.inference_mode()
@@ -211,8 +242,7 @@ class PromptGraphs:
         self.device = dev = kv.k.device
         self.buckets = sorted(buckets)
         n_max = self.buckets[-1]
-        self._host = torch.zeros((2, n_max), dtype=torch.int64, pin_memory=True)
-        self._host_last = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+        self._staging = _HostStaging([((2, n_max), torch.int64), ((1,), torch.int64)])
         self.token_ids = torch.zeros(n_max, dtype=torch.int64, device=dev)
         self.slots = torch.full((n_max,), -1, dtype=torch.int64, device=dev)
         self.last = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -263,14 +293,16 @@ class PromptGraphs:
         size = self.bucket_for(n)
         if size is None:
             raise ValueError(f"no prompt graph holds {n} tokens (largest {self.buckets[-1]})")
-        self._host[0, :n] = torch.as_tensor(token_ids, dtype=torch.int64)
-        self._host[1, :n] = torch.as_tensor(slots, dtype=torch.int64)
-        self._host[0, n:size] = 0
-        self._host[1, n:size] = -1
-        self._host_last[0] = n - 1
-        self.token_ids[:size].copy_(self._host[0, :size], non_blocking=True)
-        self.slots[:size].copy_(self._host[1, :size], non_blocking=True)
-        self.last.copy_(self._host_last, non_blocking=True)
+        host, last = self._staging.take()
+        host[0, :n] = torch.as_tensor(token_ids, dtype=torch.int64)
+        host[1, :n] = torch.as_tensor(slots, dtype=torch.int64)
+        host[0, n:size] = 0
+        host[1, n:size] = -1
+        last[0] = n - 1
+        self.token_ids[:size].copy_(host[0, :size], non_blocking=True)
+        self.slots[:size].copy_(host[1, :size], non_blocking=True)
+        self.last.copy_(last, non_blocking=True)
+        self._staging.copies_issued()
         self._graphs[size].replay()
         return self._outputs[size][0]
 

@@ -249,6 +249,7 @@ def main() -> int:
         "decode": decode_attention,
         "sweep": decode_attention_sweep,
         "small": small_kernels,
+        "fused": fused_norm_gemv,
     }
     lines = [line for part in parts for line in table[part]()]
     print("\n".join(lines))

@@ -114,38 +114,6 @@ def decode_attention() -> list[str]:
     return lines
 
 
-def fused_norm_gemv() -> list[str]:
-    """add_rms_norm + GEMV (two launches) against the GEMV that normalizes its own input."""
-    shapes = {
-        "qwen qkv": (1152, 896),
-        "qwen gate_up": (9728, 896),
-        "phi3 qkv": (9216, 3072),
-        "phi3 gate_up": (16384, 3072),
-    }
-    return [_fused_norm_gemv(name, n, k) for name, (n, k) in shapes.items()]
-
-
-def _fused_norm_gemv(name: str, n: int, k: int) -> str:
-    copies = max(2, -(-512 * 2**20 // (n * k * 2)))
-    ws = [torch.randn(n, k, device=DEV, dtype=BF16) * 0.02 for _ in range(copies)]
-    x = torch.randn(1, k, device=DEV, dtype=BF16)
-    r = torch.randn(1, k, device=DEV, dtype=BF16)
-    nw = torch.randn(k, device=DEV, dtype=BF16)
-
-    def two(w: torch.Tensor) -> None:
-        h, _ = norm.add_rms_norm(x, r, nw, 1e-6)
-        gemv.gemv(h, w)
-
-    def fused(w: torch.Tensor, cfg: tuple[int, int, int]) -> None:
-        gemv.add_rms_norm_linear(x, r, nw, 1e-6, w, config=cfg)
-
-    res = [f"two kernels {graph_time_us([lambda w=w: two(w) for w in ws]):5.1f}"]
-    for cfg in [(2, 1024, 4), (4, 1024, 4), (8, 1024, 4), (16, 512, 8)]:
-        us = graph_time_us([lambda w=w, c=cfg: fused(w, c) for w in ws])
-        res.append(f"fused{cfg} {us:5.1f}")
-    return f"norm+gemv {name:13}: " + ", ".join(res) + " us"
-
-
 def decode_attention_sweep() -> list[str]:
     """Split count, key block and pipelining depth of flash-decoding at long contexts."""
     lines = []
@@ -249,7 +217,6 @@ def main() -> int:
         "decode": decode_attention,
         "sweep": decode_attention_sweep,
         "small": small_kernels,
-        "fused": fused_norm_gemv,
     }
     lines = [line for part in parts for line in table[part]()]
     print("\n".join(lines))

@@ -212,19 +212,3 @@ def test_negative_slots_write_nothing() -> None:
         assert torch.equal(kc[untouched], kc0[untouched])
         assert torch.equal(vc[untouched], vc0[untouched])
         assert torch.equal(vc[5], v[0]) and torch.equal(vc[7], v[2])
-
-
-@pytest.mark.parametrize(("n", "k"), [(1152, 896), (9216, 3072), (1001, 777)])
-def test_add_rms_norm_linear(n: int, k: int) -> None:
-    from worker_orcd.kernels.triton import gemv
-
-    x = torch.randn(1, k, device=DEV, dtype=BF16)
-    r = torch.randn(1, k, device=DEV, dtype=BF16)
-    nw = torch.randn(k, device=DEV, dtype=BF16)
-    w = torch.randn(n, k, device=DEV, dtype=BF16) * 0.05
-    b = torch.randn(n, device=DEV, dtype=BF16)
-    y, summed = gemv.add_rms_norm_linear(x, r, nw, 1e-6, w, b)
-    normed, summed_ref = add_rms_norm_ref(x, r, nw, 1e-6)
-    assert torch.equal(summed, summed_ref)
-    ref = torch.nn.functional.linear(normed.double(), w.double(), b.double())
-    assert rel_err(y, ref) < 1e-2

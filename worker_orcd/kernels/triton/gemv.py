@@ -26,10 +26,6 @@ def _gemv_kernel(
     w_ptr,  # [N, K]
     b_ptr,  # [N] or unused
     y_ptr,  # [M, N]
-    r_ptr,  # [M, K] residual (ADD_NORM)
-    nw_ptr,  # [K] RMSNorm weight (ADD_NORM)
-    s_ptr,  # [M, K] x + residual, written by the first program (ADD_NORM)
-    eps,
     N,
     K,
     stride_xm,
@@ -37,7 +33,6 @@ def _gemv_kernel(
     stride_ym,
     HAS_BIAS: tl.constexpr,
     SILU_MUL: tl.constexpr,  # x is [M, 2K] gate then up; the input is silu(gate) * up
-    ADD_NORM: tl.constexpr,  # the input is rms_norm(x + residual) * weight
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -48,30 +43,10 @@ def _gemv_kernel(
     cols = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if ADD_NORM:
-        # Every program takes the statistics of the whole row (read from L2).
-        sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + cols
-            k_mask = kk < K
-            xs = tl.load(x_ptr + m * stride_xm + kk, mask=k_mask, other=0.0)
-            rs = tl.load(r_ptr + m * K + kk, mask=k_mask, other=0.0)
-            xs = (xs.to(tl.float32) + rs.to(tl.float32)).to(xs.dtype).to(tl.float32)
-            sq += xs * xs
-        rstd = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + cols
         k_mask = kk < K
         x = tl.load(x_ptr + m * stride_xm + kk, mask=k_mask, other=0.0)
-        if ADD_NORM:
-            # Rounded as add_rms_norm rounds: the sum, the normalized row, the weighted row.
-            r = tl.load(r_ptr + m * K + kk, mask=k_mask, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-            if pid_n == 0:
-                tl.store(s_ptr + m * K + kk, x, mask=k_mask)
-            nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-            x = (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)
-            x = (x * nw).to(r.dtype)
         if SILU_MUL:
             # Rounded as the separate silu_and_mul kernel rounds, so the result is the same.
             up = tl.load(x_ptr + m * stride_xm + K + kk, mask=k_mask, other=0.0).to(tl.float32)
@@ -130,10 +105,6 @@ def gemv(
         weight,
         bias if bias is not None else weight,
         out,
-        x,
-        x,
-        x,
-        0.0,
         n,
         k,
         x.stride(0),
@@ -141,57 +112,11 @@ def gemv(
         out.stride(0),
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul,
-        ADD_NORM=False,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,
     )
     return out
-
-
-def add_rms_norm_linear(
-    x: torch.Tensor,  # [1, K]
-    residual: torch.Tensor,  # [1, K]
-    norm_weight: torch.Tensor,  # [K]
-    eps: float,
-    weight: torch.Tensor,  # [N, K]
-    bias: torch.Tensor | None = None,
-    *,
-    config: tuple[int, int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear(rms_norm(x + residual) * norm_weight), x + residual) for one row, in one kernel.
-
-    Each program recomputes the row's statistics, so the norm costs a re-read of x and residual
-    from L2 per program instead of a launch: measured against the two kernels in NOTES.md.
-    """
-    m, k = x.shape
-    n = weight.shape[0]
-    assert m == 1 and residual.shape == x.shape and x.is_contiguous() and residual.is_contiguous()
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    summed = torch.empty_like(x)
-    block_n, block_k, num_warps = config or pick_config(n, k)
-    _gemv_kernel[(triton.cdiv(n, block_n), m)](
-        x,
-        weight,
-        bias if bias is not None else weight,
-        out,
-        residual,
-        norm_weight,
-        summed,
-        eps,
-        n,
-        k,
-        x.stride(0),
-        weight.stride(0),
-        out.stride(0),
-        HAS_BIAS=bias is not None,
-        SILU_MUL=False,
-        ADD_NORM=True,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-    )
-    return out, summed
 
 
 def silu_and_mul_linear(

@@ -31,10 +31,14 @@ class ModelRunner:
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache = kv.k[i]  # [S, Hk, D]
             attn.v_cache = kv.v[i]
-        # None on CPU, without Triton, or when turned off: every step runs eagerly. Off by default
-        # until decode through graphs matches scoring in a process that held other engines before:
-        # test_gpu.py::test_cuda_graph_engine_matches_eager[phi3] fails after the rest of the GPU
-        # suite (stepped logits off by 0.8 relative) and passes alone.
+        if self.device.type == "cuda":
+            from worker_orcd.kernels import triton as triton_kernels
+
+            # The eager CUDA path (all-position scoring, batches no graph fits) runs the Triton
+            # kernels too, not the torch references.
+            if triton_kernels.available(self.device):
+                triton_kernels.register_all()
+        # None on CPU, without Triton, or when turned off: every step runs eagerly.
         self.graphs = CudaGraphRunner.create(model, kv) if cuda_graphs else None
 
     def prepare(

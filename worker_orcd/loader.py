@@ -4,8 +4,13 @@ One table per architecture maps llama.cpp tensor names onto the model's (fused) 
 shards. Names are matched exactly on whole dotted segments: `blk.N.<rest>` looks `<rest>` up in the
 per-block table and anything else is looked up whole, so `attn_q` can never match `attn_qkv`. Every
 tensor of the file must map to a parameter, every parameter must be filled exactly once (whole, or
-by each of its shards once), and every shape is checked before any data is read. Weights are
-dequantized into the compute dtype on the target device.
+by each of its shards once), and every shape is checked before any data is read.
+
+weights="dequantized": every tensor is dequantized into the compute dtype on the target device.
+weights="quantized": tensors of a type the quantized kernels support (kernels/quant: Q4_0, Q5_0,
+Q8_0, Q4_K, Q5_K, Q6_K) keep their GGUF blocks on the device; a fused projection collects its
+shards (of any mix of types) into one PackedWeight. Other tensors (F32, F16, BF16, ...) are
+dequantized as before.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from worker_orcd.config import ModelConfig
 from worker_orcd.errors import ModelLoadError
 from worker_orcd.gguf import GGUFFile
+from worker_orcd.kernels.quant.formats import SUPPORTED
+from worker_orcd.kernels.quant.weights import PackedWeight, QuantizedWeight, Shard
 from worker_orcd.layers.linear import ShardId, shard_shape
 from worker_orcd.model import CausalLM
 
@@ -92,11 +100,15 @@ TABLES: dict[str, TensorTable] = {
 }
 
 
+WEIGHT_MODES = ("quantized", "dequantized")
+
+
 @dataclass(frozen=True, slots=True)
 class LoadReport:
     seconds: float
-    weight_bytes: int
+    weight_bytes: int  # on the device: dense parameters plus quantized blocks
     n_tensors: int
+    weight_mix: dict[str, int]  # storage type ("Q4_K", "bfloat16", ...) -> bytes on the device
 
 
 @contextlib.contextmanager
@@ -110,11 +122,17 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build_model(
-    config: ModelConfig, *, device: torch.device, dtype: torch.dtype, max_positions: int
+    config: ModelConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_positions: int,
+    quantized: bool = False,
 ) -> CausalLM:
-    """The model with uninitialised parameters allocated on `device` in `dtype`."""
+    """The model with uninitialised parameters allocated on `device` in `dtype` (with `quantized`,
+    the projections, embedding and head are meta-device placeholders until loaded)."""
     with _default_dtype(dtype), torch.device(device):
-        return CausalLM(config, max_positions=max_positions)
+        return CausalLM(config, max_positions=max_positions, quantized=quantized)
 
 
 def plan_load(f: GGUFFile, config: ModelConfig, model: CausalLM) -> list[tuple[str, str, ShardId]]:
@@ -165,28 +183,95 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     max_positions: int,
+    weights: str = "dequantized",
 ) -> tuple[CausalLM, LoadReport]:
-    """Build the model and fill it from `f`, dequantizing every tensor into `dtype` on `device`."""
+    """Build the model and fill it from `f`: every tensor dequantized into `dtype` on `device`, or
+    with weights="quantized" the supported quant types kept in their blocks (module docstring)."""
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
     start = time.perf_counter()
-    model = build_model(config, device=device, dtype=dtype, max_positions=max_positions)
+    model = build_model(
+        config,
+        device=device,
+        dtype=dtype,
+        max_positions=max_positions,
+        quantized=weights == "quantized",
+    )
     plan = plan_load(f, config, model)
     params = dict(model.named_parameters())
+    shards: dict[str, dict[ShardId, Shard]] = {}  # placeholder parameter -> its loaded shards
     total = sum(f.tensors[name].n_bytes for name, _, _ in plan)
     done = 0
     next_report = 0.1
     for name, pname, shard in plan:
         param = params[pname]
-        tensor = f.load(name, device=device, dtype=param.dtype)
-        param.weight_loader(param, tensor, shard)
-        del tensor
+        if param.is_meta:
+            shards.setdefault(pname, {})[shard] = _load_shard(f, name, device, dtype)
+        else:
+            tensor = f.load(name, device=device, dtype=param.dtype)
+            param.weight_loader(param, tensor, shard)
+            del tensor
         done += f.tensors[name].n_bytes
         if done / total >= next_report:
             logger.info(
                 "loading weights: %3.0f%% (%.2fs)", 100 * done / total, time.perf_counter() - start
             )
             next_report += 0.1
+    for pname, loaded in shards.items():
+        _place(model, params[pname], loaded, device)
     model.finish_loading()
     model.eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
-    report = LoadReport(time.perf_counter() - start, weight_bytes, len(plan))
+    mix = weight_mix(model)
+    report = LoadReport(time.perf_counter() - start, sum(mix.values()), len(plan), mix)
     return model, report
+
+
+def _load_shard(f: GGUFFile, name: str, device: torch.device, dtype: torch.dtype) -> Shard:
+    """A tensor kept in its GGUF blocks if the quantized kernels take its type, else dense."""
+    info = f.tensors[name]
+    if info.qtype in SUPPORTED and len(info.shape) == 2:
+        raw = torch.from_numpy(f.raw(name).copy())  # the map is read-only; torch wants writable
+        return QuantizedWeight.from_gguf(raw, info.qtype, info.shape, device)
+    return f.load(name, device=device, dtype=dtype)
+
+
+def _owners(model: nn.Module, param: nn.Parameter) -> list[nn.Module]:
+    """Modules holding `param` as their weight (an embedding and the head tied to it)."""
+    return [m for m in model.modules() if m._parameters.get("weight") is param]
+
+
+def _place(
+    model: nn.Module, param: nn.Parameter, loaded: dict[ShardId, Shard], device: torch.device
+) -> None:
+    """Give the modules owning the placeholder `param` its shards: a PackedWeight when any shard is
+    quantized, else a real dense parameter filled as in the dequantized path."""
+    order = list(getattr(param, "shard_slices", {None: None}))
+    parts = [loaded[s] for s in order if s in loaded] if None not in loaded else [loaded[None]]
+    if any(isinstance(p, QuantizedWeight) for p in parts):
+        packed = PackedWeight.pack(parts)
+        for m in _owners(model, param):
+            m.quantized = packed
+        return
+    dense = nn.Parameter(
+        torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False
+    )
+    dense.__dict__.update(param.__dict__)  # weight_loader, shard_slices
+    for shard, tensor in loaded.items():
+        dense.weight_loader(dense, tensor, shard)
+    for m in _owners(model, param):
+        m.weight = dense
+
+
+def weight_mix(model: nn.Module) -> dict[str, int]:
+    """Bytes on the device per storage type: dense parameters by dtype, quantized blocks by type
+    (each shared weight once)."""
+    mix: dict[str, int] = {}
+    for p in model.parameters():
+        if not p.is_meta:
+            key = str(p.dtype).removeprefix("torch.")
+            mix[key] = mix.get(key, 0) + p.numel() * p.element_size()
+    packed = {id(w): w for m in model.modules() if (w := getattr(m, "quantized", None)) is not None}
+    for w in packed.values():
+        for key, n in w.quant_mix().items():
+            mix[key] = mix.get(key, 0) + n
+    return mix

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, quantized: bool = False) -> None:
         super().__init__()
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
@@ -46,8 +46,9 @@ class SelfAttention(nn.Module):
             config.n_kv_heads,
             config.head_dim,
             bias=config.qkv_bias,
+            quantized=quantized,
         )
-        self.o_proj = Linear(config.q_size, config.hidden_size)
+        self.o_proj = Linear(config.q_size, config.hidden_size, quantized=quantized)
         self.attn = Attention(
             config.n_heads,
             config.n_kv_heads,
@@ -74,23 +75,25 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, quantized: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size)
+        self.gate_up_proj = GateUpLinear(
+            config.hidden_size, config.intermediate_size, quantized=quantized
+        )
         self.act_fn = SiluAndMul()
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, quantized=quantized)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, quantized: bool = False) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
-        self.self_attn = SelfAttention(config)
+        self.self_attn = SelfAttention(config, quantized=quantized)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, quantized=quantized)
 
     def forward(
         self,
@@ -113,9 +116,11 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, *, quantized: bool = False) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabEmbedding(
+            config.vocab_size, config.hidden_size, quantized=quantized
+        )
         self.rotary_emb = RotaryEmbedding(
             config.rope_dim,
             max_positions,
@@ -125,7 +130,9 @@ class Transformer(nn.Module):
             trained_context=config.context_length,
             attention_scaling=config.rope_attn_factor,
         )
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, quantized=quantized) for _ in range(config.n_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
 
     def forward(
@@ -142,15 +149,21 @@ class Transformer(nn.Module):
 
 class CausalLM(nn.Module):
     """input_ids [T], positions [T], meta -> hidden [T, D]; compute_logits(hidden [N, D]) -> [N,
-    V]."""
+    V].
 
-    def __init__(self, config: ModelConfig, *, max_positions: int | None = None) -> None:
+    `quantized=True` builds the projections, embedding and head as shapes only (meta device); the
+    loader gives them their GGUF blocks (layers/linear.py).
+    """
+
+    def __init__(
+        self, config: ModelConfig, *, max_positions: int | None = None, quantized: bool = False
+    ) -> None:
         super().__init__()
         self.config = config
         self.max_positions = max_positions or config.context_length
-        self.model = Transformer(config, self.max_positions)
+        self.model = Transformer(config, self.max_positions, quantized=quantized)
         tied = self.model.embed_tokens if config.tied_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied, quantized=quantized)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

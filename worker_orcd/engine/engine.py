@@ -37,7 +37,7 @@ from worker_orcd.errors import (
     VramOomError,
 )
 from worker_orcd.gguf import GGUFFile
-from worker_orcd.loader import load_model
+from worker_orcd.loader import WEIGHT_MODES, load_model
 from worker_orcd.model import CausalLM
 from worker_orcd.tokenizer import Tokenizer
 
@@ -58,12 +58,24 @@ class EngineInfo:
     architecture: str
     device: str
     dtype: str
-    weight_bytes: int
+    weights: str  # "quantized" (GGUF blocks kept on the device) or "dequantized"
+    weight_bytes: int  # on the device
+    weight_mix: dict[str, int]  # storage type on the device ("Q4_K", "bfloat16", ...) -> bytes
     kv_cache_bytes: int
     quant_mix: dict[str, int]  # GGUF quant type -> number of tensors in the file
     tokenizer_kind: str
     vocab_size: int
     context_length: int
+
+
+def resolve_weights(weights: str | None, device: torch.device) -> str:
+    """Default: GGUF blocks stay quantized on CUDA; on CPU they are dequantized (no fused kernels
+    there, the torch reference path re-dequantizes a weight for every matmul)."""
+    if weights is None:
+        return "quantized" if device.type == "cuda" else "dequantized"
+    if weights not in WEIGHT_MODES:
+        raise ModelLoadError(f"unsupported weights={weights!r} (use {' or '.join(WEIGHT_MODES)})")
+    return weights
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -118,15 +130,19 @@ class Engine:
         max_context: int | None = None,
         *,
         cuda_graphs: bool = False,
+        weights: str | None = None,
     ) -> Engine:
-        """Load a GGUF model: weights dequantized into `dtype` on `device`, KV cache for min(model
-        context, max_context) tokens allocated up front. `cuda_graphs` captures the decode and
-        prompt graphs on CUDA (Triton kernels) and replays them where a batch fits."""
+        """Load a GGUF model, KV cache for min(model context, max_context) tokens allocated up
+        front. `weights`: "quantized" keeps Q4_0/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K tensors in their blocks
+        on `device` (fused dequantize-matmul kernels), "dequantized" turns every tensor into
+        `dtype`; default quantized on CUDA, dequantized on CPU. `cuda_graphs` captures the decode
+        and prompt graphs on CUDA (Triton kernels) and replays them where a batch fits."""
         start = time.perf_counter()
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError("device 'cuda' was asked for but CUDA is not available")
         compute_dtype = resolve_dtype(dtype, dev)
+        weight_mode = resolve_weights(weights, dev)
         if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
             raise ModelLoadError(f"max_context must be a positive integer (got {max_context!r})")
         with GGUFFile.open(path) as f:
@@ -145,23 +161,31 @@ class Engine:
             for t in f.tensors.values():
                 quant_mix[t.qtype.name] = quant_mix.get(t.qtype.name, 0) + 1
             logger.info(
-                "loading %s (%s, %d layers) on %s as %s, context %d",
+                "loading %s (%s, %d layers) on %s as %s, %s weights, context %d",
                 name,
                 config.architecture,
                 config.n_layers,
                 dev,
                 str(compute_dtype).removeprefix("torch."),
+                weight_mode,
                 context,
             )
             try:
                 model, report = load_model(
-                    f, config, device=dev, dtype=compute_dtype, max_positions=context
+                    f,
+                    config,
+                    device=dev,
+                    dtype=compute_dtype,
+                    max_positions=context,
+                    weights=weight_mode,
                 )
                 kv = KVCache.allocate(config, context, dtype=compute_dtype, device=dev)
             except torch.OutOfMemoryError as e:
-                need = (
-                    config.n_params_estimate() * torch.empty(0, dtype=compute_dtype).element_size()
-                )
+                if weight_mode == "quantized":  # about the file's size (F32 norms stay small)
+                    need = sum(t.n_bytes for t in f.tensors.values())
+                else:
+                    elem = torch.empty(0, dtype=compute_dtype).element_size()
+                    need = config.n_params_estimate() * elem
                 kv_need = KVCache.bytes_for(config, context, compute_dtype)
                 raise InsufficientVramError(
                     f"out of GPU memory loading {name} on {dev}: weights need ~{need / 1e9:.2f} GB "
@@ -173,7 +197,9 @@ class Engine:
             architecture=config.architecture,
             device=str(dev),
             dtype=str(compute_dtype).removeprefix("torch."),
+            weights=weight_mode,
             weight_bytes=report.weight_bytes,
+            weight_mix=report.weight_mix,
             kv_cache_bytes=kv.nbytes,
             quant_mix=quant_mix,
             tokenizer_kind=tokenizer.kind,

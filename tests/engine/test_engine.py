@@ -197,3 +197,25 @@ def test_request_and_forward_logging(phi3_engine: Engine, caplog: pytest.LogCapt
     assert "forward decode: 1 tokens, 1 seqs, 4 layers" in text
     assert f"request: {n} prompt tokens, prefill" in text
     assert "TTFT" in text and "decode" in text and f"stop {out.stop_reason.value}" in text
+
+
+def test_cuda_graphs_default_off_on_cpu_and_forced_on_cpu_is_refused(
+    phi3_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker_orcd.engine.engine import resolve_cuda_graphs
+    from worker_orcd.errors import ModelLoadError
+    from worker_orcd.kernels import triton as triton_kernels
+
+    assert phi3_engine.runner.graphs is None
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_cuda_graphs(None, cpu) is False
+    assert resolve_cuda_graphs(False, cuda) is False
+    assert resolve_cuda_graphs(True, cuda) is True
+    with pytest.raises(ModelLoadError, match="cuda_graphs=True needs a CUDA device"):
+        resolve_cuda_graphs(True, cpu)
+    with pytest.raises(ModelLoadError, match="cuda_graphs"):
+        Engine.load(phi3_engine.path, max_context=64, cuda_graphs=True)
+    monkeypatch.setattr(triton_kernels, "available", lambda device=None: True)
+    assert resolve_cuda_graphs(None, cuda) is True  # on by default where Triton runs
+    monkeypatch.setattr(triton_kernels, "available", lambda device=None: False)
+    assert resolve_cuda_graphs(None, cuda) is False

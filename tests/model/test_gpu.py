@@ -115,13 +115,18 @@ def test_real_size_phi3_greedy_cuda_matches_cpu(pair: Callable[..., Pair]) -> No
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_graph_engine_matches_eager(arch: str, pair: Callable[..., Pair]) -> None:
-    """Engine.load(cuda_graphs=True): prefill-then-decode through the graphs equals scoring."""
-    hf, eager = pair(arch, device="cuda")
-    graphs = Engine.load(eager.path, device="cuda", max_context=512, cuda_graphs=True)
-    if graphs.runner.graphs is None:
-        pytest.skip("CUDA graphs unavailable (no Triton)")
+    """Engine.load on CUDA captures graphs by default: prefill-then-decode through them equals
+    scoring on an engine loaded with cuda_graphs=False."""
+    from worker_orcd.kernels import triton as triton_kernels
+
+    hf, graphs = pair(arch, device="cuda")
+    if not triton_kernels.available("cuda"):
+        pytest.skip("CUDA graphs need Triton")
+    assert graphs.runner.graphs is not None
+    eager = Engine.load(graphs.path, device="cuda", max_context=512, cuda_graphs=False)
+    assert eager.runner.graphs is None
     ids = random_ids(30, eager.config.vocab_size, seed=4)
-    whole = graphs.score(ids)
+    whole = eager.score(ids)
     stepped = prefill_then_decode(graphs, ids[:12], ids[12:]).cpu()
     assert rel_err(stepped, whole) < 2e-2
     params = SamplingParams(max_tokens=8, temperature=0.0)

@@ -78,6 +78,18 @@ def resolve_weights(weights: str | None, device: torch.device) -> str:
     return weights
 
 
+def resolve_cuda_graphs(cuda_graphs: bool | None, device: torch.device) -> bool:
+    """Default: captured graphs on CUDA where Triton is installed (the graphs need its kernels),
+    eager elsewhere. True asks for graphs and needs a CUDA device."""
+    if cuda_graphs is None:
+        from worker_orcd.kernels import triton as triton_kernels
+
+        return triton_kernels.available(device)
+    if cuda_graphs and device.type != "cuda":
+        raise ModelLoadError(f"cuda_graphs=True needs a CUDA device (got {device})")
+    return bool(cuda_graphs)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -101,7 +113,7 @@ class Engine:
         context_length: int,
         info: EngineInfo,
         path: Path | None = None,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.path = path
         self.model = model
@@ -116,7 +128,9 @@ class Engine:
         self.scheduler = Scheduler(
             self.blocks, max_batch_tokens=min(MAX_PREFILL_TOKENS, context_length), max_seqs=1
         )
-        self.runner = ModelRunner(model, kv, cuda_graphs=cuda_graphs)
+        self.runner = ModelRunner(
+            model, kv, cuda_graphs=resolve_cuda_graphs(cuda_graphs, self.device)
+        )
         self.banned_ids = self._banned_ids()  # [n] int64 on the device
 
     # -- loading -----------------------------------------------------------------------------------
@@ -129,20 +143,22 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         max_context: int | None = None,
         *,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
         weights: str | None = None,
     ) -> Engine:
         """Load a GGUF model, KV cache for min(model context, max_context) tokens allocated up
         front. `weights`: "quantized" keeps Q4_0/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K tensors in their blocks
         on `device` (fused dequantize-matmul kernels), "dequantized" turns every tensor into
         `dtype`; default quantized on CUDA, dequantized on CPU. `cuda_graphs` captures the decode
-        and prompt graphs on CUDA (Triton kernels) and replays them where a batch fits."""
+        and prompt graphs on CUDA (Triton kernels) and replays them where a batch fits; default on
+        for CUDA when Triton is installed, off on CPU (True there is an error)."""
         start = time.perf_counter()
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError("device 'cuda' was asked for but CUDA is not available")
         compute_dtype = resolve_dtype(dtype, dev)
         weight_mode = resolve_weights(weights, dev)
+        use_graphs = resolve_cuda_graphs(cuda_graphs, dev)
         if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
             raise ModelLoadError(f"max_context must be a positive integer (got {max_context!r})")
         with GGUFFile.open(path) as f:
@@ -223,7 +239,7 @@ class Engine:
             context_length=context,
             info=info,
             path=Path(path),
-            cuda_graphs=cuda_graphs,
+            cuda_graphs=use_graphs,
         )
 
     def info(self) -> EngineInfo:

@@ -38,7 +38,8 @@ class ModelRunner:
             # kernels too, not the torch references.
             if triton_kernels.available(self.device):
                 triton_kernels.register_all()
-        # None on CPU, without Triton, or when turned off: every step runs eagerly.
+        # None on CPU, without Triton, or when turned off (Engine.load turns them on for CUDA by
+        # default): every step runs eagerly.
         self.graphs = CudaGraphRunner.create(model, kv) if cuda_graphs else None
 
     def prepare(

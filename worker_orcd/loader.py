@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -216,7 +217,7 @@ def load_model(
             logger.info(
                 "loading weights: %3.0f%% (%.2fs)", 100 * done / total, time.perf_counter() - start
             )
-            next_report += 0.1
+            next_report = (math.floor(10 * done / total) + 1) / 10  # one line per tenth crossed
     for pname, loaded in shards.items():
         _place(model, params[pname], loaded, device)
     model.finish_loading()

@@ -17,8 +17,9 @@ import logging
 import torch
 from torch import nn
 
+from worker_orcd import kernels
 from worker_orcd.config import ModelConfig
-from worker_orcd.kernels import AttentionMetadata, apply_rope
+from worker_orcd.kernels import AttentionMetadata
 from worker_orcd.layers import (
     Attention,
     GateUpLinear,
@@ -69,8 +70,8 @@ class SelfAttention(nn.Module):
         q = qkv[:, :q_size].view(n, self.n_heads, self.head_dim)  # [T, H, D]
         k = qkv[:, q_size : q_size + kv_size].view(n, self.n_kv_heads, self.head_dim)  # [T, Hk, D]
         v = qkv[:, q_size + kv_size :].view(n, self.n_kv_heads, self.head_dim)  # [T, Hk, D]
-        q, k = apply_rope(q, k, positions, cos_sin)
-        out = self.attn(q, k, v, meta)  # [T, H, D]
+        # RoPE is applied inside, fused with the KV-cache write.
+        out = self.attn(q, k, v, meta, positions=positions, cos_sin=cos_sin)  # [T, H, D]
         return self.o_proj(out.reshape(n, q_size))
 
 
@@ -84,7 +85,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, quantized=quantized)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        down = self.down_proj
+        if down.quantized is None:  # SwiGLU fused into the down projection
+            return kernels.silu_and_mul_linear(gate_up, down.weight, down.bias)  # [T, D]
+        return down(self.act_fn(gate_up))
 
 
 class DecoderLayer(nn.Module):

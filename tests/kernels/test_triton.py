@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from worker_orcd.kernels.activation import silu_and_mul_ref
+from worker_orcd import kernels
+from worker_orcd.kernels import rope_store_kv_ref
+from worker_orcd.kernels.activation import silu_and_mul_linear_ref, silu_and_mul_ref
 from worker_orcd.kernels.attention import AttentionMetadata, attention_ref, store_kv_ref
 from worker_orcd.kernels.norm import add_rms_norm_ref, rms_norm_ref
 from worker_orcd.kernels.rope import apply_rope_ref, rope_cos_sin_cache
@@ -78,9 +80,9 @@ def test_rope_and_rope_store_kv(n: int, h: int, hk: int, d: int, rope_dim: int) 
     kc = torch.randn(50, hk, d, device=DEV, dtype=BF16)
     vc = torch.randn(50, hk, d, device=DEV, dtype=BF16)
     kc_ref, vc_ref = kc.clone(), vc.clone()
-    store_kv_ref(k_ref, v, kc_ref, vc_ref, slots)
+    q_fused_ref = rope_store_kv_ref(q, k, v, pos, cs, kc_ref, vc_ref, slots)
     q_fused = rope.rope_store_kv(q, k, v, pos, cs, kc, vc, slots)
-    assert rel_err(q_fused, q_ref) < 1e-2
+    assert rel_err(q_fused, q_fused_ref) < 1e-2
     assert rel_err(kc, kc_ref) < 1e-2 and torch.equal(vc, vc_ref)
 
     kc2, vc2 = kc.clone(), vc.clone()
@@ -186,10 +188,23 @@ def test_silu_and_mul_linear(n: int, inter: int) -> None:
     w = torch.randn(n, inter, device=DEV, dtype=BF16) * 0.05
     fused = gemv.silu_and_mul_linear(gate_up, w)
     assert torch.equal(fused, gemv.gemv(activation.silu_and_mul(gate_up), w))
-    ref = torch.nn.functional.linear(silu_and_mul_ref(gate_up).double(), w.double())
+    ref = silu_and_mul_linear_ref(gate_up.double(), w.double())
     assert rel_err(fused, ref) < 1e-2
+    bias = torch.randn(n, device=DEV, dtype=BF16)
+    with_bias = gemv.silu_and_mul_linear(gate_up, w, bias)
+    bias_ref = silu_and_mul_linear_ref(gate_up.double(), w.double(), bias.double())
+    assert rel_err(with_bias, bias_ref) < 1e-2
     many = torch.randn(7, 2 * inter, device=DEV, dtype=BF16)
-    assert rel_err(gemv.silu_and_mul_linear(many, w), silu_and_mul_ref(many) @ w.T) < 1e-2
+    assert rel_err(gemv.silu_and_mul_linear(many, w), silu_and_mul_linear_ref(many, w)) < 1e-2
+
+
+def test_register_all_routes_the_fused_entry_points() -> None:
+    from worker_orcd.kernels.triton import gemv, register_all, rope
+
+    register_all()
+    dev = torch.device(DEV)
+    assert kernels.implementation("rope_store_kv", dev) is rope.rope_store_kv
+    assert kernels.implementation("silu_and_mul_linear", dev) is gemv.silu_and_mul_linear
 
 
 def test_negative_slots_write_nothing() -> None:

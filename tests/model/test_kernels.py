@@ -62,6 +62,48 @@ def test_rope_matches_transformers_rotate_half(head_dim: int, t: int) -> None:
     assert _rel(got_k, want_k[0].transpose(0, 1)) < 1e-5
 
 
+@pytest.mark.parametrize(("head_dim", "rope_dim"), [(64, 64), (96, 96), (128, 128), (96, 32)])
+@pytest.mark.parametrize("t", [1, 13])
+def test_rope_store_kv_equals_rope_then_store(head_dim: int, rope_dim: int, t: int) -> None:
+    """The fused entry point: the rotated q back, rotated k and raw v in the cache at the slots,
+    nothing else written."""
+    g = torch.Generator().manual_seed(head_dim + rope_dim + t)
+    n_heads, n_kv, n_slots = 6, 2, 37
+    qkv = torch.randn(t, (n_heads + 2 * n_kv) * head_dim, generator=g)  # views, as the model has
+    q = qkv[:, : n_heads * head_dim].view(t, n_heads, head_dim)
+    k = qkv[:, n_heads * head_dim : (n_heads + n_kv) * head_dim].view(t, n_kv, head_dim)
+    v = qkv[:, (n_heads + n_kv) * head_dim :].view(t, n_kv, head_dim)
+    positions = torch.randint(0, 300, (t,), generator=g)
+    factors = torch.linspace(1.0, 3.0, rope_dim // 2)
+    cos_sin = kernels.rope_cos_sin_cache(rope_dim, 301, 10000.0, factors=factors)
+    slots = torch.randperm(n_slots, generator=g)[:t]
+    k_cache, v_cache = torch.randn(2, n_slots, n_kv, head_dim, generator=g)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+
+    got_q = kernels.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slots)
+    want_q, want_k = kernels.apply_rope(q, k, positions, cos_sin)
+    kernels.store_kv(want_k, v, k_want, v_want, slots)
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+
+
+@pytest.mark.parametrize(("t", "inter", "out"), [(1, 37, 64), (13, 96, 96), (5, 128, 33)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_silu_and_mul_linear_equals_unfused(t: int, inter: int, out: int, bias: bool) -> None:
+    g = torch.Generator().manual_seed(t + inter + out)
+    gate_up = torch.randn(t, 2 * inter, generator=g)
+    w = torch.randn(out, inter, generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    got = kernels.silu_and_mul_linear(gate_up, w, b)
+    assert got.shape == (t, out)
+    assert torch.equal(got, kernels.linear(kernels.silu_and_mul(gate_up), w, b))
+    gate, up = gate_up[:, :inter].double(), gate_up[:, inter:].double()
+    want = (gate / (1 + torch.exp(-gate)) * up) @ w.double().T
+    if b is not None:
+        want = want + b.double()
+    assert _rel(got, want) < 1e-6
+
+
 def test_rope_partial_rotary_and_factors() -> None:
     head_dim, rope_dim, t = 96, 32, 5
     q = torch.randn(t, 4, head_dim)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from worker_orcd.kernels.activation import silu_and_mul_ref
+from worker_orcd.kernels.activation import silu_and_mul_linear_ref, silu_and_mul_ref
 from worker_orcd.kernels.attention import AttentionMetadata, attention_ref, store_kv_ref
 from worker_orcd.kernels.norm import add_rms_norm_ref, rms_norm_ref
 from worker_orcd.kernels.rope import apply_rope_ref, rope_cos_sin_cache
@@ -31,13 +31,31 @@ __all__ = [
     "register",
     "rms_norm",
     "rope_cos_sin_cache",
+    "rope_store_kv",
     "silu_and_mul",
+    "silu_and_mul_linear",
     "store_kv",
 ]
 
 
 def _linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return F.linear(x, weight, bias)
+
+
+def rope_store_kv_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """apply_rope then store_kv of the rotated k and v; returns the rotated q [T, H, D]."""
+    q, k = apply_rope_ref(q, k, positions, cos_sin)
+    store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q
 
 
 def _embedding_ref(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -49,8 +67,10 @@ REFERENCE: dict[str, Callable[..., object]] = {
     "add_rms_norm": add_rms_norm_ref,
     "apply_rope": apply_rope_ref,
     "store_kv": store_kv_ref,
+    "rope_store_kv": rope_store_kv_ref,
     "attention": attention_ref,
     "silu_and_mul": silu_and_mul_ref,
+    "silu_and_mul_linear": silu_and_mul_linear_ref,
     "linear": _linear_ref,
     "embedding": _embedding_ref,
 }
@@ -97,6 +117,22 @@ def store_kv(
     implementation("store_kv", k.device)(k, v, k_cache, v_cache, slot_mapping)
 
 
+def rope_store_kv(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hk, D]
+    v: torch.Tensor,  # [T, Hk, D]
+    positions: torch.Tensor,  # [T]
+    cos_sin: torch.Tensor,  # [P, R]
+    k_cache: torch.Tensor,  # [S, Hk, D]
+    v_cache: torch.Tensor,  # [S, Hk, D]
+    slot_mapping: torch.Tensor,  # [T]
+) -> torch.Tensor:
+    """Rotate q and k, write the rotated k and v into the caches; returns the rotated q."""
+    return implementation("rope_store_kv", q.device)(
+        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping
+    )
+
+
 def attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -113,6 +149,13 @@ def attention(
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return implementation("silu_and_mul", x.device)(x)
+
+
+def silu_and_mul_linear(
+    gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """linear(silu_and_mul(gate_up), weight, bias): gate_up [T, 2I], weight [N, I] -> [T, N]."""
+    return implementation("silu_and_mul_linear", gate_up.device)(gate_up, weight, bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

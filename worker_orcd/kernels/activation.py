@@ -1,4 +1,5 @@
-"""SwiGLU on the fused gate/up projection output (torch reference)."""
+"""SwiGLU on the fused gate/up projection output, alone and fused into the down projection (torch
+references)."""
 
 from __future__ import annotations
 
@@ -10,3 +11,10 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """x [T, 2I] holding gate then up -> silu(gate) * up [T, I]."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def silu_and_mul_linear_ref(
+    gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """gate_up [T, 2I], weight [N, I], bias [N] -> linear(silu(gate) * up) [T, N]."""
+    return F.linear(silu_and_mul_ref(gate_up), weight, bias)

@@ -1,5 +1,5 @@
-"""Attention over the KV cache: store this step's k/v, then attend. The model runner binds the
-caches."""
+"""Attention over the KV cache: store this step's k/v (rotating q and k first when given the rotary
+cos/sin, in one kernel), then attend. The model runner binds the caches."""
 
 from __future__ import annotations
 
@@ -26,14 +26,28 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        *,
+        positions: torch.Tensor | None = None,
+        cos_sin: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q [T, H, D], k and v [T, Hk, D] -> [T, H, D]."""
+        """q [T, H, D], k and v [T, Hk, D] -> [T, H, D]. With cos_sin [P, R] and positions [T], q
+        and k are rotated here (un-rotated on input)."""
         if self.k_cache.numel() == 0:
             raise RuntimeError(
                 "KV cache not bound: the model runner must bind caches before forward"
             )
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if cos_sin is not None:
+            assert positions is not None, "rotary cos_sin given without positions"
+            q = kernels.rope_store_kv(
+                q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping
+            )
+        else:
+            kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return kernels.attention(
             q,
             self.k_cache,

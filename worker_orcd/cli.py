@@ -131,23 +131,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = engine.generate(ids, params, on_text=None if args.json else echo)
     if args.json:
         t = out.timings
-        print(json.dumps({
-            "prompt_ids": out.prompt_ids,
-            "token_ids": out.token_ids,
-            "text": out.text,
-            "stop_reason": out.stop_reason.value,
-            "stop_sequence": out.stop_sequence,
-            "seed": out.seed,
-            "timings": {
-                "prompt_tokens": t.prompt_tokens,
-                "prefill_ms": round(t.prefill_ms, 3),
-                "prefill_tok_s": round(t.prefill_tok_s, 2),
-                "first_token_ms": round(t.first_token_ms, 3),
-                "decode_ms": round(t.decode_ms, 3),
-                "decode_tok_s": round(t.decode_tok_s, 2),
-                "tokens_out": t.tokens_out,
-            },
-        }, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "prompt_ids": out.prompt_ids,
+                    "token_ids": out.token_ids,
+                    "text": out.text,
+                    "stop_reason": out.stop_reason.value,
+                    "stop_sequence": out.stop_sequence,
+                    "seed": out.seed,
+                    "timings": {
+                        "prompt_tokens": t.prompt_tokens,
+                        "prefill_ms": round(t.prefill_ms, 3),
+                        "prefill_tok_s": round(t.prefill_tok_s, 2),
+                        "first_token_ms": round(t.first_token_ms, 3),
+                        "decode_ms": round(t.decode_ms, 3),
+                        "decode_tok_s": round(t.decode_tok_s, 2),
+                        "tokens_out": t.tokens_out,
+                    },
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         sys.stdout.write("\n")
         sys.stdout.flush()

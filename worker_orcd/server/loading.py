@@ -29,8 +29,16 @@ def load_engine(settings: ServerSettings) -> Engine | None:
 
     wid, path = settings.worker_id, settings.model_path
     size = os.path.getsize(path) if os.path.isfile(path) else None
-    log_event(logger, "model_load_start", worker_id=wid, path=path, file_bytes=size,
-              device=settings.device, dtype=settings.dtype, max_context=settings.max_context)
+    log_event(
+        logger,
+        "model_load_start",
+        worker_id=wid,
+        path=path,
+        file_bytes=size,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_context=settings.max_context,
+    )
     t0 = time.perf_counter()
 
     def progress(elapsed: float) -> None:
@@ -44,21 +52,41 @@ def load_engine(settings: ServerSettings) -> Engine | None:
             needed = check_vram(settings)
         with _every(PROGRESS_EVERY_S, progress):
             try:
-                engine = Engine.load(path, device=settings.device, dtype=settings.dtype,
-                                     max_context=settings.max_context)
+                engine = Engine.load(
+                    path,
+                    device=settings.device,
+                    dtype=settings.dtype,
+                    max_context=settings.max_context,
+                )
             except ModelLoadError as exc:
                 if _is_cuda_oom(exc.__cause__):
                     raise _insufficient(settings, needed, "ran out while loading") from exc
                 raise
     except WorkerError as exc:
-        log_event(logger, "error", worker_id=wid, code=exc.code, path=path, message=exc.message,
-                  level=logging.ERROR)
+        log_event(
+            logger,
+            "error",
+            worker_id=wid,
+            code=exc.code,
+            path=path,
+            message=exc.message,
+            level=logging.ERROR,
+        )
         return None
     info = engine.info()
-    log_event(logger, "model_load_complete", worker_id=wid, path=path, model=engine.model_name,
-              load_ms=(time.perf_counter() - t0) * 1e3, weight_bytes=info.weight_bytes,
-              kv_cache_bytes=info.kv_cache_bytes, dtype=info.dtype, device=info.device,
-              context_length=info.context_length)
+    log_event(
+        logger,
+        "model_load_complete",
+        worker_id=wid,
+        path=path,
+        model=engine.model_name,
+        load_ms=(time.perf_counter() - t0) * 1e3,
+        weight_bytes=info.weight_bytes,
+        kv_cache_bytes=info.kv_cache_bytes,
+        dtype=info.dtype,
+        device=info.device,
+        context_length=info.context_length,
+    )
     return engine
 
 

@@ -31,18 +31,33 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--worker-id", default=None, help="name in logs and the ready callback")
     p.add_argument("--gpu-device", type=int, default=0, help="CUDA device index")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                   help="default: cuda when available, else cpu")
+    p.add_argument(
+        "--device",
+        default=None,
+        choices=["cpu", "cuda"],
+        help="default: cuda when available, else cpu",
+    )
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--callback-url", default=None,
-                   help="POST {worker_id, uri, vram_bytes, model} here once ready")
-    p.add_argument("--max-tokens-in", type=_positive_int, default=None,
-                   help="largest prompt in tokens (default: the context length)")
+    p.add_argument(
+        "--callback-url",
+        default=None,
+        help="POST {worker_id, uri, vram_bytes, model} here once ready",
+    )
+    p.add_argument(
+        "--max-tokens-in",
+        type=_positive_int,
+        default=None,
+        help="largest prompt in tokens (default: the context length)",
+    )
     p.add_argument("--max-tokens-out", type=_positive_int, default=2048)
     p.add_argument("--inference-timeout-sec", type=float, default=300.0)
     p.add_argument("--max-context", type=_positive_int, default=None)
-    p.add_argument("--max-queue", type=int, default=16,
-                   help="jobs that may wait while one runs; beyond it requests get 503")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        help="jobs that may wait while one runs; beyond it requests get 503",
+    )
     p.add_argument("--log-format", default="text", choices=["text", "json"])
 
 

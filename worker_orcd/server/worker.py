@@ -53,15 +53,23 @@ def http_status(code: str) -> int:
 class ServingEngine(Protocol):
     model_name: str
 
-    def encode_prompt(self, prompt: str | None = None,
-                      messages: Sequence[dict[str, str]] | None = None,
-                      system: str | None = None) -> list[int]: ...
+    def encode_prompt(
+        self,
+        prompt: str | None = None,
+        messages: Sequence[dict[str, str]] | None = None,
+        system: str | None = None,
+    ) -> list[int]: ...
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None: ...
 
-    def generate(self, prompt: list[int], params: SamplingParams, *,
-                 on_text: Callable[[str], None] | None = None,
-                 cancel: threading.Event | None = None) -> GenerationOutput: ...
+    def generate(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationOutput: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +129,11 @@ class Worker:
     async def new_job(self, job_id: str, gen: GenerationRequest, endpoint: str) -> Job:
         """Tokenize off the event loop, check the prompt's fit, and queue the job."""
         try:
-            ids = await run_in_threadpool(self.engine.encode_prompt, prompt=gen.prompt,
-                                          messages=list(gen.messages) if gen.messages else None)
+            ids = await run_in_threadpool(
+                self.engine.encode_prompt,
+                prompt=gen.prompt,
+                messages=list(gen.messages) if gen.messages else None,
+            )
         except RequestValidationError:
             raise
         except InvalidRequestError as exc:  # e.g. a chat request to a model without a template
@@ -131,28 +142,48 @@ class Worker:
         max_tokens = self._check_fit(len(ids), gen.max_tokens)
         seed = gen.seed if gen.seed is not None else secrets.randbits(64)
         params = gen.sampling(max_tokens=max_tokens, seed=seed)
-        job = Job(job_id=job_id, prompt_ids=ids, params=params, endpoint=endpoint,
-                  loop=asyncio.get_running_loop())
+        job = Job(
+            job_id=job_id,
+            prompt_ids=ids,
+            params=params,
+            endpoint=endpoint,
+            loop=asyncio.get_running_loop(),
+        )
         try:
             self.scheduler.submit(job)
         except DuplicateJobError as exc:
             raise RequestValidationError([FieldError("job_id", exc.message)]) from exc
-        log_event(logger, "job_queued", worker_id=self.settings.worker_id, job_id=job_id,
-                  endpoint=endpoint, prompt_chars=gen.prompt_chars, prompt_tokens=len(ids),
-                  queued=self.scheduler.jobs_queued, level=logging.DEBUG)
+        log_event(
+            logger,
+            "job_queued",
+            worker_id=self.settings.worker_id,
+            job_id=job_id,
+            endpoint=endpoint,
+            prompt_chars=gen.prompt_chars,
+            prompt_tokens=len(ids),
+            queued=self.scheduler.jobs_queued,
+            level=logging.DEBUG,
+        )
         return job
 
     def _check_fit(self, n_prompt: int, max_tokens: int | None) -> int:
         limit = self.settings.max_tokens_in
         if limit is not None and n_prompt > limit:
-            raise RequestValidationError([FieldError(
-                "prompt", f"is {n_prompt} tokens, more than --max-tokens-in {limit}")])
+            raise RequestValidationError(
+                [FieldError("prompt", f"is {n_prompt} tokens, more than --max-tokens-in {limit}")]
+            )
         if max_tokens is None:
             room = self.facts.context_length - n_prompt
             if room < 1:
-                raise RequestValidationError([FieldError(
-                    "prompt", f"is {n_prompt} tokens and leaves no room in the context of "
-                              f"{self.facts.context_length} tokens")])
+                raise RequestValidationError(
+                    [
+                        FieldError(
+                            "prompt",
+                            f"is {n_prompt} tokens and leaves no room in the context of "
+                            f"{self.facts.context_length} tokens",
+                        )
+                    ]
+                )
             max_tokens = min(self.settings.max_tokens_out, room)
         try:
             self.engine.check_fits(n_prompt, max_tokens)

@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", nargs="*", default=[])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--weights",
+        default=None,
+        choices=["quantized", "dequantized"],
+        help="keep GGUF quantized blocks on the device or expand them to --dtype "
+        "(default: quantized on cuda, dequantized on cpu)",
+    )
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.set_defaults(func=cmd_generate)
@@ -115,7 +122,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     params.validate()
     engine = Engine.load(
-        args.model, device=args.device, dtype=args.dtype, max_context=args.max_context
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_context=args.max_context,
+        weights=args.weights,
     )
     if args.chat:
         ids = engine.encode_prompt(

@@ -37,6 +37,7 @@ def load_engine(settings: ServerSettings) -> Engine | None:
         file_bytes=size,
         device=settings.device,
         dtype=settings.dtype,
+        weights=settings.weights,
         max_context=settings.max_context,
     )
     t0 = time.perf_counter()
@@ -57,6 +58,7 @@ def load_engine(settings: ServerSettings) -> Engine | None:
                     device=settings.device,
                     dtype=settings.dtype,
                     max_context=settings.max_context,
+                    weights=settings.weights,
                 )
             except ModelLoadError as exc:
                 if _is_cuda_oom(exc.__cause__):
@@ -84,6 +86,7 @@ def load_engine(settings: ServerSettings) -> Engine | None:
         weight_bytes=info.weight_bytes,
         kv_cache_bytes=info.kv_cache_bytes,
         dtype=info.dtype,
+        weights=info.weights,
         device=info.device,
         context_length=info.context_length,
     )
@@ -91,12 +94,13 @@ def load_engine(settings: ServerSettings) -> Engine | None:
 
 
 def check_vram(settings: ServerSettings) -> int:
-    """Estimate what loading needs (weights in the compute dtype plus the KV cache) and refuse
-    before loading when the GPU has less free; return the estimate."""
+    """Estimate what loading needs (weights as the file stores them when kept quantized, else in
+    the compute dtype, plus the KV cache) and refuse before loading when the GPU has less free;
+    return the estimate."""
     import torch
 
     from worker_orcd.config import ModelConfig
-    from worker_orcd.engine.engine import resolve_dtype
+    from worker_orcd.engine.engine import resolve_dtype, resolve_weights
     from worker_orcd.gguf import GGUFFile
 
     device = torch.device(settings.device)
@@ -105,7 +109,10 @@ def check_vram(settings: ServerSettings) -> int:
     itemsize = resolve_dtype(settings.dtype, device).itemsize
     with GGUFFile.open(settings.model_path) as f:
         config = ModelConfig.from_gguf(f)
-        weights = sum(t.n_elements for t in f.tensors.values()) * itemsize
+        if resolve_weights(settings.weights, device) == "quantized":
+            weights = sum(t.n_bytes for t in f.tensors.values())
+        else:
+            weights = sum(t.n_elements for t in f.tensors.values()) * itemsize
     context = min(config.context_length, settings.max_context or config.context_length)
     kv = 2 * config.n_layers * context * config.n_kv_heads * config.head_dim * itemsize
     needed = weights + kv
@@ -160,6 +167,8 @@ def model_facts(engine: Engine, settings: ServerSettings) -> ModelFacts:
         device=info.device,
         dtype=info.dtype,
         quant_kind=quant_kind(settings.model_path, info.quant_mix),
+        weights=info.weights,
+        weight_mix=dict(info.weight_mix),
         tokenizer_kind=info.tokenizer_kind,
         vocab_size=info.vocab_size,
         context_length=info.context_length,

@@ -39,6 +39,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument(
+        "--weights",
+        default=None,
+        choices=["quantized", "dequantized"],
+        help="keep GGUF quantized blocks on the device or expand them to --dtype "
+        "(default: quantized on cuda, dequantized on cpu)",
+    )
+    p.add_argument(
         "--callback-url",
         default=None,
         help="POST {worker_id, uri, vram_bytes, model} here once ready",
@@ -71,6 +78,7 @@ class ServerSettings:
     port: int
     device: str
     dtype: str | None
+    weights: str | None  # "quantized" | "dequantized"; None: the engine's default for the device
     callback_url: str | None
     max_tokens_in: int | None
     max_tokens_out: int
@@ -93,6 +101,7 @@ class ServerSettings:
             port=args.port,
             device=resolve_device(args.device, args.gpu_device),
             dtype=args.dtype,
+            weights=args.weights,
             callback_url=args.callback_url,
             max_tokens_in=args.max_tokens_in,
             max_tokens_out=args.max_tokens_out,

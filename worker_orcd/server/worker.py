@@ -80,7 +80,9 @@ class ModelFacts:
     architecture: str
     device: str
     dtype: str
-    quant_kind: str
+    quant_kind: str  # the file's declared type (general.file_type), e.g. Q4_K_M
+    weights: str  # "quantized" (GGUF blocks on the device) or "dequantized"
+    weight_mix: dict[str, int]  # storage type on the device ("Q4_K", "bfloat16", ...) -> bytes
     tokenizer_kind: str
     vocab_size: int
     context_length: int
@@ -117,6 +119,8 @@ class Worker:
             "device": f.device,
             "dtype": f.dtype,
             "quant_kind": f.quant_kind,
+            "weights": f.weights,
+            "weight_mix": f.weight_mix,
             "vram_bytes_used": gpu_memory_bytes(f.device),
             "tokenizer_kind": f.tokenizer_kind,
             "vocab_size": f.vocab_size,

@@ -1,0 +1,87 @@
+"""`--weights` on `worker-orcd generate` and `serve`: parsed, passed to Engine.load, reported."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from worker_orcd import cli
+from worker_orcd.server import loading
+from worker_orcd.server.options import ServerSettings
+
+
+def _serve_settings(*flags: str) -> ServerSettings:
+    args = cli.build_parser().parse_args(["serve", "--model", "m.gguf", "--port", "0", *flags])
+    return ServerSettings.from_args(args)
+
+
+def test_serve_weights_flag() -> None:
+    assert _serve_settings().weights is None  # the engine's default for the device
+    assert _serve_settings("--weights", "quantized").weights == "quantized"
+    assert _serve_settings("--weights", "dequantized").weights == "dequantized"
+    with pytest.raises(SystemExit):
+        _serve_settings("--weights", "int4")
+
+
+class _Loaded(Exception):
+    pass
+
+
+def _capture_load(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    from worker_orcd.engine.engine import Engine
+
+    seen: dict[str, Any] = {}
+
+    def fake_load(path: object, **kwargs: Any) -> None:
+        seen.update(kwargs, path=path)
+        raise _Loaded
+
+    monkeypatch.setattr(Engine, "load", fake_load)
+    return seen
+
+
+@pytest.mark.parametrize("weights", [None, "quantized", "dequantized"])
+def test_generate_passes_weights_to_engine_load(
+    weights: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _capture_load(monkeypatch)
+    argv = ["generate", "--model", "m.gguf", "--prompt", "hi"]
+    args = cli.build_parser().parse_args(argv + (["--weights", weights] if weights else []))
+    with pytest.raises(_Loaded):
+        cli.cmd_generate(args)
+    assert seen["weights"] == weights and seen["path"] == "m.gguf"
+
+
+def test_serve_passes_weights_to_engine_load(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _capture_load(monkeypatch)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    args = cli.build_parser().parse_args(
+        ["serve", "--model", str(model), "--port", "0", "--device", "cpu", "--weights", "quantized"]
+    )
+    with pytest.raises(_Loaded):
+        loading.load_engine(ServerSettings.from_args(args))
+    assert seen["weights"] == "quantized" and seen["device"] == "cpu"
+
+
+def test_model_facts_report_weights_and_their_mix(monkeypatch: pytest.MonkeyPatch) -> None:
+    info = SimpleNamespace(
+        model_name="m",
+        architecture="qwen2",
+        device="cpu",
+        dtype="float32",
+        weights="quantized",
+        weight_mix={"Q4_K": 100, "float32": 20},
+        weight_bytes=120,
+        kv_cache_bytes=8,
+        quant_mix={"Q4_K": 3, "F32": 2},
+        tokenizer_kind="bpe",
+        vocab_size=10,
+        context_length=16,
+    )
+    monkeypatch.setattr(loading, "quant_kind", lambda path, mix: "Q4_K_M")
+    facts = loading.model_facts(SimpleNamespace(info=lambda: info), _serve_settings())
+    assert (facts.quant_kind, facts.weights) == ("Q4_K_M", "quantized")
+    assert facts.weight_mix == {"Q4_K": 100, "float32": 20}

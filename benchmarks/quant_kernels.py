@@ -63,16 +63,19 @@ L2_FLUSH_BYTES = 200 << 20
 
 
 def sweep(qtype: Q) -> list[GemvConfig]:
+    """Launch configs tried per shape: (rows, tile, warps, split_k[, one_plus])."""
     if qtype in (Q.Q4_K, Q.Q5_K):
-        shapes = [(1, 2), (2, 2), (4, 1), (4, 2), (8, 1), (8, 2), (8, 4), (16, 1), (16, 2),
-                  (16, 4), (32, 1), (32, 2)]  # fmt: skip
+        shapes = [(8, 4, 4, 1, True), (16, 4, 4, 1, True), (4, 4, 4, 1, True), (8, 2, 4, 1, True),
+                  (8, 4, 8, 1, True), (16, 2, 4, 1, True), (4, 4, 4, 2, True), (8, 4, 4, 2, True),
+                  (4, 2, 4, 4, True), (2, 4, 4, 4, True), (2, 2, 4, 6, True), (8, 4, 4, 2, False),
+                  (4, 4, 4, 2, False), (4, 2, 4, 4, False)]  # fmt: skip
     elif qtype == Q.Q6_K:
-        shapes = [(1, 4), (2, 4), (2, 8), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4), (8, 8),
-                  (16, 2), (16, 4), (32, 2)]  # fmt: skip
+        shapes = [(4, 8, 4, 1), (8, 8, 4, 1), (8, 4, 4, 1), (16, 8, 8, 1), (4, 8, 4, 2),
+                  (4, 4, 4, 2), (8, 8, 4, 2), (2, 8, 4, 4), (4, 8, 4, 4), (2, 4, 4, 8)]  # fmt: skip
     else:
-        tiles = (4, 16) if qtype == Q.Q8_0 else (8, 32)
-        shapes = [(bn, t) for bn in (1, 2, 4, 8, 16, 32) for t in tiles]
-    return [GemvConfig(bn, t, w) for bn, t in shapes for w in (4, 8) if w == 4 or bn * t >= 32]
+        shapes = [(4, 16, 4, 1), (8, 16, 4, 1), (16, 32, 4, 1), (32, 4, 4, 1), (4, 32, 4, 2),
+                  (8, 32, 4, 2), (2, 32, 4, 4), (4, 16, 4, 2), (16, 16, 8, 1)]  # fmt: skip
+    return [GemvConfig(*c) for c in shapes]
 
 
 def events_ms(fn: Callable[[], object], reps: int = 20) -> float:
@@ -114,6 +117,18 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / ms / 1e6  # GB/s
 
 
+def _cfg(c: GemvConfig) -> list:
+    return [c.block_n, c.tile, c.num_warps, c.split_k, int(c.one_plus)]
+
+
+def _timed_or_none(calls: list[Callable[[], object]]) -> float:
+    try:
+        return graph_us(calls)
+    except Exception:  # noqa: BLE001 - a config that fails to build is reported, not fatal
+        logger.exception("config failed")
+        return math.inf
+
+
 def gemv_rows(entries: list, quick: bool) -> dict[tuple, dict]:
     results: dict[tuple, dict] = {}
     for _, qtype, (n, k), _ in entries:
@@ -131,14 +146,14 @@ def gemv_rows(entries: list, quick: bool) -> dict[tuple, dict]:
         timed = []
         for cfg in configs:
             calls = [partial(quant_gemv, x, p, qtype, n, k, out=y, config=cfg) for p in weights]
-            timed.append((graph_us(calls), cfg))
+            timed.append((_timed_or_none(calls), cfg))
         best_us, best = min(timed, key=lambda t: t[0])
         default_us = timed[0][0]
         results[key] = {
             "qtype": qtype.name, "n": n, "k": k, "mb": size / 1e6, "copies": copies,
-            "default": [default.block_n, default.tile, default.num_warps], "default_us": default_us,
-            "best": [best.block_n, best.tile, best.num_warps], "best_us": best_us,
-            "all": [[c.block_n, c.tile, c.num_warps, us] for us, c in timed],
+            "default": _cfg(default), "default_us": default_us,
+            "best": _cfg(best), "best_us": best_us,
+            "all": [[*_cfg(c), us] for us, c in timed],
         }  # fmt: skip
         logger.info(
             "gemv %-5s [%6d, %5d] %8.2f MB  default %s %7.2f us %6.0f GB/s | "
@@ -243,6 +258,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="default configs only")
+    ap.add_argument("--gemv-only", action="store_true", help="skip the rows and prefill sections")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     torch.manual_seed(0)
@@ -260,9 +276,9 @@ def main() -> int:
         "phi3": token_estimate("Phi-3-mini Q4_K_M", PHI3, gemv, copy_gbs),
         "qwen": token_estimate("Qwen2.5-0.5B Q4_K_M", QWEN, gemv, copy_gbs),
     }
-    cross = _guarded(rows_crossover, [])
-    pre = _guarded(lambda: prefill(PHI3), [])
-    for m in (512, 2048):
+    cross = [] if args.gemv_only else _guarded(rows_crossover, [])
+    pre = [] if args.gemv_only else _guarded(lambda: prefill(PHI3), [])
+    for m in (512, 2048) if pre else ():
         sel = [r for r in pre if r["m"] == m]
         scratch = sum(r["scratch_total_us"] * r["count"] for r in sel)
         bf16 = sum(r["cublas_us"] * r["count"] for r in sel)
@@ -277,10 +293,11 @@ def main() -> int:
                 "best", "GB/s", "%copy")  # fmt: skip
     for r in gemv.values():
         logger.info(
-            "%-7s %-18s %8.2f %8.2fus %8.0f %8.2fus %8.0f %5.0f%%",
+            "%-7s %-18s %8.2f %8.2fus %8.0f %8.2fus %8.0f %5.0f%% %s",
             r["qtype"], f"[{r['n']}, {r['k']}]",
             r["mb"], r["default_us"], r["mb"] * 1e3 / r["default_us"], r["best_us"],
             r["mb"] * 1e3 / r["best_us"], 100 * r["mb"] * 1e3 / r["best_us"] / copy_gbs,
+            r["best"],
         )  # fmt: skip
     for model, t in tokens.items():
         logger.info("%s: default %.0f tok/s, best %.0f tok/s (matmuls only), copy %.0f GB/s",

@@ -92,6 +92,12 @@ def test_gemv_real_and_odd_shapes(qtype: Q) -> None:
     for n, k in _shapes(qtype, ODD):
         check_gemv(qtype, n, k, 3, torch.float32, "cuda", None)
         check_gemv(qtype, n, k, 2, torch.float16, "cuda", GemvConfig(2, 1, 2))
+    # split K (partials + sum) and the 1 + q / 2**bits reading, at real and odd shapes
+    for n, k in _shapes(qtype, [(896, 4864), (3072, 8192), (3072, 3072)] + ODD):
+        for cfg in (GemvConfig(4, 2, 4, split_k=4), GemvConfig(8, 4, 4, split_k=3, one_plus=True),
+                    GemvConfig(2, 8, 8, one_plus=True)):  # fmt: skip
+            check_gemv(qtype, n, k, 1, torch.bfloat16, "cuda", cfg)
+        check_gemv(qtype, n, k, 3, torch.float32, "cuda", GemvConfig(4, 1, 4, 2, True))
 
 
 @gpu
@@ -121,6 +127,12 @@ def test_quant_matmul_prefill_paths(m: int) -> None:
 @pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
 def test_interpreted_kernels(qtype: Q) -> None:
     bs = block_format(qtype).block_size
-    for n, k, m, cfg in [(5, 3 * bs, 1, None), (37, 5 * bs, 2, GemvConfig(8, 2, 4))]:
+    for n, k, m, cfg in [
+        (5, 3 * bs, 1, None),
+        (37, 5 * bs, 2, GemvConfig(8, 2, 4)),
+        (37, 7 * bs, 2, GemvConfig(8, 1, 4, split_k=3)),
+        (11, 9 * bs, 3, GemvConfig(4, 2, 4, split_k=2, one_plus=True)),
+        (6, 4 * bs, 1, GemvConfig(2, 4, 4, one_plus=True)),
+    ]:
         check_gemv(qtype, n, k, m, torch.float32, "cpu", cfg)
     check_dequant(qtype, 13, 2 * bs, "cpu")

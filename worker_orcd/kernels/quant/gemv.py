@@ -43,10 +43,12 @@ def _k4_scale_min(ptr, base, j, mask):
 @triton.jit
 def gemv_q8_0_kernel(
     x_ptr, d_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    stride_yk, SPLIT_UNITS,
     BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, BLOCKS blocks, 32 weights]
     pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
+    pid_k = tl.program_id(1)  # split of K: units [lo, hi) of this program
     rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     r64 = rows.to(tl.int64)
@@ -55,9 +57,11 @@ def gemv_q8_0_kernel(
     ll = tl.arange(0, 32)
     x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for b0 in range(0, nb, BLOCKS):
+    lo_u = pid_k * SPLIT_UNITS
+    hi_u = tl.minimum(nb, lo_u + SPLIT_UNITS)
+    for b0 in range(lo_u, hi_u, BLOCKS):
         blk = b0 + b
-        bmask = blk < nb
+        bmask = blk < hi_u
         m2 = rmask[:, None] & bmask[None, :]
         q = tl.load(
             qs_ptr + r64[:, None, None] * K + (blk * 32)[None, :, None] + ll[None, None, :],
@@ -67,16 +71,18 @@ def gemv_q8_0_kernel(
         xv = tl.load(x_row + (blk * 32)[:, None] + ll[None, :], mask=bmask[:, None], other=0.0)
         part = tl.sum(_to_f32(q.to(tl.int32) + 128, 128.0) * xv.to(tl.float32)[None], axis=2)
         acc += tl.sum(part * d.to(tl.float32), axis=1)
-    tl.store(y_ptr + pid_m * stride_ym + rows, acc, mask=rmask)
+    tl.store(y_ptr + pid_k * stride_yk + pid_m * stride_ym + rows, acc, mask=rmask)
 
 
 @triton.jit
 def _gemv_q4_q5_0(
     x_ptr, d_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    stride_yk, SPLIT_UNITS,
     HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, BLOCKS blocks, 16 bytes]; byte l holds elements l (low) and l + 16 (high)
     pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
+    pid_k = tl.program_id(1)  # split of K: units [lo, hi) of this program
     rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     r64 = rows.to(tl.int64)
@@ -85,9 +91,11 @@ def _gemv_q4_q5_0(
     ll = tl.arange(0, 16)
     x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for b0 in range(0, nb, BLOCKS):
+    lo_u = pid_k * SPLIT_UNITS
+    hi_u = tl.minimum(nb, lo_u + SPLIT_UNITS)
+    for b0 in range(lo_u, hi_u, BLOCKS):
         blk = b0 + b
-        bmask = blk < nb
+        bmask = blk < hi_u
         m2 = rmask[:, None] & bmask[None, :]
         q = tl.load(
             qs_ptr + r64[:, None, None] * (K // 2) + (blk * 16)[None, :, None] + ll[None, None, :],
@@ -110,17 +118,19 @@ def _gemv_q4_q5_0(
         xhi = tl.load(x_row + xoff + 16, mask=bmask[:, None], other=0.0).to(tl.float32)
         part = tl.sum(flo * xlo[None] + fhi * xhi[None], axis=2)
         acc += tl.sum(part * d.to(tl.float32), axis=1)
-    tl.store(y_ptr + pid_m * stride_ym + rows, acc, mask=rmask)
+    tl.store(y_ptr + pid_k * stride_yk + pid_m * stride_ym + rows, acc, mask=rmask)
 
 
 @triton.jit
 def _gemv_q4_q5_k(
     x_ptr, dm_ptr, scales_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-    HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, SUPER: tl.constexpr,
+    stride_yk, SPLIT_UNITS,
+    HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, SUPER: tl.constexpr, ONE_PLUS: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, SUPER super-blocks, 4 chunks, 32 bytes]; chunk c holds sub-block 2c in its
     # low nibbles (elements 64c + l) and 2c + 1 in its high nibbles (elements 64c + 32 + l)
     pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
+    pid_k = tl.program_id(1)  # split of K: units [lo, hi) of this program
     rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     r64 = rows.to(tl.int64)
@@ -130,9 +140,11 @@ def _gemv_q4_q5_k(
     ll = tl.arange(0, 32)
     x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for s0 in range(0, ns, SUPER):
+    lo_u = pid_k * SPLIT_UNITS
+    hi_u = tl.minimum(ns, lo_u + SPLIT_UNITS)
+    for s0 in range(lo_u, hi_u, SUPER):
         sb = s0 + s
-        smask = sb < ns
+        smask = sb < hi_u
         m2 = rmask[:, None] & smask[None, :]  # [BN, S]
         m3 = m2[:, :, None]
         q = tl.load(
@@ -140,6 +152,10 @@ def _gemv_q4_q5_k(
             + (c * 32)[None, None, :, None] + ll[None, None, None, :],
             mask=m3[:, :, :, None], other=0,
         ).to(tl.int32)  # fmt: skip
+        if ONE_PLUS and not HAS_QH:
+            # nibbles straight into the top mantissa bits of 1.0: shift + and-or per weight
+            flo = (((q << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            fhi = (((q << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
         lo = q & 15
         hi = q >> 4
         if HAS_QH:
@@ -155,10 +171,21 @@ def _gemv_q4_q5_k(
         xm = smask[:, None, None]
         xlo = tl.load(x_row + xoff, mask=xm, other=0.0).to(tl.float32)
         xhi = tl.load(x_row + xoff + 32, mask=xm, other=0.0).to(tl.float32)
-        dlo = tl.sum(_to_f32(lo, 0.0) * xlo[None], axis=3)  # [BN, S, 4]
-        dhi = tl.sum(_to_f32(hi, 0.0) * xhi[None], axis=3)
         slo = tl.sum(xlo, axis=2)[None]  # [1, S, 4]
         shi = tl.sum(xhi, axis=2)[None]
+        if ONE_PLUS:
+            # f = 1 + q / 2**B (exact), so sum(q x) = 2**B * (sum(f x) - sum(x))
+            if HAS_QH:
+                flo = ((lo << 18) | 0x3F800000).to(tl.float32, bitcast=True)
+                fhi = ((hi << 18) | 0x3F800000).to(tl.float32, bitcast=True)
+                unit = 32.0
+            else:
+                unit = 16.0
+            dlo = (tl.sum(flo * xlo[None], axis=3) - slo) * unit  # [BN, S, 4]
+            dhi = (tl.sum(fhi * xhi[None], axis=3) - shi) * unit
+        else:
+            dlo = tl.sum(_to_f32(lo, 0.0) * xlo[None], axis=3)  # [BN, S, 4]
+            dhi = tl.sum(_to_f32(hi, 0.0) * xhi[None], axis=3)
         sbi = r64[:, None] * ns + sb[None, :]  # [BN, S] super-block index
         sbase = (sbi * 12)[:, :, None]
         sc_lo, mn_lo = _k4_scale_min(scales_ptr, sbase, (2 * c)[None, None, :], m3)
@@ -169,18 +196,20 @@ def _gemv_q4_q5_k(
             mn_lo * slo + mn_hi * shi, axis=2
         )
         acc += tl.sum(t, axis=1)
-    tl.store(y_ptr + pid_m * stride_ym + rows, acc, mask=rmask)
+    tl.store(y_ptr + pid_k * stride_yk + pid_m * stride_ym + rows, acc, mask=rmask)
 
 
 @triton.jit
 def gemv_q6_k_kernel(
     x_ptr, d_ptr, scales_ptr, qh_ptr, ql_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    stride_yk, SPLIT_UNITS,
     BLOCK_N: tl.constexpr, HALVES: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, HALVES half-super-blocks of 128, 2, 16]: l = 16t + u in 0..31, and the
     # four 32-element groups f of a half are (ql[l] low, ql[l+32] low, ql[l] high, ql[l+32] high)
     # with 2-bit fields f of qh[l]; 16-element sub-block of (f, t) is 2f + t within the half.
     pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
+    pid_k = tl.program_id(1)  # split of K: units [lo, hi) of this program
     rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     r64 = rows.to(tl.int64)
@@ -191,9 +220,11 @@ def gemv_q6_k_kernel(
     lu = (t * 16)[:, None] + u[None, :]  # [2, 16]
     x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for h0 in range(0, nh, HALVES):
+    lo_u = pid_k * SPLIT_UNITS
+    hi_u = tl.minimum(nh, lo_u + SPLIT_UNITS)
+    for h0 in range(lo_u, hi_u, HALVES):
         hh = h0 + h
-        hmask = hh < nh
+        hmask = hh < hi_u
         m2 = rmask[:, None] & hmask[None, :]  # [BN, H]
         m4 = m2[:, :, None, None]
         qoff = r64[:, None, None, None] * (K // 2) + (hh * 64)[None, :, None, None] + lu[None, None]
@@ -225,4 +256,15 @@ def gemv_q6_k_kernel(
         )  # [BN, H, 2]
         d = tl.load(d_ptr + r64[:, None] * (K // 256) + (hh // 2)[None, :], mask=m2, other=0.0)
         acc += tl.sum(d.to(tl.float32) * tl.sum(tot, axis=2), axis=1)
-    tl.store(y_ptr + pid_m * stride_ym + rows, acc, mask=rmask)
+    tl.store(y_ptr + pid_k * stride_yk + pid_m * stride_ym + rows, acc, mask=rmask)
+
+
+@triton.jit
+def splitk_sum_kernel(ws_ptr, y_ptr, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """y[m, n] = sum over s of ws[s, m, n] (float32 partials [SPLIT, M, N]), in y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + (offs // N) * stride_ym + offs % N, acc, mask=mask)

@@ -43,19 +43,36 @@ class GemvConfig:
     block_n: int  # output rows per program
     tile: int  # blocks (32-element types), super-blocks (Q4_K/Q5_K) or halves (Q6_K) per step
     num_warps: int
+    split_k: int = 1  # programs along K; > 1 adds float32 partials and a summing launch
+    one_plus: bool = False  # Q4_K/Q5_K: quants read as 1 + q / 2**bits (fewer ops per weight)
 
 
 def gemv_config(qtype: GGMLQuantizationType, n: int, k: int) -> GemvConfig:
     """Launch shape, from the sweep in benchmarks/quant_kernels.py (H200, see benchmarks/QUANT.md):
-    wide steps along K (2-4 KB of quants per program and step) and few rows per program, more rows
-    only for tall matrices."""
+    wide steps along K (2-4 KB of quants per program and step), few rows per program for short
+    matrices, more for tall ones, and K split over 2-3 programs (plus a summing launch) where few
+    rows meet a long K. A split is rounded to whole tiles, so for K = 896 it collapses to none."""
     if qtype in (Q.Q4_K, Q.Q5_K):
-        return GemvConfig(8 if n >= 2048 else 2, 4, 4)
+        if n >= 16384:
+            return GemvConfig(16, 4, 4, one_plus=True)
+        if n < 2048:
+            return GemvConfig(2, 4, 4, split_k=4, one_plus=True)
+        if k >= 8192:
+            return GemvConfig(8, 4, 4, split_k=2, one_plus=True)
+        return GemvConfig(4 if n < 4096 else 8, 4, 4, one_plus=True)
     if qtype == Q.Q6_K:
-        return GemvConfig(8 if n >= 16384 else 4 if n >= 2048 else 2, 8, 4)
+        if n < 2048:
+            return GemvConfig(4, 8, 4, split_k=4)
+        return GemvConfig(8 if n >= 16384 else 4, 8, 4)
     if qtype == Q.Q8_0:
-        return GemvConfig(32, 4, 4) if n >= 32768 else GemvConfig(4, 16, 4)
-    return GemvConfig(16 if n >= 8192 else 4, 32, 4)  # Q4_0, Q5_0
+        return GemvConfig(32, 4, 4) if n >= 32768 else GemvConfig(2, 32, 4)
+    if n < 2048:  # Q4_0, Q5_0
+        return GemvConfig(2, 32, 4)
+    return GemvConfig(8, 32, 4) if n >= 8192 else GemvConfig(4, 32, 4)
+
+
+# Weights per K unit of each GEMV kernel (its tile counts these units).
+_UNIT = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q5_0: 32, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: 128}
 
 
 def _kernel_args(
@@ -130,11 +147,28 @@ def quant_gemv(
         raise ValueError(f"out must be [{m}, {n}] with unit column stride, got {tuple(out.shape)}")
     cfg = config or gemv_config(qtype, n, k)
     kernel, args, flags, tile_name = _kernel_args(planes, qtype)
-    grid = (m * triton.cdiv(n, cfg.block_n),)
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        flags["ONE_PLUS"] = cfg.one_plus
+    units = k // _UNIT[qtype]
+    # units per split: a whole number of tiles, so each split walks full steps but the last
+    per = triton.cdiv(triton.cdiv(units, cfg.split_k), cfg.tile) * cfg.tile
+    split = triton.cdiv(units, per)
+    grid = (m * triton.cdiv(n, cfg.block_n), split)
+    if split == 1:
+        kernel[grid](
+            x, *args, out, m, n, k, x.stride(0), out.stride(0), 0, per,
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **flags, **{tile_name: cfg.tile},
+        )  # fmt: skip
+        return out
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device)  # [S, M, N] partials
     kernel[grid](
-        x, *args, out, m, n, k, x.stride(0), out.stride(0),
+        x, *args, ws, m, n, k, x.stride(0), n, m * n, per,
         BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **flags, **{tile_name: cfg.tile},
     )  # fmt: skip
+    block = 1024
+    _gv.splitk_sum_kernel[(triton.cdiv(m * n, block),)](
+        ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4
+    )
     return out
 
 

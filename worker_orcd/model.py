@@ -13,6 +13,7 @@ model runner.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -120,6 +121,10 @@ class DecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+class ForwardAborted(Exception):
+    """Raised between layers once the caller's `abort()` returns True (a cancelled request)."""
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int, *, quantized: bool = False) -> None:
         super().__init__()
@@ -141,12 +146,20 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        abort: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, D]
         residual: torch.Tensor | None = None
         cos_sin = self.rotary_emb.cos_sin
         for layer in self.layers:
+            # A cancelled request stops within one layer, not one whole pass (a CPU decode step
+            # or a long prefill takes far longer than a cancel may).
+            if abort is not None and abort():
+                raise ForwardAborted
             hidden, residual = layer(positions, hidden, residual, meta, cos_sin)
         hidden, _ = self.norm(hidden, residual)
         return hidden
@@ -171,9 +184,13 @@ class CausalLM(nn.Module):
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied, quantized=quantized)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        abort: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta, abort)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [N, V] float32

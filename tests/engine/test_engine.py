@@ -81,6 +81,35 @@ def test_cancel_stops_within_one_step(phi3_engine: Engine) -> None:
     assert out.token_ids == full.token_ids[: len(out.token_ids)]
 
 
+class _SetAfterPolls(threading.Event):
+    """An event that reads as set from its n-th poll on, as if a cancel arrived mid-pass."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.polls = 0
+        self.n = n
+
+    def is_set(self) -> bool:
+        self.polls += 1
+        return self.polls >= self.n
+
+
+@pytest.mark.parametrize("n_polls", [2, 4 + 1 + 3])  # inside the prefill; inside the first decode
+def test_cancel_interrupts_a_forward_pass_between_layers(phi3_engine: Engine, n_polls: int) -> None:
+    """The 4-layer model polls the cancel before each layer; a cancel seen mid-pass stops the
+    request there (no further layer runs), and the engine serves the next request unchanged."""
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    cancel = _SetAfterPolls(n_polls)
+    out = phi3_engine.generate("Hello there", params, cancel=cancel)
+    assert out.stop_reason is StopReason.CANCELLED
+    assert cancel.polls == n_polls  # nothing ran after the poll that saw the cancel
+    full = phi3_engine.generate("Hello there", params)
+    assert out.token_ids == full.token_ids[: len(out.token_ids)]
+    assert len(out.token_ids) == (0 if n_polls <= 4 else 1)
+    assert not phi3_engine.scheduler.has_work()
+    assert phi3_engine.generate("Hello there", params).token_ids == full.token_ids
+
+
 def test_seed_reproduces_and_is_reported(phi3_engine: Engine) -> None:
     params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
     a = phi3_engine.generate("The weather", params)

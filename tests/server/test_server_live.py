@@ -210,7 +210,7 @@ def test_cancel_running_job_is_fast_and_idempotent(server: LiveServer) -> None:
     err = check_one_terminal(events).json()
     assert err == {"code": "CANCELLED", "message": "job cancelled", "retriable": False}
     assert len([e for e in events if e.event == "token"]) < 64
-    assert latency_ms < 1000, latency_ms
+    assert latency_ms < 100, latency_ms  # the engine polls the cancel between layers
 
 
 def test_cancel_queued_job(server: LiveServer) -> None:

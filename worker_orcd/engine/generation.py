@@ -10,7 +10,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from collections.abc import Sequence as SequenceOf
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ from worker_orcd.engine.sequence import Sequence
 from worker_orcd.engine.stop import StopMatcher
 from worker_orcd.engine.types import GenerationOutput, SamplingParams, StopReason, Timings
 from worker_orcd.errors import VramOomError
+from worker_orcd.model import ForwardAborted
 
 if TYPE_CHECKING:
     from worker_orcd.engine.engine import Engine
@@ -55,16 +56,19 @@ def run_generation(
     history: torch.Tensor | None = None
     if params.repetition_penalty != 1.0:
         history = torch.tensor(prompt_ids, dtype=torch.int64, device=engine.device)
+    abort = cancel.is_set if cancel is not None else None
     engine.scheduler.add(seq)
     try:
         prefill_start = time.perf_counter()
-        logits = _step_until_due(engine, seq)  # prefill (in chunks when long)
-        token = _sample(engine, logits, params, rng, history)
+        logits = _step_until_due(engine, seq, abort)  # prefill (in chunks when long)
+        token = None if logits is None else _sample(engine, logits, params, rng, history)
         now = time.perf_counter()
         timings.prefill_ms = (now - prefill_start) * 1e3
-        timings.first_token_ms = (now - start) * 1e3
+        if token is not None:
+            timings.first_token_ms = (now - start) * 1e3
         prefill_end = now
-        while True:
+        # token is None once a cancel interrupted a forward pass.
+        while token is not None:
             seq.append(token)
             if token in eog:
                 reason = StopReason.EOS
@@ -87,8 +91,10 @@ def run_generation(
                 break
             if history is not None:
                 history = torch.cat([history, history.new_tensor([token])])
-            logits = _step_until_due(engine, seq)
-            token = _sample(engine, logits, params, rng, history)
+            logits = _step_until_due(engine, seq, abort)
+            token = None if logits is None else _sample(engine, logits, params, rng, history)
+        else:
+            reason = StopReason.CANCELLED
         timings.decode_ms = (time.perf_counter() - prefill_end) * 1e3
         if reason is not StopReason.STOP_SEQUENCE:
             text, matched = stops.feed(decoder.flush())
@@ -121,11 +127,17 @@ def run_generation(
     return out
 
 
-def _step_until_due(engine: Engine, seq: Sequence) -> torch.Tensor:
-    """Run forward passes until seq's next token is due; return its logits [1, V]."""
+def _step_until_due(
+    engine: Engine, seq: Sequence, abort: Callable[[], bool] | None
+) -> torch.Tensor | None:
+    """Run forward passes until seq's next token is due; return its logits [1, V], or None when
+    `abort()` turned True during a pass (the caller finishes the sequence, freeing its blocks)."""
     while True:
         batch = engine.scheduler.schedule()
-        logits = engine.runner.forward(batch)
+        try:
+            logits = engine.runner.forward(batch, abort=abort)
+        except ForwardAborted:
+            return None
         if seq in engine.scheduler.postprocess(batch):
             return logits
 

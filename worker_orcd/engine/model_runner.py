@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -92,11 +93,19 @@ class ModelRunner:
         return (blocks[:, None] * self.block_size + offsets).flatten()[:n_ctx]
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch, *, all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        batch: ScheduledBatch,
+        *,
+        all_logits: bool = False,
+        abort: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
         """float32 logits: of every token in the batch if all_logits, else of each sequence's last
         token among those that reach the end of their known tokens (their next token is due).
 
         A graph's logits are a static view, valid until the next forward: consume or clone them.
+        `abort` is polled between layers of an eager pass (a graph replay is too short to need
+        it); when it returns True the pass raises ForwardAborted and leaves the batch unfinished.
         """
         start = time.perf_counter() if logger.isEnabledFor(logging.DEBUG) else 0.0
         if self.graphs is not None and not all_logits:
@@ -114,7 +123,7 @@ class ModelRunner:
                     )
                 return logits
         input_ids, positions, meta = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta)  # [T, D]
+        hidden = self.model(input_ids, positions, meta, abort)  # [T, D]; may raise ForwardAborted
         if not all_logits:
             last = [
                 meta.query_start[i + 1] - 1

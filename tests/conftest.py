@@ -167,7 +167,8 @@ def qwen_engine(qwen_gguf_path: Path):  # noqa: ANN201 - Engine is imported lazi
     return Engine.load(qwen_gguf_path, device="cpu", dtype="float32", max_context=2048)
 
 
-# GNU OpenMP threads spin after every parallel region unless told otherwise; on 2 busy cores each small
-# op after a GEMM then waits milliseconds for a core (batch-1 decode ~4x slower). libgomp reads this
-# when torch loads it, so it is set here, before any test module imports torch.
+# GNU OpenMP threads spin after every parallel region unless told otherwise; on 2 busy cores each
+# small op after a GEMM then waits milliseconds for a core (batch-1 decode ~4x slower). libgomp
+# reads this when torch loads it, so it is set here, before any test module imports torch (importing
+# worker_orcd sets it too, for the CLI and the server).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

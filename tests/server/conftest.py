@@ -13,8 +13,16 @@ import pytest
 from live_server import LiveServer, start_server
 
 SHARED_FLAGS = (
-    "--worker-id", "shared-test-worker", "--max-context", "256", "--max-tokens-in", "240",
-    "--max-tokens-out", "64", "--max-queue", "4",
+    "--worker-id",
+    "shared-test-worker",
+    "--max-context",
+    "256",
+    "--max-tokens-in",
+    "240",
+    "--max-tokens-out",
+    "64",
+    "--max-queue",
+    "4",
 )
 
 

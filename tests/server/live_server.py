@@ -117,9 +117,23 @@ def _pump(stream: Any, sink: queue.Queue[dict[str, Any] | None]) -> None:
 
 def start_server(model: Path | str, *extra: str, wait_ready: bool = True) -> LiveServer:
     """Start a server on a free port of 127.0.0.1 (port 0) and learn its address from `ready`."""
-    cmd = [sys.executable, "-m", "worker_orcd.cli", "serve", "--model", str(model),
-           "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--log-format", "json",
-           *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "worker_orcd.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        "--log-format",
+        "json",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     server = LiveServer(proc=proc, url="")
@@ -161,9 +175,10 @@ class BackgroundStream:
 
     def _run(self) -> None:
         try:
-            with httpx.Client(base_url=self.url, timeout=120) as client, client.stream(
-                "POST", self.path, json=self.body
-            ) as resp:
+            with (
+                httpx.Client(base_url=self.url, timeout=120) as client,
+                client.stream("POST", self.path, json=self.body) as resp,
+            ):
                 self.status = resp.status_code
                 if resp.status_code != 200:
                     self.error_body = resp.read()

@@ -39,9 +39,14 @@ class StepEngine:
         self.raise_next: Exception | None = None
         self.running = threading.Event()
 
-    def generate(self, prompt: list[int], params: SamplingParams, *,
-                 on_text: Callable[[str], None] | None = None,
-                 cancel: threading.Event | None = None) -> GenerationOutput:
+    def generate(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationOutput:
         self.calls.append(prompt)
         self.running.set()
         if self.raise_next is not None:
@@ -59,15 +64,25 @@ class StepEngine:
                 on_text(f"t{i}")
         self.running.clear()
         text = "".join(f"t{i}" for i in out)
-        return GenerationOutput(prompt_ids=prompt, token_ids=out, text=text, stop_reason=reason,
-                                 seed=params.seed or 0,
-                                timings=Timings(prompt_tokens=len(prompt), tokens_out=len(out)))
+        return GenerationOutput(
+            prompt_ids=prompt,
+            token_ids=out,
+            text=text,
+            stop_reason=reason,
+            seed=params.seed or 0,
+            timings=Timings(prompt_tokens=len(prompt), tokens_out=len(out)),
+        )
 
 
 def make_job(job_id: str, max_tokens: int = 3) -> Job:
     params = SamplingParams(max_tokens=max_tokens, seed=5)
-    return Job(job_id=job_id, prompt_ids=[1, 2], params=params, endpoint="execute",
-               loop=asyncio.get_running_loop())
+    return Job(
+        job_id=job_id,
+        prompt_ids=[1, 2],
+        params=params,
+        endpoint="execute",
+        loop=asyncio.get_running_loop(),
+    )
 
 
 async def drain(job: Job, timeout: float = 10.0) -> list[JobEvent]:
@@ -240,8 +255,9 @@ def test_token_indices_count_only_non_empty_pieces() -> None:
         def generate(self, prompt, params, *, on_text=None, cancel=None):  # noqa: ANN001, ANN202
             for piece in ("", "a", "", "b"):
                 on_text(piece)
-            return super().generate(prompt, SamplingParams(max_tokens=0, seed=1), on_text=on_text,
-                                    cancel=cancel)
+            return super().generate(
+                prompt, SamplingParams(max_tokens=0, seed=1), on_text=on_text, cancel=cancel
+            )
 
     async def main() -> None:
         s = scheduler(Sparse())

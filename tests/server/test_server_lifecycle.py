@@ -61,9 +61,24 @@ def test_unloadable_model_exits_nonzero_with_one_clear_line(tmp_path: Path) -> N
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 60)
     proc = subprocess.run(
-        [sys.executable, "-m", "worker_orcd.cli", "serve", "--model", str(bad), "--port", "0",
-         "--device", "cpu", "--log-format", "json", "--worker-id", "doomed"],
-        capture_output=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "worker_orcd.cli",
+            "serve",
+            "--model",
+            str(bad),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--log-format",
+            "json",
+            "--worker-id",
+            "doomed",
+        ],
+        capture_output=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     records = [json.loads(line) for line in proc.stderr.decode().splitlines() if line.strip()]
@@ -75,18 +90,35 @@ def test_unloadable_model_exits_nonzero_with_one_clear_line(tmp_path: Path) -> N
     assert not [r for r in records if r.get("event") == "ready"]
 
 
-def test_callback_overflow_timeout_and_sigterm(qwen_gguf_path: Path,
-                                               receiver: CallbackReceiver) -> None:
-    server = start_server(qwen_gguf_path, "--worker-id", "lifecycle", "--max-queue", "1",
-                          "--inference-timeout-sec", "2", "--max-context", "2048",
-                          "--max-tokens-out", "2048", "--callback-url", receiver.url)
+def test_callback_overflow_timeout_and_sigterm(
+    qwen_gguf_path: Path, receiver: CallbackReceiver
+) -> None:
+    server = start_server(
+        qwen_gguf_path,
+        "--worker-id",
+        "lifecycle",
+        "--max-queue",
+        "1",
+        "--inference-timeout-sec",
+        "2",
+        "--max-context",
+        "2048",
+        "--max-tokens-out",
+        "2048",
+        "--callback-url",
+        receiver.url,
+    )
     try:
         # Ready callback: after the `ready` line, with the address that works.
         assert receiver.got.wait(30)
         path, body = receiver.received[0]
         assert path == "/ready"
-        assert body == {"worker_id": "lifecycle", "uri": server.url, "vram_bytes": 0,
-                        "model": body["model"]}
+        assert body == {
+            "worker_id": "lifecycle",
+            "uri": server.url,
+            "vram_bytes": 0,
+            "model": body["model"],
+        }
         events = [r.get("event") for r in server.logs if r.get("event")]
         order = ["startup", "model_load_start", "model_load_complete", "ready", "callback"]
         assert [e for e in events if e in order] == order
@@ -105,8 +137,11 @@ def test_callback_overflow_timeout_and_sigterm(qwen_gguf_path: Path,
                 time.sleep(0.01)
             resp = client.post("/execute", json={"job_id": "third", **long_job})
             assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
-            assert resp.json() == {"code": "QUEUE_FULL", "retriable": True,
-                                   "message": "queue is full (1 waiting, --max-queue 1)"}
+            assert resp.json() == {
+                "code": "QUEUE_FULL",
+                "retriable": True,
+                "message": "queue is full (1 waiting, --max-queue 1)",
+            }
             resp = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
             assert resp.status_code == 503 and resp.json()["error"]["code"] == "QUEUE_FULL"
 

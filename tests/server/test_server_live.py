@@ -47,8 +47,15 @@ def wait_idle(client: httpx.Client, timeout: float = 30.0) -> dict[str, Any]:
 
 
 def test_stream_matches_the_engine_for_the_same_seed(server: LiveServer, engine) -> None:  # noqa: ANN001
-    body = {"job_id": job_id(), "prompt": "def quicksort(items):", "max_tokens": 24,
-            "temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": 1234}
+    body = {
+        "job_id": job_id(),
+        "prompt": "def quicksort(items):",
+        "max_tokens": 24,
+        "temperature": 0.8,
+        "top_k": 40,
+        "top_p": 0.95,
+        "seed": 1234,
+    }
     stream = BackgroundStream(server.url, body)
     first = stream.wait_for("token")
     # Flushed as produced: the first token is here while the job is still running.
@@ -62,8 +69,9 @@ def test_stream_matches_the_engine_for_the_same_seed(server: LiveServer, engine)
     assert started["job_id"] == body["job_id"] and started["seed"] == 1234
     assert started["prompt_tokens"] == len(ids)
     assert started["model"] == engine.model_name and started["started_at"].endswith("Z")
-    ref = engine.generate(ids, SamplingParams(max_tokens=24, temperature=0.8, top_k=40, top_p=0.95,
-                                              seed=1234))
+    ref = engine.generate(
+        ids, SamplingParams(max_tokens=24, temperature=0.8, top_k=40, top_p=0.95, seed=1234)
+    )
     assert text_of(events) == ref.text
     e = end.json()
     assert e["tokens_out"] == len(ref.token_ids)
@@ -83,11 +91,14 @@ def test_seed_is_generated_when_absent_and_replays(server: LiveServer) -> None:
 
 
 def test_chat_messages_go_through_the_template(server: LiveServer, engine) -> None:  # noqa: ANN001
-    messages = [{"role": "system", "content": "Answer in one word."},
-                {"role": "user", "content": "What colour is the sky on a clear day?"}]
+    messages = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "What colour is the sky on a clear day?"},
+    ]
     with server.client() as client:
-        events = stream_execute(client, {"job_id": job_id(), "messages": messages,
-                                         "max_tokens": 6, "temperature": 0})
+        events = stream_execute(
+            client, {"job_id": job_id(), "messages": messages, "max_tokens": 6, "temperature": 0}
+        )
     ids = engine.encode_prompt(messages=messages)
     assert events[0].json()["prompt_tokens"] == len(ids)
     check_one_terminal(events)
@@ -106,8 +117,9 @@ def test_chinese_and_emoji_stream_whole_characters(server: LiveServer, engine) -
     check_one_terminal(events)
     pieces = [e.json()["t"] for e in events if e.event == "token"]
     assert all("\ufffd" not in p for p in pieces), pieces
-    ref = engine.generate(engine.encode_prompt(prompt=prompt),
-                          SamplingParams(max_tokens=13, temperature=0, seed=0))
+    ref = engine.generate(
+        engine.encode_prompt(prompt=prompt), SamplingParams(max_tokens=13, temperature=0, seed=0)
+    )
     assert "".join(pieces) == ref.text
     split = [ch for ch in ref.text if len(engine.tokenizer.encode(ch, add_special=False)) > 1]
     assert len(split) >= 2, ref.text  # characters the stream had to hold back bytes of
@@ -115,22 +127,41 @@ def test_chinese_and_emoji_stream_whole_characters(server: LiveServer, engine) -
 
 def test_stop_sequence_is_reported_and_not_returned(server: LiveServer, engine) -> None:  # noqa: ANN001
     prompt = "def add(a, b):\n    return a + b\n\n\ndef"
-    ref = engine.generate(engine.encode_prompt(prompt=prompt),
-                          SamplingParams(max_tokens=24, temperature=0, seed=0))
+    ref = engine.generate(
+        engine.encode_prompt(prompt=prompt), SamplingParams(max_tokens=24, temperature=0, seed=0)
+    )
     stop = ref.text.strip()[:6][-3:]  # a few characters the greedy continuation is sure to hold
     assert stop
     with server.client() as client:
-        events = stream_execute(client, {"job_id": job_id(), "prompt": prompt, "max_tokens": 24,
-                                         "temperature": 0, "stop": [stop]})
+        events = stream_execute(
+            client,
+            {
+                "job_id": job_id(),
+                "prompt": prompt,
+                "max_tokens": 24,
+                "temperature": 0,
+                "stop": [stop],
+            },
+        )
     end = check_one_terminal(events).json()
     assert end["stop_reason"] == "STOP_SEQUENCE" and end["stop_sequence_matched"] == stop
     assert text_of(events) == ref.text[: ref.text.index(stop)]
 
 
 def test_every_invalid_field_is_named_at_once(server: LiveServer) -> None:
-    body = {"job_id": "", "prompt": "", "max_tokens": 65, "temperature": 2.5, "top_p": 0,
-            "top_k": -1, "min_p": 2, "repetition_penalty": 0, "stop": ["a"] * 5, "seed": -1,
-            "colour": "blue"}
+    body = {
+        "job_id": "",
+        "prompt": "",
+        "max_tokens": 65,
+        "temperature": 2.5,
+        "top_p": 0,
+        "top_k": -1,
+        "min_p": 2,
+        "repetition_penalty": 0,
+        "stop": ["a"] * 5,
+        "seed": -1,
+        "colour": "blue",
+    }
     with server.client() as client:
         resp = client.post("/execute", json=body)
         assert resp.status_code == 400
@@ -142,8 +173,10 @@ def test_every_invalid_field_is_named_at_once(server: LiveServer) -> None:
         resp = client.post("/execute", content=b"{not json")
         assert resp.status_code == 400 and resp.json()["fields"][0]["field"] == "body"
         resp = client.post("/execute", json={"job_id": "x", "messages": [{"role": "bot"}]})
-        assert {f["field"] for f in resp.json()["fields"]} == {"messages[0].role",
-                                                               "messages[0].content"}
+        assert {f["field"] for f in resp.json()["fields"]} == {
+            "messages[0].role",
+            "messages[0].content",
+        }
 
 
 def counted_prompt(engine, lo: int, hi: int) -> tuple[str, int]:  # noqa: ANN001
@@ -164,9 +197,9 @@ def test_prompt_limits_in_tokens(server: LiveServer, engine) -> None:  # noqa: A
         resp = client.post("/execute", json={"job_id": job_id(), "prompt": too_long})
         assert resp.status_code == 400
         assert resp.json()["fields"] == [
-            {"field": "prompt", "constraint": f"is {n} tokens, more than --max-tokens-in 240"}]
-        resp = client.post("/execute", json={"job_id": job_id(), "prompt": tight,
-                                             "max_tokens": 64})
+            {"field": "prompt", "constraint": f"is {n} tokens, more than --max-tokens-in 240"}
+        ]
+        resp = client.post("/execute", json={"job_id": job_id(), "prompt": tight, "max_tokens": 64})
         assert resp.status_code == 400
         message = resp.json()["message"]
         assert f"prompt of {m} tokens + max_tokens 64" in message and "256" in message
@@ -179,8 +212,9 @@ def test_prompt_limits_in_tokens(server: LiveServer, engine) -> None:  # noqa: A
 
 def test_duplicate_live_job_id_is_rejected(server: LiveServer) -> None:
     jid = job_id()
-    stream = BackgroundStream(server.url, {"job_id": jid, "prompt": "Count: 1, 2, 3,",
-                                           "max_tokens": 64, "temperature": 0})
+    stream = BackgroundStream(
+        server.url, {"job_id": jid, "prompt": "Count: 1, 2, 3,", "max_tokens": 64, "temperature": 0}
+    )
     stream.wait_for("started")
     with server.client() as client:
         resp = client.post("/execute", json={"job_id": jid, "prompt": "x"})
@@ -193,8 +227,9 @@ def test_duplicate_live_job_id_is_rejected(server: LiveServer) -> None:
 
 def test_cancel_running_job_is_fast_and_idempotent(server: LiveServer) -> None:
     jid = job_id()
-    stream = BackgroundStream(server.url, {"job_id": jid, "prompt": "Count: 1, 2, 3,",
-                                           "max_tokens": 64, "temperature": 0})
+    stream = BackgroundStream(
+        server.url, {"job_id": jid, "prompt": "Count: 1, 2, 3,", "max_tokens": 64, "temperature": 0}
+    )
     stream.wait_for("token", 2)
     with server.client() as client:
         t0 = time.monotonic()
@@ -214,8 +249,10 @@ def test_cancel_running_job_is_fast_and_idempotent(server: LiveServer) -> None:
 
 
 def test_cancel_queued_job(server: LiveServer) -> None:
-    running = BackgroundStream(server.url, {"job_id": job_id(), "prompt": "Count: 1, 2, 3,",
-                                            "max_tokens": 64, "temperature": 0})
+    running = BackgroundStream(
+        server.url,
+        {"job_id": job_id(), "prompt": "Count: 1, 2, 3,", "max_tokens": 64, "temperature": 0},
+    )
     running.wait_for("started")
     jid = job_id()
     queued = BackgroundStream(server.url, {"job_id": jid, "prompt": "hello", "max_tokens": 4})
@@ -240,8 +277,11 @@ def test_cancel_queued_job(server: LiveServer) -> None:
 def test_client_disconnect_cancels_its_job(server: LiveServer) -> None:
     jid = job_id()
     with server.client() as client:
-        with client.stream("POST", "/execute", json={"job_id": jid, "prompt": "Count: 1, 2, 3,",
-                                                     "max_tokens": 64, "temperature": 0}) as resp:
+        with client.stream(
+            "POST",
+            "/execute",
+            json={"job_id": jid, "prompt": "Count: 1, 2, 3,", "max_tokens": 64, "temperature": 0},
+        ) as resp:
             seen = 0
             for event in parse_sse(resp.iter_raw()):
                 seen += event.event == "token"
@@ -257,8 +297,10 @@ def test_client_disconnect_cancels_its_job(server: LiveServer) -> None:
 
 
 def test_health_is_fast_and_complete_while_a_job_runs(server: LiveServer) -> None:
-    stream = BackgroundStream(server.url, {"job_id": job_id(), "prompt": "Count: 1, 2, 3,",
-                                           "max_tokens": 64, "temperature": 0})
+    stream = BackgroundStream(
+        server.url,
+        {"job_id": job_id(), "prompt": "Count: 1, 2, 3,", "max_tokens": 64, "temperature": 0},
+    )
     stream.wait_for("token")
     latencies: list[float] = []
     with server.client() as client:

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-checked", max_retries=0,
-                         timeout=120)
+    return openai.OpenAI(
+        base_url=f"{server.url}/v1", api_key="not-checked", max_retries=0, timeout=120
+    )
 
 
 def greedy(engine, max_tokens: int, **prompt: object):  # noqa: ANN001, ANN003, ANN201
@@ -36,23 +37,33 @@ def test_models_list(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
 def test_completions(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
     prompt = "def fibonacci(n):"
     ref = greedy(engine, 10, prompt=prompt)
-    out = client.completions.create(model=engine.model_name, prompt=prompt, max_tokens=10,
-                                    temperature=0)
+    out = client.completions.create(
+        model=engine.model_name, prompt=prompt, max_tokens=10, temperature=0
+    )
     assert out.object == "text_completion" and out.id.startswith("cmpl-")
     assert out.choices[0].text == ref.text
     assert out.choices[0].finish_reason == ("length" if len(ref.token_ids) == 10 else "stop")
     assert out.usage is not None
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (
-        len(ref.prompt_ids), len(ref.token_ids))
+        len(ref.prompt_ids),
+        len(ref.token_ids),
+    )
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
 
 def test_completions_streaming_with_usage(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
     prompt = "def fibonacci(n):"
     ref = greedy(engine, 10, prompt=prompt)
-    chunks = list(client.completions.create(model="any", prompt=prompt, max_tokens=10,
-                                            temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="any",
+            prompt=prompt,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == ref.text
     assert finish_reasons(chunks) == ["length"]
@@ -65,18 +76,22 @@ def test_completions_stop_gives_finish_reason_stop(client: openai.OpenAI, engine
     prompt = "def add(a, b):\n"
     ref = greedy(engine, 16, prompt=prompt)
     stop = ref.text.strip()[:3]
-    out = client.completions.create(model="any", prompt=prompt, max_tokens=16, temperature=0,
-                                    stop=[stop])
+    out = client.completions.create(
+        model="any", prompt=prompt, max_tokens=16, temperature=0, stop=[stop]
+    )
     assert out.choices[0].finish_reason == "stop"
     assert out.choices[0].text == ref.text[: ref.text.index(stop)]
 
 
 def test_chat_completions(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
-    messages = [{"role": "system", "content": "You are terse."},
-                {"role": "user", "content": "What is 2 + 2? Answer with the number only."}]
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 2 + 2? Answer with the number only."},
+    ]
     ref = greedy(engine, 16, messages=messages)
-    out = client.chat.completions.create(model=engine.model_name, messages=messages, max_tokens=16,
-                                         temperature=0)
+    out = client.chat.completions.create(
+        model=engine.model_name, messages=messages, max_tokens=16, temperature=0
+    )
     assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
     msg = out.choices[0].message
     assert msg.role == "assistant" and msg.content == ref.text
@@ -88,9 +103,14 @@ def test_chat_completions(client: openai.OpenAI, engine) -> None:  # noqa: ANN00
 def test_chat_completions_streaming(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
     messages = [{"role": "user", "content": "Name three colours, comma separated."}]
     ref = greedy(engine, 8, messages=messages)
-    stream = client.chat.completions.create(model="any", messages=messages, max_tokens=8,
-                                            temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="any",
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -101,9 +121,16 @@ def test_chat_completions_streaming(client: openai.OpenAI, engine) -> None:  # n
 
 
 def test_chat_streaming_without_usage(client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(
-        model="any", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True,
-        seed=7, extra_body={"top_k": 20}))
+    chunks = list(
+        client.chat.completions.create(
+            model="any",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=3,
+            stream=True,
+            seed=7,
+            extra_body={"top_k": 20},
+        )
+    )
     assert all(c.usage is None for c in chunks)
     assert len(finish_reasons(chunks)) == 1
 

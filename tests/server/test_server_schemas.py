@@ -24,51 +24,70 @@ def test_minimal_body_gets_defaults() -> None:
     g = req.generation
     assert (req.job_id, g.prompt, g.messages, g.max_tokens, g.seed) == ("j", "hi", None, None, None)
     assert (g.temperature, g.top_p, g.top_k, g.min_p, g.repetition_penalty, g.stop) == (
-        1.0, 1.0, 0, 0.0, 1.0, ())
+        1.0,
+        1.0,
+        0,
+        0.0,
+        1.0,
+        (),
+    )
     params = g.sampling(max_tokens=5, seed=7)
     params.validate()
     assert (params.max_tokens, params.seed) == (5, 7)
 
 
 def test_full_body_is_read() -> None:
-    req = parse_execute({
-        "job_id": "j", "messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_OUT,
-        "temperature": 0, "top_p": 0.5, "top_k": 40, "min_p": 0.05, "repetition_penalty": 2,
-        "stop": ["a", "b", "c", "d"], "seed": U64_MAX,
-    }, max_tokens_out=MAX_OUT)
+    req = parse_execute(
+        {
+            "job_id": "j",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": MAX_OUT,
+            "temperature": 0,
+            "top_p": 0.5,
+            "top_k": 40,
+            "min_p": 0.05,
+            "repetition_penalty": 2,
+            "stop": ["a", "b", "c", "d"],
+            "seed": U64_MAX,
+        },
+        max_tokens_out=MAX_OUT,
+    )
     g = req.generation
     assert g.messages == ({"role": "user", "content": "hi"},)
     assert (g.max_tokens, g.temperature, g.top_p, g.top_k, g.min_p) == (MAX_OUT, 0.0, 0.5, 40, 0.05)
     assert (g.repetition_penalty, g.stop, g.seed) == (2.0, ("a", "b", "c", "d"), U64_MAX)
 
 
-@pytest.mark.parametrize(("field", "value", "words"), [
-    ("job_id", "", "1..256"),
-    ("job_id", 5, "string"),
-    ("prompt", "", "1..32768"),
-    ("prompt", "x" * 32769, "1..32768"),
-    ("prompt", ["a", "b"], "string"),
-    ("max_tokens", 0, f"[1, {MAX_OUT}]"),
-    ("max_tokens", MAX_OUT + 1, f"[1, {MAX_OUT}]"),
-    ("max_tokens", 2.0, "integer"),
-    ("max_tokens", True, "integer"),
-    ("temperature", -0.1, "[0, 2]"),
-    ("temperature", 2.01, "[0, 2]"),
-    ("temperature", "1", "number"),
-    ("top_p", 0, "(0, 1]"),
-    ("top_p", 1.5, "(0, 1]"),
-    ("top_k", -1, ">= 0"),
-    ("min_p", 1.1, "[0, 1]"),
-    ("repetition_penalty", 0, "(0, 2]"),
-    ("repetition_penalty", 2.5, "(0, 2]"),
-    ("stop", ["a", "b", "c", "d", "e"], "at most 4"),
-    ("stop", [""], "non-empty"),
-    ("stop", [1], "non-empty"),
-    ("seed", -1, f"[0, {U64_MAX}]"),
-    ("seed", U64_MAX + 1, f"[0, {U64_MAX}]"),
-    ("seed", 1.5, "integer"),
-    ("surprise", 1, "not a known field"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("job_id", "", "1..256"),
+        ("job_id", 5, "string"),
+        ("prompt", "", "1..32768"),
+        ("prompt", "x" * 32769, "1..32768"),
+        ("prompt", ["a", "b"], "string"),
+        ("max_tokens", 0, f"[1, {MAX_OUT}]"),
+        ("max_tokens", MAX_OUT + 1, f"[1, {MAX_OUT}]"),
+        ("max_tokens", 2.0, "integer"),
+        ("max_tokens", True, "integer"),
+        ("temperature", -0.1, "[0, 2]"),
+        ("temperature", 2.01, "[0, 2]"),
+        ("temperature", "1", "number"),
+        ("top_p", 0, "(0, 1]"),
+        ("top_p", 1.5, "(0, 1]"),
+        ("top_k", -1, ">= 0"),
+        ("min_p", 1.1, "[0, 1]"),
+        ("repetition_penalty", 0, "(0, 2]"),
+        ("repetition_penalty", 2.5, "(0, 2]"),
+        ("stop", ["a", "b", "c", "d", "e"], "at most 4"),
+        ("stop", [""], "non-empty"),
+        ("stop", [1], "non-empty"),
+        ("seed", -1, f"[0, {U64_MAX}]"),
+        ("seed", U64_MAX + 1, f"[0, {U64_MAX}]"),
+        ("seed", 1.5, "integer"),
+        ("surprise", 1, "not a known field"),
+    ],
+)
 def test_each_rule_names_field_and_constraint(field: str, value: Any, words: str) -> None:
     body = {"job_id": "j", "prompt": "hi", field: value}
     errors = fields_of(body)
@@ -77,8 +96,18 @@ def test_each_rule_names_field_and_constraint(field: str, value: Any, words: str
 
 
 def test_every_failing_field_is_reported_together() -> None:
-    errors = fields_of({"job_id": "", "prompt": "hi", "temperature": 9, "top_p": 0, "top_k": -2,
-                        "stop": ["a"] * 5, "bogus": True, "also": None})
+    errors = fields_of(
+        {
+            "job_id": "",
+            "prompt": "hi",
+            "temperature": 9,
+            "top_p": 0,
+            "top_k": -2,
+            "stop": ["a"] * 5,
+            "bogus": True,
+            "also": None,
+        }
+    )
     assert set(errors) == {"job_id", "temperature", "top_p", "top_k", "stop", "bogus", "also"}
 
 
@@ -89,16 +118,19 @@ def test_prompt_or_messages() -> None:
     assert "mutually exclusive" in errors["prompt"]
 
 
-@pytest.mark.parametrize(("messages", "field"), [
-    ([], "messages"),
-    ("hi", "messages"),
-    ([{"role": "robot", "content": "x"}], "messages[0].role"),
-    ([{"role": "user"}], "messages[0].content"),
-    ([{"role": "user", "content": "x", "name": "n"}], "messages[0].name"),
-    ([{"role": "user", "content": "x"}, "x"], "messages[1]"),
-    ([{"role": "user", "content": ""}], "messages"),
-    ([{"role": "user", "content": [{"type": "text", "text": "x"}]}], "messages[0].content"),
-])
+@pytest.mark.parametrize(
+    ("messages", "field"),
+    [
+        ([], "messages"),
+        ("hi", "messages"),
+        ([{"role": "robot", "content": "x"}], "messages[0].role"),
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": "x", "name": "n"}], "messages[0].name"),
+        ([{"role": "user", "content": "x"}, "x"], "messages[1]"),
+        ([{"role": "user", "content": ""}], "messages"),
+        ([{"role": "user", "content": [{"type": "text", "text": "x"}]}], "messages[0].content"),
+    ],
+)
 def test_message_rules(messages: Any, field: str) -> None:
     assert field in fields_of({"job_id": "j", "messages": messages})
 
@@ -108,37 +140,65 @@ def test_body_must_be_an_object() -> None:
 
 
 def test_openai_completions_defaults_and_extensions() -> None:
-    req = parse_openai({"model": "m", "prompt": ["hi"], "stream": True,
-                        "stream_options": {"include_usage": True}, "stop": "\n", "n": 1,
-                        "presence_penalty": 0, "logprobs": None, "user": "u", "top_k": 5},
-                       chat=False, max_tokens_out=MAX_OUT)
+    req = parse_openai(
+        {
+            "model": "m",
+            "prompt": ["hi"],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "stop": "\n",
+            "n": 1,
+            "presence_penalty": 0,
+            "logprobs": None,
+            "user": "u",
+            "top_k": 5,
+        },
+        chat=False,
+        max_tokens_out=MAX_OUT,
+    )
     assert (req.model, req.stream, req.include_usage) == ("m", True, True)
     g = req.generation
     assert (g.prompt, g.max_tokens, g.stop, g.top_k) == ("hi", 16, ("\n",), 5)
 
 
 def test_openai_chat_accepts_content_parts_and_max_completion_tokens() -> None:
-    req = parse_openai({"model": "m", "max_completion_tokens": 7, "messages": [
-        {"role": "developer", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-    ]}, chat=True, max_tokens_out=MAX_OUT)
+    req = parse_openai(
+        {
+            "model": "m",
+            "max_completion_tokens": 7,
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
+            ],
+        },
+        chat=True,
+        max_tokens_out=MAX_OUT,
+    )
     assert req.generation.max_tokens == 7
-    assert req.generation.messages == ({"role": "system", "content": "be brief"},
-                                       {"role": "user", "content": "ab"})
+    assert req.generation.messages == (
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ab"},
+    )
     assert not req.stream
 
 
-@pytest.mark.parametrize(("chat", "body", "field"), [
-    (False, {"prompt": "x", "n": 2}, "n"),
-    (False, {"prompt": "x", "echo": True}, "echo"),
-    (False, {"prompt": "x", "best_of": 3}, "best_of"),
-    (False, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-    (False, {"messages": [{"role": "user", "content": "x"}]}, "messages"),
-    (True, {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
-    (True, {"messages": USER_X, "frequency_penalty": 1}, "frequency_penalty"),
-    (True, {"messages": USER_X, "tools": []}, "tools"),
-    (True, {"messages": USER_X, "logprobs": True}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    ("chat", "body", "field"),
+    [
+        (False, {"prompt": "x", "n": 2}, "n"),
+        (False, {"prompt": "x", "echo": True}, "echo"),
+        (False, {"prompt": "x", "best_of": 3}, "best_of"),
+        (False, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        (False, {"messages": [{"role": "user", "content": "x"}]}, "messages"),
+        (True, {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
+        (True, {"messages": USER_X, "frequency_penalty": 1}, "frequency_penalty"),
+        (True, {"messages": USER_X, "tools": []}, "tools"),
+        (True, {"messages": USER_X, "logprobs": True}, "logprobs"),
+    ],
+)
 def test_openai_rejections(chat: bool, body: dict[str, Any], field: str) -> None:
     with pytest.raises(RequestValidationError) as info:
         parse_openai(body, chat=chat, max_tokens_out=MAX_OUT)

@@ -17,7 +17,7 @@ def test_event_frame_is_one_event_and_one_json_data_line() -> None:
     assert lines[0] == "event: token"
     assert lines[1].startswith("data: ")
     assert lines[2:] == ["", ""]
-    assert json.loads(lines[1][len("data: "):]) == {"t": "a\nb 你好 🙂", "i": 3}
+    assert json.loads(lines[1][len("data: ") :]) == {"t": "a\nb 你好 🙂", "i": 3}
     assert "你好".encode() in frame  # not \u escapes
 
 
@@ -29,10 +29,14 @@ def test_event_name_must_be_a_token() -> None:
 
 
 def test_parser_round_trip_across_arbitrary_chunking() -> None:
-    frames = (sse.event("started", {"job_id": "x"}) + sse.event("token", {"t": "🙂", "i": 0})
-              + sse.data_only({"k": 1}) + sse.OPENAI_DONE)
+    frames = (
+        sse.event("started", {"job_id": "x"})
+        + sse.event("token", {"t": "🙂", "i": 0})
+        + sse.data_only({"k": 1})
+        + sse.OPENAI_DONE
+    )
     for size in (1, 2, 3, 7, len(frames)):
-        chunks = [frames[i:i + size] for i in range(0, len(frames), size)]
+        chunks = [frames[i : i + size] for i in range(0, len(frames), size)]
         events = list(parse_sse(chunks))
         assert [e.event for e in events] == ["started", "token", None, None]
         assert events[1].json() == {"t": "🙂", "i": 0}

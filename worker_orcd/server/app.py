@@ -25,6 +25,7 @@ from worker_orcd.server.worker import Worker, http_status, job_events, read_json
 
 logger = logging.getLogger(__name__)
 
+
 def create_app(worker: Worker) -> FastAPI:
     app = FastAPI(title="worker-orcd", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
@@ -39,8 +40,9 @@ def create_app(worker: Worker) -> FastAPI:
         req = parse_execute(body, max_tokens_out=worker.settings.max_tokens_out)
         request.state.job_id = req.job_id
         job = await worker.new_job(req.job_id, req.generation, endpoint="execute")
-        return StreamingResponse(execute_stream(worker, job, request), media_type=sse.MEDIA_TYPE,
-                                 headers=sse.HEADERS)
+        return StreamingResponse(
+            execute_stream(worker, job, request), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS
+        )
 
     @app.post("/cancel", status_code=202)
     async def cancel(request: Request) -> dict[str, Any]:
@@ -83,13 +85,16 @@ def execute_frame(worker: Worker, job: Job, event: Started | Token | Finished | 
         return sse.event("token", {"t": event.text, "i": event.index})
     if isinstance(event, Started):
         started_at = dt.datetime.fromtimestamp(event.started_at, dt.timezone.utc)
-        return sse.event("started", {
-            "job_id": job.job_id,
-            "model": worker.facts.model,
-            "seed": event.seed,
-            "prompt_tokens": event.prompt_tokens,
-            "started_at": started_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        })
+        return sse.event(
+            "started",
+            {
+                "job_id": job.job_id,
+                "model": worker.facts.model,
+                "seed": event.seed,
+                "prompt_tokens": event.prompt_tokens,
+                "started_at": started_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            },
+        )
     if isinstance(event, Finished):
         out = event.output
         t = out.timings
@@ -105,8 +110,9 @@ def execute_frame(worker: Worker, job: Job, event: Started | Token | Finished | 
         if out.stop_sequence is not None:
             end["stop_sequence_matched"] = out.stop_sequence
         return sse.event("end", end)
-    return sse.event("error", {"code": event.code, "message": event.message,
-                               "retriable": event.retriable})
+    return sse.event(
+        "error", {"code": event.code, "message": event.message, "retriable": event.retriable}
+    )
 
 
 def error_response(worker: Worker, request: Request, exc: WorkerError) -> JSONResponse:
@@ -116,10 +122,17 @@ def error_response(worker: Worker, request: Request, exc: WorkerError) -> JSONRe
     path = request.url.path
     endpoint = path.strip("/").replace("/", "_") or "root"
     worker.metrics.count_request(endpoint, exc.code.lower())
-    log_event(logger, "error", worker_id=worker.settings.worker_id,
-              job_id=getattr(request.state, "job_id", None), path=path, code=exc.code,
-              fields=",".join(f.field for f in fields) or None,
-              message=None if fields else exc.message, level=logging.WARNING)
+    log_event(
+        logger,
+        "error",
+        worker_id=worker.settings.worker_id,
+        job_id=getattr(request.state, "job_id", None),
+        path=path,
+        code=exc.code,
+        fields=",".join(f.field for f in fields) or None,
+        message=None if fields else exc.message,
+        level=logging.WARNING,
+    )
     headers = {"Retry-After": "1"} if exc.retriable else None
     if path.startswith("/v1/"):
         body = openai_api.error_body(exc.code, exc.message, status, fields)

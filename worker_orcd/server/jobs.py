@@ -123,8 +123,9 @@ class Job:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is closed: nobody is listening any more
-            logger.debug("dropped %s for job %s: event loop closed", type(event).__name__,
-                         self.job_id)
+            logger.debug(
+                "dropped %s for job %s: event loop closed", type(event).__name__, self.job_id
+            )
 
     @property
     def seed(self) -> int:
@@ -135,8 +136,15 @@ class Job:
 class Scheduler:
     """Runs jobs one at a time on `engine` in its own thread; at most `max_queue` jobs wait."""
 
-    def __init__(self, engine: GeneratingEngine, *, worker_id: str, max_queue: int,
-                 timeout_s: float, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: GeneratingEngine,
+        *,
+        worker_id: str,
+        max_queue: int,
+        timeout_s: float,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._engine = engine
         self._worker_id = worker_id
         self._max_queue = max_queue
@@ -166,7 +174,8 @@ class Scheduler:
                 raise ShuttingDownError("worker is shutting down")
             if job.job_id in self._live:
                 raise DuplicateJobError(
-                    "must be unique among live jobs: this one is already queued or running")
+                    "must be unique among live jobs: this one is already queued or running"
+                )
             # One job runs and up to max_queue wait; counting live jobs is free of the race
             # with the engine thread picking the next job up.
             if len(self._live) >= self._max_queue + 1:
@@ -199,8 +208,14 @@ class Scheduler:
                 queued = True
             else:
                 queued = False
-        log_event(logger, "cancel", worker_id=self._worker_id, job_id=job.job_id,
-                  reason=reason.value, state="queued" if queued else "running")
+        log_event(
+            logger,
+            "cancel",
+            worker_id=self._worker_id,
+            job_id=job.job_id,
+            reason=reason.value,
+            state="queued" if queued else "running",
+        )
         if queued:
             self._fail(job, *self._cancel_failure(reason))
 
@@ -238,12 +253,20 @@ class Scheduler:
         started = time.time()
         if self._metrics is not None:
             self._metrics.queue_wait_seconds.observe(time.monotonic() - job.submitted_at)
-        log_event(logger, "execute_start", worker_id=self._worker_id, job_id=job.job_id,
-                  endpoint=job.endpoint, prompt_tokens=len(job.prompt_ids),
-                  max_tokens=job.params.max_tokens, seed=job.seed)
+        log_event(
+            logger,
+            "execute_start",
+            worker_id=self._worker_id,
+            job_id=job.job_id,
+            endpoint=job.endpoint,
+            prompt_tokens=len(job.prompt_ids),
+            max_tokens=job.params.max_tokens,
+            seed=job.seed,
+        )
         job.emit(Started(seed=job.seed, prompt_tokens=len(job.prompt_ids), started_at=started))
-        timer = threading.Timer(self._timeout_s, self._cancel_job,
-                                (job, ErrorCode.INFERENCE_TIMEOUT))
+        timer = threading.Timer(
+            self._timeout_s, self._cancel_job, (job, ErrorCode.INFERENCE_TIMEOUT)
+        )
         timer.daemon = True
         timer.start()
 
@@ -255,8 +278,9 @@ class Scheduler:
         output: GenerationOutput | None = None
         failure: tuple[str, str, bool] | None = None
         try:
-            output = self._engine.generate(job.prompt_ids, job.params, on_text=on_text,
-                                           cancel=job.cancel_event)
+            output = self._engine.generate(
+                job.prompt_ids, job.params, on_text=on_text, cancel=job.cancel_event
+            )
         except WorkerError as exc:  # VramOomError included: the engine stays usable
             failure = (exc.code, exc.message, exc.retriable)
         except Exception as exc:  # noqa: BLE001 - one bad job must not kill the worker
@@ -277,10 +301,18 @@ class Scheduler:
 
     def _finish(self, job: Job, output: GenerationOutput) -> None:
         t = output.timings
-        log_event(logger, "execute_end", worker_id=self._worker_id, job_id=job.job_id,
-                  prompt_tokens=t.prompt_tokens, tokens_out=t.tokens_out,
-                  prefill_ms=t.prefill_ms, first_token_ms=t.first_token_ms,
-                  decode_tok_s=t.decode_tok_s, stop_reason=output.stop_reason.value)
+        log_event(
+            logger,
+            "execute_end",
+            worker_id=self._worker_id,
+            job_id=job.job_id,
+            prompt_tokens=t.prompt_tokens,
+            tokens_out=t.tokens_out,
+            prefill_ms=t.prefill_ms,
+            first_token_ms=t.first_token_ms,
+            decode_tok_s=t.decode_tok_s,
+            stop_reason=output.stop_reason.value,
+        )
         if self._metrics is not None:
             m = self._metrics
             m.count_request(job.endpoint, "completed")
@@ -291,11 +323,20 @@ class Scheduler:
             m.time_to_first_token.observe(t.first_token_ms / 1e3)
         job.emit(Finished(output))
 
-    def _fail(self, job: Job, code: str, message: str, retriable: bool,
-              tokens_out: int | None = None) -> None:
-        log_event(logger, "error", worker_id=self._worker_id, job_id=job.job_id, code=code,
-                  message=message, retriable=retriable, tokens_out=tokens_out,
-                  level=logging.WARNING)
+    def _fail(
+        self, job: Job, code: str, message: str, retriable: bool, tokens_out: int | None = None
+    ) -> None:
+        log_event(
+            logger,
+            "error",
+            worker_id=self._worker_id,
+            job_id=job.job_id,
+            code=code,
+            message=message,
+            retriable=retriable,
+            tokens_out=tokens_out,
+            level=logging.WARNING,
+        )
         if self._metrics is not None:
             self._metrics.count_request(job.endpoint, code.lower())
         job.emit(Failed(code=code, message=message, retriable=retriable))

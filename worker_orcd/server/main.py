@@ -43,29 +43,58 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = ServerSettings.from_args(args)
     except ValueError as exc:
-        log_event(logger, "error", worker_id=args.worker_id or "-", code="INVALID_ARGUMENT",
-                  message=str(exc), level=logging.ERROR)
+        log_event(
+            logger,
+            "error",
+            worker_id=args.worker_id or "-",
+            code="INVALID_ARGUMENT",
+            message=str(exc),
+            level=logging.ERROR,
+        )
         return 2
     wid = settings.worker_id
-    log_event(logger, "startup", worker_id=wid, model=settings.model_path, device=settings.device,
-              host=settings.host, port=settings.port, pid=os.getpid())
+    log_event(
+        logger,
+        "startup",
+        worker_id=wid,
+        model=settings.model_path,
+        device=settings.device,
+        host=settings.host,
+        port=settings.port,
+        pid=os.getpid(),
+    )
     engine = load_engine(settings)
     if engine is None:
         return 1
     try:
         sock = listen(settings.host, settings.port)
     except OSError as exc:
-        log_event(logger, "error", worker_id=wid, code="BIND_FAILED", host=settings.host,
-                  port=settings.port, message=str(exc), level=logging.ERROR)
+        log_event(
+            logger,
+            "error",
+            worker_id=wid,
+            code="BIND_FAILED",
+            host=settings.host,
+            port=settings.port,
+            message=str(exc),
+            level=logging.ERROR,
+        )
         return 1
     facts = model_facts(engine, settings)
     metrics = Metrics(gpu_memory_bytes=lambda: gpu_memory_bytes(facts.device))
-    scheduler = Scheduler(engine, worker_id=wid, max_queue=settings.max_queue,
-                          timeout_s=settings.inference_timeout_s, metrics=metrics)
-    metrics.watch(queue_length=lambda: scheduler.jobs_queued,
-                  jobs_running=lambda: scheduler.jobs_running)
-    worker = Worker(engine=engine, facts=facts, settings=settings, scheduler=scheduler,
-                    metrics=metrics)
+    scheduler = Scheduler(
+        engine,
+        worker_id=wid,
+        max_queue=settings.max_queue,
+        timeout_s=settings.inference_timeout_s,
+        metrics=metrics,
+    )
+    metrics.watch(
+        queue_length=lambda: scheduler.jobs_queued, jobs_running=lambda: scheduler.jobs_running
+    )
+    worker = Worker(
+        engine=engine, facts=facts, settings=settings, scheduler=scheduler, metrics=metrics
+    )
     return asyncio.run(_serve(worker, sock))
 
 
@@ -73,8 +102,9 @@ def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket. Created with proto=IPPROTO_TCP (socket.create_server leaves it 0) so
     that asyncio sets TCP_NODELAY on accepted connections: without it a response written in two
     parts waits for the client's delayed ACK (~40 ms), and so would every SSE event."""
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                      proto=socket.IPPROTO_TCP)[0]
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -119,14 +149,25 @@ async def _serve(worker: Worker, sock: socket.socket) -> int:
     reason = "signal"
 
     def begin_shutdown(sig: int) -> None:
-        log_event(logger, "shutdown", worker_id=wid, phase="begin",
-                  signal=signal.Signals(sig).name, jobs_running=worker.scheduler.jobs_running,
-                  jobs_queued=worker.scheduler.jobs_queued)
+        log_event(
+            logger,
+            "shutdown",
+            worker_id=wid,
+            phase="begin",
+            signal=signal.Signals(sig).name,
+            jobs_running=worker.scheduler.jobs_running,
+            jobs_queued=worker.scheduler.jobs_queued,
+        )
         worker.shutting_down = True
         worker.scheduler.shutdown()
 
-    config = uvicorn.Config(create_app(worker), log_config=None, access_log=False,
-                            lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    config = uvicorn.Config(
+        create_app(worker),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
     server = _Server(config, begin_shutdown)
     worker.scheduler.start()
     serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -135,11 +176,22 @@ async def _serve(worker: Worker, sock: socket.socket) -> int:
     if server.started:
         host, port = sock.getsockname()[:2]
         uri = f"http://{host}:{port}"
-        log_event(logger, "ready", worker_id=wid, uri=uri, model=worker.facts.model,
-                  device=worker.facts.device, context_length=worker.facts.context_length)
+        log_event(
+            logger,
+            "ready",
+            worker_id=wid,
+            uri=uri,
+            model=worker.facts.model,
+            device=worker.facts.device,
+            context_length=worker.facts.context_length,
+        )
         if settings.callback_url:
-            body = {"worker_id": wid, "uri": uri, "model": worker.facts.model,
-                    "vram_bytes": gpu_memory_bytes(worker.facts.device)}
+            body = {
+                "worker_id": wid,
+                "uri": uri,
+                "model": worker.facts.model,
+                "vram_bytes": gpu_memory_bytes(worker.facts.device),
+            }
             if not await asyncio.to_thread(post_callback, settings.callback_url, body, wid):
                 # Nobody knows this worker exists: holding the GPU would only waste it.
                 exit_code, reason = 1, "callback_failed"
@@ -149,22 +201,38 @@ async def _serve(worker: Worker, sock: socket.socket) -> int:
     await serving
     worker.scheduler.shutdown()
     stopped = await asyncio.to_thread(worker.scheduler.join, GRACEFUL_SHUTDOWN_S)
-    log_event(logger, "shutdown", worker_id=wid, phase="complete", reason=reason,
-              engine_stopped=stopped, exit_code=exit_code)
+    log_event(
+        logger,
+        "shutdown",
+        worker_id=wid,
+        phase="complete",
+        reason=reason,
+        engine_stopped=stopped,
+        exit_code=exit_code,
+    )
     return exit_code
 
 
 def post_callback(url: str, body: dict[str, object], worker_id: str) -> bool:
     data = json.dumps(body).encode()
     for attempt in range(1, CALLBACK_ATTEMPTS + 1):
-        req = urllib.request.Request(url, data=data, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url, data=data, method="POST", headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=5) as resp:
                 log_event(logger, "callback", worker_id=worker_id, url=url, status=resp.status)
                 return True
         except (urllib.error.URLError, OSError) as exc:
-            log_event(logger, "error", worker_id=worker_id, code="CALLBACK_FAILED", url=url,
-                      attempt=attempt, message=str(exc), level=logging.WARNING)
+            log_event(
+                logger,
+                "error",
+                worker_id=worker_id,
+                code="CALLBACK_FAILED",
+                url=url,
+                attempt=attempt,
+                message=str(exc),
+                level=logging.WARNING,
+            )
             time.sleep(0.5 * attempt)
     return False

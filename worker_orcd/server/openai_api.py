@@ -32,8 +32,12 @@ _FINISH_REASON = {
 
 def error_body(code: str, message: str, status: int, fields: list[FieldError]) -> dict[str, Any]:
     kind = "invalid_request_error" if status == 400 else "server_error"
-    error: dict[str, Any] = {"message": message, "type": kind,
-                             "param": fields[0].field if fields else None, "code": code}
+    error: dict[str, Any] = {
+        "message": message,
+        "type": kind,
+        "param": fields[0].field if fields else None,
+        "code": code,
+    }
     if fields:
         error["fields"] = [f.to_dict() for f in fields]
     return {"error": error}
@@ -44,10 +48,17 @@ def add_routes(app: FastAPI, worker: Worker) -> None:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": worker.facts.model, "object": "model", "created": created,
-             "owned_by": "worker-orcd"},
-        ]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": worker.facts.model,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "worker-orcd",
+                },
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -74,8 +85,9 @@ class _Reply:
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def choice(self, text: str | None, finish_reason: str | None, *, role: bool = False,
-               chunk: bool) -> dict[str, Any]:
+    def choice(
+        self, text: str | None, finish_reason: str | None, *, role: bool = False, chunk: bool
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0}
         if not self.chat:
             choice["text"] = text or ""
@@ -93,8 +105,11 @@ class _Reply:
 
 def _usage(output: GenerationOutput) -> dict[str, int]:
     prompt, completion = len(output.prompt_ids), len(output.token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 async def _serve(worker: Worker, request: Request, *, chat: bool) -> Response:
@@ -106,31 +121,39 @@ async def _serve(worker: Worker, request: Request, *, chat: bool) -> Response:
     job = await worker.new_job(job_id, req.generation, endpoint=endpoint)
     reply = _Reply(id=job_id, chat=chat, model=worker.facts.model, created=int(time.time()))
     if req.stream:
-        return StreamingResponse(_stream(worker, job, request, req, reply),
-                                 media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+        return StreamingResponse(
+            _stream(worker, job, request, req, reply),
+            media_type=sse.MEDIA_TYPE,
+            headers=sse.HEADERS,
+        )
     watcher = asyncio.create_task(watch_disconnect(request, lambda: worker.cancel_on_exit(job)))
     try:
         async for event in job_events(job):
             if isinstance(event, Failed):
                 status = http_status(event.code)
-                return JSONResponse(error_body(event.code, event.message, status, []),
-                                    status_code=status)
+                return JSONResponse(
+                    error_body(event.code, event.message, status, []), status_code=status
+                )
             if isinstance(event, Finished):
                 out = event.output
-                return JSONResponse({
-                    **reply.envelope(chunk=False),
-                    "choices": [reply.choice(out.text, _FINISH_REASON[out.stop_reason],
-                                             chunk=False)],
-                    "usage": _usage(out),
-                })
+                return JSONResponse(
+                    {
+                        **reply.envelope(chunk=False),
+                        "choices": [
+                            reply.choice(out.text, _FINISH_REASON[out.stop_reason], chunk=False)
+                        ],
+                        "usage": _usage(out),
+                    }
+                )
     finally:
         watcher.cancel()
         worker.cancel_on_exit(job)
     raise AssertionError("a job's events always end with Finished or Failed")
 
 
-async def _stream(worker: Worker, job: Job, request: Request, req: OpenAIRequest,
-                  reply: _Reply) -> AsyncIterator[bytes]:
+async def _stream(
+    worker: Worker, job: Job, request: Request, req: OpenAIRequest, reply: _Reply
+) -> AsyncIterator[bytes]:
     watcher = asyncio.create_task(watch_disconnect(request, lambda: worker.cancel_on_exit(job)))
     # With include_usage every chunk carries "usage": null, and one last chunk carries the totals.
     extra: dict[str, Any] = {"usage": None} if req.include_usage else {}
@@ -149,11 +172,13 @@ async def _stream(worker: Worker, job: Job, request: Request, req: OpenAIRequest
                 out = event.output
                 yield chunk(None if reply.chat else "", _FINISH_REASON[out.stop_reason])
                 if req.include_usage:
-                    yield sse.data_only({**reply.envelope(chunk=True), "choices": [],
-                                         "usage": _usage(out)})
+                    yield sse.data_only(
+                        {**reply.envelope(chunk=True), "choices": [], "usage": _usage(out)}
+                    )
             elif isinstance(event, Failed):
-                yield sse.data_only(error_body(event.code, event.message,
-                                               http_status(event.code), []))
+                yield sse.data_only(
+                    error_body(event.code, event.message, http_status(event.code), [])
+                )
         yield sse.OPENAI_DONE
     finally:
         watcher.cancel()

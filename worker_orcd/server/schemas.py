@@ -63,9 +63,14 @@ class GenerationRequest:
 
     def sampling(self, *, max_tokens: int, seed: int) -> SamplingParams:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
-            top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            seed=seed, stop=self.stop,
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=seed,
+            stop=self.stop,
         )
 
 
@@ -119,8 +124,9 @@ class _Body:
             return default
         return value
 
-    def number(self, name: str, default: float, lo: float, hi: float, *,
-               lo_open: bool = False) -> float:
+    def number(
+        self, name: str, default: float, lo: float, hi: float, *, lo_open: bool = False
+    ) -> float:
         value = self.get(name)
         if value is None:
             return default
@@ -159,8 +165,9 @@ class _Body:
             return ()
         if isinstance(value, str):
             value = [value]
-        rule = (f"must be a non-empty string or a list of at most {MAX_STOP_STRINGS} "
-                "non-empty strings")
+        rule = (
+            f"must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings"
+        )
         if (
             not isinstance(value, list)
             or len(value) > MAX_STOP_STRINGS
@@ -178,12 +185,12 @@ class _Body:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _generation(b: _Body, *, max_tokens_out: int, default_max_tokens: int | None,
-                allow_content_parts: bool) -> GenerationRequest:
+def _generation(
+    b: _Body, *, max_tokens_out: int, default_max_tokens: int | None, allow_content_parts: bool
+) -> GenerationRequest:
     prompt_value = b.get("prompt")
     messages_value = b.get("messages")
     prompt: str | None = None
@@ -270,8 +277,9 @@ def parse_execute(body: Any, *, max_tokens_out: int) -> ExecuteRequest:
     errors: list[FieldError] = []
     b = _Body(body, errors)
     job_id = b.string("job_id", required=True, max_chars=MAX_JOB_ID_CHARS)
-    generation = _generation(b, max_tokens_out=max_tokens_out, default_max_tokens=None,
-                             allow_content_parts=False)
+    generation = _generation(
+        b, max_tokens_out=max_tokens_out, default_max_tokens=None, allow_content_parts=False
+    )
     b.reject_unknown()
     if errors:
         raise RequestValidationError(errors)
@@ -298,8 +306,9 @@ def parse_openai(body: Any, *, chat: bool, max_tokens_out: int) -> OpenAIRequest
         b.seen.add("messages")
         b.body = {k: v for k, v in b.body.items() if k != "messages"}
     default_max = None if chat else OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS
-    generation = _generation(b, max_tokens_out=max_tokens_out, default_max_tokens=default_max,
-                             allow_content_parts=chat)
+    generation = _generation(
+        b, max_tokens_out=max_tokens_out, default_max_tokens=default_max, allow_content_parts=chat
+    )
     stream = b.boolean("stream", False)
     include_usage = False
     options = b.get("stream_options")
@@ -329,5 +338,6 @@ def parse_openai(body: Any, *, chat: bool, max_tokens_out: int) -> OpenAIRequest
     b.reject_unknown()
     if errors:
         raise RequestValidationError(errors)
-    return OpenAIRequest(generation=generation, model=model, stream=stream,
-                         include_usage=include_usage)
+    return OpenAIRequest(
+        generation=generation, model=model, stream=stream, include_usage=include_usage
+    )

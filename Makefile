@@ -34,6 +34,8 @@ run: model
 		--max-tokens 64 --temperature 0
 
 test: setup-test model
+	$(VENV)/bin/ruff check worker_orcd tests benchmarks
+	$(VENV)/bin/ruff format --check worker_orcd tests benchmarks
 	$(PY) -m pytest -q
 
 lint: setup-test

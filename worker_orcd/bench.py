@@ -126,12 +126,11 @@ def run_bench(args: argparse.Namespace) -> int:
     torch.cuda.empty_cache()
     peer_rows: list[SpeedRow] = []
     if args.peer == "transformers":
-        preset = args.preset or _preset_like(config)
-        if preset is None:
-            logger.warning("no transformers config for %s; peer skipped", config.architecture)
+        if config.architecture not in ("qwen2", "phi3"):
+            logger.warning("no transformers peer for %s; peer skipped", config.architecture)
         else:
             peer_rows = peer_transformers(
-                preset, device, args.prefill, args.decode_context, min(args.decode_steps, 64)
+                config, device, args.prefill, args.decode_context, min(args.decode_steps, 64)
             )
     for r in rows + peer_rows:
         if r.phase == "decode":

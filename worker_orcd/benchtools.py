@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worker_orcd.config import ModelConfig
+
 logger = logging.getLogger(__name__)
 
 
@@ -77,45 +79,35 @@ class SpeedRow:
     gbs: float | None = None
 
 
-def hf_config(preset: str):  # -> transformers.PretrainedConfig
-    """A transformers config with the real dimensions of a preset (no sliding window)."""
+def hf_config(config: ModelConfig):  # -> transformers.PretrainedConfig
+    """A transformers config with the dimensions of `config` (qwen2 or phi3; no sliding window), so
+    the peer is built from the same numbers as our model."""
     from transformers import Phi3Config, Qwen2Config
 
-    if preset == "phi3-mini":
+    common = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        max_position_embeddings=config.context_length,
+        rope_theta=config.rope_theta,
+        rms_norm_eps=config.rms_eps,
+        tie_word_embeddings=config.tied_embeddings,
+    )
+    if config.architecture == "phi3":
+        original = config.rope_original_context or config.context_length
         return Phi3Config(
-            vocab_size=32064,
-            hidden_size=3072,
-            intermediate_size=8192,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            max_position_embeddings=4096,
-            original_max_position_embeddings=4096,
-            rope_theta=10000.0,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            sliding_window=None,
-            pad_token_id=0,
+            **common, original_max_position_embeddings=original, sliding_window=None, pad_token_id=0
         )
-    if preset == "qwen2.5-0.5b":
-        return Qwen2Config(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=32768,
-            rope_theta=1000000.0,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-            use_sliding_window=False,
-        )
-    raise ValueError(f"unknown preset {preset!r}; expected phi3-mini or qwen2.5-0.5b")
+    if config.architecture == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    raise ValueError(f"no transformers peer for architecture {config.architecture!r} (qwen2, phi3)")
 
 
 def peer_transformers(
-    preset: str,
+    config: ModelConfig,
     device: torch.device,
     prefill_lens: list[int],
     decode_contexts: list[int],
@@ -125,7 +117,7 @@ def peer_transformers(
     """transformers (bf16, sdpa, random weights) prefill and greedy decode speed in this process."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    cfg = hf_config(preset)
+    cfg = hf_config(config)
     t0 = time.perf_counter()
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(
@@ -134,7 +126,9 @@ def peer_transformers(
     model.eval()
     if weight_bytes is None:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    logger.info("peer transformers %s built in %.1f s", preset, time.perf_counter() - t0)
+    logger.info(
+        "peer transformers %s built in %.1f s", config.architecture, time.perf_counter() - t0
+    )
     gen = torch.Generator(device=device).manual_seed(0)
     rows: list[SpeedRow] = []
     with torch.inference_mode():

@@ -30,3 +30,24 @@ def test_kv_bytes_per_token() -> None:
     # Phi-3: 32 layers x 32 KV heads x 96 x (K and V) x 2 bytes = 393,216 bytes per token.
     assert _kv_bytes(PRESETS["phi3-mini"], 1) == 393_216
     assert _kv_bytes(PRESETS["qwen2.5-0.5b"], 4000) == 4000 * 24 * 2 * 64 * 2 * 2
+
+
+@pytest.mark.parametrize(
+    ("preset", "params"), [("phi3-mini", 3_821_079_552), ("qwen2.5-0.5b", 494_032_768)]
+)
+def test_peer_is_built_from_the_same_dimensions(preset: str, params: int) -> None:
+    """transformers' model from hf_config(preset) has exactly our parameter count and shapes."""
+    from transformers import AutoModelForCausalLM
+
+    from worker_orcd.benchtools import hf_config
+
+    config = PRESETS[preset]
+    with torch.device("meta"):
+        peer = AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.bfloat16)
+    assert sum(p.numel() for p in peer.parameters()) == params
+    layer = peer.model.layers[0]
+    assert layer.self_attn.o_proj.weight.shape == (
+        config.hidden_size,
+        config.n_heads * config.head_dim,
+    )
+    assert peer.config.num_key_value_heads == config.n_kv_heads

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,13 +14,13 @@ from typing import Any, Protocol
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from worker_orcd.engine.types import GenerationOutput, SamplingParams
 from worker_orcd.errors import InvalidRequestError
 from worker_orcd.server.jobs import (
     DuplicateJobError,
     ErrorCode,
     Failed,
     Finished,
+    GeneratingEngine,
     Job,
     JobEvent,
     JobState,
@@ -50,7 +49,9 @@ def http_status(code: str) -> int:
     return HTTP_STATUS.get(code, 500)
 
 
-class ServingEngine(Protocol):
+class ServingEngine(GeneratingEngine, Protocol):
+    """What the worker needs of the engine beyond the job runner's `generate`."""
+
     model_name: str
 
     def encode_prompt(
@@ -61,15 +62,6 @@ class ServingEngine(Protocol):
     ) -> list[int]: ...
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None: ...
-
-    def generate(
-        self,
-        prompt: list[int],
-        params: SamplingParams,
-        *,
-        on_text: Callable[[str], None] | None = None,
-        cancel: threading.Event | None = None,
-    ) -> GenerationOutput: ...
 
 
 @dataclass(frozen=True, slots=True)

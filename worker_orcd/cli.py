@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from worker_orcd.engine.options import add_load_arguments
 from worker_orcd.errors import WorkerError
 
 logger = logging.getLogger("worker_orcd")
@@ -61,14 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", nargs="*", default=[])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--weights",
-        default=None,
-        choices=["quantized", "dequantized"],
-        help="keep GGUF quantized blocks on the device or expand them to --dtype "
-        "(default: quantized on cuda, dequantized on cpu)",
-    )
+    add_load_arguments(p)
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.set_defaults(func=cmd_generate)

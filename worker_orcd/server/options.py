@@ -7,6 +7,8 @@ import os
 import socket
 from dataclasses import dataclass
 
+from worker_orcd.engine.options import add_load_arguments
+
 PROMPT_MAX_CHARS = 32768
 MAX_STOP_STRINGS = 4
 
@@ -37,14 +39,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         choices=["cpu", "cuda"],
         help="default: cuda when available, else cpu",
     )
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--weights",
-        default=None,
-        choices=["quantized", "dequantized"],
-        help="keep GGUF quantized blocks on the device or expand them to --dtype "
-        "(default: quantized on cuda, dequantized on cpu)",
-    )
+    add_load_arguments(p)
     p.add_argument(
         "--callback-url",
         default=None,

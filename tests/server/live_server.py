@@ -115,9 +115,9 @@ def _pump(stream: Any, sink: queue.Queue[dict[str, Any] | None]) -> None:
     sink.put(None)
 
 
-def start_server(model: Path | str, *extra: str, wait_ready: bool = True) -> LiveServer:
-    """Start a server on a free port of 127.0.0.1 (port 0) and learn its address from `ready`."""
-    cmd = [
+def serve_command(model: Path | str, *extra: str) -> list[str]:
+    """`worker-orcd serve` on CPU, a free port of 127.0.0.1, JSON logs, plus `extra` flags."""
+    return [
         sys.executable,
         "-m",
         "worker_orcd.cli",
@@ -134,6 +134,11 @@ def start_server(model: Path | str, *extra: str, wait_ready: bool = True) -> Liv
         "json",
         *extra,
     ]
+
+
+def start_server(model: Path | str, *extra: str, wait_ready: bool = True) -> LiveServer:
+    """Start a server on a free port of 127.0.0.1 (port 0) and learn its address from `ready`."""
+    cmd = serve_command(model, *extra)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     server = LiveServer(proc=proc, url="")

@@ -7,7 +7,6 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from live_server import BackgroundStream, check_one_terminal, start_server
+from live_server import BackgroundStream, check_one_terminal, serve_command, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -61,22 +60,7 @@ def test_unloadable_model_exits_nonzero_with_one_clear_line(tmp_path: Path) -> N
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 60)
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "worker_orcd.cli",
-            "serve",
-            "--model",
-            str(bad),
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-            "--log-format",
-            "json",
-            "--worker-id",
-            "doomed",
-        ],
+        serve_command(bad, "--worker-id", "doomed"),
         capture_output=True,
         timeout=120,
     )

@@ -227,3 +227,56 @@ def test_graph_steps_queued_without_host_sync(preset: str) -> None:
     # Row by row: a step that read another step's inputs would be off by far more than rounding.
     err = (queued - eager).norm(dim=-1) / eager.norm(dim=-1)
     assert err.max().item() < 1e-2, err
+
+
+def test_greedy_steps_skip_banned_ids_and_follow_a_growing_block_table() -> None:
+    """The graph's greedy pick skips the banned ids given at capture (the sampler's mask) while its
+    logits stay the eager ones; GreedySteps copies block-table entries added between launches."""
+    from worker_orcd.engine.cuda_graphs import CudaGraphRunner, GreedySteps
+    from worker_orcd.engine.sampler import sample
+    from worker_orcd.engine.types import SamplingParams
+
+    model, config, kv = _model("qwen2.5-0.5b", layers=2, context=300)
+    runner = _eager_runner(model, kv)
+    gen = torch.Generator().manual_seed(6)
+    prompt = torch.randint(0, config.vocab_size, (30,), generator=gen).tolist()
+    table = list(range(kv.num_blocks))[::-1]  # blocks far from contiguous
+    greedy = [SamplingParams(temperature=0.0)]
+
+    def eager(banned: torch.Tensor | None, n: int) -> list[int]:
+        seq = Sequence.from_prompt(prompt)
+        seq.block_table = table
+        logits = _prefill(runner, seq)
+        ids = []
+        for _ in range(n):
+            ids.append(int(sample(logits, greedy, [None], None, banned)[0]))
+            logits = _decode(runner, seq, ids[-1])
+        return ids
+
+    free = eager(None, 6)
+    banned = torch.tensor(sorted(set(free[:4])), device=DEV)
+    want = eager(banned, 41)
+    assert want[0] != free[0] and not set(want) & set(free[:4])  # the ban changed the picks
+    graphs = CudaGraphRunner.create(model, kv, prompt_buckets=(16,), banned_ids=banned)
+    assert graphs is not None
+
+    # Host-fed replay: the logits are the eager ones, banned ids not masked.
+    seq = Sequence.from_prompt(prompt)
+    seq.block_table = table
+    _prefill(runner, seq)
+    seq.append(want[0])
+    g_logits = graphs.try_forward(ScheduledBatch([seq], [1], False), kv.block_size).clone()
+    seq.token_ids.pop()
+    assert torch.equal(g_logits, _decode(runner, seq, want[0]))
+
+    # Device-fed: the table handed over grows one block at a time, as the engine reserves them.
+    pos, bs = len(prompt), kv.block_size
+    steps = GreedySteps(graphs.decode)
+    steps.start(want[0], pos, table[: pos // bs + 1])
+    steps.launch(pos, table[: pos // bs + 1])
+    got = []
+    for i in range(1, 40):
+        steps.launch(pos + i, table[: (pos + i) // bs + 1])
+        got.append(steps.next_id())
+    got.append(steps.next_id())
+    assert got == want[1:]

@@ -5,8 +5,10 @@ than running them; replaying a captured graph costs one launch. Two kinds are ca
 
 - decode: one token for each of up to B sequences. The graph reads token ids, positions and block
   tables from static buffers, derives KV slots and context lengths on the device, and ends with the
-  float32 logits and their argmax. It then advances its own inputs (next id = argmax, position + 1),
-  so greedy decoding can replay it back to back with no host work between steps (`decode_greedy`).
+  float32 logits and their argmax over the ids the sampler allows (banned ids, given at capture,
+  are skipped; the logits themselves are left as the eager pass returns them). It then advances
+  its own inputs (next id = argmax, position + 1), so greedy decoding can replay it back to back
+  with no host work between steps (`GreedySteps`, `decode_greedy`).
   Each batch size has two graphs: contexts up to SHORT_CONTEXT keys, attended without splitting,
   and any context.
 - prompt: a whole fresh prompt, padded up to a bucket length (16, 32, ... 4096 tokens, and the
@@ -40,6 +42,7 @@ from worker_orcd.model import CausalLM
 logger = logging.getLogger(__name__)
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+GREEDY_RING = 4  # pinned id slots of DecodeGraphs: steps launched ahead of the host's reads
 
 
 def _bind_caches(model: CausalLM, kv: KVCache) -> None:
@@ -105,12 +108,25 @@ class DecodeGraphs:
     KV head, no merge launch) and one for any context (split over programs, then merged).
     """
 
-    def __init__(self, model: CausalLM, kv: KVCache, batch_sizes: Sequence[int] = (1,)) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv: KVCache,
+        batch_sizes: Sequence[int] = (1,),
+        banned_ids: torch.Tensor | None = None,
+    ) -> None:
         self.model = model
         self.kv = kv
         self.device = dev = kv.k.device
         self.max_batch = b = max(batch_sizes)
         self.max_blocks = kv.num_blocks
+        # Ids the greedy pick skips, as the sampler does (fixed at capture).
+        self.banned_ids: torch.Tensor | None = None
+        if banned_ids is not None and banned_ids.numel():
+            self.banned_ids = banned_ids.to(dev, torch.int64)
+        # Greedy ids read back one step behind: a ring of pinned slots, each with its event.
+        self.greedy_ids = torch.zeros(GREEDY_RING, dtype=torch.int64, pin_memory=True)
+        self.greedy_done = [torch.cuda.Event() for _ in range(GREEDY_RING)]
         # host staging (pinned) and the graph's static inputs
         self._staging = _HostStaging([((2, b), torch.int64), ((b, self.max_blocks), torch.int32)])
         self.token_ids = torch.zeros(b, dtype=torch.int64, device=dev)
@@ -156,7 +172,11 @@ class DecodeGraphs:
         )
         hidden = self.model(ids, pos, meta)  # [n, D]
         logits = self.model.compute_logits(hidden)  # [n, V] float32
-        next_ids = torch.argmax(logits, dim=-1)  # [n]
+        pick = logits
+        if self.banned_ids is not None:
+            # On a copy: the logits stay what the eager pass returns (the sampler masks them).
+            pick = logits.index_fill(1, self.banned_ids, float("-inf"))
+        next_ids = torch.argmax(pick, dim=-1)  # [n]
         # Advance the inputs for a back-to-back greedy replay; the host overwrites them otherwise.
         decode_step.advance(next_ids, ids, pos)
         return logits, next_ids
@@ -217,20 +237,77 @@ class DecodeGraphs:
         The graph feeds its argmax back to itself; the host reads each id one step behind the GPU
         through a pinned buffer, so it never waits on the step it has just launched.
         """
-        size = self.load_inputs([token_id], [position], [block_table])[0]
-        out = torch.empty(steps, dtype=torch.int64, pin_memory=True)
-        done = [torch.cuda.Event() for _ in range(steps)]
+        greedy = GreedySteps(self)
+        greedy.start(token_id, position, block_table)
+        greedy.launch(position, block_table)
         ids: list[int] = []
-        for i in range(steps):
-            _, next_ids = self.replay(self.key(size, position + i + 1))
-            out[i : i + 1].copy_(next_ids[:1], non_blocking=True)
-            done[i].record()
-            if i:
-                done[i - 1].synchronize()
-                ids.append(int(out[i - 1]))
-        done[-1].synchronize()
-        ids.append(int(out[steps - 1]))
+        for i in range(1, steps):
+            greedy.launch(position + i, block_table)
+            ids.append(greedy.next_id())
+        ids.append(greedy.next_id())
         return ids
+
+
+class GreedySteps:
+    """One sequence's greedy decode on the batch-1 decode graph, its ids fed on the device.
+
+    `start` writes the first step's token from the host. Each `launch` replays one step, whose
+    input id is the previous step's argmax (the graph advances its own inputs), and returns at
+    once; `next_id` waits for the oldest step not yet read and returns its id. So the host can
+    launch step i + 1 before it reads the id of step i, and the GPU never waits for the host.
+
+    A launched step that is never read is dropped: it wrote K/V at its position (the caller owns
+    that block) and its id into a pinned slot that a later copy on the same stream overwrites.
+    Block-table entries the caller adds between launches are copied to the device before the
+    step that needs them.
+    """
+
+    def __init__(self, graphs: DecodeGraphs) -> None:
+        if graphs.batch_size_for(1) != 1:
+            raise ValueError("greedy steps need a captured decode graph of batch size 1")
+        self.graphs = graphs
+        self._position = -1  # of the next launch
+        self._on_device = 0  # block-table entries the device holds
+        self._launched = 0
+        self._read = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Steps launched and not yet read."""
+        return self._launched - self._read
+
+    @torch.inference_mode()
+    def start(self, token_id: int, position: int, block_table: Sequence[int]) -> None:
+        """The next launch reads `token_id` at `position` (its block must be in block_table)."""
+        self.graphs.load_inputs([token_id], [position], [block_table])
+        self._position = position
+        self._on_device = len(block_table)
+
+    @torch.inference_mode()
+    def launch(self, position: int, block_table: Sequence[int]) -> None:
+        """Replay one step at `position` (the last launch's + 1); block_table covers it."""
+        g = self.graphs
+        assert position == self._position, (position, self._position)
+        assert self.in_flight < GREEDY_RING, "read ids before launching further"
+        if len(block_table) > g.max_blocks:
+            raise ValueError(f"block table of {len(block_table)} blocks; cache has {g.max_blocks}")
+        for i in range(self._on_device, len(block_table)):
+            g.block_tables[0, i : i + 1].fill_(block_table[i])  # no host sync
+        self._on_device = len(block_table)
+        _, next_ids = g.replay(g.key(1, position + 1))
+        slot = self._launched % GREEDY_RING
+        g.greedy_ids[slot : slot + 1].copy_(next_ids[:1], non_blocking=True)
+        g.greedy_done[slot].record()
+        self._launched += 1
+        self._position = position + 1
+
+    def next_id(self) -> int:
+        """The id of the oldest unread step, once that step has run."""
+        assert self.in_flight > 0, "no step in flight"
+        slot = self._read % GREEDY_RING
+        self.graphs.greedy_done[slot].synchronize()
+        self._read += 1
+        return int(self.graphs.greedy_ids[slot])
 
 
 class PromptGraphs:
@@ -322,8 +399,10 @@ class CudaGraphRunner:
         *,
         batch_sizes: Sequence[int] = (1,),
         prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
+        banned_ids: torch.Tensor | None = None,
     ) -> CudaGraphRunner | None:
-        """Capture the graphs, or None (eager path) where they cannot serve."""
+        """Capture the graphs, or None (eager path) where they cannot serve. `banned_ids` [n]:
+        ids the decode graph's greedy pick never takes (the sampler's banned ids)."""
         device = kv.k.device
         if device.type != "cuda":
             return None
@@ -339,7 +418,7 @@ class CudaGraphRunner:
         start = time.perf_counter()
         _bind_caches(model, kv)
         with torch.inference_mode():
-            decode = DecodeGraphs(model, kv, batch_sizes)
+            decode = DecodeGraphs(model, kv, batch_sizes, banned_ids)
             window = model.config.sliding_window
             limit = min(kv.num_slots, model.max_positions)
             fits = {b for b in prompt_buckets if b <= limit}

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from worker_orcd.engine.cuda_graphs import CudaGraphRunner
+from worker_orcd.engine.cuda_graphs import CudaGraphRunner, GreedySteps
 from worker_orcd.engine.kv_cache import KVCache
 from worker_orcd.engine.scheduler import ScheduledBatch
 from worker_orcd.kernels import AttentionMetadata
@@ -24,7 +24,14 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVCache, *, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv: KVCache,
+        *,
+        cuda_graphs: bool = False,
+        banned_ids: torch.Tensor | None = None,
+    ) -> None:
         self.model = model
         self.kv = kv
         self.device = kv.k.device
@@ -40,8 +47,16 @@ class ModelRunner:
             if triton_kernels.available(self.device):
                 triton_kernels.register_all()
         # None on CPU, without Triton, or when turned off (Engine.load turns them on for CUDA by
-        # default): every step runs eagerly.
-        self.graphs = CudaGraphRunner.create(model, kv) if cuda_graphs else None
+        # default): every step runs eagerly. banned_ids: what the decode graph's greedy pick skips.
+        self.graphs = (
+            CudaGraphRunner.create(model, kv, banned_ids=banned_ids) if cuda_graphs else None
+        )
+
+    def greedy_steps(self) -> GreedySteps | None:
+        """Device-fed greedy decode of one sequence on the decode graph, or None (no graphs)."""
+        if self.graphs is None or self.graphs.decode.batch_size_for(1) != 1:
+            return None
+        return GreedySteps(self.graphs.decode)
 
     def prepare(
         self, batch: ScheduledBatch

@@ -46,6 +46,13 @@ class BlockManager:
         for _ in range(need):
             seq.block_table.append(heapq.heappop(self._free))
 
+    def trim(self, seq: Sequence, n_tokens: int) -> None:
+        """Give back the blocks of seq's table past those its first n_tokens tokens need."""
+        keep = self.blocks_for(n_tokens)
+        for block in seq.block_table[keep:]:
+            heapq.heappush(self._free, block)
+        del seq.block_table[keep:]
+
     def release(self, seq: Sequence) -> None:
         for block in seq.block_table:
             heapq.heappush(self._free, block)

@@ -128,10 +128,16 @@ class Engine:
         self.scheduler = Scheduler(
             self.blocks, max_batch_tokens=min(MAX_PREFILL_TOKENS, context_length), max_seqs=1
         )
-        self.runner = ModelRunner(
-            model, kv, cuda_graphs=resolve_cuda_graphs(cuda_graphs, self.device)
-        )
         self.banned_ids = self._banned_ids()  # [n] int64 on the device
+        self.runner = ModelRunner(
+            model,
+            kv,
+            cuda_graphs=resolve_cuda_graphs(cuda_graphs, self.device),
+            banned_ids=self.banned_ids,
+        )
+        # Greedy requests (no repetition penalty) decode on the graph fed by its own argmax, the
+        # host one token behind; False keeps them on the host-fed loop (bench, tests).
+        self.pipelined_greedy = True
 
     # -- loading -----------------------------------------------------------------------------------
 

@@ -195,9 +195,7 @@ def _decode_host_fed(
 def _greedy_stepper(engine: Engine, params: SamplingParams) -> GreedyStepper | None:
     """Device-fed steps where they pick what `sample` would: greedy with nothing but the banned
     ids applied (filter_logits adds only the repetition penalty to greedy rows)."""
-    if not engine.pipelined_greedy or params.temperature != 0:
-        return None
-    if params.repetition_penalty != 1.0:
+    if not engine.pipelined_greedy or params.temperature != 0 or params.repetition_penalty != 1.0:
         return None
     return engine.runner.greedy_steps()
 

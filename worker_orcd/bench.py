@@ -9,7 +9,9 @@ random GGUF blocks of a Q4_K_M-style mix (quant_mix.py) made on the GPU. The car
 and bf16 matmul rate are measured first in the same run, so decode is reported as achieved GB/s
 (weights plus the KV cache read per token) and its share of that bandwidth. With `--peer
 transformers`, the same figures come from transformers (bf16, sdpa) in the same process, with the
-ratio ours / peer.
+ratio ours / peer. Decode rows: the graph fed by its own argmax (worker-orcd), Engine.generate of
+a greedy request (ours generate: what a user gets), and the graph fed from the host each step (ours
+host-fed: the path of sampled requests).
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def run_bench(args: argparse.Namespace) -> int:
     need = _context_needed(args)
     if need > kv.num_slots:
         raise SystemExit(f"bench needs a context of {need} tokens; the cache holds {kv.num_slots}")
-    ours = OurBench(model, config, kv, weight_bytes, graph=not args.no_graph)
+    tokenizer = _tokenizer(args, config)
+    ours = OurBench(model, config, kv, weight_bytes, graph=not args.no_graph, tokenizer=tokenizer)
     rows = ours.prefill(args.prefill) + ours.decode(args.decode_context, args.decode_steps)
     ttft = ours.ttft(512) if 512 <= kv.num_slots else None
     del ours, model, kv
@@ -197,6 +200,29 @@ def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, Mode
     kv = KVCache.allocate(config, need, dtype=torch.bfloat16, device=device)
     logger.info("loaded %s in %.1fs", args.model, time.perf_counter() - t0)
     return model, config, kv
+
+
+def _tokenizer(args: argparse.Namespace, config: ModelConfig):  # -> Tokenizer
+    """The file's tokenizer, or for a preset a stand-in with no special ids (never stops early)."""
+    from worker_orcd.tokenizer import Tokenizer
+
+    if args.model:
+        return Tokenizer.from_gguf(args.model)
+    return stand_in_tokenizer(config.vocab_size)
+
+
+def stand_in_tokenizer(vocab_size: int):  # -> Tokenizer
+    """A byte-level BPE vocabulary of plain words (" w0", " w1", ...) and no special tokens, so
+    generation from a preset goes through the real detokenizer and stops only at max_tokens."""
+    from worker_orcd.tokenizer import Tokenizer
+
+    metadata = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": [f"\u0120w{i}" for i in range(vocab_size)],  # \u0120: a space
+        "tokenizer.ggml.merges": [],
+    }
+    return Tokenizer.from_gguf(metadata)
 
 
 def _context_needed(args: argparse.Namespace) -> int:
@@ -303,22 +329,47 @@ def _print_row(r: SpeedRow, ceil: Ceilings, ratio: float | None) -> None:
 
 class OurBench:
     """Times this engine's model: prompt passes (CUDA graph per length bucket, and eager), time to
-    first token through the runner path, and greedy decode through the decode graph."""
+    first token through the runner path, greedy decode through the decode graph, and greedy
+    generation through Engine.generate (an Engine built around the same model and cache)."""
 
-    def __init__(self, model, config: ModelConfig, kv, weight_bytes: int, *, graph: bool) -> None:
-        from worker_orcd.engine.cuda_graphs import CudaGraphRunner
+    def __init__(
+        self, model, config: ModelConfig, kv, weight_bytes: int, *, graph: bool, tokenizer
+    ) -> None:
+        from worker_orcd.engine.engine import Engine, EngineInfo
         from worker_orcd.engine.model_runner import ModelRunner
 
         self.model = model
         self.config = config
         self.kv = kv
         self.device = kv.k.device
+        context = min(kv.num_slots, model.max_positions)
+        info = EngineInfo(
+            model_name="bench",
+            architecture=config.architecture,
+            device=str(self.device),
+            dtype="bfloat16",
+            weights="bench",
+            weight_bytes=weight_bytes,
+            weight_mix={},
+            kv_cache_bytes=kv.nbytes,
+            quant_mix={},
+            tokenizer_kind=tokenizer.kind,
+            vocab_size=config.vocab_size,
+            context_length=context,
+        )
+        self.engine = Engine(
+            model=model,
+            config=config,
+            tokenizer=tokenizer,
+            kv=kv,
+            context_length=context,
+            info=info,
+            cuda_graphs=graph,
+        )
+        # The engine's graphs, driven directly by the graph rows; this runner stays eager (the
+        # "ours eager" rows).
         self.runner = ModelRunner(model, kv)
-        # The runner may capture its own graphs; the bench drives them itself, and the runner's
-        # forward stays the eager path (the "ours eager" rows).
-        own = getattr(self.runner, "graphs", None)
-        self.runner.graphs = None
-        self.graphs = (own or CudaGraphRunner.create(model, kv)) if graph else None
+        self.graphs = self.engine.runner.graphs
         if graph and self.graphs is None:
             logger.warning("CUDA graphs unavailable: running eagerly")
         self.gen = torch.Generator(device="cpu").manual_seed(0)
@@ -392,8 +443,10 @@ class OurBench:
         """Greedy decode of `steps` tokens whose mean context is each of `contexts`.
 
         worker-orcd: the decode graph feeding its argmax back, the host reading each id one step
-        behind. "ours host-fed": each step's id read, then the next step's inputs written from the
-        host, as the engine's general sampling path does.
+        behind. "ours generate": Engine.generate, greedy (what a greedy request gets: sampler
+        mask, detokenizer, stop checks; pipelined on the graph). "ours host-fed": each step's id
+        read, then the next step's inputs written from the host, as the engine's path for sampled
+        requests does.
         """
         rows = []
         for ctx in contexts:
@@ -419,4 +472,26 @@ class OurBench:
                 ms = (time.perf_counter() - t0) * 1e3 / steps
                 rows.append(SpeedRow(name, "decode", ctx, 1e3 / ms, ms))
                 logger.info("%s decode at context %d: %.3f ms/token", name, ctx, ms)
+                if name == "worker-orcd":
+                    rows.append(self.generate(ctx, steps))
         return rows
+
+    def generate(self, ctx: int, steps: int, *, pipelined: bool = True) -> SpeedRow:
+        """Engine.generate, greedy, of steps + 1 tokens after a prompt of ctx - steps / 2; decode
+        time and tokens from its own timings (the first token comes out of the prefill)."""
+        from worker_orcd.engine.types import SamplingParams
+
+        start = max(1, ctx - steps // 2)
+        self.engine.pipelined_greedy = pipelined
+        self.engine.generate(self._ids(16), SamplingParams(max_tokens=8, temperature=0.0))
+        out = self.engine.generate(
+            self._ids(start), SamplingParams(max_tokens=steps + 1, temperature=0.0)
+        )
+        self.engine.pipelined_greedy = True
+        t = out.timings
+        if t.tokens_out < steps + 1:
+            logger.warning("generate stopped after %d tokens (%s)", t.tokens_out, out.stop_reason)
+        ms = t.decode_ms / max(t.tokens_out - 1, 1)
+        name = "ours generate" if pipelined else "ours gen-host"
+        logger.info("%s decode at context %d: %.3f ms/token", name, ctx, ms)
+        return SpeedRow(name, "decode", ctx, 1e3 / ms, ms)

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.triton import pdl
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,7 +20,9 @@ def _silu_and_mul_kernel(
     inter,
     stride_x,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -38,6 +42,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inter))
     if n_rows:
         _silu_and_mul_kernel[(n_rows, triton.cdiv(inter, block))](
-            x, y, inter, x.stride(0), BLOCK=block, num_warps=4
+            x, y, inter, x.stride(0), BLOCK=block, num_warps=4, **pdl.launch(x, n_rows)
         )
     return y

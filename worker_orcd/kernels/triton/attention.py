@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels.attention import AttentionMetadata
+from worker_orcd.kernels.triton import pdl
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.prologue(PDL)
     b = tl.program_id(0)
     hk = tl.program_id(1)
     split = tl.program_id(2)
@@ -196,7 +199,9 @@ def _decode_merge_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.prologue(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(ctx_ptr + b)
@@ -271,6 +276,7 @@ def decode_attention(
         BLOCK_D=block_d,
         BLOCK_S=triton.next_power_of_2(splits),
         FUSED_MERGE=fused_merge,
+        **pdl.launch(q, n_tokens),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -288,6 +294,7 @@ def decode_attention(
             BLOCK_N=block_n,
             BLOCK_S=triton.next_power_of_2(splits),
             BLOCK_D=block_d,
+            **pdl.launch(out, n_tokens),
             num_warps=1,
         )
     return out
@@ -369,7 +376,9 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.prologue(PDL)
     m_block = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -500,6 +509,7 @@ def prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
+        **pdl.launch(q, n_tokens),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -10,11 +10,16 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.triton import pdl
+
 logger = logging.getLogger(__name__)
 
 
 @triton.jit
-def _slots_kernel(pos_ptr, bt_ptr, slot_ptr, ctx_ptr, stride_bt, PAGE: tl.constexpr):
+def _slots_kernel(
+    pos_ptr, bt_ptr, slot_ptr, ctx_ptr, stride_bt, PAGE: tl.constexpr, PDL: tl.constexpr
+):
+    pdl.prologue(PDL)
     row = tl.program_id(0)
     pos = tl.load(pos_ptr + row)
     block = tl.load(bt_ptr + row.to(tl.int64) * stride_bt + pos // PAGE).to(tl.int64)
@@ -38,12 +43,14 @@ def slots_and_context_lens(
         context_lens,
         block_tables.stride(0),
         PAGE=block_size,
+        **pdl.launch(positions, n),
         num_warps=1,
     )
 
 
 @triton.jit
-def _advance_kernel(next_ptr, ids_ptr, pos_ptr):
+def _advance_kernel(next_ptr, ids_ptr, pos_ptr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     row = tl.program_id(0)
     tl.store(ids_ptr + row, tl.load(next_ptr + row))
     tl.store(pos_ptr + row, tl.load(pos_ptr + row) + 1)
@@ -51,4 +58,6 @@ def _advance_kernel(next_ptr, ids_ptr, pos_ptr):
 
 def advance(next_ids: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor) -> None:
     """token_ids = next_ids; positions += 1 (all [B] int64)."""
-    _advance_kernel[(next_ids.shape[0],)](next_ids, token_ids, positions, num_warps=1)
+    _advance_kernel[(next_ids.shape[0],)](
+        next_ids, token_ids, positions, num_warps=1, **pdl.launch(next_ids, next_ids.shape[0])
+    )

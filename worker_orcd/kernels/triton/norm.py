@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.triton import pdl
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,7 +30,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -68,6 +72,7 @@ def _launch(
             eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK_D=block_d,
+            **pdl.launch(x, n_rows),
             num_warps=4 if block_d <= 2048 else 8,
         )
     return y, summed

@@ -12,7 +12,7 @@ and its writes are visible, so the ordering of a plain stream is kept, transitiv
 chain; a kernel launched without the attribute (torch's own) waits for everything as usual.
 
 Every Triton kernel that can run on the decode path takes `PDL: tl.constexpr`, calls
-`pdl.prologue(PDL)` before any global memory access, and is launched with `**pdl.launch(t)`,
+`pdl.prologue(PDL)` before any global memory access, and is launched with `**pdl.launch(t, tokens)`,
 which turns both on together where the device supports it. `WORKER_ORCD_PDL=0` turns it off
 (for before/after measurements).
 """
@@ -53,8 +53,13 @@ def enabled(device: torch.device) -> bool:
     return _supported(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch(t: torch.Tensor) -> dict[str, bool]:
-    """Launch keywords for a kernel whose tensors live where `t` does: the kernel's PDL flag and
-    the launch attribute, on or off together."""
-    on = enabled(t.device)
+# Tokens per launch up to which kernels are launched as dependents: decode steps, where the
+# boundaries are a large share of the time. Prompt passes gain nothing measurable from it.
+MAX_TOKENS = 16
+
+
+def launch(t: torch.Tensor, tokens: int = 1) -> dict[str, bool]:
+    """Launch keywords for a kernel over `tokens` token rows whose tensors live where `t` does: the
+    kernel's PDL flag and the launch attribute, on or off together."""
+    on = tokens <= MAX_TOKENS and enabled(t.device)
     return {"PDL": on, "launch_pdl": on}

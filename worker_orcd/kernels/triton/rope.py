@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.triton import pdl
+
 logger = logging.getLogger(__name__)
 
 
@@ -55,7 +57,9 @@ def _rope_kernel(
     STORE: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -130,6 +134,7 @@ def apply_rope(
             STORE=False,
             BLOCK_HALF=triton.next_power_of_2(half),
             BLOCK_D=triton.next_power_of_2(d),
+            **pdl.launch(q, n),
             num_warps=1,
         )
     return qo, ko
@@ -179,6 +184,7 @@ def rope_store_kv(
             STORE=True,
             BLOCK_HALF=triton.next_power_of_2(half),
             BLOCK_D=triton.next_power_of_2(d),
+            **pdl.launch(q, n),
             num_warps=1,
         )
     return qo
@@ -186,8 +192,19 @@ def rope_store_kv(
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, HK, D, stride_kt, stride_vt, BLOCK_D: tl.constexpr
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    HK,
+    D,
+    stride_kt,
+    stride_vt,
+    BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -225,5 +242,6 @@ def store_kv(
             k.stride(0),
             v.stride(0),
             BLOCK_D=triton.next_power_of_2(d),
+            **pdl.launch(k, n),
             num_warps=1,
         )

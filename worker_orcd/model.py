@@ -61,12 +61,11 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        hidden: torch.Tensor,
+        qkv: torch.Tensor,  # [T, (H + 2 Hk) D], the output of qkv_proj
         meta: AttentionMetadata,
         cos_sin: torch.Tensor,
     ) -> torch.Tensor:
-        n = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hk) D]
+        n = qkv.shape[0]
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q = qkv[:, :q_size].view(n, self.n_heads, self.head_dim)  # [T, H, D]
         k = qkv[:, q_size : q_size + kv_size].view(n, self.n_kv_heads, self.head_dim)  # [T, Hk, D]
@@ -85,8 +84,8 @@ class MLP(nn.Module):
         self.act_fn = SiluAndMul()
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, quantized=quantized)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2I]
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [T, 2I], the output of gate_up_proj -> [T, D]."""
         down = self.down_proj
         if down.quantized is None:  # SwiGLU fused into the down projection
             return kernels.silu_and_mul_linear(gate_up, down.weight, down.bias)  # [T, D]
@@ -110,15 +109,29 @@ class DecoderLayer(nn.Module):
         cos_sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, residual [T, D]: the residual add of the previous block is fused into this
-        norm."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta, cos_sin)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        norm, and each norm into the projection it feeds where a kernel does that."""
+        qkv, residual = _norm_linear(
+            self.input_layernorm, self.self_attn.qkv_proj, hidden, residual
+        )
+        hidden = self.self_attn(positions, qkv, meta, cos_sin)
+        gate_up, residual = _norm_linear(
+            self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual
+        )
+        return self.mlp(gate_up), residual
+
+
+def _norm_linear(
+    norm: RMSNorm, proj: Linear, x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(proj(norm(x + residual)), x + residual); without a residual (the first layer), no add."""
+    if proj.quantized is None:
+        return kernels.add_rms_norm_linear(
+            x, residual, norm.weight, norm.eps, proj.weight, proj.bias
+        )
+    if residual is None:
+        return proj(norm(x)), x
+    normed, summed = norm(x, residual)
+    return proj(normed), summed
 
 
 class ForwardAborted(Exception):

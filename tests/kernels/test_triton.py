@@ -164,7 +164,9 @@ def test_prefill_attention(
     assert rel_err(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize(("n", "k"), [(9216, 3072), (3072, 8192), (1152, 896), (1001, 777)])
+@pytest.mark.parametrize(
+    ("n", "k"), [(9216, 3072), (3072, 8192), (1152, 896), (9728, 896), (896, 4864), (1001, 777)]
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv(n: int, k: int, bias: bool) -> None:
     from worker_orcd.kernels.triton import gemv
@@ -178,6 +180,90 @@ def test_gemv(n: int, k: int, bias: bool) -> None:
     x5 = torch.randn(5, k, device=DEV, dtype=BF16)
     ref5 = torch.nn.functional.linear(x5, w, b)
     assert torch.equal(gemv.linear(x5, w, b), ref5)
+
+
+@pytest.mark.parametrize("config", [(1, 256, 2, True), (2, 1024, 4, False), (8, 512, 8, True)])
+@pytest.mark.parametrize(("n", "k"), [(1001, 777), (37, 3000)])
+def test_gemv_configs(n: int, k: int, config: tuple[int, int, int, bool]) -> None:
+    """Every tiling, with and without the next tile in flight, at odd shapes (tails in N and K)."""
+    from worker_orcd.kernels.triton import gemv
+
+    x = torch.randn(1, k, device=DEV, dtype=BF16)
+    w = torch.randn(n, k, device=DEV, dtype=BF16) * 0.05
+    ref = torch.nn.functional.linear(x.double(), w.double())
+    out = torch.full((1, n + 3), float("nan"), device=DEV, dtype=BF16)
+    gemv.gemv(x, w, config=config, out=out[:, :n])
+    assert rel_err(out[:, :n], ref) < 1e-2
+    assert torch.isnan(out[:, n:]).all()  # nothing written past N
+
+
+@pytest.mark.parametrize(
+    ("n", "k"), [(1152, 896), (9728, 896), (896, 896), (333, 1000), (9216, 3072)]
+)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_add_rms_norm_linear(n: int, k: int, residual: bool, bias: bool) -> None:
+    """The norm inside the GEMV (rows up to NORM_MAX_K) and the two-kernel fallback (longer rows,
+    several rows) against the torch reference."""
+    from worker_orcd.kernels import add_rms_norm_linear_ref
+    from worker_orcd.kernels.triton import gemv
+
+    for rows in (1, 5):
+        x = torch.randn(rows, k, device=DEV, dtype=BF16) * 3
+        r = torch.randn(rows, k, device=DEV, dtype=BF16) if residual else None
+        g = 1 + 0.1 * torch.randn(k, device=DEV, dtype=BF16)
+        w = torch.randn(n, k, device=DEV, dtype=BF16) * 0.05
+        b = torch.randn(n, device=DEV, dtype=BF16) if bias else None
+        y, s = gemv.add_rms_norm_linear(x, r, g, 1e-6, w, b)
+        y_ref, s_ref = add_rms_norm_linear_ref(x, r, g, 1e-6, w, b)
+        assert torch.equal(s, s_ref)
+        ref = add_rms_norm_linear_ref(
+            x.double(),
+            None if r is None else r.double(),
+            g.double(),
+            1e-6,
+            w.double(),
+            None if b is None else b.double(),
+        )[0]
+        # within bf16 rounding of the reference's own bf16 result
+        assert rel_err(y, ref) < max(1e-2, 2 * rel_err(y_ref, ref))
+
+
+def test_programmatic_launch_keeps_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain of dependent kernels captured in a graph, launched as programmatic dependents (the
+    next starts while the previous drains), gives exactly what plain launches give. A kernel that
+    read its input before its predecessor finished would see a stale value."""
+    from worker_orcd.kernels.triton import gemv, norm, pdl
+
+    if not pdl.enabled(torch.device(DEV)):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    d = 896
+    ws = [torch.randn(d, d, device=DEV, dtype=BF16) * 0.05 for _ in range(4)]
+    g = 1 + 0.1 * torch.randn(d, device=DEV, dtype=BF16)
+
+    def chain(x: torch.Tensor) -> torch.Tensor:
+        r = x
+        for i in range(24):
+            y, r = gemv.add_rms_norm_linear(x, r, g, 1e-6, ws[i % 4])
+            x = gemv.gemv(y, ws[(i + 1) % 4])
+            x, r = norm.add_rms_norm(x, r, g, 1e-6)
+        return x
+
+    x0 = torch.randn(1, d, device=DEV, dtype=BF16)
+    static_x = x0.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(static_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(pdl, "enabled", lambda device: False)
+    plain = chain(x0)
+    assert torch.equal(out, plain)
 
 
 @pytest.mark.parametrize(("n", "inter"), [(3072, 8192), (896, 4864), (1001, 777)])

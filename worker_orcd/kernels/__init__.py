@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "AttentionMetadata",
     "add_rms_norm",
+    "add_rms_norm_linear",
     "apply_rope",
     "attention",
     "embedding",
@@ -58,6 +59,22 @@ def rope_store_kv_ref(
     return q
 
 
+def add_rms_norm_linear_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(rms_norm(x + residual)), x + residual); without a residual, (linear(rms_norm(x)),
+    x). A norm and the projection it feeds, as a decoder layer runs them."""
+    if residual is None:
+        return F.linear(rms_norm_ref(x, norm_weight, eps), weight, bias), x
+    normed, summed = add_rms_norm_ref(x, residual, norm_weight, eps)
+    return F.linear(normed, weight, bias), summed
+
+
 def _embedding_ref(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.embedding(ids, weight)
 
@@ -65,6 +82,7 @@ def _embedding_ref(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 REFERENCE: dict[str, Callable[..., object]] = {
     "rms_norm": rms_norm_ref,
     "add_rms_norm": add_rms_norm_ref,
+    "add_rms_norm_linear": add_rms_norm_linear_ref,
     "apply_rope": apply_rope_ref,
     "store_kv": store_kv_ref,
     "rope_store_kv": rope_store_kv_ref,
@@ -99,6 +117,20 @@ def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return implementation("add_rms_norm", x.device)(x, residual, weight, eps)
+
+
+def add_rms_norm_linear(
+    x: torch.Tensor,  # [T, K]
+    residual: torch.Tensor | None,  # [T, K]
+    norm_weight: torch.Tensor,  # [K]
+    eps: float,
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None,  # [N]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(rms_norm(x + residual)) [T, N], x + residual [T, K]); residual None: no add."""
+    return implementation("add_rms_norm_linear", x.device)(
+        x, residual, norm_weight, eps, weight, bias
+    )
 
 
 def apply_rope(

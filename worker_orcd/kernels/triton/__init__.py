@@ -30,7 +30,11 @@ def register_all() -> None:
     kernels.register("cuda", "silu_and_mul", activation.silu_and_mul)
     kernels.register("cuda", "linear", gemv.linear)
     # Fused entry points, where the dispatch table has them.
-    fused = {"rope_store_kv": rope.rope_store_kv, "silu_and_mul_linear": gemv.silu_and_mul_linear}
+    fused = {
+        "rope_store_kv": rope.rope_store_kv,
+        "silu_and_mul_linear": gemv.silu_and_mul_linear,
+        "add_rms_norm_linear": gemv.add_rms_norm_linear,
+    }
     for name, fn in fused.items():
         if name in kernels.REFERENCE:
             kernels.register("cuda", name, fn)

@@ -14,10 +14,56 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.triton import pdl
+
 logger = logging.getLogger(__name__)
 
 # Rows of x up to which the GEMV kernel beats cuBLAS (each extra row reads W again).
 MAX_ROWS = 1
+
+
+@triton.jit
+def _norm_in(x_row, r_row, kk, k_mask, HAS_RESIDUAL: tl.constexpr):
+    """One tile of x + residual, rounded to x's dtype as the add_rms_norm kernel rounds it."""
+    h = tl.load(x_row + kk, mask=k_mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_row + kk, mask=k_mask, other=0.0)
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
+    return h
+
+
+@triton.jit
+def _gemv_x(
+    x_row, r_row, g_ptr, K, kk, k_mask, rstd,
+    SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """One tile of the input row as float32: x; with SILU_MUL, silu(gate) * up from [gate | up];
+    with NORM, rms_norm(x + residual) given the row's 1 / rms."""
+    if NORM:
+        # Rounded as the add_rms_norm kernel rounds, so the result is the same.
+        h = _norm_in(x_row, r_row, kk, k_mask, HAS_RESIDUAL)
+        normed = (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)
+        g = tl.load(g_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+        return (normed * g).to(h.dtype).to(tl.float32)
+    x = tl.load(x_row + kk, mask=k_mask, other=0.0)
+    if SILU_MUL:
+        # Rounded as the separate silu_and_mul kernel rounds, so the result is the same.
+        up = tl.load(x_row + K + kk, mask=k_mask, other=0.0).to(tl.float32)
+        g = x.to(tl.float32)
+        act = (g * tl.sigmoid(g)).to(x.dtype).to(tl.float32)
+        x = (act * up).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _gemv_w(w_rows, K, kk, row_mask):
+    """One [BLOCK_N, BLOCK_K] tile of the weight rows (zeros past K), streamed past the cache."""
+    return tl.load(
+        w_rows + kk[None, :],
+        mask=row_mask[:, None] & (kk < K)[None, :],
+        other=0.0,
+        eviction_policy="evict_first",
+    )
 
 
 @triton.jit
@@ -26,15 +72,24 @@ def _gemv_kernel(
     w_ptr,  # [N, K]
     b_ptr,  # [N] or unused
     y_ptr,  # [M, N]
+    r_ptr,  # [M, K] residual (NORM and HAS_RESIDUAL)
+    g_ptr,  # [K] norm weight (NORM)
+    s_ptr,  # [M, K] x + residual, written (NORM and HAS_RESIDUAL)
+    eps,
     N,
     K,
     stride_xm,
+    stride_rm,
     stride_wn,
     stride_ym,
     HAS_BIAS: tl.constexpr,
     SILU_MUL: tl.constexpr,  # x is [M, 2K] gate then up; the input is silu(gate) * up
+    NORM: tl.constexpr,  # the input is rms_norm(x (+ residual)) with weight g
+    HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -42,38 +97,58 @@ def _gemv_kernel(
     row_mask = rows < N
     cols = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    # The weights do not depend on earlier kernels: the first tile is read before the wait, so
+    # under programmatic launch it streams in while the previous kernel finishes.
+    w = _gemv_w(w_rows, K, cols, row_mask)
+    pdl.prologue(PDL)
+    x_row = x_ptr + m * stride_xm
+    r_row = r_ptr + m * stride_rm
+    rstd = 0.0
+    if NORM:
+        # The row's statistics: every program reads the whole (short) row; the first one also
+        # writes x + residual, the next residual.
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + cols
+            h = _norm_in(x_row, r_row, kk, kk < K, HAS_RESIDUAL)
+            if HAS_RESIDUAL:
+                tl.store(s_ptr + m * K + kk, h, mask=kk < tl.where(pid_n == 0, K, 0))
+            hf = h.to(tl.float32)
+            ss += hf * hf
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + cols
-        k_mask = kk < K
-        x = tl.load(x_ptr + m * stride_xm + kk, mask=k_mask, other=0.0)
-        if SILU_MUL:
-            # Rounded as the separate silu_and_mul kernel rounds, so the result is the same.
-            up = tl.load(x_ptr + m * stride_xm + K + kk, mask=k_mask, other=0.0).to(tl.float32)
-            g = x.to(tl.float32)
-            act = (g * tl.sigmoid(g)).to(x.dtype).to(tl.float32)
-            x = (act * up).to(x.dtype)
-        x = x.to(tl.float32)
-        w = tl.load(
-            w_rows + kk[None, :],
-            mask=row_mask[:, None] & k_mask[None, :],
-            other=0.0,
-            eviction_policy="evict_first",
-        )
+        if PREFETCH:
+            # the next tile's load is in flight while this one is multiplied (masked off past K)
+            w_next = _gemv_w(w_rows, K, kk + BLOCK_K, row_mask)
+        elif k0 > 0:
+            w = _gemv_w(w_rows, K, kk, row_mask)
+        x = _gemv_x(x_row, r_row, g_ptr, K, kk, kk < K, rstd, SILU_MUL, NORM, HAS_RESIDUAL)
         acc += w.to(tl.float32) * x[None, :]
+        if PREFETCH:
+            w = w_next
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
-def pick_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for a weight of [n, k].
+Config = tuple[int, int, int, bool]  # (BLOCK_N, BLOCK_K, num_warps, prefetch)
 
-    Two rows of 1024 columns per step with 4 warps was best or within 5% of best for every Phi-3 and
-    Qwen2.5 decode shape on an H200 (benchmarks/NOTES.md).
+
+def pick_config(n: int, k: int) -> Config:
+    """Launch config for a weight of [n, k], from the H200 sweep in benchmarks/NOTES.md (v6).
+
+    Two rows of 1024 columns with 4 warps is best or within 2% for every Phi-3 shape. Qwen's short
+    rows (896) over many outputs want more rows per program and shorter tiles; its few long rows
+    (the down projection, 896 x 4864) one row per program, 8 warps and the next tile in flight.
     """
-    return 2, min(1024, triton.next_power_of_2(k)), 4
+    if k <= 1024 and n >= 4096:
+        return 8, 256, 2, True
+    if n <= 1024 and k >= 2048:
+        return 1, 1024, 8, True
+    return 2, min(1024, triton.next_power_of_2(k)), 4, False
 
 
 def use_gemv(rows: int, n: int, k: int) -> bool:
@@ -88,35 +163,97 @@ def gemv(
     bias: torch.Tensor | None = None,  # [N]
     *,
     silu_mul: bool = False,
-    config: tuple[int, int, int] | None = None,
+    config: Config | tuple[int, int, int] | None = None,
     out: torch.Tensor | None = None,  # [M, N]
 ) -> torch.Tensor:
     """x @ weight.T + bias for a few rows of x; with silu_mul, silu(x[:, :K]) * x[:, K:] is the
-    input. `config` overrides (BLOCK_N, BLOCK_K, num_warps)."""
-    m = x.shape[0]
+    input. `config` overrides (BLOCK_N, BLOCK_K, num_warps[, prefetch])."""
     n, k = weight.shape
     assert x.shape[1] == (2 * k if silu_mul else k) and weight.stride(1) == 1 and x.stride(1) == 1
+    return _launch(x, weight, bias, silu_mul=silu_mul, config=config, out=out)
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    silu_mul: bool = False,
+    norm: tuple[torch.Tensor | None, torch.Tensor, float, torch.Tensor] | None = None,
+    config: Config | tuple[int, int, int] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    m = x.shape[0]
+    n, k = weight.shape
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps = config or pick_config(n, k)
+    block_n, block_k, num_warps, *prefetch = config or pick_config(n, k)
+    residual, norm_weight, eps, summed = norm if norm is not None else (None, x, 0.0, x)
     grid = (triton.cdiv(n, block_n), m)
     _gemv_kernel[grid](
         x,
         weight,
         bias if bias is not None else weight,
         out,
+        residual if residual is not None else x,
+        norm_weight,
+        summed,
+        eps,
         n,
         k,
         x.stride(0),
+        residual.stride(0) if residual is not None else 0,
         weight.stride(0),
         out.stride(0),
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul,
+        NORM=norm is not None,
+        HAS_RESIDUAL=residual is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        PREFETCH=bool(prefetch and prefetch[0]),
         num_warps=num_warps,
+        **pdl.launch(x, m),
     )
     return out
+
+
+# Row length up to which the norm before a projection is computed inside the GEMV (every program
+# reads the whole row; for longer rows that costs more than the separate norm launch, NOTES.md v5).
+NORM_MAX_K = 1024
+
+
+def add_rms_norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(rms_norm(x + residual)), x + residual); one kernel for a decode row with a short
+    hidden size, the norm kernel and `linear` otherwise."""
+    from worker_orcd.kernels.triton import norm
+
+    rows, k = x.shape
+    n = weight.shape[0]
+    fused = (
+        0 < rows
+        and use_gemv(rows, n, k)
+        and k <= NORM_MAX_K
+        and x.dtype == norm_weight.dtype == weight.dtype
+        and x.stride(1) == 1
+        and weight.stride(1) == 1
+        and (residual is None or residual.stride(1) == 1)
+    )
+    if not fused:
+        if residual is None:
+            return linear(norm.rms_norm(x, norm_weight, eps), weight, bias), x
+        normed, summed = norm.add_rms_norm(x, residual, norm_weight, eps)
+        return linear(normed, weight, bias), summed
+    summed = torch.empty((rows, k), dtype=x.dtype, device=x.device) if residual is not None else x
+    y = _launch(x, weight, bias, norm=(residual, norm_weight.contiguous(), eps, summed))
+    return y, summed
 
 
 def silu_and_mul_linear(

@@ -3,7 +3,8 @@
 Prints, in one session:
   1. copy bandwidth of the card (bytes read + written), the ceiling for decode;
   2. for every decode weight of Phi-3-mini Q4_K_M and Qwen2.5-0.5B Q4_K_M: the fused GEMV's time and
-     achieved GB/s (quantized bytes / time) with the default launch config and the best of a sweep;
+     achieved GB/s (quantized bytes / time) with the float kernels (`int8_x=False`, their default
+     config), the int8-activation kernels' default config and the best of a sweep of theirs;
      every timing replays a CUDA graph whose calls rotate over enough weight copies to overflow L2;
   3. the matmul part of a decode token for both models from those times (tok/s, GB/s);
   4. rows of x where dequantize + cuBLAS overtakes the GEMV;
@@ -63,19 +64,20 @@ L2_FLUSH_BYTES = 200 << 20
 
 
 def sweep(qtype: Q) -> list[GemvConfig]:
-    """Launch configs tried per shape: (rows, tile, warps, split_k[, one_plus])."""
+    """int8-activation launch configs tried per shape: (rows, tile, warps, split_k) x stages."""
     if qtype in (Q.Q4_K, Q.Q5_K):
-        shapes = [(8, 4, 4, 1, True), (16, 4, 4, 1, True), (4, 4, 4, 1, True), (8, 2, 4, 1, True),
-                  (8, 4, 8, 1, True), (16, 2, 4, 1, True), (4, 4, 4, 2, True), (8, 4, 4, 2, True),
-                  (4, 2, 4, 4, True), (2, 4, 4, 4, True), (2, 2, 4, 6, True), (8, 4, 4, 2, False),
-                  (4, 4, 4, 2, False), (4, 2, 4, 4, False)]  # fmt: skip
+        shapes = [(8, 4, 4, 1), (16, 2, 4, 1), (16, 4, 4, 1), (8, 2, 4, 1), (32, 2, 4, 1),
+                  (8, 2, 4, 4), (16, 2, 4, 4), (8, 4, 4, 2), (16, 2, 4, 2), (4, 4, 4, 1),
+                  (8, 8, 4, 1), (4, 4, 4, 4)]  # fmt: skip
     elif qtype == Q.Q6_K:
-        shapes = [(4, 8, 4, 1), (8, 8, 4, 1), (8, 4, 4, 1), (16, 8, 8, 1), (4, 8, 4, 2),
-                  (4, 4, 4, 2), (8, 8, 4, 2), (2, 8, 4, 4), (4, 8, 4, 4), (2, 4, 4, 8)]  # fmt: skip
+        shapes = [(16, 4, 4, 2), (32, 4, 4, 2), (8, 4, 4, 4), (16, 4, 4, 1), (8, 4, 4, 1),
+                  (8, 8, 4, 1), (16, 8, 4, 1), (32, 4, 4, 1), (8, 8, 4, 2), (4, 8, 4, 4),
+                  (16, 2, 4, 4)]  # fmt: skip
     else:
-        shapes = [(4, 16, 4, 1), (8, 16, 4, 1), (16, 32, 4, 1), (32, 4, 4, 1), (4, 32, 4, 2),
-                  (8, 32, 4, 2), (2, 32, 4, 4), (4, 16, 4, 2), (16, 16, 8, 1)]  # fmt: skip
-    return [GemvConfig(*c) for c in shapes]
+        shapes = [(8, 16, 4, 1), (16, 16, 4, 1), (32, 16, 4, 1), (4, 16, 4, 1), (8, 32, 4, 1),
+                  (16, 8, 4, 1), (4, 32, 4, 1), (2, 32, 4, 1)]  # fmt: skip
+    stages = (1, 2, 4) if qtype in (Q.Q4_K, Q.Q5_K) else (1, 3)
+    return [GemvConfig(*c, stages=st) for c in shapes for st in stages]
 
 
 def events_ms(fn: Callable[[], object], reps: int = 20) -> float:
@@ -118,7 +120,7 @@ def copy_bandwidth() -> float:
 
 
 def _cfg(c: GemvConfig) -> list:
-    return [c.block_n, c.tile, c.num_warps, c.split_k, int(c.one_plus)]
+    return [c.block_n, c.tile, c.num_warps, c.split_k, int(c.one_plus), int(c.int8_x), c.stages]
 
 
 def _timed_or_none(calls: list[Callable[[], object]]) -> float:
@@ -141,24 +143,29 @@ def gemv_rows(entries: list, quick: bool) -> dict[tuple, dict]:
         weights = [planes] + [{a: t.clone() for a, t in planes.items()} for _ in range(copies - 1)]
         x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
         y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+        float_cfg = gemv_config(qtype, n, k, int8_x=False)
         default = gemv_config(qtype, n, k)
-        configs = [default] if quick else [default] + [c for c in sweep(qtype) if c != default]
+        configs = [float_cfg, default]
+        if not quick:
+            configs += [c for c in sweep(qtype) if c != default]
         timed = []
         for cfg in configs:
             calls = [partial(quant_gemv, x, p, qtype, n, k, out=y, config=cfg) for p in weights]
             timed.append((_timed_or_none(calls), cfg))
-        best_us, best = min(timed, key=lambda t: t[0])
-        default_us = timed[0][0]
+        float_us = timed[0][0]
+        best_us, best = min(timed[1:], key=lambda t: t[0])
+        default_us = timed[1][0]
         results[key] = {
             "qtype": qtype.name, "n": n, "k": k, "mb": size / 1e6, "copies": copies,
+            "float": _cfg(float_cfg), "float_us": float_us,
             "default": _cfg(default), "default_us": default_us,
             "best": _cfg(best), "best_us": best_us,
             "all": [[*_cfg(c), us] for us, c in timed],
         }  # fmt: skip
         logger.info(
-            "gemv %-5s [%6d, %5d] %8.2f MB  default %s %7.2f us %6.0f GB/s | "
+            "gemv %-5s [%6d, %5d] %8.2f MB  float %7.2f us | default %s %7.2f us %6.0f GB/s | "
             "best %s %7.2f us %6.0f GB/s",
-            qtype.name, n, k, size / 1e6, results[key]["default"], default_us,
+            qtype.name, n, k, size / 1e6, float_us, results[key]["default"], default_us,
             size / default_us / 1e3,
             results[key]["best"], best_us, size / best_us / 1e3,
         )  # fmt: skip
@@ -169,7 +176,7 @@ def gemv_rows(entries: list, quick: bool) -> dict[tuple, dict]:
 
 def token_estimate(model: str, entries: list, gemv: dict, copy_gbs: float) -> dict:
     out = {}
-    for which in ("default_us", "best_us"):
+    for which in ("float_us", "default_us", "best_us"):
         us = sum(gemv[(q.name, n, k)][which] * count for _, q, (n, k), count in entries)
         total = sum(nbytes(q, n, k) * count for _, q, (n, k), count in entries)
         out[which] = {"us": us, "tok_s": 1e6 / us, "gb": total / 1e9, "gbs": total / us / 1e3}
@@ -259,6 +266,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="default configs only")
     ap.add_argument("--gemv-only", action="store_true", help="skip the rows and prefill sections")
+    ap.add_argument("--types", default="", help="GEMV sweep of these types only, e.g. Q4_K,Q6_K")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     torch.manual_seed(0)
@@ -271,11 +279,16 @@ def main() -> int:
     logger.info("%s", info)
     copy_gbs = copy_bandwidth()
     logger.info("copy bandwidth: %.0f GB/s (read + written)", copy_gbs)
-    gemv = gemv_rows(PHI3 + QWEN + EXTRA, args.quick)
-    tokens = {
-        "phi3": token_estimate("Phi-3-mini Q4_K_M", PHI3, gemv, copy_gbs),
-        "qwen": token_estimate("Qwen2.5-0.5B Q4_K_M", QWEN, gemv, copy_gbs),
-    }
+    entries = PHI3 + QWEN + EXTRA
+    if args.types:
+        entries = [e for e in entries if e[1].name in args.types.split(",")]
+    gemv = gemv_rows(entries, args.quick)
+    tokens = {}
+    if not args.types:
+        tokens = {
+            "phi3": token_estimate("Phi-3-mini Q4_K_M", PHI3, gemv, copy_gbs),
+            "qwen": token_estimate("Qwen2.5-0.5B Q4_K_M", QWEN, gemv, copy_gbs),
+        }
     cross = [] if args.gemv_only else _guarded(rows_crossover, [])
     pre = [] if args.gemv_only else _guarded(lambda: prefill(PHI3), [])
     for m in (512, 2048) if pre else ():
@@ -288,20 +301,24 @@ def main() -> int:
         json.dump({**info, "copy_gbs": copy_gbs, "gemv": list(gemv.values()), "tokens": tokens,
                    "rows": cross, "prefill": pre}, f, indent=1)  # fmt: skip
 
-    logger.info("\n%-7s %-18s %8s %10s %8s %10s %8s %6s", "type", "[out, in]", "MB", "default",
-                "GB/s",
-                "best", "GB/s", "%copy")  # fmt: skip
+    logger.info("\n%-5s %-15s %7s %9s %6s %9s %6s %9s %6s %5s %s", "type", "[out, in]", "MB",
+                "float", "GB/s", "default", "GB/s", "best", "GB/s", "%copy",
+                "best config")  # fmt: skip
     for r in gemv.values():
         logger.info(
-            "%-7s %-18s %8.2f %8.2fus %8.0f %8.2fus %8.0f %5.0f%% %s",
-            r["qtype"], f"[{r['n']}, {r['k']}]",
-            r["mb"], r["default_us"], r["mb"] * 1e3 / r["default_us"], r["best_us"],
+            "%-5s %-15s %7.2f %7.2fus %6.0f %7.2fus %6.0f %7.2fus %6.0f %4.0f%% %s",
+            r["qtype"], f"[{r['n']}, {r['k']}]", r["mb"],
+            r["float_us"], r["mb"] * 1e3 / r["float_us"],
+            r["default_us"], r["mb"] * 1e3 / r["default_us"], r["best_us"],
             r["mb"] * 1e3 / r["best_us"], 100 * r["mb"] * 1e3 / r["best_us"] / copy_gbs,
             r["best"],
         )  # fmt: skip
     for model, t in tokens.items():
-        logger.info("%s: default %.0f tok/s, best %.0f tok/s (matmuls only), copy %.0f GB/s",
-                    model, t["default_us"]["tok_s"], t["best_us"]["tok_s"], copy_gbs)  # fmt: skip
+        logger.info("%s matmuls per token: float %.0f us (%.0f tok/s), int8 default %.0f us "
+                    "(%.0f tok/s), best %.0f us (%.0f tok/s); copy %.0f GB/s", model,
+                    t["float_us"]["us"], t["float_us"]["tok_s"], t["default_us"]["us"],
+                    t["default_us"]["tok_s"], t["best_us"]["us"], t["best_us"]["tok_s"],
+                    copy_gbs)  # fmt: skip
     return 0
 
 

@@ -54,14 +54,14 @@ def test_random_blocks_have_finite_scales(qtype: Q) -> None:
     assert np.isfinite(w).all() and np.abs(w).max() > 0
 
 
-def test_q5_k_high_bits_are_transposed_per_sub_block() -> None:
-    # one super-block whose qh has only bit 3 of byte 7 set: element 7 of sub-block 3
-    raw = torch.zeros(176, dtype=torch.uint8)
-    raw[16 + 7] = 1 << 3
-    words = to_planes(raw, Q.Q5_K, 1, 256)["qh"]
-    expected = torch.zeros(1, 8, dtype=torch.int32)
-    expected[0, 3] = 1 << 7
-    assert torch.equal(words, expected)
+def test_q5_0_high_bits_are_re_laid_for_word_reads() -> None:
+    # fifth bits of elements 4t + i (low nibble of byte i of qs word t) go to bit 8i + t, of
+    # elements 16 + 4t + i (high nibble) to bit 8i + 4 + t
+    for element, bit in [(0, 0), (1, 8), (4, 1), (7, 25), (16, 4), (31, 31)]:
+        raw = torch.zeros(22, dtype=torch.uint8)
+        raw[2 + element // 8] = 1 << (element % 8)
+        word = to_planes(raw, Q.Q5_0, 1, 32)["qh"]
+        assert int(word) & 0xFFFFFFFF == 1 << bit, (element, bit)
 
 
 def test_matmul_reference_matches_dense_float64() -> None:

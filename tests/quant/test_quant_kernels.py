@@ -2,6 +2,11 @@
 
 GPU tests (marker `gpu`) run real Qwen2.5 / Phi-3 shapes and odd ones. With TRITON_INTERPRET=1 the
 same checks run on CPU at small shapes (Triton's interpreter); otherwise those are skipped.
+
+The int8-activation GEMV (the default) is checked against the float32 product with
+`int8_x_reference(x)` (x rounded to int8 per 32-element block exactly as the kernel rounds it) at
+the float kernels' tolerances, and that rounding's own error against the product with x itself
+(~5e-3 relative for Gaussian x) is bounded by 1e-2 where the output has at least 100 elements.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from worker_orcd.kernels.quant import (
     to_planes,
 )
 from worker_orcd.kernels.quant.formats import Q, block_format
-from worker_orcd.kernels.quant.ops import GemvConfig, quant_matmul, quant_matmul_fused_q4_k
+from worker_orcd.kernels.quant.ops import (
+    GemvConfig,
+    gemv_config,
+    int8_x_reference,
+    quant_matmul,
+    quant_matmul_fused_q4_k,
+)
 
 CUDA = torch.cuda.is_available() and HAS_TRITON
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
@@ -58,6 +69,7 @@ def check_gemv(
     x = torch.randn(m, k, device=device, dtype=torch.float32).to(dtype)
     w = dequantize_reference(planes, qtype, n, k)  # float32, gguf-exact
     ref = x.double() @ w.double().T
+    int8_x = (config or gemv_config(qtype, n, k)).int8_x
     # poison around a column slice of a wider output to catch unwritten or stray elements
     out = torch.full((m, n + 5), float("nan"), device=device, dtype=dtype)
     quant_gemv(x, planes, qtype, n, k, out=out[:, 2 : 2 + n], config=config)
@@ -66,7 +78,16 @@ def check_gemv(
     assert out[:, :2].isnan().all() and out[:, 2 + n :].isnan().all(), "write outside the slice"
     # float32 accumulation; the only other rounding is the output's dtype
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}[dtype]
-    assert _rel(y, ref) < tol, f"{qtype.name} [{n}, {k}] m={m}: rel err {_rel(y, ref):.2e}"
+    where = f"{qtype.name} [{n}, {k}] m={m} {config}"
+    if int8_x:
+        # the exact product with x rounded as the kernel rounds it, and that rounding's own error,
+        # on enough outputs to be a stable measure (~5e-3 for Gaussian x)
+        ref_i8 = int8_x_reference(x).double() @ w.double().T
+        assert _rel(y, ref_i8) < tol, f"{where}: rel err {_rel(y, ref_i8):.2e} (int8 x)"
+        if n * m >= 100:
+            assert _rel(ref_i8, ref) < 1e-2, f"{where}: int8 x off by {_rel(ref_i8, ref):.2e}"
+        return
+    assert _rel(y, ref) < tol, f"{where}: rel err {_rel(y, ref):.2e}"
 
 
 def check_dequant(qtype: Q, n: int, k: int, device: str) -> None:
@@ -92,12 +113,16 @@ def test_gemv_real_and_odd_shapes(qtype: Q) -> None:
     for n, k in _shapes(qtype, ODD):
         check_gemv(qtype, n, k, 3, torch.float32, "cuda", None)
         check_gemv(qtype, n, k, 2, torch.float16, "cuda", GemvConfig(2, 1, 2))
-    # split K (partials + sum) and the 1 + q / 2**bits reading, at real and odd shapes
+    # split K (partials + sum), the float kernels and their 1 + q / 2**bits reading
     for n, k in _shapes(qtype, [(896, 4864), (3072, 8192), (3072, 3072)] + ODD):
-        for cfg in (GemvConfig(4, 2, 4, split_k=4), GemvConfig(8, 4, 4, split_k=3, one_plus=True),
-                    GemvConfig(2, 8, 8, one_plus=True)):  # fmt: skip
+        for cfg in (GemvConfig(4, 2, 4, split_k=4), GemvConfig(32, 1, 8, split_k=3),
+                    GemvConfig(8, 4, 4, split_k=2, stages=3),
+                    GemvConfig(4, 2, 4, split_k=4, int8_x=False),
+                    GemvConfig(8, 4, 4, split_k=3, one_plus=True, int8_x=False),
+                    GemvConfig(2, 8, 8, one_plus=True, int8_x=False)):  # fmt: skip
             check_gemv(qtype, n, k, 1, torch.bfloat16, "cuda", cfg)
-        check_gemv(qtype, n, k, 3, torch.float32, "cuda", GemvConfig(4, 1, 4, 2, True))
+        check_gemv(qtype, n, k, 3, torch.float32, "cuda", GemvConfig(4, 1, 4, 2, True, False))
+        check_gemv(qtype, n, k, 3, torch.float32, "cuda", GemvConfig(16, 2, 4, 2))
 
 
 @gpu
@@ -131,8 +156,11 @@ def test_interpreted_kernels(qtype: Q) -> None:
         (5, 3 * bs, 1, None),
         (37, 5 * bs, 2, GemvConfig(8, 2, 4)),
         (37, 7 * bs, 2, GemvConfig(8, 1, 4, split_k=3)),
-        (11, 9 * bs, 3, GemvConfig(4, 2, 4, split_k=2, one_plus=True)),
-        (6, 4 * bs, 1, GemvConfig(2, 4, 4, one_plus=True)),
+        (11, 9 * bs, 1, GemvConfig(16, 4, 4, split_k=2)),
+        (37, 5 * bs, 2, GemvConfig(8, 2, 4, int8_x=False)),
+        (37, 7 * bs, 2, GemvConfig(8, 1, 4, split_k=3, int8_x=False)),
+        (11, 9 * bs, 3, GemvConfig(4, 2, 4, split_k=2, one_plus=True, int8_x=False)),
+        (6, 4 * bs, 1, GemvConfig(2, 4, 4, one_plus=True, int8_x=False)),
     ]:
         check_gemv(qtype, n, k, m, torch.float32, "cpu", cfg)
     check_dequant(qtype, 13, 2 * bs, "cpu")

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels.quant.gemv import _k4_scale_min
+from worker_orcd.kernels.triton import pdl
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ def _rows(ids_ptr, R, HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr):
 @triton.jit
 def dequant_q8_0_kernel(
     ids_ptr, d_ptr, qs_ptr, out_ptr, R, K, stride_o,
-    HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCKS: tl.constexpr,
+    HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCKS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.prologue(PDL)
     r, src, rmask = _rows(ids_ptr, R, HAS_IDS, BLOCK_R)
     nb = K // 32
     blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
@@ -49,7 +51,9 @@ def dequant_q8_0_kernel(
 def _dequant_q4_q5_0(
     ids_ptr, d_ptr, qh_ptr, qs_ptr, out_ptr, R, K, stride_o,
     HAS_QH: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCKS: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.prologue(PDL)
     r, src, rmask = _rows(ids_ptr, R, HAS_IDS, BLOCK_R)
     nb = K // 32
     blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
@@ -63,9 +67,11 @@ def _dequant_q4_q5_0(
     lo = q & 15
     hi = q >> 4
     if HAS_QH:
+        # re-laid qh (formats): element l's fifth bit at 8 (l % 4) + l // 4, l + 16's at + 4
         h = tl.load(qh_ptr + src[:, None] * nb + blk[None, :], mask=m2, other=0)[:, :, None]
-        lo = (lo | (((h >> ll[None, None, :]) & 1) << 4)) - 16
-        hi = (hi | (((h >> (ll + 16)[None, None, :]) & 1) << 4)) - 16
+        sh = (8 * (ll % 4) + ll // 4)[None, None, :]
+        lo = (lo | (((h >> sh) & 1) << 4)) - 16
+        hi = (hi | (((h >> (sh + 4)) & 1) << 4)) - 16
     else:
         lo = lo - 8
         hi = hi - 8
@@ -81,7 +87,9 @@ def _dequant_q4_q5_0(
 def _dequant_q4_q5_k(
     ids_ptr, dm_ptr, scales_ptr, qh_ptr, qs_ptr, out_ptr, R, K, stride_o,
     HAS_QH: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, SUPER: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.prologue(PDL)
     r, src, rmask = _rows(ids_ptr, R, HAS_IDS, BLOCK_R)
     ns = K // 256
     sb = tl.program_id(1) * SUPER + tl.arange(0, SUPER)
@@ -98,11 +106,14 @@ def _dequant_q4_q5_k(
     lo = q & 15
     hi = q >> 4
     if HAS_QH:
-        hbase = src[:, None, None] * (K // 32) + (sb * 8)[None, :, None] + (2 * c)[None, None, :]
-        hlo = tl.load(qh_ptr + hbase, mask=m3, other=0)[:, :, :, None]
-        hhi = tl.load(qh_ptr + hbase + 1, mask=m3, other=0)[:, :, :, None]
-        lo = lo | (((hlo >> ll[None, None, None, :]) & 1) << 4)
-        hi = hi | (((hhi >> ll[None, None, None, :]) & 1) << 4)
+        # qh[l] of a super-block: bit j is the fifth bit of element l of sub-block j
+        hb = tl.load(
+            qh_ptr + src[:, None, None, None] * (K // 8) + (sb * 32)[None, :, None, None]
+            + ll[None, None, None, :],
+            mask=m4, other=0,
+        ).to(tl.int32)  # fmt: skip
+        lo = lo | (((hb >> (2 * c)[None, None, :, None]) & 1) << 4)
+        hi = hi | (((hb >> (2 * c + 1)[None, None, :, None]) & 1) << 4)
     sbi = src[:, None] * ns + sb[None, :]
     sbase = (sbi * 12)[:, :, None]
     sc_lo, mn_lo = _k4_scale_min(scales_ptr, sbase, (2 * c)[None, None, :], m3)
@@ -120,8 +131,9 @@ def _dequant_q4_q5_k(
 @triton.jit
 def dequant_q6_k_kernel(
     ids_ptr, d_ptr, scales_ptr, qh_ptr, ql_ptr, out_ptr, R, K, stride_o,
-    HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, HALVES: tl.constexpr,
+    HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, HALVES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.prologue(PDL)
     r, src, rmask = _rows(ids_ptr, R, HAS_IDS, BLOCK_R)
     nh = K // 128
     hh = tl.program_id(1) * HALVES + tl.arange(0, HALVES)

@@ -4,8 +4,8 @@ A GGUF row of a quantized [N, K] weight is K / block_size blocks, each an array 
 and quants side by side, 18 to 210 bytes, mostly not 16-byte aligned). At load we split every row
 into planes, one contiguous row-major array per field, so that a kernel reads each field with wide,
 coalesced, aligned loads. The planes hold exactly the block's bytes: bytes per weight stay the
-format's. Only Q5_K's `qh` bits are reordered (see below); every other byte keeps its place within
-its plane.
+format's. Only Q5_0's `qh` bits are reordered (see below); every other byte keeps its place within
+its plane. The kernels read the planes of quants as 32-bit words (4 bytes of one row).
 
 Block layouts (`d`, `dmin` fp16; "nib" = 4-bit field; element indices within the block):
 
@@ -17,7 +17,7 @@ Block layouts (`d`, `dmin` fp16; "nib" = 4-bit field; element indices within the
     Q4_K  (144 B / 256) | d | dmin | scales[12] | qs[128] |  w = d * sc[j] * nib - dmin * m[j]
     Q5_K  (176 B / 256) | d | dmin | scales[12] | qh[32] | qs[128] |
         qs: chunk c (bytes 32c..32c+31) holds sub-block j = 2c in its low nibbles and j = 2c + 1 in
-        its high nibbles; Q5_K's fifth bit of element l of sub-block j is bit j of qh[l].
+        its high nibbles; the fifth bit (Q5_K) of element l of sub-block j is bit j of qh[l].
         scales: 8 six-bit scales (A..H) and 8 six-bit mins (a..h) of the 32-element sub-blocks:
              0 EEAAAAAA    4 eeaaaaaa    8 eeeeEEEE
              1 FFBBBBBB    5 ffbbbbbb    9 ffffFFFF
@@ -35,14 +35,18 @@ Planes per format (row n of the weight is row n of every plane; nb = K / 32, ns 
 
     Q8_0  d f16 [N, nb]       qs int8 [N, K]
     Q4_0  d f16 [N, nb]       qs u8 [N, K / 2]
-    Q5_0  d f16 [N, nb]       qh i32 [N, nb]            qs u8 [N, K / 2]
+    Q5_0  d f16 [N, nb]       qh i32 [N, nb] (re-laid)  qs u8 [N, K / 2]
     Q4_K  dm f16 [N, ns, 2]   scales u8 [N, ns, 12]     qs u8 [N, K / 2]
-    Q5_K  dm f16 [N, ns, 2]   scales u8 [N, ns, 12]     qh i32 [N, nb]   qs u8 [N, K / 2]
+    Q5_K  dm f16 [N, ns, 2]   scales u8 [N, ns, 12]     qh u8 [N, K / 8] qs u8 [N, K / 2]
     Q6_K  d f16 [N, ns]       scales i8 [N, K / 16]     qh u8 [N, K / 4] ql u8 [N, K / 2]
 
-Q5_K's qh plane is bit-transposed to one little-endian word per 32-element sub-block (bit l of word
-8s + j = bit j of qh[l] of super-block s), so Q5_0 and Q5_K read their fifth bits the same way. It
-is still 32 bytes per super-block.
+Q5_0's qh word is re-laid so that one shift and one mask put the fifth bits of a 32-bit word of qs
+into bit 4 of each byte: word t of the block's qs holds elements 4t + i (low nibble of byte i) and
+16 + 4t + i (high nibble), and their fifth bits move to bits 8i + t and 8i + 4 + t of qh. It is
+still 4 bytes per block.
+
+    bit of the re-laid word:   8i + t      8i + 4 + t     (i, t in 0..3)
+    element whose fifth bit:   4t + i      16 + 4t + i
 """
 
 from __future__ import annotations
@@ -117,27 +121,28 @@ def _u32(b: torch.Tensor) -> torch.Tensor:
     return _dense(b).view(torch.int32).squeeze(-1)
 
 
-def _q5k_qh_words(qh: torch.Tensor) -> torch.Tensor:
-    """qh [N, ns, 32] bytes -> [N, ns * 8] int32 words: bit l of word j = bit j of qh[l]."""
-    n, ns, _ = qh.shape
-    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
-    bits = ((qh.unsqueeze(-1) >> shifts) & 1).to(torch.int64)  # [N, ns, 32 (l), 8 (j)]
-    weights = torch.ones(32, dtype=torch.int64, device=qh.device) << torch.arange(
-        32, device=qh.device
-    )
-    words = (bits * weights.view(1, 1, 32, 1)).sum(dim=2)  # [N, ns, 8], < 2**32
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32).reshape(n, ns * 8)
+# Q5_0 qh: bit e (element e's fifth bit) of the GGUF word goes to bit _Q5_0_QH[e] of the plane's.
+_Q5_0_QH = [8 * (e % 4) + 4 * (e // 16) + (e % 16) // 4 for e in range(32)]
 
 
-def _q5k_qh_bytes(words: torch.Tensor) -> torch.Tensor:
-    """Inverse of _q5k_qh_words: [N, ns * 8] int32 -> [N, ns, 32] bytes."""
-    n = words.shape[0]
-    w = words.to(torch.int64).reshape(n, -1, 1, 8) & 0xFFFFFFFF  # [N, ns, 1, 8 (j)]
-    ls = torch.arange(32, device=words.device).view(1, 1, 32, 1)
-    bits = (w >> ls) & 1  # [N, ns, 32 (l), 8 (j)]
-    js = torch.arange(8, device=words.device).view(1, 1, 1, 8)
-    return (bits << js).sum(dim=-1).to(torch.uint8)
+def _permute_bits(words: torch.Tensor, dst: list[int]) -> torch.Tensor:
+    """int32 words with bit e moved to bit dst[e] (a permutation of 0..31)."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros_like(w)
+    for src, to in enumerate(dst):
+        out |= ((w >> src) & 1) << to
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def _q5_0_qh_plane(qh: torch.Tensor) -> torch.Tensor:
+    return _permute_bits(qh, _Q5_0_QH)
+
+
+def _q5_0_qh_gguf(qh: torch.Tensor) -> torch.Tensor:
+    inverse = [0] * 32
+    for e, to in enumerate(_Q5_0_QH):
+        inverse[to] = e
+    return _permute_bits(qh, inverse)
 
 
 def to_planes(
@@ -161,7 +166,8 @@ def to_planes(
     if qtype == Q.Q4_0:
         return {"d": _f16(b[..., 0:2]), "qs": flat(b[..., 2:18])}
     if qtype == Q.Q5_0:
-        return {"d": _f16(b[..., 0:2]), "qh": _u32(b[..., 2:6]), "qs": flat(b[..., 6:22])}
+        qh = _q5_0_qh_plane(_u32(b[..., 2:6]))
+        return {"d": _f16(b[..., 0:2]), "qh": qh, "qs": flat(b[..., 6:22])}
     if qtype == Q.Q4_K:
         return {
             "dm": _f16(b[..., 0:4].reshape(n, nblk, 2, 2)),
@@ -172,7 +178,7 @@ def to_planes(
         return {
             "dm": _f16(b[..., 0:4].reshape(n, nblk, 2, 2)),
             "scales": _dense(b[..., 4:16]),
-            "qh": _q5k_qh_words(b[..., 16:48]),
+            "qh": flat(b[..., 16:48]),
             "qs": flat(b[..., 48:176]),
         }
     assert qtype == Q.Q6_K
@@ -200,12 +206,11 @@ def from_planes(
     elif qtype == Q.Q4_0:
         parts = [blk(p["d"], 2), blk(p["qs"], 16)]
     elif qtype == Q.Q5_0:
-        parts = [blk(p["d"], 2), blk(p["qh"], 4), blk(p["qs"], 16)]
+        parts = [blk(p["d"], 2), blk(_q5_0_qh_gguf(p["qh"]), 4), blk(p["qs"], 16)]
     elif qtype == Q.Q4_K:
         parts = [blk(p["dm"], 4), blk(p["scales"], 12), blk(p["qs"], 128)]
     elif qtype == Q.Q5_K:
-        qh = _q5k_qh_bytes(p["qh"])
-        parts = [blk(p["dm"], 4), blk(p["scales"], 12), qh, blk(p["qs"], 128)]
+        parts = [blk(p["dm"], 4), blk(p["scales"], 12), blk(p["qh"], 32), blk(p["qs"], 128)]
     else:
         parts = [blk(p["ql"], 128), blk(p["qh"], 64), blk(p["scales"], 16), blk(p["d"], 2)]
     return torch.cat(parts, dim=-1).reshape(n, nblk * fmt.type_size)

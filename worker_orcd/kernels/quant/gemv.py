@@ -1,4 +1,7 @@
-"""Fused dequantize + matrix-vector Triton kernels for decode: y[m] = W x[m], W kept quantized.
+"""Fused dequantize + matrix-vector Triton kernels on a float x: y[m] = W x[m], W kept quantized.
+
+Decode uses the int8-activation kernels of `gemv_i8` by default; these are the exact-x path
+(`GemvConfig(int8_x=False)`) and hold the split-K summing kernel both use.
 
 One program computes BLOCK_N output rows for one activation row and walks K; every weight byte is
 read once per activation row (for a handful of rows, the repeats come from L2: programs of the same
@@ -16,6 +19,8 @@ import logging
 
 import triton
 import triton.language as tl
+
+from worker_orcd.kernels.triton import pdl
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +49,10 @@ def _k4_scale_min(ptr, base, j, mask):
 def gemv_q8_0_kernel(
     x_ptr, d_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     stride_yk, SPLIT_UNITS,
-    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, BLOCKS blocks, 32 weights]
+    pdl.prologue(PDL)
     pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
     pid_k = tl.program_id(1)  # split of K: units [lo, hi) of this program
     rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -78,9 +84,10 @@ def gemv_q8_0_kernel(
 def _gemv_q4_q5_0(
     x_ptr, d_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     stride_yk, SPLIT_UNITS,
-    HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+    HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, BLOCKS blocks, 16 bytes]; byte l holds elements l (low) and l + 16 (high)
+    pdl.prologue(PDL)
     pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
     pid_k = tl.program_id(1)  # split of K: units [lo, hi) of this program
     rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,9 +111,11 @@ def _gemv_q4_q5_0(
         lo = q & 15
         hi = q >> 4
         if HAS_QH:
+            # re-laid qh (formats): element l's fifth bit at 8 (l % 4) + l // 4, l + 16's at + 4
             h = tl.load(qh_ptr + r64[:, None] * nb + blk[None, :], mask=m2, other=0)[:, :, None]
-            lo = lo | (((h >> ll[None, None, :]) & 1) << 4)
-            hi = hi | (((h >> (ll + 16)[None, None, :]) & 1) << 4)
+            sh = (8 * (ll % 4) + ll // 4)[None, None, :]
+            lo = lo | (((h >> sh) & 1) << 4)
+            hi = hi | (((h >> (sh + 4)) & 1) << 4)
             flo = _to_f32(lo, 16.0)
             fhi = _to_f32(hi, 16.0)
         else:
@@ -126,9 +135,11 @@ def _gemv_q4_q5_k(
     x_ptr, dm_ptr, scales_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     stride_yk, SPLIT_UNITS,
     HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, SUPER: tl.constexpr, ONE_PLUS: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, SUPER super-blocks, 4 chunks, 32 bytes]; chunk c holds sub-block 2c in its
     # low nibbles (elements 64c + l) and 2c + 1 in its high nibbles (elements 64c + 32 + l)
+    pdl.prologue(PDL)
     pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
     pid_k = tl.program_id(1)  # split of K: units [lo, hi) of this program
     rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -159,14 +170,14 @@ def _gemv_q4_q5_k(
         lo = q & 15
         hi = q >> 4
         if HAS_QH:
-            # one word per 32-element sub-block: bit l is the fifth bit of element l
-            hbase = (
-                r64[:, None, None] * (K // 32) + (sb * 8)[None, :, None] + (2 * c)[None, None, :]
-            )
-            hlo = tl.load(qh_ptr + hbase, mask=m3, other=0)[:, :, :, None]
-            hhi = tl.load(qh_ptr + hbase + 1, mask=m3, other=0)[:, :, :, None]
-            lo = lo | (((hlo >> ll[None, None, None, :]) & 1) << 4)
-            hi = hi | (((hhi >> ll[None, None, None, :]) & 1) << 4)
+            # qh[l] of a super-block: bit j is the fifth bit of element l of sub-block j
+            hb = tl.load(
+                qh_ptr + r64[:, None, None, None] * (K // 8) + (sb * 32)[None, :, None, None]
+                + ll[None, None, None, :],
+                mask=m3[:, :, :, None], other=0,
+            ).to(tl.int32)  # fmt: skip
+            lo = lo | (((hb >> (2 * c)[None, None, :, None]) & 1) << 4)
+            hi = hi | (((hb >> (2 * c + 1)[None, None, :, None]) & 1) << 4)
         xoff = (sb * 256)[:, None, None] + (c * 64)[None, :, None] + ll[None, None, :]  # [S, 4, 32]
         xm = smask[:, None, None]
         xlo = tl.load(x_row + xoff, mask=xm, other=0.0).to(tl.float32)
@@ -203,11 +214,12 @@ def _gemv_q4_q5_k(
 def gemv_q6_k_kernel(
     x_ptr, d_ptr, scales_ptr, qh_ptr, ql_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     stride_yk, SPLIT_UNITS,
-    BLOCK_N: tl.constexpr, HALVES: tl.constexpr,
+    BLOCK_N: tl.constexpr, HALVES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, HALVES half-super-blocks of 128, 2, 16]: l = 16t + u in 0..31, and the
     # four 32-element groups f of a half are (ql[l] low, ql[l+32] low, ql[l] high, ql[l+32] high)
     # with 2-bit fields f of qh[l]; 16-element sub-block of (f, t) is 2f + t within the half.
+    pdl.prologue(PDL)
     pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
     pid_k = tl.program_id(1)  # split of K: units [lo, hi) of this program
     rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -260,8 +272,11 @@ def gemv_q6_k_kernel(
 
 
 @triton.jit
-def splitk_sum_kernel(ws_ptr, y_ptr, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def splitk_sum_kernel(
+    ws_ptr, y_ptr, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
     """y[m, n] = sum over s of ws[s, m, n] (float32 partials [SPLIT, M, N]), in y's dtype."""
+    pdl.prologue(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)

@@ -5,6 +5,10 @@
     quant_matmul(x, planes, qtype, n, k)          picks one of the two by the number of rows of x
     *_reference(...)                              the same functions in torch (float32), any device
 
+Decode GEMVs round x to int8 per 32-element block by default (`GemvConfig.int8_x`, kernels in
+`gemv_i8`): y is then the exact product of the dequantized weight with `int8_x_reference(x)`, about
+5e-3 of ||y|| from the float32 product; `int8_x=False` keeps x in float (kernels in `gemv`).
+
 The references go back to GGUF bytes (`formats.from_planes`) and use the dequantizers of
 `worker_orcd.gguf.dequant`, which are bit-exact with gguf-py; the kernels are tested against them.
 """
@@ -28,6 +32,8 @@ try:  # Triton is optional: without it (CPU-only installs) only the references r
 
     from worker_orcd.kernels.quant import dequant as _dq
     from worker_orcd.kernels.quant import gemv as _gv
+    from worker_orcd.kernels.quant import gemv_i8 as _gi
+    from worker_orcd.kernels.triton import pdl
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
@@ -44,35 +50,83 @@ class GemvConfig:
     tile: int  # blocks (32-element types), super-blocks (Q4_K/Q5_K) or halves (Q6_K) per step
     num_warps: int
     split_k: int = 1  # programs along K; > 1 adds float32 partials and a summing launch
-    one_plus: bool = False  # Q4_K/Q5_K: quants read as 1 + q / 2**bits (fewer ops per weight)
+    one_plus: bool = False  # float kernels, Q4_K/Q5_K: quants read as 1 + q / 2**bits
+    int8_x: bool = True  # x rounded to int8 per 32 elements, dp4a kernels (`gemv_i8`); else float
+    stages: int = 1  # int8 kernels: software-pipeline stages of the walk along K
 
 
-def gemv_config(qtype: GGMLQuantizationType, n: int, k: int) -> GemvConfig:
-    """Launch shape, from the sweep in benchmarks/quant_kernels.py (H200, see benchmarks/QUANT.md):
-    wide steps along K (2-4 KB of quants per program and step), few rows per program for short
-    matrices, more for tall ones, and K split over 2-3 programs (plus a summing launch) where few
-    rows meet a long K. A split is rounded to whole tiles, so for K = 896 it collapses to none."""
+def gemv_config(qtype: GGMLQuantizationType, n: int, k: int, *, int8_x: bool = True) -> GemvConfig:
+    """Launch shape, from the sweeps in benchmarks/quant_kernels.py (H200, benchmarks/QUANT.md):
+    int8-activation kernels with 8 rows and 1-2 KB of quants per row and step (4 super-blocks of
+    Q4_K/Q5_K, 8 halves of Q6_K, 16-32 blocks of the 32-element types), K split in two below
+    16384 rows and in four below 2048; Q6_K under 2048 rows stays on the float kernel (x's
+    rounding costs more than it saves there). A split of K is rounded to whole tiles, so for
+    K = 896 it collapses to none. With int8_x=False, the float kernels' own table."""
+    if not int8_x or (qtype == Q.Q6_K and n < 2048):
+        return _float_gemv_config(qtype, n, k)
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        if n < 2048:
+            return GemvConfig(4, 4, 4, split_k=4)
+        return GemvConfig(8, 4, 4, split_k=1 if n >= 16384 else 2)
+    if qtype == Q.Q6_K:
+        return GemvConfig(8, 8, 4, split_k=1 if n >= 16384 else 2)
+    if qtype == Q.Q8_0:
+        return GemvConfig(16, 16, 4) if n >= 32768 else GemvConfig(2, 32, 4)
+    if n >= 8192:  # Q4_0, Q5_0
+        return GemvConfig(8, 16, 4)
+    return GemvConfig(4, 32, 4)
+
+
+def _float_gemv_config(qtype: GGMLQuantizationType, n: int, k: int) -> GemvConfig:
+    """Float kernels: wide steps along K (2-4 KB of quants per program and step), few rows per
+    program for short matrices, more for tall ones, K split over 2-3 programs where few rows meet
+    a long K (H200 sweep of 2026-11-26)."""
     if qtype in (Q.Q4_K, Q.Q5_K):
         if n >= 16384:
-            return GemvConfig(16, 4, 4, one_plus=True)
+            return GemvConfig(16, 4, 4, one_plus=True, int8_x=False)
         if n < 2048:
-            return GemvConfig(2, 4, 4, split_k=4, one_plus=True)
+            return GemvConfig(2, 4, 4, split_k=4, one_plus=True, int8_x=False)
         if k >= 8192:
-            return GemvConfig(8, 4, 4, split_k=2, one_plus=True)
-        return GemvConfig(4 if n < 4096 else 8, 4, 4, one_plus=True)
+            return GemvConfig(8, 4, 4, split_k=2, one_plus=True, int8_x=False)
+        return GemvConfig(4 if n < 4096 else 8, 4, 4, one_plus=True, int8_x=False)
     if qtype == Q.Q6_K:
         if n < 2048:
-            return GemvConfig(4, 8, 4, split_k=4)
-        return GemvConfig(8 if n >= 16384 else 4, 8, 4)
+            return GemvConfig(4, 8, 4, split_k=4, int8_x=False)
+        return GemvConfig(8 if n >= 16384 else 4, 8, 4, int8_x=False)
     if qtype == Q.Q8_0:
-        return GemvConfig(32, 4, 4) if n >= 32768 else GemvConfig(2, 32, 4)
+        if n >= 32768:
+            return GemvConfig(32, 4, 4, int8_x=False)
+        return GemvConfig(2, 32, 4, int8_x=False)
     if n < 2048:  # Q4_0, Q5_0
-        return GemvConfig(2, 32, 4)
-    return GemvConfig(8, 32, 4) if n >= 8192 else GemvConfig(4, 32, 4)
+        return GemvConfig(2, 32, 4, int8_x=False)
+    return GemvConfig(8 if n >= 8192 else 4, 32, 4, int8_x=False)
 
 
 # Weights per K unit of each GEMV kernel (its tile counts these units).
 _UNIT = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q5_0: 32, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: 128}
+
+
+def _kernel_args_i8(
+    planes: dict[str, torch.Tensor], qtype: GGMLQuantizationType
+) -> tuple[object, list[torch.Tensor], dict[str, object], str]:
+    """Like _kernel_args, for the int8-activation kernels: quant planes viewed as int32 words."""
+    p = {name: t for name, t in planes.items()}
+    for name in ("qs", "ql") + (("qh",) if qtype != Q.Q5_0 else ()):
+        if name in p:
+            p[name] = p[name].view(torch.int32)
+    if qtype == Q.Q8_0:
+        return _gi.gemv_q8_0_i8_kernel, [p["d"], p["qs"]], {}, "BLOCKS"
+    if qtype == Q.Q4_0:
+        return _gi._gemv_q4_q5_0_i8, [p["d"], p["d"], p["qs"]], {"HAS_QH": False}, "BLOCKS"
+    if qtype == Q.Q5_0:
+        return _gi._gemv_q4_q5_0_i8, [p["d"], p["qh"], p["qs"]], {"HAS_QH": True}, "BLOCKS"
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        has_qh = qtype == Q.Q5_K
+        args = [p["dm"], p["scales"].view(torch.int32), p["qh"] if has_qh else p["qs"], p["qs"]]
+        return _gi._gemv_q4_q5_k_i8, args, {"HAS_QH": has_qh}, "SUPER"
+    if qtype == Q.Q6_K:
+        return _gi.gemv_q6_k_i8_kernel, [p["d"], p["scales"], p["qh"], p["ql"]], {}, "HALVES"
+    raise ValueError(f"no quantized kernel for {qtype.name}")
 
 
 def _kernel_args(
@@ -146,9 +200,15 @@ def quant_gemv(
     elif out.shape != (m, n) or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {n}] with unit column stride, got {tuple(out.shape)}")
     cfg = config or gemv_config(qtype, n, k)
-    kernel, args, flags, tile_name = _kernel_args(planes, qtype)
-    if qtype in (Q.Q4_K, Q.Q5_K):
-        flags["ONE_PLUS"] = cfg.one_plus
+    if cfg.int8_x:
+        kernel, args, flags, tile_name = _kernel_args_i8(planes, qtype)
+        flags["ASM"] = _gi.asm_dp4a(x.device.type)
+        flags["STAGES"] = cfg.stages
+    else:
+        kernel, args, flags, tile_name = _kernel_args(planes, qtype)
+        if qtype in (Q.Q4_K, Q.Q5_K):
+            flags["ONE_PLUS"] = cfg.one_plus
+    flags.update(pdl.launch(x))
     units = k // _UNIT[qtype]
     # units per split: a whole number of tiles, so each split walks full steps but the last
     per = triton.cdiv(triton.cdiv(units, cfg.split_k), cfg.tile) * cfg.tile
@@ -167,7 +227,7 @@ def quant_gemv(
     )  # fmt: skip
     block = 1024
     _gv.splitk_sum_kernel[(triton.cdiv(m * n, block),)](
-        ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4
+        ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4, **pdl.launch(out)
     )
     return out
 
@@ -199,6 +259,7 @@ def dequantize_planes(
     kernel[grid](
         ids_arg, *args, out, r, k, out.stride(0),
         HAS_IDS=ids is not None, BLOCK_R=block_r, num_warps=4, **flags, **{tile_name: tile},
+        **pdl.launch(out),
     )  # fmt: skip
     return out
 
@@ -266,6 +327,16 @@ def dequantize_reference(
     if ids is not None:
         raw = raw[ids.reshape(-1).long()]
     return dequantize_gguf(raw.reshape(-1), qtype, (raw.shape[0], k))
+
+
+def int8_x_reference(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the int8 GEMV kernels see it, in float32: rounded per 32-element block to
+    dx * round(x * (127 / max|x|)), dx = max|x| / 127 (round half to even, as the kernels)."""
+    xb = x.float().reshape(x.shape[0], -1, 32)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    inv = 127.0 / amax.clamp_min(1e-30)  # float32, as the kernels; the product exact (float64)
+    xq = torch.round(xb.double() * inv.double()).float()
+    return (xq * (amax * (1.0 / 127.0))).reshape(x.shape)
 
 
 def quant_matmul_reference(

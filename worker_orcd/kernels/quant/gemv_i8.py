@@ -1,0 +1,313 @@
+"""Fused dequantize + GEMV on an int8 activation: integer dot products of four weights at a time.
+
+The float kernels in `gemv` spend 4-6 instructions per weight (byte unpack, nibble extract,
+convert, FMA, reductions), which bounds them at 15-30% of the memory bandwidth on mid-size
+weights. Here, as in llama.cpp's mmvq, each program rounds its slice of x to int8 per 32-element
+block (x ~ dx * xq, dx = max|x| / 127, round to nearest), reads the quants as 32-bit words and
+multiplies four 4- to 8-bit weights with four int8 activations per `dp4a` instruction. A Q4_K word
+(8 weights) costs two logic ops and two dp4a; block scales, mins and x's steps are applied once per
+sub-block in float32.
+
+Rounding x to int8 is the only approximation: y is the exact product of the dequantized weight
+with the rounded x, off the float32 product by ~5e-3 of ||y|| for Gaussian x (the step of a
+32-element block is ~2.3 sigma / 127). The mins of Q4_K/Q5_K multiply dx * sum(xq) (the rounded
+x), so the error stays a sum of w_i * (rounding of x_i) for every type.
+
+Layouts (see `formats`): every quant plane is read as int32 words. In a word of Q4_K/Q5_K qs,
+byte b of word t of 32-byte chunk c holds element 4t + b of sub-block 2c (low nibble) and of
+sub-block 2c + 1 (high nibble); Q5_K's qh word t holds in byte b the fifth bits of element 4t + b
+of all 8 sub-blocks (bit j: sub-block j), so a shift and a mask place them in bit 4 of each byte.
+`ASM` is off only under Triton's interpreter, which cannot run PTX: the dp4a is then spelled out.
+`STAGES` > 1 software-pipelines the walk along K (the next steps' quants and x are copied into
+shared memory asynchronously while this step computes).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import triton
+import triton.language as tl
+
+from worker_orcd.kernels.triton import pdl
+
+logger = logging.getLogger(__name__)
+
+M4 = tl.constexpr(0x0F0F0F0F)  # low nibble of every byte
+H4 = tl.constexpr(-0x0F0F0F10)  # 0xF0F0F0F0 as int32: high nibble of every byte, kept in place
+BIT4 = tl.constexpr(0x10101010)  # bit 4 of every byte: where a fifth quant bit goes
+BITS45 = tl.constexpr(0x30303030)  # bits 4-5 of every byte: Q6_K's two high bits
+
+
+@triton.jit
+def _dp4a(a, b, c, SIGNED_A: tl.constexpr, ASM: tl.constexpr):
+    """c + sum over the 4 bytes of a_i * b_i; b's bytes are signed, a's unsigned (or signed)."""
+    if ASM:
+        if SIGNED_A:
+            r = tl.inline_asm_elementwise(
+                "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                dtype=tl.int32, is_pure=True, pack=1,
+            )  # fmt: skip
+        else:
+            r = tl.inline_asm_elementwise(
+                "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                dtype=tl.int32, is_pure=True, pack=1,
+            )  # fmt: skip
+    else:
+        r = c
+        for i in tl.static_range(4):
+            if SIGNED_A:
+                ai = (a << (24 - 8 * i)) >> 24
+            else:
+                ai = (a >> (8 * i)) & 255
+            r += ai * ((b << (24 - 8 * i)) >> 24)
+    return r
+
+
+@triton.jit
+def _quant_x(x_row, offs, mask, ASM: tl.constexpr):
+    """x[offs] ([A, 32]: A blocks of 32) rounded to int8 per block: (xq [A, 32] int32 in
+    -127..127, dx [A] float32 step, dx * sum(xq) [A]). Masked elements count as 0. The rounding is
+    exactly `ops.int8_x_reference`'s: an IEEE float32 quotient inv = 127 / max|x|, then the exact
+    product x * inv rounded half to even."""
+    xf = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(xf), axis=1)
+    inv = tl.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.maximum(amax, 1e-30))
+    if ASM:
+        # fma: the exact product plus 1.5 * 2**23, rounded once; its low mantissa bits are then
+        # round-half-even(x * inv) (|x * inv| <= 127)
+        r = tl.fma(xf, inv[:, None], tl.full(xf.shape, 12582912.0, tl.float32))
+        xq = r.to(tl.int32, bitcast=True) - 0x4B400000
+    else:
+        # the interpreter rounds each numpy op: the exact product in float64, then 1.5 * 2**52
+        r = xf.to(tl.float64) * inv.to(tl.float64)[:, None] + 6755399441055744.0
+        xq = (r.to(tl.int64, bitcast=True) - 0x4338000000000000).to(tl.int32)
+    dx = amax * (1.0 / 127.0)
+    return xq, dx, tl.sum(xq, axis=1).to(tl.float32) * dx
+
+
+@triton.jit
+def _pack4(xq):
+    """[..., 4] int32 bytes -> [...] int32 words (byte i of the word = element i)."""
+    return tl.sum((xq & 255) << (tl.arange(0, 4) * 8), axis=-1)
+
+
+@triton.jit
+def _rows(M, N, BLOCK_N: tl.constexpr):
+    """(activation row, output rows, their mask, rows clamped into [0, N) as int64): rows past N
+    read row N - 1 (valid memory, no masks on weight loads); only their store is masked."""
+    pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
+    rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, rows, rows < N, tl.minimum(rows, N - 1).to(tl.int64)
+
+
+@triton.jit
+def gemv_q8_0_i8_kernel(
+    x_ptr, d_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk, SPLIT_UNITS,
+    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    # qs int32 [N, K / 4]; tile [BLOCK_N rows, BLOCKS blocks, 8 words]
+    pdl.prologue(PDL)
+    pid_m, rows, rmask, r64 = _rows(M, N, BLOCK_N)
+    nb = K // 32
+    b = tl.arange(0, BLOCKS)
+    t = tl.arange(0, 8)
+    x_row = x_ptr + pid_m * stride_xm
+    qs_row = qs_ptr + tl.multiple_of(r64 * (K // 4), 8)  # rows of 32-byte blocks
+    acc = tl.zeros([BLOCK_N, BLOCKS], dtype=tl.float32)
+    lo_u = tl.program_id(1) * SPLIT_UNITS
+    hi_u = tl.minimum(nb, lo_u + SPLIT_UNITS)
+    for b0 in tl.range(lo_u, hi_u, BLOCKS, num_stages=STAGES):
+        blk = b0 + b
+        bmask = blk < hi_u
+        bc = tl.minimum(blk, hi_u - 1)  # past the range: a valid block times x = 0
+        q = tl.load(qs_row[:, None, None] + tl.multiple_of(bc * 8, 8)[:, None] + t)
+        xoff = (blk * 32)[:, None] + tl.arange(0, 32)[None, :]  # [B, 32]
+        xq, dx, _ = _quant_x(x_row, xoff, bmask[:, None], ASM)
+        xw = _pack4(tl.reshape(xq, (BLOCKS, 8, 4)))
+        dot = tl.sum(_dp4a(q, xw[None], tl.zeros_like(q), True, ASM), axis=2)  # [BN, B]
+        d = tl.load(d_ptr + r64[:, None] * nb + bc[None, :]).to(tl.float32)
+        acc += d * dx[None, :] * dot.to(tl.float32)
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + tl.program_id(1) * stride_yk + pid_m * stride_ym + rows, y, mask=rmask)
+
+
+@triton.jit
+def _gemv_q4_q5_0_i8(
+    x_ptr, d_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk, SPLIT_UNITS,
+    HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr,
+    STAGES: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    # qs int32 [N, K / 8]: word t of a block holds elements 4t + i (low nibbles) and 16 + 4t + i
+    # (high); Q5_0's qh word per block has their fifth bits at bits 8i + t and 8i + 4 + t.
+    pdl.prologue(PDL)
+    pid_m, rows, rmask, r64 = _rows(M, N, BLOCK_N)
+    nb = K // 32
+    b = tl.arange(0, BLOCKS)
+    t = tl.arange(0, 4)
+    x_row = x_ptr + pid_m * stride_xm
+    qs_row = qs_ptr + tl.multiple_of(r64 * (K // 8), 4)  # rows of 16-byte blocks
+    acc = tl.zeros([BLOCK_N, BLOCKS], dtype=tl.float32)
+    lo_u = tl.program_id(1) * SPLIT_UNITS
+    hi_u = tl.minimum(nb, lo_u + SPLIT_UNITS)
+    for b0 in tl.range(lo_u, hi_u, BLOCKS, num_stages=STAGES):
+        blk = b0 + b
+        bmask = blk < hi_u
+        bc = tl.minimum(blk, hi_u - 1)
+        q = tl.load(qs_row[:, None, None] + tl.multiple_of(bc * 4, 4)[:, None] + t)
+        lo = q & M4
+        hi = (q >> 4) & M4
+        if HAS_QH:
+            h = tl.load(qh_ptr + r64[:, None] * nb + bc[None, :])[:, :, None]
+            lo = lo | ((h << (4 - t)[None, None, :]) & BIT4)
+            hi = hi | ((h >> t[None, None, :]) & BIT4)
+        xoff = (blk * 32)[:, None] + tl.arange(0, 32)[None, :]  # [B, 32]
+        xq, dx, _ = _quant_x(x_row, xoff, bmask[:, None], ASM)
+        xs = tl.sum(xq, axis=1)
+        xw = tl.permute(_pack4(tl.reshape(xq, (BLOCKS, 2, 4, 4))), (0, 2, 1))  # [B, 4, 2]
+        xlo, xhi = tl.split(xw)
+        dot = _dp4a(lo, xlo[None], tl.zeros_like(q), False, ASM)
+        dot = tl.sum(_dp4a(hi, xhi[None], dot, False, ASM), axis=2)  # [BN, B]
+        if HAS_QH:  # quants are q - off: sum (q - off) xq = dot - off * sum xq
+            off = 16
+        else:
+            off = 8
+        d = tl.load(d_ptr + r64[:, None] * nb + bc[None, :]).to(tl.float32)
+        acc += d * dx[None, :] * (dot - off * xs[None, :]).to(tl.float32)
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + tl.program_id(1) * stride_yk + pid_m * stride_ym + rows, y, mask=rmask)
+
+
+@triton.jit
+def _gemv_q4_q5_k_i8(
+    x_ptr, dm_ptr, sc_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
+    SPLIT_UNITS,
+    HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, SUPER: tl.constexpr, ASM: tl.constexpr,
+    STAGES: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    # tile [BLOCK_N rows, 4 * SUPER chunks, 8 words]: chunk g = 4s + c of a step is 32 bytes of
+    # qs, sub-blocks 2c (low nibbles) and 2c + 1 (high) of super-block s; sc int32 [N, ns * 3]
+    # (the 12 scale bytes), qh int32 [N, ns * 8], qs int32 [N, K / 8]
+    pdl.prologue(PDL)
+    pid_m, rows, rmask, r64 = _rows(M, N, BLOCK_N)
+    ns = K // 256
+    G: tl.constexpr = 4 * SUPER
+    g = tl.arange(0, G)
+    c = g % 4
+    t = tl.arange(0, 8)
+    i32 = tl.arange(0, 32)
+    x_row = x_ptr + pid_m * stride_xm
+    # row starts are 16-byte aligned (K % 256 == 0): the hints let the loads be 16 bytes wide
+    qs_row = qs_ptr + tl.multiple_of(r64 * (K // 8), 32)
+    qh_row = qh_ptr + tl.multiple_of(r64 * (K // 32), 8)
+    acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+    lo_u = tl.program_id(1) * SPLIT_UNITS
+    hi_u = tl.minimum(ns, lo_u + SPLIT_UNITS)
+    for s0 in tl.range(lo_u, hi_u, SUPER, num_stages=STAGES):
+        sb = s0 + g // 4  # [G] super-block of each chunk
+        gmask = sb < hi_u
+        sbc = tl.minimum(sb, hi_u - 1)  # past the range: a valid super-block times x = 0
+        q = tl.load(qs_row[:, None, None] + tl.multiple_of(sbc * 32 + c * 8, 8)[:, None] + t)
+        if HAS_QH:
+            h = tl.load(qh_row[:, None, None] + tl.multiple_of(sbc * 8, 8)[:, None] + t)
+            sh = (2 * c)[None, :, None]
+            lo = (q & M4) | (((h >> sh) << 4) & BIT4)
+            hi = ((q >> 4) & M4) | (((h >> (sh + 1)) << 4) & BIT4)
+            hi_unit = 1.0
+        else:
+            lo = q & M4
+            hi = q & H4  # 16 * the high nibbles
+            hi_unit = 1.0 / 16.0
+        xoff = (sb * 256 + c * 64)[:, None] + i32[None, :]  # [G, 32]
+        xq_lo, dx_lo, xs_lo = _quant_x(x_row, xoff, gmask[:, None], ASM)
+        xq_hi, dx_hi, xs_hi = _quant_x(x_row, xoff + 32, gmask[:, None], ASM)
+        x_lo = _pack4(tl.reshape(xq_lo, (G, 8, 4)))[None]
+        x_hi = _pack4(tl.reshape(xq_hi, (G, 8, 4)))[None]
+        zero = tl.zeros_like(q)
+        dot_lo = tl.sum(_dp4a(lo, x_lo, zero, False, ASM), axis=2).to(tl.float32)  # [BN, G]
+        dot_hi = tl.sum(_dp4a(hi, x_hi, zero, False, ASM), axis=2).to(tl.float32)
+        # six-bit scales and mins of sub-blocks 2c, 2c + 1 from the 12 bytes (words w0, w1, w2):
+        # j < 4: sc = byte j of w0 & 63, m = byte j of w1 & 63; j >= 4: low nibbles of w2's byte
+        # j - 4 (sc) or its high nibble (m), with bits 6-7 of byte j - 4 of w0 (sc) or w1 (m)
+        sbi = r64[:, None] * ns + sbc[None, :]  # [BN, G]
+        w0 = tl.load(sc_ptr + sbi * 3)
+        w1 = tl.load(sc_ptr + sbi * 3 + 1)
+        w2 = tl.load(sc_ptr + sbi * 3 + 2)
+        first = (c < 2)[None, :]
+        scw = tl.where(first, w0 & 0x3F3F3F3F, (w2 & M4) | ((w0 >> 2) & BITS45))
+        mnw = tl.where(first, w1 & 0x3F3F3F3F, ((w2 >> 4) & M4) | ((w1 >> 2) & BITS45))
+        sh8 = (16 * (c % 2))[None, :]
+        sc_lo = ((scw >> sh8) & 63).to(tl.float32)
+        sc_hi = ((scw >> (sh8 + 8)) & 63).to(tl.float32)
+        mn_lo = ((mnw >> sh8) & 63).to(tl.float32)
+        mn_hi = ((mnw >> (sh8 + 8)) & 63).to(tl.float32)
+        d = tl.load(dm_ptr + sbi * 2).to(tl.float32)
+        dmin = tl.load(dm_ptr + sbi * 2 + 1).to(tl.float32)
+        acc += d * (sc_lo * dx_lo[None, :] * dot_lo + sc_hi * (dx_hi * hi_unit)[None, :] * dot_hi)
+        acc -= dmin * (mn_lo * xs_lo[None, :] + mn_hi * xs_hi[None, :])
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + tl.program_id(1) * stride_yk + pid_m * stride_ym + rows, y, mask=rmask)
+
+
+@triton.jit
+def gemv_q6_k_i8_kernel(
+    x_ptr, d_ptr, sc_ptr, qh_ptr, ql_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
+    SPLIT_UNITS,
+    BLOCK_N: tl.constexpr, HALVES: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    # tile [BLOCK_N rows, HALVES halves of 128, 2 (u), 4 (v)]: with t = 4u + v, words a = ql word
+    # t and b = ql word 8 + t of the half, h = qh word t give in byte i the quants of elements
+    # 32f + 4t + i for f = 0..3 (a low, b low, a high, b high; two bits each of h); sub-block
+    # (16 elements) 2f + u. ql int32 [N, K / 8], qh int32 [N, K / 16], scales int8 [N, K / 16].
+    pdl.prologue(PDL)
+    pid_m, rows, rmask, r64 = _rows(M, N, BLOCK_N)
+    nh = K // 128
+    hh_ = tl.arange(0, HALVES)
+    tt = (tl.arange(0, 2) * 4)[:, None] + tl.arange(0, 4)[None, :]  # [2, 4] word t = 4u + v
+    u = tl.arange(0, 2)
+    i32 = tl.arange(0, 32)
+    x_row = x_ptr + pid_m * stride_xm
+    ql_row = ql_ptr + tl.multiple_of(r64 * (K // 8), 32)  # K % 256 == 0: aligned rows
+    qh_row = qh_ptr + tl.multiple_of(r64 * (K // 16), 16)
+    acc = tl.zeros([BLOCK_N, HALVES], dtype=tl.float32)
+    lo_u = tl.program_id(1) * SPLIT_UNITS
+    hi_u = tl.minimum(nh, lo_u + SPLIT_UNITS)
+    for h0 in tl.range(lo_u, hi_u, HALVES, num_stages=STAGES):
+        hh = h0 + hh_
+        hmask = hh < hi_u
+        hc = tl.minimum(hh, hi_u - 1)
+        qa = ql_row[:, None, None, None] + tl.multiple_of(hc * 16, 16)[:, None, None] + tt
+        a = tl.load(qa)
+        b = tl.load(qa + 8)
+        h = tl.load(qh_row[:, None, None, None] + tl.multiple_of(hc * 8, 8)[:, None, None] + tt)
+        zero = tl.zeros_like(a)
+        sbase = r64[:, None, None] * (K // 16) + (hc * 8)[None, :, None] + u[None, None, :]
+        tot = tl.zeros([BLOCK_N, HALVES, 2], dtype=tl.float32)
+        for f in tl.static_range(4):
+            if f == 0:
+                q = (a & M4) | ((h << 4) & BITS45)
+            elif f == 1:
+                q = (b & M4) | ((h << 2) & BITS45)
+            elif f == 2:
+                q = ((a >> 4) & M4) | (h & BITS45)
+            else:
+                q = ((b >> 4) & M4) | ((h >> 2) & BITS45)
+            xoff = (hh * 128 + 32 * f)[:, None] + i32[None, :]  # [H, 32]
+            xq, dx, _ = _quant_x(x_row, xoff, hmask[:, None], ASM)
+            xw = _pack4(tl.reshape(xq, (HALVES, 2, 4, 4)))  # [H, 2, 4]
+            xs = tl.sum(tl.reshape(xq, (HALVES, 2, 16)), axis=2)  # [H, 2]
+            dot = tl.sum(_dp4a(q, xw[None], zero, False, ASM), axis=3)  # [BN, H, 2]
+            s = tl.load(sc_ptr + sbase + 2 * f).to(tl.float32)  # [BN, H, 2]
+            # quants are q - 32: sum (q - 32) xq = dot - 32 * sum xq
+            tot += s * dx[None, :, None] * (dot - 32 * xs[None]).to(tl.float32)
+        d = tl.load(d_ptr + r64[:, None] * (K // 256) + (hc // 2)[None, :]).to(tl.float32)
+        acc += d * tl.sum(tot, axis=2)
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + tl.program_id(1) * stride_yk + pid_m * stride_ym + rows, y, mask=rmask)
+
+
+def asm_dp4a(device_type: str) -> bool:
+    """The dp4a instruction runs on CUDA devices; Triton's interpreter (CPU) spells it out."""
+    return device_type == "cuda"

@@ -129,6 +129,24 @@ def _kernel_args_i8(
     raise ValueError(f"no quantized kernel for {qtype.name}")
 
 
+def _i8_warps(qtype: GGMLQuantizationType, cfg: GemvConfig) -> int:
+    """cfg.num_warps, halved until the step's x tile has an element per thread and its quant
+    tile four words: on an H200, 8 warps over a 1-super-block Q4_K tile ([32, 4, 8] words, x
+    [4, 32]) gave a wrong row once in two runs, an intermittent error we did not see at any
+    config with whole tiles per thread (suspected: a layout conversion through shared memory)."""
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        x_elems, q_words = 128 * cfg.tile, 32 * cfg.tile * cfg.block_n
+    elif qtype == Q.Q6_K:
+        x_elems, q_words = 32 * cfg.tile, 8 * cfg.tile * cfg.block_n
+    else:
+        words = 8 if qtype == Q.Q8_0 else 4
+        x_elems, q_words = 32 * cfg.tile, words * cfg.tile * cfg.block_n
+    warps = cfg.num_warps
+    while warps > 1 and 32 * warps > min(x_elems, q_words // 4):
+        warps //= 2
+    return warps
+
+
 def _kernel_args(
     planes: dict[str, torch.Tensor], qtype: GGMLQuantizationType
 ) -> tuple[object, list[torch.Tensor], dict[str, object], str]:
@@ -200,10 +218,12 @@ def quant_gemv(
     elif out.shape != (m, n) or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {n}] with unit column stride, got {tuple(out.shape)}")
     cfg = config or gemv_config(qtype, n, k)
+    warps = cfg.num_warps
     if cfg.int8_x:
         kernel, args, flags, tile_name = _kernel_args_i8(planes, qtype)
         flags["ASM"] = _gi.asm_dp4a(x.device.type)
         flags["STAGES"] = cfg.stages
+        warps = _i8_warps(qtype, cfg)
     else:
         kernel, args, flags, tile_name = _kernel_args(planes, qtype)
         if qtype in (Q.Q4_K, Q.Q5_K):
@@ -217,13 +237,13 @@ def quant_gemv(
     if split == 1:
         kernel[grid](
             x, *args, out, m, n, k, x.stride(0), out.stride(0), 0, per,
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **flags, **{tile_name: cfg.tile},
+            BLOCK_N=cfg.block_n, num_warps=warps, **flags, **{tile_name: cfg.tile},
         )  # fmt: skip
         return out
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device)  # [S, M, N] partials
     kernel[grid](
         x, *args, ws, m, n, k, x.stride(0), n, m * n, per,
-        BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **flags, **{tile_name: cfg.tile},
+        BLOCK_N=cfg.block_n, num_warps=warps, **flags, **{tile_name: cfg.tile},
     )  # fmt: skip
     block = 1024
     _gv.splitk_sum_kernel[(triton.cdiv(m * n, block),)](

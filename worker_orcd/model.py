@@ -61,18 +61,41 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        qkv: torch.Tensor,  # [T, (H + 2 Hk) D], the output of qkv_proj
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm: RMSNorm,
         meta: AttentionMetadata,
         cos_sin: torch.Tensor,
-    ) -> torch.Tensor:
-        n = qkv.shape[0]
-        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        q = qkv[:, :q_size].view(n, self.n_heads, self.head_dim)  # [T, H, D]
-        k = qkv[:, q_size : q_size + kv_size].view(n, self.n_kv_heads, self.head_dim)  # [T, Hk, D]
-        v = qkv[:, q_size + kv_size :].view(n, self.n_kv_heads, self.head_dim)  # [T, Hk, D]
-        # RoPE is applied inside, fused with the KV-cache write.
-        out = self.attn(q, k, v, meta, positions=positions, cos_sin=cos_sin)  # [T, H, D]
-        return self.o_proj(out.reshape(n, q_size))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output [T, D], x + residual): `norm` (with the residual add), the qkv
+        projection, RoPE with the KV-cache write, attention and the output projection."""
+        n = hidden.shape[0]
+        attn, proj = self.attn, self.qkv_proj
+        attn.check_bound()
+        if proj.quantized is None:  # one kernel up to the cache write, where one fits
+            q, residual = kernels.norm_qkv_rope_store(
+                hidden,
+                residual,
+                norm.weight,
+                norm.eps,
+                proj.weight,
+                proj.bias,
+                positions,
+                cos_sin,
+                attn.k_cache,
+                attn.v_cache,
+                meta.slot_mapping,
+            )
+            out = attn.attend(q, meta)  # [T, H, D]
+        else:
+            qkv, residual = _norm_linear(norm, proj, hidden, residual)  # [T, (H + 2 Hk) D]
+            q_size, kv_size = proj.q_size, proj.kv_size
+            q = qkv[:, :q_size].view(n, self.n_heads, self.head_dim)  # [T, H, D]
+            k = qkv[:, q_size : q_size + kv_size].view(n, self.n_kv_heads, self.head_dim)
+            v = qkv[:, q_size + kv_size :].view(n, self.n_kv_heads, self.head_dim)
+            # RoPE is applied inside, fused with the KV-cache write.
+            out = attn(q, k, v, meta, positions=positions, cos_sin=cos_sin)  # [T, H, D]
+        return self.o_proj(out.reshape(n, self.n_heads * self.head_dim)), residual
 
 
 class MLP(nn.Module):
@@ -110,10 +133,9 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, residual [T, D]: the residual add of the previous block is fused into this
         norm, and each norm into the projection it feeds where a kernel does that."""
-        qkv, residual = _norm_linear(
-            self.input_layernorm, self.self_attn.qkv_proj, hidden, residual
+        hidden, residual = self.self_attn(
+            positions, hidden, residual, self.input_layernorm, meta, cos_sin
         )
-        hidden = self.self_attn(positions, qkv, meta, cos_sin)
         gate_up, residual = _norm_linear(
             self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual
         )

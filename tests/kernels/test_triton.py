@@ -229,6 +229,46 @@ def test_add_rms_norm_linear(n: int, k: int, residual: bool, bias: bool) -> None
         assert rel_err(y, ref) < max(1e-2, 2 * rel_err(y_ref, ref))
 
 
+@pytest.mark.parametrize(
+    ("h", "hk", "d", "k"),
+    [(14, 2, 64, 896), (32, 32, 96, 3072), (4, 2, 128, 1000), (3, 1, 96, 777)],
+)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_norm_qkv_rope_store(h: int, hk: int, d: int, k: int, residual: bool, bias: bool) -> None:
+    """Norm + qkv projection + RoPE + KV write in one kernel (a decode row) and the fallback
+    (several rows) against the torch reference: rotated q, the cache rows written, nothing else
+    touched, and no write for a padding token (slot -1)."""
+    from worker_orcd.kernels import norm_qkv_rope_store_ref
+    from worker_orcd.kernels.triton import gemv
+
+    n = (h + 2 * hk) * d
+    cos_sin = rope_cos_sin_cache(d, 4096, 1e6, device=DEV)
+    for rows in (1, 3):
+        x = torch.randn(rows, k, device=DEV, dtype=BF16) * 3
+        r = torch.randn(rows, k, device=DEV, dtype=BF16) if residual else None
+        g = 1 + 0.1 * torch.randn(k, device=DEV, dtype=BF16)
+        w = torch.randn(n, k, device=DEV, dtype=BF16) * 0.05
+        b = torch.randn(n, device=DEV, dtype=BF16) if bias else None
+        positions = torch.randint(0, 4096, (rows,), device=DEV)
+        slots = torch.randperm(40, device=DEV)[:rows]
+        caches = [torch.randn(40, hk, d, device=DEV, dtype=BF16) for _ in range(2)]
+        ours, ref = [c.clone() for c in caches], [c.clone() for c in caches]
+        q, s = gemv.norm_qkv_rope_store(x, r, g, 1e-6, w, b, positions, cos_sin, *ours, slots)
+        q_ref, s_ref = norm_qkv_rope_store_ref(x, r, g, 1e-6, w, b, positions, cos_sin, *ref, slots)
+        assert torch.equal(s, s_ref)
+        assert rel_err(q, q_ref) < 1e-2
+        for c, c_ref, c0 in zip(ours, ref, caches, strict=True):
+            assert rel_err(c[slots], c_ref[slots]) < 1e-2
+            others = torch.ones(40, dtype=torch.bool, device=DEV)
+            others[slots] = False
+            assert torch.equal(c[others], c0[others])
+        padded = [c.clone() for c in caches]
+        minus = torch.full_like(slots, -1)
+        gemv.norm_qkv_rope_store(x, r, g, 1e-6, w, b, positions, cos_sin, *padded, minus)
+        assert all(torch.equal(p, c) for p, c in zip(padded, caches, strict=True))
+
+
 def test_programmatic_launch_keeps_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """A chain of dependent kernels captured in a graph, launched as programmatic dependents (the
     next starts while the previous drains), gives exactly what plain launches give. A kernel that

@@ -42,7 +42,7 @@ def test_attention_output_of_first_layer(arch: str, tiny_pairs: Callable[[str], 
         lambda m, args, out: captured.__setitem__("hf", out[0][0])
     )
     our_hook = engine.model.model.layers[0].self_attn.register_forward_hook(
-        lambda m, args, out: captured.__setitem__("ours", out)
+        lambda m, args, out: captured.__setitem__("ours", out[0])  # (output, residual)
     )
     try:
         engine.score(ids)

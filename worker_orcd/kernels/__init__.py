@@ -29,6 +29,7 @@ __all__ = [
     "attention",
     "embedding",
     "linear",
+    "norm_qkv_rope_store",
     "register",
     "rms_norm",
     "rope_cos_sin_cache",
@@ -75,6 +76,39 @@ def add_rms_norm_linear_ref(
     return F.linear(normed, weight, bias), summed
 
 
+def norm_qkv_rope_store_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm_linear into the qkv projection, then rope_store_kv: returns (rotated q [T, H,
+    D], x + residual); rotated k and v are written into the caches."""
+    qkv, summed = add_rms_norm_linear_ref(x, residual, norm_weight, eps, weight, bias)
+    rows = x.shape[0]
+    _, n_kv, d = k_cache.shape
+    n_heads = weight.shape[0] // d - 2 * n_kv
+    q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
+    q = rope_store_kv_ref(
+        q.view(rows, n_heads, d),
+        k.view(rows, n_kv, d),
+        v.view(rows, n_kv, d),
+        positions,
+        cos_sin,
+        k_cache,
+        v_cache,
+        slot_mapping,
+    )
+    return q, summed
+
+
 def _embedding_ref(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.embedding(ids, weight)
 
@@ -83,6 +117,7 @@ REFERENCE: dict[str, Callable[..., object]] = {
     "rms_norm": rms_norm_ref,
     "add_rms_norm": add_rms_norm_ref,
     "add_rms_norm_linear": add_rms_norm_linear_ref,
+    "norm_qkv_rope_store": norm_qkv_rope_store_ref,
     "apply_rope": apply_rope_ref,
     "store_kv": store_kv_ref,
     "rope_store_kv": rope_store_kv_ref,
@@ -130,6 +165,37 @@ def add_rms_norm_linear(
     """(linear(rms_norm(x + residual)) [T, N], x + residual [T, K]); residual None: no add."""
     return implementation("add_rms_norm_linear", x.device)(
         x, residual, norm_weight, eps, weight, bias
+    )
+
+
+def norm_qkv_rope_store(
+    x: torch.Tensor,  # [T, K]
+    residual: torch.Tensor | None,  # [T, K]
+    norm_weight: torch.Tensor,  # [K]
+    eps: float,
+    weight: torch.Tensor,  # [(H + 2 Hk) D, K]: q, k, v rows
+    bias: torch.Tensor | None,
+    positions: torch.Tensor,  # [T]
+    cos_sin: torch.Tensor,  # [P, R]
+    k_cache: torch.Tensor,  # [S, Hk, D]
+    v_cache: torch.Tensor,  # [S, Hk, D]
+    slot_mapping: torch.Tensor,  # [T]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's attention input: the norm (with the residual add), the qkv projection, the
+    rotary embedding of q and k, and the write of k and v into the caches at slot_mapping.
+    Returns (rotated q [T, H, D], x + residual)."""
+    return implementation("norm_qkv_rope_store", x.device)(
+        x,
+        residual,
+        norm_weight,
+        eps,
+        weight,
+        bias,
+        positions,
+        cos_sin,
+        k_cache,
+        v_cache,
+        slot_mapping,
     )
 
 

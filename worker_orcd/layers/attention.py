@@ -37,10 +37,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hk, D] -> [T, H, D]. With cos_sin [P, R] and positions [T], q
         and k are rotated here (un-rotated on input)."""
-        if self.k_cache.numel() == 0:
-            raise RuntimeError(
-                "KV cache not bound: the model runner must bind caches before forward"
-            )
+        self.check_bound()
         if cos_sin is not None:
             assert positions is not None, "rotary cos_sin given without positions"
             q = kernels.rope_store_kv(
@@ -48,6 +45,16 @@ class Attention(nn.Module):
             )
         else:
             kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.attend(q, meta)
+
+    def check_bound(self) -> None:
+        if self.k_cache.numel() == 0:
+            raise RuntimeError(
+                "KV cache not bound: the model runner must bind caches before forward"
+            )
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Rotated q [T, H, D] over the caches, this step's keys and values already written."""
         return kernels.attention(
             q,
             self.k_cache,

@@ -34,6 +34,7 @@ def register_all() -> None:
         "rope_store_kv": rope.rope_store_kv,
         "silu_and_mul_linear": gemv.silu_and_mul_linear,
         "add_rms_norm_linear": gemv.add_rms_norm_linear,
+        "norm_qkv_rope_store": gemv.norm_qkv_rope_store,
     }
     for name, fn in fused.items():
         if name in kernels.REFERENCE:

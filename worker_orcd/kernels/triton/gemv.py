@@ -134,6 +134,104 @@ def _gemv_kernel(
     tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
+@triton.jit
+def _qkv_rope_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [(H + 2 Hk) D, K]: q rows, then k, then v
+    b_ptr,  # [(H + 2 Hk) D] or unused
+    r_ptr,  # [M, K] residual (NORM and HAS_RESIDUAL)
+    g_ptr,  # [K] norm weight (NORM)
+    s_ptr,  # [M, K] x + residual, written (NORM and HAS_RESIDUAL)
+    pos_ptr,  # [M] positions
+    slot_ptr,  # [M] KV slots (negative: not written)
+    cs_ptr,  # [P, D] cos | sin
+    qo_ptr,  # [M, H, D] rotated q, written
+    kc_ptr,  # [S, Hk, D] key cache, rotated k written at the slot
+    vc_ptr,  # [S, Hk, D] value cache
+    eps,
+    K,
+    H,
+    HK,
+    stride_xm,
+    stride_rm,
+    stride_wn,
+    D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # rotation pairs per program
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The qkv projection of one row with the rotary embedding and the KV-cache write in its
+    epilogue: a program computes the rows j and j + D/2 of one head (a NEOX rotation pair) for
+    BLOCK_P consecutive j, rotates q and k pairs, and writes q to qo, k and v to the caches."""
+    HALF: tl.constexpr = D // 2
+    CHUNKS: tl.constexpr = HALF // BLOCK_P
+    head = tl.program_id(0) // CHUNKS
+    m = tl.program_id(1)
+    j = (tl.program_id(0) % CHUNKS) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rows_a = head * D + j
+    rows_b = rows_a + HALF
+    cols = tl.arange(0, BLOCK_K)
+    wa_rows = w_ptr + rows_a.to(tl.int64)[:, None] * stride_wn
+    wb_rows = w_ptr + rows_b.to(tl.int64)[:, None] * stride_wn
+    all_rows = rows_a >= 0
+    wa = _gemv_w(wa_rows, K, cols, all_rows)  # weights first: see _gemv_kernel
+    wb = _gemv_w(wb_rows, K, cols, all_rows)
+    pdl.prologue(PDL)
+    x_row = x_ptr + m * stride_xm
+    r_row = r_ptr + m * stride_rm
+    rstd = 0.0
+    if NORM:
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + cols
+            h = _norm_in(x_row, r_row, kk, kk < K, HAS_RESIDUAL)
+            if HAS_RESIDUAL:
+                tl.store(s_ptr + m * K + kk, h, mask=kk < tl.where(tl.program_id(0) == 0, K, 0))
+            hf = h.to(tl.float32)
+            ss += hf * hf
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    acc_a = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + cols
+        if k0 > 0:
+            wa = _gemv_w(wa_rows, K, kk, all_rows)
+            wb = _gemv_w(wb_rows, K, kk, all_rows)
+        x = _gemv_x(x_row, r_row, g_ptr, K, kk, kk < K, rstd, False, NORM, HAS_RESIDUAL)
+        acc_a += wa.to(tl.float32) * x[None, :]
+        acc_b += wb.to(tl.float32) * x[None, :]
+    ya = tl.sum(acc_a, axis=1)
+    yb = tl.sum(acc_b, axis=1)
+    if HAS_BIAS:
+        ya += tl.load(b_ptr + rows_a).to(tl.float32)
+        yb += tl.load(b_ptr + rows_b).to(tl.float32)
+    # rounded as the projection's output is before the rotary kernel reads it
+    ty = x_ptr.dtype.element_ty
+    ya = ya.to(ty).to(tl.float32)
+    yb = yb.to(ty).to(tl.float32)
+    if head < H + HK:  # q or k: rotate the pair
+        pos = tl.load(pos_ptr + m).to(tl.int64)
+        cos = tl.load(cs_ptr + pos * D + j)
+        sin = tl.load(cs_ptr + pos * D + HALF + j)
+        ya, yb = ya * cos - yb * sin, yb * cos + ya * sin
+    if head < H:
+        q_row = qo_ptr + (m.to(tl.int64) * H + head) * D
+        tl.store(q_row + j, ya.to(qo_ptr.dtype.element_ty))
+        tl.store(q_row + HALF + j, yb.to(qo_ptr.dtype.element_ty))
+    else:
+        slot = tl.load(slot_ptr + m).to(tl.int64)
+        if slot >= 0:  # a negative slot marks a padding token: nothing is written
+            if head < H + HK:
+                dst = kc_ptr + (slot * HK + head - H) * D
+            else:
+                dst = vc_ptr + (slot * HK + head - H - HK) * D
+            tl.store(dst + j, ya.to(kc_ptr.dtype.element_ty))
+            tl.store(dst + HALF + j, yb.to(kc_ptr.dtype.element_ty))
+
+
 Config = tuple[int, int, int, bool]  # (BLOCK_N, BLOCK_K, num_warps, prefetch)
 
 
@@ -254,6 +352,103 @@ def add_rms_norm_linear(
     summed = torch.empty((rows, k), dtype=x.dtype, device=x.device) if residual is not None else x
     y = _launch(x, weight, bias, norm=(residual, norm_weight.contiguous(), eps, summed))
     return y, summed
+
+
+def norm_qkv_rope_store(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rotated q [T, H, D], x + residual): the norm, the qkv projection, the rotary embedding and
+    the KV-cache write in one kernel for a decode row (the norm inside only for rows up to
+    NORM_MAX_K); otherwise the norm + projection, then `rope_store_kv`."""
+    from worker_orcd.kernels.triton import rope
+
+    rows, k = x.shape
+    n = weight.shape[0]
+    _, n_kv, d = k_cache.shape
+    n_heads = n // d - 2 * n_kv
+    fused = (
+        0 < rows
+        and use_gemv(rows, n, k)
+        and cos_sin.shape[1] == d  # every dim rotates (no partial rotary)
+        and d % 2 == 0
+        and x.dtype == weight.dtype == k_cache.dtype
+        and x.stride(1) == 1
+        and weight.stride(1) == 1
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and cos_sin.is_contiguous()
+    )
+    if not fused:
+        qkv, summed = add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
+        q, kk, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
+        q = rope.rope_store_kv(
+            q.view(rows, n_heads, d),
+            kk.view(rows, n_kv, d),
+            v.view(rows, n_kv, d),
+            positions,
+            cos_sin,
+            k_cache,
+            v_cache,
+            slot_mapping,
+        )
+        return q, summed
+    norm = k <= NORM_MAX_K and norm_weight.dtype == x.dtype
+    if norm:
+        summed = (
+            torch.empty((rows, k), dtype=x.dtype, device=x.device) if residual is not None else x
+        )
+        src = x
+    else:  # the norm kernel first, then the projection with rotary epilogue on its output
+        from worker_orcd.kernels.triton import norm as norm_kernels
+
+        if residual is None:
+            src, summed = norm_kernels.rms_norm(x, norm_weight, eps), x
+        else:
+            src, summed = norm_kernels.add_rms_norm(x, residual, norm_weight, eps)
+    q = torch.empty((rows, n_heads, d), dtype=x.dtype, device=x.device)
+    half = d // 2
+    block_p = 2 if k <= NORM_MAX_K and half % 2 == 0 else 1
+    with_residual = norm and residual is not None
+    _qkv_rope_kernel[((n_heads + 2 * n_kv) * (half // block_p), rows)](
+        src,
+        weight,
+        bias if bias is not None else weight,
+        residual if with_residual else src,
+        norm_weight,
+        summed if with_residual else src,
+        positions,
+        slot_mapping,
+        cos_sin,
+        q,
+        k_cache,
+        v_cache,
+        eps,
+        k,
+        n_heads,
+        n_kv,
+        src.stride(0),
+        residual.stride(0) if with_residual else 0,
+        weight.stride(0),
+        D=d,
+        HAS_BIAS=bias is not None,
+        NORM=norm,
+        HAS_RESIDUAL=with_residual,
+        BLOCK_P=block_p,
+        BLOCK_K=min(1024, triton.next_power_of_2(k)),
+        num_warps=4,
+        **pdl.launch(x, rows),
+    )
+    return q, summed
 
 
 def silu_and_mul_linear(

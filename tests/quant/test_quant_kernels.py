@@ -66,7 +66,8 @@ def check_gemv(
     qtype: Q, n: int, k: int, m: int, dtype: torch.dtype, device: str, config: GemvConfig | None
 ) -> None:
     planes = _case(qtype, n, k, device, seed=n * 7 + k)
-    x = torch.randn(m, k, device=device, dtype=torch.float32).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(n * 131 + k * 7 + m)  # reproducible
+    x = torch.randn(m, k, device=device, dtype=torch.float32, generator=gen).to(dtype)
     w = dequantize_reference(planes, qtype, n, k)  # float32, gguf-exact
     ref = x.double() @ w.double().T
     int8_x = (config or gemv_config(qtype, n, k)).int8_x

@@ -70,6 +70,14 @@ class _Emitter:
             self.parts.append(text)
         return text, StopReason.STOP_SEQUENCE if matched is not None else None
 
+    def emit(self, token: int) -> Generator[str, None, StopReason | None]:
+        """Append token and yield its text; return what ends generation after it (None: go on).
+        The count limits and the cancel are checked after the text went out."""
+        text, reason = self.push(token)
+        if text:
+            yield text
+        return reason if reason is not None else self.limit()
+
     def limit(self) -> StopReason | None:
         """After the text of the last token went out: a count limit reached, or a cancel."""
         if len(self.seq.generated) >= self.max_tokens:
@@ -178,11 +186,7 @@ def _decode_host_fed(
     """Any sampling: each step's logits sampled, the id read on the host, then the next step's
     inputs written from the host."""
     while token is not None:
-        text, reason = out.push(token)
-        if text:
-            yield text
-        if reason is None:
-            reason = out.limit()
+        reason = yield from out.emit(token)
         if reason is not None:
             return reason
         if history is not None:
@@ -226,11 +230,7 @@ def _decode_pipelined(
         greedy.launch(len(seq), seq.block_table)
     while True:
         # token's step, if generation can go on after token, is in flight
-        text, reason = out.push(token)
-        if text:
-            yield text
-        if reason is None:
-            reason = out.limit()
+        reason = yield from out.emit(token)
         if reason is not None:
             break
         if out.room_for(1):

@@ -89,10 +89,7 @@ class SelfAttention(nn.Module):
             out = attn.attend(q, meta)  # [T, H, D]
         else:
             qkv, residual = _norm_linear(norm, proj, hidden, residual)  # [T, (H + 2 Hk) D]
-            q_size, kv_size = proj.q_size, proj.kv_size
-            q = qkv[:, :q_size].view(n, self.n_heads, self.head_dim)  # [T, H, D]
-            k = qkv[:, q_size : q_size + kv_size].view(n, self.n_kv_heads, self.head_dim)
-            v = qkv[:, q_size + kv_size :].view(n, self.n_kv_heads, self.head_dim)
+            q, k, v = kernels.split_qkv(qkv, attn.k_cache)  # [T, H, D], [T, Hk, D] x 2
             # RoPE is applied inside, fused with the KV-cache write.
             out = attn(q, k, v, meta, positions=positions, cos_sin=cos_sin)  # [T, H, D]
         return self.o_proj(out.reshape(n, self.n_heads * self.head_dim)), residual

@@ -36,6 +36,7 @@ __all__ = [
     "rope_store_kv",
     "silu_and_mul",
     "silu_and_mul_linear",
+    "split_qkv",
     "store_kv",
 ]
 
@@ -92,21 +93,20 @@ def norm_qkv_rope_store_ref(
     """add_rms_norm_linear into the qkv projection, then rope_store_kv: returns (rotated q [T, H,
     D], x + residual); rotated k and v are written into the caches."""
     qkv, summed = add_rms_norm_linear_ref(x, residual, norm_weight, eps, weight, bias)
-    rows = x.shape[0]
-    _, n_kv, d = k_cache.shape
-    n_heads = weight.shape[0] // d - 2 * n_kv
-    q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
-    q = rope_store_kv_ref(
-        q.view(rows, n_heads, d),
-        k.view(rows, n_kv, d),
-        v.view(rows, n_kv, d),
-        positions,
-        cos_sin,
-        k_cache,
-        v_cache,
-        slot_mapping,
-    )
+    q, k, v = split_qkv(qkv, k_cache)
+    q = rope_store_kv_ref(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
     return q, summed
+
+
+def split_qkv(
+    qkv: torch.Tensor, k_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [T, (H + 2 Hk) D] -> views q [T, H, D], k and v [T, Hk, D] (Hk, D from the cache)."""
+    rows = qkv.shape[0]
+    _, n_kv, d = k_cache.shape
+    n_heads = qkv.shape[1] // d - 2 * n_kv
+    q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
+    return q.view(rows, n_heads, d), k.view(rows, n_kv, d), v.view(rows, n_kv, d)
 
 
 def _embedding_ref(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -370,6 +370,7 @@ def norm_qkv_rope_store(
     """(rotated q [T, H, D], x + residual): the norm, the qkv projection, the rotary embedding and
     the KV-cache write in one kernel for a decode row (the norm inside only for rows up to
     NORM_MAX_K); otherwise the norm + projection, then `rope_store_kv`."""
+    from worker_orcd.kernels import split_qkv
     from worker_orcd.kernels.triton import rope
 
     rows, k = x.shape
@@ -390,17 +391,8 @@ def norm_qkv_rope_store(
     )
     if not fused:
         qkv, summed = add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
-        q, kk, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
-        q = rope.rope_store_kv(
-            q.view(rows, n_heads, d),
-            kk.view(rows, n_kv, d),
-            v.view(rows, n_kv, d),
-            positions,
-            cos_sin,
-            k_cache,
-            v_cache,
-            slot_mapping,
-        )
+        q, kk, v = split_qkv(qkv, k_cache)
+        q = rope.rope_store_kv(q, kk, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
         return q, summed
     norm = k <= NORM_MAX_K and norm_weight.dtype == x.dtype
     if norm:

@@ -58,8 +58,21 @@ def enabled(device: torch.device) -> bool:
 MAX_TOKENS = 16
 
 
+@functools.cache
+def _triton_has_pdl() -> bool:
+    """Whether this Triton knows programmatic launch (`launch_pdl`, `gdc_wait`: Triton 3.4 on)."""
+    try:
+        from triton.language.extra import cuda
+    except ImportError:
+        return False
+    return hasattr(cuda, "gdc_wait")
+
+
 def launch(t: torch.Tensor, tokens: int = 1) -> dict[str, bool]:
     """Launch keywords for a kernel over `tokens` token rows whose tensors live where `t` does: the
-    kernel's PDL flag and the launch attribute, on or off together."""
+    kernel's PDL flag and the launch attribute, on or off together (no attribute at all where
+    Triton predates it)."""
+    if not _triton_has_pdl():
+        return {"PDL": False}
     on = tokens <= MAX_TOKENS and enabled(t.device)
     return {"PDL": on, "launch_pdl": on}

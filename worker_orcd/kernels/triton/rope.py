@@ -101,42 +101,58 @@ def _check(x: torch.Tensor) -> None:
     assert x.stride(2) == 1 and x.stride(1) == x.shape[2], "heads must be packed within a token"
 
 
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    cos_sin: torch.Tensor,
+    qo: torch.Tensor,
+    ko: torch.Tensor,
+    caches: tuple[torch.Tensor, torch.Tensor] | None,
+) -> None:
+    """Rotate q into qo and k into ko, or, with caches, rotated k and v into the caches at slots."""
+    n, n_heads, d = q.shape
+    if not n:
+        return
+    half = cos_sin.shape[1] // 2
+    kc, vc = caches if caches is not None else (ko, ko)
+    _rope_kernel[(n, n_heads + k.shape[1])](
+        q,
+        k,
+        v,
+        qo,
+        ko,
+        kc,
+        vc,
+        positions,
+        slots,
+        cos_sin,
+        n_heads,
+        k.shape[1],
+        d,
+        half,
+        q.stride(0),
+        k.stride(0),
+        v.stride(0) if caches is not None else 0,
+        STORE=caches is not None,
+        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_D=triton.next_power_of_2(d),
+        **pdl.launch(q, n),
+        num_warps=1,
+    )
+
+
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, H, D], k [T, Hk, D], positions [T], cos_sin [P, R] -> rotated (q, k), contiguous."""
-    n, n_heads, d = q.shape
-    n_kv = k.shape[1]
     _check(q)
     _check(k)
-    half = cos_sin.shape[1] // 2
-    qo = torch.empty((n, n_heads, d), dtype=q.dtype, device=q.device)
-    ko = torch.empty((n, n_kv, d), dtype=k.dtype, device=k.device)
-    if n:
-        _rope_kernel[(n, n_heads + n_kv)](
-            q,
-            k,
-            k,
-            qo,
-            ko,
-            ko,
-            ko,
-            positions,
-            positions,
-            cos_sin,
-            n_heads,
-            n_kv,
-            d,
-            half,
-            q.stride(0),
-            k.stride(0),
-            0,
-            STORE=False,
-            BLOCK_HALF=triton.next_power_of_2(half),
-            BLOCK_D=triton.next_power_of_2(d),
-            **pdl.launch(q, n),
-            num_warps=1,
-        )
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    _launch(q, k, k, positions, positions, cos_sin, qo, ko, None)
     return qo, ko
 
 
@@ -155,38 +171,11 @@ def rope_store_kv(
 
     Returns the rotated q [T, H, D]. Equals apply_rope followed by store_kv, in one launch.
     """
-    n, n_heads, d = q.shape
-    n_kv = k.shape[1]
     for x in (q, k, v):
         _check(x)
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
-    half = cos_sin.shape[1] // 2
-    qo = torch.empty((n, n_heads, d), dtype=q.dtype, device=q.device)
-    if n:
-        _rope_kernel[(n, n_heads + n_kv)](
-            q,
-            k,
-            v,
-            qo,
-            qo,
-            k_cache,
-            v_cache,
-            positions,
-            slot_mapping,
-            cos_sin,
-            n_heads,
-            n_kv,
-            d,
-            half,
-            q.stride(0),
-            k.stride(0),
-            v.stride(0),
-            STORE=True,
-            BLOCK_HALF=triton.next_power_of_2(half),
-            BLOCK_D=triton.next_power_of_2(d),
-            **pdl.launch(q, n),
-            num_warps=1,
-        )
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _launch(q, k, v, positions, slot_mapping, cos_sin, qo, qo, (k_cache, v_cache))
     return qo
 
 

@@ -147,9 +147,7 @@ def _norm_linear(
         return kernels.add_rms_norm_linear(
             x, residual, norm.weight, norm.eps, proj.weight, proj.bias
         )
-    if residual is None:
-        return proj(norm(x)), x
-    normed, summed = norm(x, residual)
+    normed, summed = kernels.add_rms_norm(x, residual, norm.weight, norm.eps)
     return proj(normed), summed
 
 

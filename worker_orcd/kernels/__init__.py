@@ -71,8 +71,6 @@ def add_rms_norm_linear_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(rms_norm(x + residual)), x + residual); without a residual, (linear(rms_norm(x)),
     x). A norm and the projection it feeds, as a decoder layer runs them."""
-    if residual is None:
-        return F.linear(rms_norm_ref(x, norm_weight, eps), weight, bias), x
     normed, summed = add_rms_norm_ref(x, residual, norm_weight, eps)
     return F.linear(normed, weight, bias), summed
 
@@ -149,8 +147,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual); residual None: (rms_norm(x), x)."""
     return implementation("add_rms_norm", x.device)(x, residual, weight, eps)
 
 

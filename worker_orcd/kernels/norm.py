@@ -14,8 +14,9 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 
 def add_rms_norm_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (rms_norm(x + residual), x + residual); x, residual [T, D]."""
-    summed = x + residual
+    """Return (rms_norm(x + residual), x + residual); x, residual [T, D]. Without a residual (a
+    model's first layer), (rms_norm(x), x)."""
+    summed = x if residual is None else x + residual
     return rms_norm_ref(summed, weight, eps), summed

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.triton import pdl
+from worker_orcd.kernels import split_qkv
+from worker_orcd.kernels.triton import activation, norm, pdl, rope
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,24 @@ def _norm_in(x_row, r_row, kk, k_mask, HAS_RESIDUAL: tl.constexpr):
         r = tl.load(r_row + kk, mask=k_mask, other=0.0)
         h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
     return h
+
+
+@triton.jit
+def _row_rstd(
+    x_row, r_row, s_row, K, cols, eps, first,
+    BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """1 / rms of x + residual over the whole (short) row, which every program reads; the `first`
+    program also writes x + residual to s_row (the next residual)."""
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + cols
+        h = _norm_in(x_row, r_row, kk, kk < K, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            tl.store(s_row + kk, h, mask=kk < tl.where(first, K, 0))
+        hf = h.to(tl.float32)
+        ss += hf * hf
+    return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
 
 
 @triton.jit
@@ -105,17 +124,9 @@ def _gemv_kernel(
     r_row = r_ptr + m * stride_rm
     rstd = 0.0
     if NORM:
-        # The row's statistics: every program reads the whole (short) row; the first one also
-        # writes x + residual, the next residual.
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + cols
-            h = _norm_in(x_row, r_row, kk, kk < K, HAS_RESIDUAL)
-            if HAS_RESIDUAL:
-                tl.store(s_ptr + m * K + kk, h, mask=kk < tl.where(pid_n == 0, K, 0))
-            hf = h.to(tl.float32)
-            ss += hf * hf
-        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        rstd = _row_rstd(
+            x_row, r_row, s_ptr + m * K, K, cols, eps, pid_n == 0, BLOCK_K, HAS_RESIDUAL
+        )
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + cols
@@ -184,15 +195,8 @@ def _qkv_rope_kernel(
     r_row = r_ptr + m * stride_rm
     rstd = 0.0
     if NORM:
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + cols
-            h = _norm_in(x_row, r_row, kk, kk < K, HAS_RESIDUAL)
-            if HAS_RESIDUAL:
-                tl.store(s_ptr + m * K + kk, h, mask=kk < tl.where(tl.program_id(0) == 0, K, 0))
-            hf = h.to(tl.float32)
-            ss += hf * hf
-        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        first = tl.program_id(0) == 0
+        rstd = _row_rstd(x_row, r_row, s_ptr + m * K, K, cols, eps, first, BLOCK_K, HAS_RESIDUAL)
     acc_a = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -277,7 +281,7 @@ def _launch(
     bias: torch.Tensor | None,
     *,
     silu_mul: bool = False,
-    norm: tuple[torch.Tensor | None, torch.Tensor, float, torch.Tensor] | None = None,
+    norm_args: tuple[torch.Tensor | None, torch.Tensor, float, torch.Tensor] | None = None,
     config: Config | tuple[int, int, int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -286,7 +290,7 @@ def _launch(
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps, *prefetch = config or pick_config(n, k)
-    residual, norm_weight, eps, summed = norm if norm is not None else (None, x, 0.0, x)
+    residual, norm_weight, eps, summed = norm_args if norm_args is not None else (None, x, 0.0, x)
     grid = (triton.cdiv(n, block_n), m)
     _gemv_kernel[grid](
         x,
@@ -305,7 +309,7 @@ def _launch(
         out.stride(0),
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul,
-        NORM=norm is not None,
+        NORM=norm_args is not None,
         HAS_RESIDUAL=residual is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -331,8 +335,6 @@ def add_rms_norm_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(rms_norm(x + residual)), x + residual); one kernel for a decode row with a short
     hidden size, the norm kernel and `linear` otherwise."""
-    from worker_orcd.kernels.triton import norm
-
     rows, k = x.shape
     n = weight.shape[0]
     fused = (
@@ -345,12 +347,10 @@ def add_rms_norm_linear(
         and (residual is None or residual.stride(1) == 1)
     )
     if not fused:
-        if residual is None:
-            return linear(norm.rms_norm(x, norm_weight, eps), weight, bias), x
         normed, summed = norm.add_rms_norm(x, residual, norm_weight, eps)
         return linear(normed, weight, bias), summed
     summed = torch.empty((rows, k), dtype=x.dtype, device=x.device) if residual is not None else x
-    y = _launch(x, weight, bias, norm=(residual, norm_weight.contiguous(), eps, summed))
+    y = _launch(x, weight, bias, norm_args=(residual, norm_weight.contiguous(), eps, summed))
     return y, summed
 
 
@@ -370,9 +370,6 @@ def norm_qkv_rope_store(
     """(rotated q [T, H, D], x + residual): the norm, the qkv projection, the rotary embedding and
     the KV-cache write in one kernel for a decode row (the norm inside only for rows up to
     NORM_MAX_K); otherwise the norm + projection, then `rope_store_kv`."""
-    from worker_orcd.kernels import split_qkv
-    from worker_orcd.kernels.triton import rope
-
     rows, k = x.shape
     n = weight.shape[0]
     _, n_kv, d = k_cache.shape
@@ -394,23 +391,18 @@ def norm_qkv_rope_store(
         q, kk, v = split_qkv(qkv, k_cache)
         q = rope.rope_store_kv(q, kk, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
         return q, summed
-    norm = k <= NORM_MAX_K and norm_weight.dtype == x.dtype
-    if norm:
+    in_kernel = k <= NORM_MAX_K and norm_weight.dtype == x.dtype  # the norm inside
+    if in_kernel:
         summed = (
             torch.empty((rows, k), dtype=x.dtype, device=x.device) if residual is not None else x
         )
         src = x
     else:  # the norm kernel first, then the projection with rotary epilogue on its output
-        from worker_orcd.kernels.triton import norm as norm_kernels
-
-        if residual is None:
-            src, summed = norm_kernels.rms_norm(x, norm_weight, eps), x
-        else:
-            src, summed = norm_kernels.add_rms_norm(x, residual, norm_weight, eps)
+        src, summed = norm.add_rms_norm(x, residual, norm_weight, eps)
     q = torch.empty((rows, n_heads, d), dtype=x.dtype, device=x.device)
     half = d // 2
     block_p = 2 if k <= NORM_MAX_K and half % 2 == 0 else 1
-    with_residual = norm and residual is not None
+    with_residual = in_kernel and residual is not None
     _qkv_rope_kernel[((n_heads + 2 * n_kv) * (half // block_p), rows)](
         src,
         weight,
@@ -433,7 +425,7 @@ def norm_qkv_rope_store(
         weight.stride(0),
         D=d,
         HAS_BIAS=bias is not None,
-        NORM=norm,
+        NORM=in_kernel,
         HAS_RESIDUAL=with_residual,
         BLOCK_P=block_p,
         BLOCK_K=min(1024, triton.next_power_of_2(k)),
@@ -450,11 +442,9 @@ def silu_and_mul_linear(
 
     One kernel for decode-sized inputs (the MLP's down projection reads gate and up directly).
     """
-    from worker_orcd.kernels.triton.activation import silu_and_mul
-
     rows, n, k = gate_up.shape[0], weight.shape[0], weight.shape[1]
     if not use_gemv(rows, n, k) or gate_up.stride(-1) != 1 or rows == 0:
-        return torch.nn.functional.linear(silu_and_mul(gate_up), weight, bias)
+        return torch.nn.functional.linear(activation.silu_and_mul(gate_up), weight, bias)
     return gemv(gate_up, weight, bias, silu_mul=True)
 
 

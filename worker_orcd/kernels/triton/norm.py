@@ -84,9 +84,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual); x, residual [T, D]."""
+    """(rms_norm(x + residual), x + residual); x, residual [T, D]. Residual None: (rms_norm(x),
+    x)."""
     y, summed = _launch(x, residual, weight, eps)
-    assert summed is not None
-    return y, summed
+    return y, x if summed is None else summed

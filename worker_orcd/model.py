@@ -71,8 +71,8 @@ class SelfAttention(nn.Module):
         projection, RoPE with the KV-cache write, attention and the output projection."""
         n = hidden.shape[0]
         attn, proj = self.attn, self.qkv_proj
-        attn.check_bound()
         if proj.quantized is None:  # one kernel up to the cache write, where one fits
+            attn.check_bound()
             q, residual = kernels.norm_qkv_rope_store(
                 hidden,
                 residual,

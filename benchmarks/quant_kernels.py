@@ -63,8 +63,22 @@ EXTRA = [("q4_0", Q.Q4_0, (3072, 3072), 0)]
 L2_FLUSH_BYTES = 200 << 20
 
 
-def sweep(qtype: Q) -> list[GemvConfig]:
-    """int8-activation launch configs tried per shape: (rows, tile, warps, split_k) x stages."""
+def sweep(qtype: Q, prequant: bool = False) -> list[GemvConfig]:
+    """int8-activation launch configs tried per shape: (rows, tile, warps, split_k) x stages; with
+    `prequant`, x rounded once by its own launch (no stages: they never helped) and fewer rows per
+    program, which no longer re-round x."""
+    if prequant:
+        if qtype in (Q.Q4_K, Q.Q5_K):
+            shapes = [(8, 4, 4, 1), (4, 4, 4, 1), (2, 4, 4, 1), (16, 4, 4, 1), (8, 2, 4, 1),
+                      (8, 4, 4, 2), (4, 4, 4, 2), (4, 2, 4, 1), (4, 8, 4, 1), (2, 8, 4, 1),
+                      (4, 4, 4, 4), (2, 4, 4, 4)]  # fmt: skip
+        elif qtype == Q.Q6_K:
+            shapes = [(8, 8, 4, 1), (4, 8, 4, 1), (8, 4, 4, 1), (8, 8, 4, 2), (4, 4, 4, 1),
+                      (16, 8, 4, 1), (2, 8, 4, 1), (4, 8, 4, 2), (4, 8, 4, 4)]  # fmt: skip
+        else:
+            shapes = [(8, 16, 4, 1), (4, 16, 4, 1), (4, 32, 4, 1), (2, 32, 4, 1), (16, 16, 4, 1),
+                      (2, 16, 4, 1), (8, 8, 4, 1)]  # fmt: skip
+        return [GemvConfig(*c, prequant=True) for c in shapes]
     if qtype in (Q.Q4_K, Q.Q5_K):
         shapes = [(8, 4, 4, 1), (16, 2, 4, 1), (16, 4, 4, 1), (8, 2, 4, 1), (32, 2, 4, 1),
                   (8, 2, 4, 4), (16, 2, 4, 4), (8, 4, 4, 2), (16, 2, 4, 2), (4, 4, 4, 1),
@@ -120,7 +134,8 @@ def copy_bandwidth() -> float:
 
 
 def _cfg(c: GemvConfig) -> list:
-    return [c.block_n, c.tile, c.num_warps, c.split_k, int(c.one_plus), int(c.int8_x), c.stages]
+    return [c.block_n, c.tile, c.num_warps, c.split_k, int(c.one_plus), int(c.int8_x), c.stages,
+            int(c.prequant)]  # fmt: skip
 
 
 def _timed_or_none(calls: list[Callable[[], object]]) -> float:
@@ -131,7 +146,7 @@ def _timed_or_none(calls: list[Callable[[], object]]) -> float:
         return math.inf
 
 
-def gemv_rows(entries: list, quick: bool) -> dict[tuple, dict]:
+def gemv_rows(entries: list, quick: bool, prequant: bool = False) -> dict[tuple, dict]:
     results: dict[tuple, dict] = {}
     for _, qtype, (n, k), _ in entries:
         key = (qtype.name, n, k)
@@ -146,7 +161,9 @@ def gemv_rows(entries: list, quick: bool) -> dict[tuple, dict]:
         float_cfg = gemv_config(qtype, n, k, int8_x=False)
         default = gemv_config(qtype, n, k)
         configs = [float_cfg, default]
-        if not quick:
+        if prequant:
+            configs += [c for c in sweep(qtype, prequant=True) if c != default]
+        elif not quick:
             configs += [c for c in sweep(qtype) if c != default]
         timed = []
         for cfg in configs:
@@ -267,6 +284,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="default configs only")
     ap.add_argument("--gemv-only", action="store_true", help="skip the rows and prefill sections")
     ap.add_argument("--types", default="", help="GEMV sweep of these types only, e.g. Q4_K,Q6_K")
+    ap.add_argument("--prequant", action="store_true",
+                    help="sweep configs with x rounded once by its own launch")  # fmt: skip
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     torch.manual_seed(0)
@@ -282,7 +301,7 @@ def main() -> int:
     entries = PHI3 + QWEN + EXTRA
     if args.types:
         entries = [e for e in entries if e[1].name in args.types.split(",")]
-    gemv = gemv_rows(entries, args.quick)
+    gemv = gemv_rows(entries, args.quick, args.prequant)
     tokens = {}
     if not args.types:
         tokens = {

@@ -12,6 +12,7 @@ the float kernels' tolerances, and that rounding's own error against the product
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ from worker_orcd.kernels.quant.ops import (
     int8_x_reference,
     quant_matmul,
     quant_matmul_fused_q4_k,
+    quantize_x,
 )
 
 CUDA = torch.cuda.is_available() and HAS_TRITON
@@ -91,6 +93,25 @@ def check_gemv(
     assert _rel(y, ref) < tol, f"{where}: rel err {_rel(y, ref):.2e}"
 
 
+def check_prequant(qtype: Q, n: int, k: int, m: int, device: str, cfg: GemvConfig) -> None:
+    """x rounded once (`quantize_x`, then the GEMV reading its words) against x rounded inside
+    every program: the same rounding and the same sums, so the same bits; and the rounded x
+    itself against `int8_x_reference`."""
+    planes = _case(qtype, n, k, device, seed=n + 3 * k)
+    gen = torch.Generator(device=device).manual_seed(k + m)
+    x = (torch.randn(m, k, device=device, generator=gen) * 3).to(torch.bfloat16)
+    words, dx, sums = quantize_x(x)
+    xq = words.view(torch.int8).reshape(m, k).float()  # little-endian: byte i = element 4t + i
+    assert xq.abs().max() <= 127
+    diff = (xq.reshape(m, -1, 32) * dx[..., None] - int8_x_reference(x).reshape(m, -1, 32)).abs()
+    steps = diff / dx[..., None]
+    assert diff.max() == 0, f"x rounded unlike int8_x_reference: {steps.max():.2f} steps"
+    torch.testing.assert_close(sums, xq.reshape(m, -1, 16).sum(-1), rtol=0, atol=0)
+    inkernel = quant_gemv(x, planes, qtype, n, k, config=replace(cfg, prequant=False))
+    once = quant_gemv(x, planes, qtype, n, k, config=replace(cfg, prequant=True))
+    assert torch.equal(once, inkernel), f"{qtype.name} [{n}, {k}] {cfg}: x rounded once differs"
+
+
 def check_dequant(qtype: Q, n: int, k: int, device: str) -> None:
     planes = _case(qtype, n, k, device, seed=n + k)
     ref = dequantize_reference(planes, qtype, n, k)
@@ -118,12 +139,24 @@ def test_gemv_real_and_odd_shapes(qtype: Q) -> None:
     for n, k in _shapes(qtype, [(896, 4864), (3072, 8192), (3072, 3072)] + ODD):
         for cfg in (GemvConfig(4, 2, 4, split_k=4), GemvConfig(32, 1, 8, split_k=3),
                     GemvConfig(8, 4, 4, split_k=2, stages=3),
+                    GemvConfig(8, 4, 4, split_k=2, prequant=True),
+                    GemvConfig(16, 2, 4, prequant=True),
                     GemvConfig(4, 2, 4, split_k=4, int8_x=False),
                     GemvConfig(8, 4, 4, split_k=3, one_plus=True, int8_x=False),
                     GemvConfig(2, 8, 8, one_plus=True, int8_x=False)):  # fmt: skip
             check_gemv(qtype, n, k, 1, torch.bfloat16, "cuda", cfg)
         check_gemv(qtype, n, k, 3, torch.float32, "cuda", GemvConfig(4, 1, 4, 2, True, False))
         check_gemv(qtype, n, k, 3, torch.float32, "cuda", GemvConfig(16, 2, 4, 2))
+        check_gemv(qtype, n, k, 3, torch.float32, "cuda", GemvConfig(8, 2, 4, 2, prequant=True))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
+def test_x_rounded_once_is_bit_equal(qtype: Q) -> None:
+    for n, k in _shapes(qtype, [(896, 4864), (9216, 3072), (3072, 8192), (151936, 896)] + ODD):
+        for m, cfg in [(1, gemv_config(qtype, n, k)), (3, GemvConfig(8, 2, 4, split_k=3))]:
+            check_prequant(qtype, n, k, m, "cuda", replace(cfg, int8_x=True))
 
 
 @gpu
@@ -158,10 +191,13 @@ def test_interpreted_kernels(qtype: Q) -> None:
         (37, 5 * bs, 2, GemvConfig(8, 2, 4)),
         (37, 7 * bs, 2, GemvConfig(8, 1, 4, split_k=3)),
         (11, 9 * bs, 1, GemvConfig(16, 4, 4, split_k=2)),
+        (37, 7 * bs, 2, GemvConfig(8, 2, 4, split_k=3, prequant=True)),
+        (11, 9 * bs, 3, GemvConfig(4, 4, 4, prequant=True)),
         (37, 5 * bs, 2, GemvConfig(8, 2, 4, int8_x=False)),
         (37, 7 * bs, 2, GemvConfig(8, 1, 4, split_k=3, int8_x=False)),
         (11, 9 * bs, 3, GemvConfig(4, 2, 4, split_k=2, one_plus=True, int8_x=False)),
         (6, 4 * bs, 1, GemvConfig(2, 4, 4, one_plus=True, int8_x=False)),
     ]:
         check_gemv(qtype, n, k, m, torch.float32, "cpu", cfg)
+    check_prequant(qtype, 37, 7 * bs, 2, "cpu", GemvConfig(8, 2, 4, split_k=3))
     check_dequant(qtype, 13, 2 * bs, "cpu")

@@ -20,6 +20,13 @@ of all 8 sub-blocks (bit j: sub-block j), so a shift and a mask place them in bi
 `ASM` is off only under Triton's interpreter, which cannot run PTX: the dp4a is then spelled out.
 `STAGES` > 1 software-pipelines the walk along K (the next steps' quants and x are copied into
 shared memory asynchronously while this step computes).
+
+`PREQ` (x rounded once): every program of a GEMV otherwise rounds the whole of its x slice itself,
+up to a few thousand programs rounding the same x (load, block max, rounding, packing, and a
+layout conversion through shared memory on every step). With `PREQ`, `quantize_x_kernel` rounds x
+once into int32 words (the layout of a Q8_0 block's quants: byte i of word t of a 32-element block
+is element 4t + i), the step of each block and the sums of xq per 16 elements, and the GEMV reads
+those; the rounding is the same, so y is bit-for-bit that of the in-kernel path.
 """
 
 from __future__ import annotations
@@ -93,6 +100,29 @@ def _pack4(xq):
 
 
 @triton.jit
+def quantize_x_kernel(
+    x_ptr, xw_ptr, dx_ptr, xs_ptr, K, stride_xm, BLOCKS: tl.constexpr, ASM: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    """x [M, K] -> words int32 [M, K / 4] (int8 xq, block by block), dx float32 [M, K / 32] (the
+    step of each block), xs float32 [M, K / 16] (sum of xq over each 16 elements, exact)."""
+    pdl.prologue(PDL)
+    m = tl.program_id(0)
+    blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    nb = K // 32
+    bmask = blk < nb
+    xoff = (blk * 32)[:, None] + tl.arange(0, 32)[None, :]
+    xq, dx, _ = _quant_x(x_ptr + m * stride_xm, xoff, bmask[:, None], ASM)
+    words = _pack4(tl.reshape(xq, (BLOCKS, 8, 4)))
+    w_off = (blk * 8)[:, None] + tl.arange(0, 8)[None, :]
+    tl.store(xw_ptr + m * (K // 4) + w_off, words, mask=bmask[:, None])
+    tl.store(dx_ptr + m * nb + blk, dx, mask=bmask)
+    xs = tl.sum(tl.reshape(xq, (BLOCKS, 2, 16)), axis=2).to(tl.float32)
+    s_off = (blk * 2)[:, None] + tl.arange(0, 2)[None, :]
+    tl.store(xs_ptr + m * (K // 16) + s_off, xs, mask=bmask[:, None])
+
+
+@triton.jit
 def _rows(M, N, BLOCK_N: tl.constexpr):
     """(activation row, output rows, their mask, rows clamped into [0, N) as int64): rows past N
     read row N - 1 (valid memory, no masks on weight loads); only their store is masked."""
@@ -103,9 +133,10 @@ def _rows(M, N, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def gemv_q8_0_i8_kernel(
-    x_ptr, d_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk, SPLIT_UNITS,
+    x_ptr, xdx_ptr, xs_ptr, d_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
+    SPLIT_UNITS,
     BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
-    PDL: tl.constexpr,
+    PREQ: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # qs int32 [N, K / 4]; tile [BLOCK_N rows, BLOCKS blocks, 8 words]
     pdl.prologue(PDL)
@@ -113,7 +144,9 @@ def gemv_q8_0_i8_kernel(
     nb = K // 32
     b = tl.arange(0, BLOCKS)
     t = tl.arange(0, 8)
-    x_row = x_ptr + pid_m * stride_xm
+    x_row = x_ptr + pid_m * stride_xm  # PREQ: x's int32 words, stride_xm = K / 4
+    zr = r64 * 0  # PREQ: x words are loaded per row of the tile, next to its quant words (L1
+    # hits), so that no layout conversion moves them between threads
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 4), 8)  # rows of 32-byte blocks
     acc = tl.zeros([BLOCK_N, BLOCKS], dtype=tl.float32)
     lo_u = tl.program_id(1) * SPLIT_UNITS
@@ -123,10 +156,14 @@ def gemv_q8_0_i8_kernel(
         bmask = blk < hi_u
         bc = tl.minimum(blk, hi_u - 1)  # past the range: a valid block times x = 0
         q = tl.load(qs_row[:, None, None] + tl.multiple_of(bc * 8, 8)[:, None] + t)
-        xoff = (blk * 32)[:, None] + tl.arange(0, 32)[None, :]  # [B, 32]
-        xq, dx, _ = _quant_x(x_row, xoff, bmask[:, None], ASM)
-        xw = _pack4(tl.reshape(xq, (BLOCKS, 8, 4)))
-        dot = tl.sum(_dp4a(q, xw[None], tl.zeros_like(q), True, ASM), axis=2)  # [BN, B]
+        if PREQ:  # past the range: a valid block times a step of 0
+            xw = tl.load(x_row + zr[:, None, None] + (bc * 8)[:, None] + t)  # [BN, B, 8]
+            dx = tl.where(bmask, tl.load(xdx_ptr + pid_m * nb + bc), 0.0)
+        else:
+            xoff = (blk * 32)[:, None] + tl.arange(0, 32)[None, :]  # [B, 32]
+            xq, dx, _ = _quant_x(x_row, xoff, bmask[:, None], ASM)
+            xw = _pack4(tl.reshape(xq, (BLOCKS, 8, 4)))[None]
+        dot = tl.sum(_dp4a(q, xw, tl.zeros_like(q), True, ASM), axis=2)  # [BN, B]
         d = tl.load(d_ptr + r64[:, None] * nb + bc[None, :]).to(tl.float32)
         acc += d * dx[None, :] * dot.to(tl.float32)
     y = tl.sum(acc, axis=1)
@@ -135,9 +172,10 @@ def gemv_q8_0_i8_kernel(
 
 @triton.jit
 def _gemv_q4_q5_0_i8(
-    x_ptr, d_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk, SPLIT_UNITS,
+    x_ptr, xdx_ptr, xs_ptr, d_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    stride_yk, SPLIT_UNITS,
     HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr,
-    STAGES: tl.constexpr, PDL: tl.constexpr,
+    STAGES: tl.constexpr, PREQ: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # qs int32 [N, K / 8]: word t of a block holds elements 4t + i (low nibbles) and 16 + 4t + i
     # (high); Q5_0's qh word per block has their fifth bits at bits 8i + t and 8i + 4 + t.
@@ -146,7 +184,9 @@ def _gemv_q4_q5_0_i8(
     nb = K // 32
     b = tl.arange(0, BLOCKS)
     t = tl.arange(0, 4)
-    x_row = x_ptr + pid_m * stride_xm
+    x_row = x_ptr + pid_m * stride_xm  # PREQ: x's int32 words, stride_xm = K / 4
+    zr = r64 * 0  # PREQ: x words are loaded per row of the tile, next to its quant words (L1
+    # hits), so that no layout conversion moves them between threads
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 8), 4)  # rows of 16-byte blocks
     acc = tl.zeros([BLOCK_N, BLOCKS], dtype=tl.float32)
     lo_u = tl.program_id(1) * SPLIT_UNITS
@@ -162,29 +202,38 @@ def _gemv_q4_q5_0_i8(
             h = tl.load(qh_ptr + r64[:, None] * nb + bc[None, :])[:, :, None]
             lo = lo | ((h << (4 - t)[None, None, :]) & BIT4)
             hi = hi | ((h >> t[None, None, :]) & BIT4)
-        xoff = (blk * 32)[:, None] + tl.arange(0, 32)[None, :]  # [B, 32]
-        xq, dx, _ = _quant_x(x_row, xoff, bmask[:, None], ASM)
-        xs = tl.sum(xq, axis=1)
-        xw = tl.permute(_pack4(tl.reshape(xq, (BLOCKS, 2, 4, 4))), (0, 2, 1))  # [B, 4, 2]
-        xlo, xhi = tl.split(xw)
-        dot = _dp4a(lo, xlo[None], tl.zeros_like(q), False, ASM)
-        dot = tl.sum(_dp4a(hi, xhi[None], dot, False, ASM), axis=2)  # [BN, B]
+        if PREQ:  # past the range: a valid block times a step of 0
+            xlo = tl.load(x_row + zr[:, None, None] + (bc * 8)[:, None] + t)  # [BN, B, 4]
+            xhi = tl.load(x_row + zr[:, None, None] + (bc * 8 + 4)[:, None] + t)
+            dx = tl.where(bmask, tl.load(xdx_ptr + pid_m * nb + bc), 0.0)
+            xsr = xs_ptr + pid_m * 2 * nb + 2 * bc
+            xs = tl.load(xsr) + tl.load(xsr + 1)
+        else:
+            xoff = (blk * 32)[:, None] + tl.arange(0, 32)[None, :]  # [B, 32]
+            xq, dx, _ = _quant_x(x_row, xoff, bmask[:, None], ASM)
+            xs = tl.sum(xq, axis=1).to(tl.float32)
+            xw = tl.permute(_pack4(tl.reshape(xq, (BLOCKS, 2, 4, 4))), (0, 2, 1))  # [B, 4, 2]
+            xlo, xhi = tl.split(xw)
+            xlo = xlo[None]
+            xhi = xhi[None]
+        dot = _dp4a(lo, xlo, tl.zeros_like(q), False, ASM)
+        dot = tl.sum(_dp4a(hi, xhi, dot, False, ASM), axis=2)  # [BN, B]
         if HAS_QH:  # quants are q - off: sum (q - off) xq = dot - off * sum xq
             off = 16
         else:
             off = 8
         d = tl.load(d_ptr + r64[:, None] * nb + bc[None, :]).to(tl.float32)
-        acc += d * dx[None, :] * (dot - off * xs[None, :]).to(tl.float32)
+        acc += d * dx[None, :] * (dot.to(tl.float32) - off * xs[None, :])
     y = tl.sum(acc, axis=1)
     tl.store(y_ptr + tl.program_id(1) * stride_yk + pid_m * stride_ym + rows, y, mask=rmask)
 
 
 @triton.jit
 def _gemv_q4_q5_k_i8(
-    x_ptr, dm_ptr, sc_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
-    SPLIT_UNITS,
+    x_ptr, xdx_ptr, xs_ptr, dm_ptr, sc_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    stride_yk, SPLIT_UNITS,
     HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, SUPER: tl.constexpr, ASM: tl.constexpr,
-    STAGES: tl.constexpr, PDL: tl.constexpr,
+    STAGES: tl.constexpr, PREQ: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, 4 * SUPER chunks, 8 words]: chunk g = 4s + c of a step is 32 bytes of
     # qs, sub-blocks 2c (low nibbles) and 2c + 1 (high) of super-block s; sc int32 [N, ns * 3]
@@ -197,7 +246,9 @@ def _gemv_q4_q5_k_i8(
     c = g % 4
     t = tl.arange(0, 8)
     i32 = tl.arange(0, 32)
-    x_row = x_ptr + pid_m * stride_xm
+    x_row = x_ptr + pid_m * stride_xm  # PREQ: x's int32 words, stride_xm = K / 4
+    zr = r64 * 0  # PREQ: x words are loaded per row of the tile, next to its quant words (L1
+    # hits), so that no layout conversion moves them between threads
     # row starts are 16-byte aligned (K % 256 == 0): the hints let the loads be 16 bytes wide
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 8), 32)
     qh_row = qh_ptr + tl.multiple_of(r64 * (K // 32), 8)
@@ -219,11 +270,22 @@ def _gemv_q4_q5_k_i8(
             lo = q & M4
             hi = q & H4  # 16 * the high nibbles
             hi_unit = 1.0 / 16.0
-        xoff = (sb * 256 + c * 64)[:, None] + i32[None, :]  # [G, 32]
-        xq_lo, dx_lo, xs_lo = _quant_x(x_row, xoff, gmask[:, None], ASM)
-        xq_hi, dx_hi, xs_hi = _quant_x(x_row, xoff + 32, gmask[:, None], ASM)
-        x_lo = _pack4(tl.reshape(xq_lo, (G, 8, 4)))[None]
-        x_hi = _pack4(tl.reshape(xq_hi, (G, 8, 4)))[None]
+        if PREQ:  # blocks 2c, 2c + 1 of x's 8 in super-block sb; past the range: steps of 0
+            xb = sbc * 8 + 2 * c  # [G]
+            x_lo = tl.load(x_row + zr[:, None, None] + (xb * 8)[:, None] + t)  # [BN, G, 8]
+            x_hi = tl.load(x_row + zr[:, None, None] + (xb * 8 + 8)[:, None] + t)
+            dxr = xdx_ptr + pid_m * (K // 32) + xb
+            dx_lo = tl.where(gmask, tl.load(dxr), 0.0)
+            dx_hi = tl.where(gmask, tl.load(dxr + 1), 0.0)
+            xsr = xs_ptr + pid_m * (K // 16) + 2 * xb
+            xs_lo = dx_lo * (tl.load(xsr) + tl.load(xsr + 1))
+            xs_hi = dx_hi * (tl.load(xsr + 2) + tl.load(xsr + 3))
+        else:
+            xoff = (sb * 256 + c * 64)[:, None] + i32[None, :]  # [G, 32]
+            xq_lo, dx_lo, xs_lo = _quant_x(x_row, xoff, gmask[:, None], ASM)
+            xq_hi, dx_hi, xs_hi = _quant_x(x_row, xoff + 32, gmask[:, None], ASM)
+            x_lo = _pack4(tl.reshape(xq_lo, (G, 8, 4)))[None]
+            x_hi = _pack4(tl.reshape(xq_hi, (G, 8, 4)))[None]
         zero = tl.zeros_like(q)
         dot_lo = tl.sum(_dp4a(lo, x_lo, zero, False, ASM), axis=2).to(tl.float32)  # [BN, G]
         dot_hi = tl.sum(_dp4a(hi, x_hi, zero, False, ASM), axis=2).to(tl.float32)
@@ -252,10 +314,10 @@ def _gemv_q4_q5_k_i8(
 
 @triton.jit
 def gemv_q6_k_i8_kernel(
-    x_ptr, d_ptr, sc_ptr, qh_ptr, ql_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
-    SPLIT_UNITS,
+    x_ptr, xdx_ptr, xs_ptr, d_ptr, sc_ptr, qh_ptr, ql_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    stride_yk, SPLIT_UNITS,
     BLOCK_N: tl.constexpr, HALVES: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
-    PDL: tl.constexpr,
+    PREQ: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, HALVES halves of 128, 2 (u), 4 (v)]: with t = 4u + v, words a = ql word
     # t and b = ql word 8 + t of the half, h = qh word t give in byte i the quants of elements
@@ -268,7 +330,9 @@ def gemv_q6_k_i8_kernel(
     tt = (tl.arange(0, 2) * 4)[:, None] + tl.arange(0, 4)[None, :]  # [2, 4] word t = 4u + v
     u = tl.arange(0, 2)
     i32 = tl.arange(0, 32)
-    x_row = x_ptr + pid_m * stride_xm
+    x_row = x_ptr + pid_m * stride_xm  # PREQ: x's int32 words, stride_xm = K / 4
+    zr = r64 * 0  # PREQ: x words are loaded per row of the tile, next to its quant words (L1
+    # hits), so that no layout conversion moves them between threads
     ql_row = ql_ptr + tl.multiple_of(r64 * (K // 8), 32)  # K % 256 == 0: aligned rows
     qh_row = qh_ptr + tl.multiple_of(r64 * (K // 16), 16)
     acc = tl.zeros([BLOCK_N, HALVES], dtype=tl.float32)
@@ -294,14 +358,20 @@ def gemv_q6_k_i8_kernel(
                 q = ((a >> 4) & M4) | (h & BITS45)
             else:
                 q = ((b >> 4) & M4) | ((h >> 2) & BITS45)
-            xoff = (hh * 128 + 32 * f)[:, None] + i32[None, :]  # [H, 32]
-            xq, dx, _ = _quant_x(x_row, xoff, hmask[:, None], ASM)
-            xw = _pack4(tl.reshape(xq, (HALVES, 2, 4, 4)))  # [H, 2, 4]
-            xs = tl.sum(tl.reshape(xq, (HALVES, 2, 16)), axis=2)  # [H, 2]
-            dot = tl.sum(_dp4a(q, xw[None], zero, False, ASM), axis=3)  # [BN, H, 2]
+            if PREQ:  # x block 4 hc + f; past the range: a step of 0
+                xb = hc * 4 + f  # [H]
+                xw = tl.load(x_row + zr[:, None, None, None] + (xb * 8)[:, None, None] + tt)
+                dx = tl.where(hmask, tl.load(xdx_ptr + pid_m * (K // 32) + xb), 0.0)
+                xs = tl.load(xs_ptr + pid_m * (K // 16) + (2 * xb)[:, None] + u[None, :])
+            else:
+                xoff = (hh * 128 + 32 * f)[:, None] + i32[None, :]  # [H, 32]
+                xq, dx, _ = _quant_x(x_row, xoff, hmask[:, None], ASM)
+                xw = _pack4(tl.reshape(xq, (HALVES, 2, 4, 4)))[None]  # [1, H, 2, 4]
+                xs = tl.sum(tl.reshape(xq, (HALVES, 2, 16)), axis=2).to(tl.float32)  # [H, 2]
+            dot = tl.sum(_dp4a(q, xw, zero, False, ASM), axis=3)  # [BN, H, 2]
             s = tl.load(sc_ptr + sbase + 2 * f).to(tl.float32)  # [BN, H, 2]
             # quants are q - 32: sum (q - 32) xq = dot - 32 * sum xq
-            tot += s * dx[None, :, None] * (dot - 32 * xs[None]).to(tl.float32)
+            tot += s * dx[None, :, None] * (dot.to(tl.float32) - 32 * xs[None])
         d = tl.load(d_ptr + r64[:, None] * (K // 256) + (hc // 2)[None, :]).to(tl.float32)
         acc += d * tl.sum(tot, axis=2)
     y = tl.sum(acc, axis=1)

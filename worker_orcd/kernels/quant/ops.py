@@ -53,25 +53,36 @@ class GemvConfig:
     one_plus: bool = False  # float kernels, Q4_K/Q5_K: quants read as 1 + q / 2**bits
     int8_x: bool = True  # x rounded to int8 per 32 elements, dp4a kernels (`gemv_i8`); else float
     stages: int = 1  # int8 kernels: software-pipeline stages of the walk along K
+    prequant: bool = False  # int8 kernels: x rounded once by its own launch, not in every program
 
 
 def gemv_config(qtype: GGMLQuantizationType, n: int, k: int, *, int8_x: bool = True) -> GemvConfig:
-    """Launch shape, from the sweeps in benchmarks/quant_kernels.py (H200, benchmarks/QUANT.md):
-    int8-activation kernels with 8 rows and 1-2 KB of quants per row and step (4 super-blocks of
-    Q4_K/Q5_K, 8 halves of Q6_K, 16-32 blocks of the 32-element types), K split in two below
-    16384 rows and in four below 2048; Q6_K under 2048 rows stays on the float kernel (x's
-    rounding costs more than it saves there). A split of K is rounded to whole tiles, so for
-    K = 896 it collapses to none. With int8_x=False, the float kernels' own table."""
+    """Launch shape, from the sweeps in benchmarks/quant_kernels.py (benchmarks/QUANT.md):
+    int8-activation kernels. From 2048 rows on, K-quant weights read x rounded once by its own
+    launch (`prequant`, H100 sweep): no K split, 2-8 rows and 0.5-2 KB of quants per row and step.
+    Below 2048 rows, and for the 32-element types but Q8_0's tall output head, the extra launch
+    costs more than it saves, so each program rounds x itself (H200 sweep): 4-8 rows, K split in
+    four below 2048 rows, 16-32 blocks per step; Q6_K under 2048 rows stays on the float kernel.
+    A split of K is rounded to whole tiles, so for K = 896 it collapses to none. With
+    int8_x=False, the float kernels' own table."""
     if not int8_x or (qtype == Q.Q6_K and n < 2048):
         return _float_gemv_config(qtype, n, k)
     if qtype in (Q.Q4_K, Q.Q5_K):
         if n < 2048:
             return GemvConfig(4, 4, 4, split_k=4)
-        return GemvConfig(8, 4, 4, split_k=1 if n >= 16384 else 2)
+        if k >= 8192:
+            return GemvConfig(2, 8, 4, prequant=True)
+        if n >= 16384:
+            return GemvConfig(4, 2, 4, prequant=True)
+        return (
+            GemvConfig(8, 4, 4, prequant=True) if n >= 8192 else GemvConfig(4, 8, 4, prequant=True)
+        )
     if qtype == Q.Q6_K:
-        return GemvConfig(8, 8, 4, split_k=1 if n >= 16384 else 2)
+        return (
+            GemvConfig(4, 4, 4, prequant=True) if n >= 16384 else GemvConfig(2, 8, 4, prequant=True)
+        )
     if qtype == Q.Q8_0:
-        return GemvConfig(16, 16, 4) if n >= 32768 else GemvConfig(2, 32, 4)
+        return GemvConfig(4, 16, 4, prequant=True) if n >= 32768 else GemvConfig(2, 32, 4)
     if n >= 8192:  # Q4_0, Q5_0
         return GemvConfig(8, 16, 4)
     return GemvConfig(4, 32, 4)
@@ -223,7 +234,13 @@ def quant_gemv(
         kernel, args, flags, tile_name = _kernel_args_i8(planes, qtype)
         flags["ASM"] = _gi.asm_dp4a(x.device.type)
         flags["STAGES"] = cfg.stages
+        flags["PREQ"] = cfg.prequant
         warps = _i8_warps(qtype, cfg)
+        if cfg.prequant:
+            x, xdx, xsum = quantize_x(x)
+            args = [xdx, xsum, *args]
+        else:
+            args = [x, x, *args]
     else:
         kernel, args, flags, tile_name = _kernel_args(planes, qtype)
         if qtype in (Q.Q4_K, Q.Q5_K):
@@ -250,6 +267,24 @@ def quant_gemv(
         ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4, **pdl.launch(out)
     )
     return out
+
+
+def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] (K % 32 == 0) rounded to int8 per 32-element block as the int8 GEMV kernels round
+    it: (int32 words [M, K / 4], four xq bytes each; float32 steps [M, K / 32]; float32 sums of xq
+    over each 16 elements [M, K / 16])."""
+    m, k = x.shape
+    if k % 32 or x.stride(1) != 1:
+        raise ValueError(f"expected unit-stride rows of a multiple of 32, got {tuple(x.shape)}")
+    words = torch.empty((m, k // 4), dtype=torch.int32, device=x.device)
+    dx = torch.empty((m, k // 32), dtype=torch.float32, device=x.device)
+    sums = torch.empty((m, k // 16), dtype=torch.float32, device=x.device)
+    blocks = 8
+    _gi.quantize_x_kernel[(m, triton.cdiv(k // 32, blocks))](
+        x, words, dx, sums, k, x.stride(0), BLOCKS=blocks, ASM=_gi.asm_dp4a(x.device.type),
+        num_warps=2, **pdl.launch(x, m),
+    )  # fmt: skip
+    return words, dx, sums
 
 
 def dequantize_planes(
@@ -354,7 +389,9 @@ def int8_x_reference(x: torch.Tensor) -> torch.Tensor:
     dx * round(x * (127 / max|x|)), dx = max|x| / 127 (round half to even, as the kernels)."""
     xb = x.float().reshape(x.shape[0], -1, 32)
     amax = xb.abs().amax(dim=-1, keepdim=True)
-    inv = 127.0 / amax.clamp_min(1e-30)  # float32, as the kernels; the product exact (float64)
+    # a float32 quotient rounded once, as the kernels (tensor / tensor: `127.0 / t` would be
+    # t.reciprocal() * 127, two roundings); the product exact in float64
+    inv = torch.full_like(amax, 127.0) / amax.clamp_min(1e-30)
     xq = torch.round(xb.double() * inv.double()).float()
     return (xq * (amax * (1.0 / 127.0))).reshape(x.shape)
 

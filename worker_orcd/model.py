@@ -21,6 +21,7 @@ from torch import nn
 from worker_orcd import kernels
 from worker_orcd.config import ModelConfig
 from worker_orcd.kernels import AttentionMetadata
+from worker_orcd.kernels.quant.ops import RoundedX
 from worker_orcd.layers import (
     Attention,
     GateUpLinear,
@@ -109,7 +110,8 @@ class MLP(nn.Module):
         down = self.down_proj
         if down.quantized is None:  # SwiGLU fused into the down projection
             return kernels.silu_and_mul_linear(gate_up, down.weight, down.bias)  # [T, D]
-        return down(self.act_fn(gate_up))
+        rounded = _rounded_x_for(down, gate_up.shape[0], gate_up.device)
+        return down(kernels.silu_and_mul(gate_up, rounded), rounded)
 
 
 class DecoderLayer(nn.Module):
@@ -147,8 +149,17 @@ def _norm_linear(
         return kernels.add_rms_norm_linear(
             x, residual, norm.weight, norm.eps, proj.weight, proj.bias
         )
-    normed, summed = kernels.add_rms_norm(x, residual, norm.weight, norm.eps)
-    return proj(normed), summed
+    rounded = _rounded_x_for(proj, x.shape[0], x.device)
+    normed, summed = kernels.add_rms_norm(x, residual, norm.weight, norm.eps, rounded)
+    return proj(normed, rounded), summed
+
+
+def _rounded_x_for(proj: Linear, rows: int, device: torch.device) -> RoundedX | None:
+    """Buffers for the input of quantized `proj` rounded to int8 by the kernel that produces it,
+    where proj's GEMV reads x rounded once (decode on CUDA, large K-quant weights); else None."""
+    if not proj.quantized.takes_rounded_x(rows, device):
+        return None
+    return RoundedX.empty(rows, proj.in_features, device)
 
 
 class ForwardAborted(Exception):

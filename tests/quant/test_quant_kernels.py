@@ -29,12 +29,15 @@ from worker_orcd.kernels.quant import (
 from worker_orcd.kernels.quant.formats import Q, block_format
 from worker_orcd.kernels.quant.ops import (
     GemvConfig,
+    RoundedX,
     gemv_config,
     int8_x_reference,
     quant_matmul,
     quant_matmul_fused_q4_k,
     quantize_x,
+    round_x_reference,
 )
+from worker_orcd.kernels.quant.weights import PackedWeight, QuantizedWeight
 
 CUDA = torch.cuda.is_available() and HAS_TRITON
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
@@ -101,6 +104,8 @@ def check_prequant(qtype: Q, n: int, k: int, m: int, device: str, cfg: GemvConfi
     gen = torch.Generator(device=device).manual_seed(k + m)
     x = (torch.randn(m, k, device=device, generator=gen) * 3).to(torch.bfloat16)
     words, dx, sums = quantize_x(x)
+    ref = round_x_reference(x)
+    assert torch.equal(words, ref.words) and torch.equal(dx, ref.dx) and torch.equal(sums, ref.sums)
     xq = words.view(torch.int8).reshape(m, k).float()  # little-endian: byte i = element 4t + i
     assert xq.abs().max() <= 127
     diff = (xq.reshape(m, -1, 32) * dx[..., None] - int8_x_reference(x).reshape(m, -1, 32)).abs()
@@ -110,6 +115,31 @@ def check_prequant(qtype: Q, n: int, k: int, m: int, device: str, cfg: GemvConfi
     inkernel = quant_gemv(x, planes, qtype, n, k, config=replace(cfg, prequant=False))
     once = quant_gemv(x, planes, qtype, n, k, config=replace(cfg, prequant=True))
     assert torch.equal(once, inkernel), f"{qtype.name} [{n}, {k}] {cfg}: x rounded once differs"
+
+
+def check_producers(device: str, dims: list[int], rows: int) -> None:
+    """RMSNorm and SwiGLU kernels that also round their output for a quantized GEMV write what
+    rounding their bf16 output afterwards gives (`round_x_reference`, itself equal to
+    `quantize_x`), bit for bit, and the same output as without rounding."""
+    from worker_orcd.kernels.triton import activation, norm
+
+    def same(a: RoundedX, b: RoundedX) -> bool:
+        return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+    g = torch.Generator(device=device).manual_seed(sum(dims) + rows)
+    for d in dims:
+        x, r = (torch.randn(rows, d, device=device, generator=g).to(torch.bfloat16) for _ in "xr")
+        w = torch.randn(d, device=device, generator=g).to(torch.bfloat16)
+        rounded = RoundedX.empty(rows, d, x.device)
+        y, summed = norm.add_rms_norm(x, r, w, 1e-5, rounded)
+        y0, summed0 = norm.add_rms_norm(x, r, w, 1e-5)
+        assert torch.equal(y, y0) and torch.equal(summed, summed0)
+        assert same(rounded, round_x_reference(y)), f"RMSNorm [{rows}, {d}]: rounding differs"
+        gate_up = torch.randn(rows, 2 * d, device=device, generator=g).to(torch.bfloat16) * 3
+        rounded = RoundedX.empty(rows, d, x.device)
+        act = activation.silu_and_mul(gate_up, rounded)
+        assert torch.equal(act, activation.silu_and_mul(gate_up))
+        assert same(rounded, round_x_reference(act)), f"SwiGLU [{rows}, {d}]: rounding differs"
 
 
 def check_dequant(qtype: Q, n: int, k: int, device: str) -> None:
@@ -161,6 +191,25 @@ def test_x_rounded_once_is_bit_equal(qtype: Q) -> None:
 
 @gpu
 @needs_cuda
+def test_producers_round_x_like_quantize_x() -> None:
+    check_producers("cuda", [896, 3072, 8192, 4864, 96], rows=3)
+    # through the layers' plumbing: a packed weight that reads x rounded once, fed by the norm
+    from worker_orcd.kernels.triton import norm
+
+    q = Q.Q4_K
+    n, k = 4096, 3072
+    packed = PackedWeight.pack([QuantizedWeight(q, n, k, _case(q, n, k, "cuda", seed=1))])
+    assert packed.takes_rounded_x(1, torch.device("cuda"))
+    assert not packed.takes_rounded_x(64, torch.device("cuda"))  # prefill: dequantize + cuBLAS
+    x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+    w = torch.randn(k, device="cuda").to(torch.bfloat16)
+    rounded = RoundedX.empty(1, k, x.device)
+    normed, _ = norm.add_rms_norm(x, None, w, 1e-5, rounded)
+    assert torch.equal(packed.matmul(normed, None, rounded), packed.matmul(normed))
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
 def test_dequant_and_embedding_rows(qtype: Q) -> None:
     for n, k in _shapes(qtype, [(896, 896), (3072, 3072), (151936, 896)] + ODD):
@@ -201,3 +250,8 @@ def test_interpreted_kernels(qtype: Q) -> None:
         check_gemv(qtype, n, k, m, torch.float32, "cpu", cfg)
     check_prequant(qtype, 37, 7 * bs, 2, "cpu", GemvConfig(8, 2, 4, split_k=3))
     check_dequant(qtype, 13, 2 * bs, "cpu")
+
+
+@needs_interpreter
+def test_interpreted_producers_round_x() -> None:
+    check_producers("cpu", [96, 320], rows=2)

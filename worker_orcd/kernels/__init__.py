@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from worker_orcd.kernels.activation import silu_and_mul_linear_ref, silu_and_mul_ref
 from worker_orcd.kernels.attention import AttentionMetadata, attention_ref, store_kv_ref
 from worker_orcd.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from worker_orcd.kernels.quant.ops import RoundedX
 from worker_orcd.kernels.rope import apply_rope_ref, rope_cos_sin_cache
 
 logger = logging.getLogger(__name__)
@@ -147,10 +148,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    rounded: RoundedX | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual); residual None: (rms_norm(x), x)."""
-    return implementation("add_rms_norm", x.device)(x, residual, weight, eps)
+    """(rms_norm(x + residual), x + residual); residual None: (rms_norm(x), x). `rounded`: also
+    written, the normalized rows rounded to int8 for the quantized GEMV they feed."""
+    return implementation("add_rms_norm", x.device)(x, residual, weight, eps, rounded)
 
 
 def add_rms_norm_linear(
@@ -244,8 +250,10 @@ def attention(
     )
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    return implementation("silu_and_mul", x.device)(x)
+def silu_and_mul(x: torch.Tensor, rounded: RoundedX | None = None) -> torch.Tensor:
+    """x [T, 2I] (gate, up) -> silu(gate) * up [T, I]; `rounded`: also written, the result rounded
+    to int8 for the quantized GEMV it feeds."""
+    return implementation("silu_and_mul", x.device)(x, rounded)
 
 
 def silu_and_mul_linear(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from worker_orcd import kernels
+from worker_orcd.kernels.quant.ops import RoundedX
 from worker_orcd.kernels.quant.weights import PackedWeight
 
 logger = logging.getLogger(__name__)
@@ -81,10 +82,12 @@ class Linear(nn.Module):
                 if p is not None:
                     p.shard_slices = slices
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rounded: RoundedX | None = None) -> torch.Tensor:
+        """[T, in] -> [T, out]; `rounded`: x rounded to int8 by its producer, for a quantized
+        weight whose GEMV reads it (`PackedWeight.takes_rounded_x`)."""
         if self.quantized is not None:
-            return self.quantized.matmul(x, self.bias)  # [T, in] -> [T, out]
-        return kernels.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
+            return self.quantized.matmul(x, self.bias, rounded)
+        return kernels.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"

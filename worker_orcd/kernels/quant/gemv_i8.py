@@ -72,12 +72,11 @@ def _dp4a(a, b, c, SIGNED_A: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _quant_x(x_row, offs, mask, ASM: tl.constexpr):
-    """x[offs] ([A, 32]: A blocks of 32) rounded to int8 per block: (xq [A, 32] int32 in
-    -127..127, dx [A] float32 step, dx * sum(xq) [A]). Masked elements count as 0. The rounding is
-    exactly `ops.int8_x_reference`'s: an IEEE float32 quotient inv = 127 / max|x|, then the exact
-    product x * inv rounded half to even."""
-    xf = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+def _round_x(xf, ASM: tl.constexpr):
+    """xf [A, 32] float32 (A blocks of 32) rounded to int8 per block: (xq [A, 32] int32 in
+    -127..127, dx [A] float32 step, dx * sum(xq) [A]). The rounding is exactly
+    `ops.int8_x_reference`'s: an IEEE float32 quotient inv = 127 / max|x|, then the exact product
+    x * inv rounded half to even."""
     amax = tl.max(tl.abs(xf), axis=1)
     inv = tl.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.maximum(amax, 1e-30))
     if ASM:
@@ -91,6 +90,26 @@ def _quant_x(x_row, offs, mask, ASM: tl.constexpr):
         xq = (r.to(tl.int64, bitcast=True) - 0x4338000000000000).to(tl.int32)
     dx = amax * (1.0 / 127.0)
     return xq, dx, tl.sum(xq, axis=1).to(tl.float32) * dx
+
+
+@triton.jit
+def _quant_x(x_row, offs, mask, ASM: tl.constexpr):
+    """x[offs] ([A, 32]) rounded as `_round_x` rounds it; masked elements count as 0."""
+    xf = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    return _round_x(xf, ASM)
+
+
+@triton.jit
+def store_rounded(xf, blk, bmask, words_row, dx_row, sums_row, ASM: tl.constexpr):
+    """Blocks `blk` [A] of one row of x (xf [A, 32] float32; blocks where `bmask` is off are not
+    stored) rounded as the GEMVs round x and stored as `quantize_x_kernel` stores them: for the
+    kernels that produce x, so that the GEMVs after them need no rounding launch."""
+    xq, dx, _ = _round_x(xf, ASM)
+    words = _pack4(tl.reshape(xq, (xf.shape[0], 8, 4)))
+    tl.store(words_row + (blk * 8)[:, None] + tl.arange(0, 8)[None, :], words, mask=bmask[:, None])
+    tl.store(dx_row + blk, dx, mask=bmask)
+    xs = tl.sum(tl.reshape(xq, (xf.shape[0], 2, 16)), axis=2).to(tl.float32)
+    tl.store(sums_row + (blk * 2)[:, None] + tl.arange(0, 2)[None, :], xs, mask=bmask[:, None])
 
 
 @triton.jit
@@ -109,17 +128,12 @@ def quantize_x_kernel(
     pdl.prologue(PDL)
     m = tl.program_id(0)
     blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
-    nb = K // 32
-    bmask = blk < nb
+    bmask = blk < K // 32
     xoff = (blk * 32)[:, None] + tl.arange(0, 32)[None, :]
-    xq, dx, _ = _quant_x(x_ptr + m * stride_xm, xoff, bmask[:, None], ASM)
-    words = _pack4(tl.reshape(xq, (BLOCKS, 8, 4)))
-    w_off = (blk * 8)[:, None] + tl.arange(0, 8)[None, :]
-    tl.store(xw_ptr + m * (K // 4) + w_off, words, mask=bmask[:, None])
-    tl.store(dx_ptr + m * nb + blk, dx, mask=bmask)
-    xs = tl.sum(tl.reshape(xq, (BLOCKS, 2, 16)), axis=2).to(tl.float32)
-    s_off = (blk * 2)[:, None] + tl.arange(0, 2)[None, :]
-    tl.store(xs_ptr + m * (K // 16) + s_off, xs, mask=bmask[:, None])
+    xf = tl.load(x_ptr + m * stride_xm + xoff, mask=bmask[:, None], other=0.0).to(tl.float32)
+    store_rounded(
+        xf, blk, bmask, xw_ptr + m * (K // 4), dx_ptr + m * (K // 32), xs_ptr + m * (K // 16), ASM
+    )
 
 
 @triton.jit

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,34 @@ def _float_gemv_config(qtype: GGMLQuantizationType, n: int, k: int) -> GemvConfi
     if n < 2048:  # Q4_0, Q5_0
         return GemvConfig(2, 32, 4, int8_x=False)
     return GemvConfig(8 if n >= 8192 else 4, 32, 4, int8_x=False)
+
+
+class RoundedX(NamedTuple):
+    """x [M, K] rounded to int8 per 32-element block as the int8 GEMVs round it (`quantize_x`)."""
+
+    words: torch.Tensor  # int32 [M, K / 4]: xq bytes, byte i of word t of a block = element 4t + i
+    dx: torch.Tensor  # float32 [M, K / 32]: the step of each block
+    sums: torch.Tensor  # float32 [M, K / 16]: sum of xq over each 16 elements
+
+    @staticmethod
+    def empty(m: int, k: int, device: torch.device) -> RoundedX:
+        if k % 32:
+            raise ValueError(f"x is rounded per 32 elements; rows of {k} are not whole blocks")
+        return RoundedX(
+            torch.empty((m, k // 4), dtype=torch.int32, device=device),
+            torch.empty((m, k // 32), dtype=torch.float32, device=device),
+            torch.empty((m, k // 16), dtype=torch.float32, device=device),
+        )
+
+
+def takes_rounded_x(
+    qtype: GGMLQuantizationType, n: int, k: int, m: int, device: torch.device
+) -> bool:
+    """Whether `quant_matmul` of m rows reads x rounded once (a `RoundedX`) for this weight."""
+    return (
+        device.type == "cuda" and HAS_TRITON and m <= GEMV_MAX_ROWS
+        and gemv_config(qtype, n, k).prequant
+    )  # fmt: skip
 
 
 # Weights per K unit of each GEMV kernel (its tile counts these units).
@@ -217,8 +246,11 @@ def quant_gemv(
     *,
     out: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    rounded: RoundedX | None = None,
 ) -> torch.Tensor:
-    """y = x W^T with W [n, k] in planes; x [M, k] (M small); out [M, n] may be a column slice."""
+    """y = x W^T with W [n, k] in planes; x [M, k] (M small); out [M, n] may be a column slice.
+    `rounded`: x already rounded (by the kernel that produced it), used where the config reads
+    x rounded once."""
     check_shape(qtype, n, k)
     _check_x(x, k)
     if x.stride(1) != 1:
@@ -237,7 +269,7 @@ def quant_gemv(
         flags["PREQ"] = cfg.prequant
         warps = _i8_warps(qtype, cfg)
         if cfg.prequant:
-            x, xdx, xsum = quantize_x(x)
+            x, xdx, xsum = rounded if rounded is not None else quantize_x(x)
             args = [xdx, xsum, *args]
         else:
             args = [x, x, *args]
@@ -269,22 +301,19 @@ def quant_gemv(
     return out
 
 
-def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_x(x: torch.Tensor) -> RoundedX:
     """x [M, K] (K % 32 == 0) rounded to int8 per 32-element block as the int8 GEMV kernels round
-    it: (int32 words [M, K / 4], four xq bytes each; float32 steps [M, K / 32]; float32 sums of xq
-    over each 16 elements [M, K / 16])."""
+    it, by one launch."""
     m, k = x.shape
-    if k % 32 or x.stride(1) != 1:
-        raise ValueError(f"expected unit-stride rows of a multiple of 32, got {tuple(x.shape)}")
-    words = torch.empty((m, k // 4), dtype=torch.int32, device=x.device)
-    dx = torch.empty((m, k // 32), dtype=torch.float32, device=x.device)
-    sums = torch.empty((m, k // 16), dtype=torch.float32, device=x.device)
+    if x.stride(1) != 1:
+        raise ValueError(f"expected unit-stride rows, got strides {x.stride()}")
+    r = RoundedX.empty(m, k, x.device)
     blocks = 8
     _gi.quantize_x_kernel[(m, triton.cdiv(k // 32, blocks))](
-        x, words, dx, sums, k, x.stride(0), BLOCKS=blocks, ASM=_gi.asm_dp4a(x.device.type),
-        num_warps=2, **pdl.launch(x, m),
+        x, *r, k, x.stride(0), BLOCKS=blocks, ASM=_gi.asm_dp4a(x.device.type), num_warps=2,
+        **pdl.launch(x, m),
     )  # fmt: skip
-    return words, dx, sums
+    return r
 
 
 def dequantize_planes(
@@ -347,8 +376,10 @@ def quant_matmul(
     k: int,
     *,
     out: torch.Tensor | None = None,
+    rounded: RoundedX | None = None,
 ) -> torch.Tensor:
-    """y = x W^T for x [M, k]: fused GEMV for M <= GEMV_MAX_ROWS, else dequantize + cuBLAS."""
+    """y = x W^T for x [M, k]: fused GEMV for M <= GEMV_MAX_ROWS, else dequantize + cuBLAS.
+    `rounded`: x rounded by its producer, for the GEMVs that read it (`takes_rounded_x`)."""
     _check_x(x, k)
     if x.device.type != "cuda" or not HAS_TRITON:
         y = quant_matmul_reference(x, planes, qtype, n, k).to(x.dtype)
@@ -357,7 +388,7 @@ def quant_matmul(
         out.copy_(y)
         return out
     if x.shape[0] <= GEMV_MAX_ROWS:
-        return quant_gemv(x, planes, qtype, n, k, out=out)
+        return quant_gemv(x, planes, qtype, n, k, out=out, rounded=rounded)
     w = dequantize_planes(planes, qtype, n, k, out=SCRATCH.get((n, k), x.dtype, x.device))
     if out is None:
         return F.linear(x, w)
@@ -384,16 +415,38 @@ def dequantize_reference(
     return dequantize_gguf(raw.reshape(-1), qtype, (raw.shape[0], k))
 
 
-def int8_x_reference(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] as the int8 GEMV kernels see it, in float32: rounded per 32-element block to
-    dx * round(x * (127 / max|x|)), dx = max|x| / 127 (round half to even, as the kernels)."""
+def _rounded_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xq float32 [M, K / 32, 32] in -127..127, dx float32 [M, K / 32]): x rounded per 32-element
+    block as the int8 kernels round it."""
     xb = x.float().reshape(x.shape[0], -1, 32)
     amax = xb.abs().amax(dim=-1, keepdim=True)
     # a float32 quotient rounded once, as the kernels (tensor / tensor: `127.0 / t` would be
     # t.reciprocal() * 127, two roundings); the product exact in float64
     inv = torch.full_like(amax, 127.0) / amax.clamp_min(1e-30)
     xq = torch.round(xb.double() * inv.double()).float()
-    return (xq * (amax * (1.0 / 127.0))).reshape(x.shape)
+    return xq, (amax * (1.0 / 127.0)).squeeze(-1)
+
+
+def int8_x_reference(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the int8 GEMV kernels see it, in float32: rounded per 32-element block to
+    dx * round(x * (127 / max|x|)), dx = max|x| / 127 (round half to even, as the kernels)."""
+    xq, dx = _rounded_blocks(x)
+    return (xq * dx[..., None]).reshape(x.shape)
+
+
+def round_x_reference(x: torch.Tensor, out: RoundedX | None = None) -> RoundedX:
+    """`quantize_x` in torch (any device): x [M, K] rounded into a RoundedX (`out` if given)."""
+    m, k = x.shape
+    xq, dx = _rounded_blocks(x)
+    b = xq.to(torch.int64).reshape(m, k // 4, 4) & 255
+    words = (b << torch.tensor([0, 8, 16, 24], device=x.device)).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    r = RoundedX(words, dx.reshape(m, -1), xq.reshape(m, k // 16, 16).sum(-1))
+    if out is None:
+        return r
+    for dst, src in zip(out, r, strict=True):
+        dst.copy_(src)
+    return out
 
 
 def quant_matmul_reference(

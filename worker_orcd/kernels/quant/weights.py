@@ -22,9 +22,11 @@ from worker_orcd.kernels.quant.ops import (
     GEMV_MAX_ROWS,
     HAS_TRITON,
     SCRATCH,
+    RoundedX,
     dequantize_planes,
     dequantize_reference,
     quant_matmul,
+    takes_rounded_x,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,12 +84,15 @@ class QuantizedWeight:
         }
         return QuantizedWeight(first.qtype, sum(w.n for w in weights), first.k, planes)
 
-    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., k] -> [..., n] in x's dtype (float32 on CPU)."""
+    def matmul(
+        self, x: torch.Tensor, out: torch.Tensor | None = None, rounded: RoundedX | None = None
+    ) -> torch.Tensor:
+        """x [..., k] -> [..., n] in x's dtype (float32 on CPU); `rounded`: x rounded by its
+        producer, read where `takes_rounded_x`."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.k)
         out2 = None if out is None else out.view(-1, self.n)
-        y = quant_matmul(x2, self.planes, self.qtype, self.n, self.k, out=out2)
+        y = quant_matmul(x2, self.planes, self.qtype, self.n, self.k, out=out2, rounded=rounded)
         return y.view(*lead, self.n)
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -161,13 +166,24 @@ class PackedWeight:
             return s.embedding(ids, dtype)
         return F.embedding(ids, s).to(dtype)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., k] -> [..., n] in x's dtype."""
+    def takes_rounded_x(self, m: int, device: torch.device) -> bool:
+        """Whether a matmul of m rows on `device` reads x rounded to int8 once (`RoundedX`), so
+        that the kernel producing x should round it as well."""
+        return any(
+            isinstance(s, QuantizedWeight) and takes_rounded_x(s.qtype, s.n, s.k, m, device)
+            for _, s in self.parts
+        )
+
+    def matmul(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, rounded: RoundedX | None = None
+    ) -> torch.Tensor:
+        """x [..., k] -> [..., n] in x's dtype; `rounded`: x rounded by its producer (see
+        `takes_rounded_x`), shared by the parts that read it."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.k)
         m = x2.shape[0]
         if len(self.parts) == 1:
-            y = _matmul_part(x2, self.parts[0][1], None)
+            y = _matmul_part(x2, self.parts[0][1], None, rounded)
         elif _use_kernels(x.device) and m > GEMV_MAX_ROWS:
             # prefill: every part into one scratch weight, then one cuBLAS matmul
             w = SCRATCH.get((self.n, self.k), x.dtype, x.device)
@@ -181,15 +197,17 @@ class PackedWeight:
         else:
             y = torch.empty((m, self.n), dtype=x.dtype, device=x.device)
             for row, s in self.parts:
-                _matmul_part(x2, s, y[:, row : row + _rows(s)])
+                _matmul_part(x2, s, y[:, row : row + _rows(s)], rounded)
         if bias is not None:
             y += bias
         return y.view(*lead, self.n)
 
 
-def _matmul_part(x: torch.Tensor, s: Shard, out: torch.Tensor | None) -> torch.Tensor:
+def _matmul_part(
+    x: torch.Tensor, s: Shard, out: torch.Tensor | None, rounded: RoundedX | None = None
+) -> torch.Tensor:
     if isinstance(s, QuantizedWeight):
-        return s.matmul(x, out=out)
+        return s.matmul(x, out=out, rounded=rounded)
     y = F.linear(x, s.to(x.dtype))
     if out is None:
         return y

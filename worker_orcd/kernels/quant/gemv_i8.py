@@ -137,12 +137,27 @@ def quantize_x_kernel(
 
 
 @triton.jit
-def _rows(M, N, BLOCK_N: tl.constexpr):
-    """(activation row, output rows, their mask, rows clamped into [0, N) as int64): rows past N
-    read row N - 1 (valid memory, no masks on weight loads); only their store is masked."""
+def _tile(x_ptr, stride_xm, M, N, UNITS, SPLIT_UNITS, BLOCK_N: tl.constexpr):
+    """A program's share of the GEMV: (activation row pid_m, its x (PREQ: x's int32 words,
+    stride_xm = K / 4), output rows, their mask, rows clamped into [0, N) as int64, zeros [BLOCK_N],
+    K units [lo, hi) of its split). Rows past N read row N - 1 (valid memory, no masks on weight
+    loads); only their store is masked. The zeros index x words per row of the tile: with PREQ,
+    each row loads the x words next to its own quant words (L1 hits), so that no layout
+    conversion moves them between threads."""
     pid_m = tl.program_id(0) % M  # programs of the same rows are neighbours (L2 reuse)
     rows = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return pid_m, rows, rows < N, tl.minimum(rows, N - 1).to(tl.int64)
+    r64 = tl.minimum(rows, N - 1).to(tl.int64)
+    lo = tl.program_id(1) * SPLIT_UNITS
+    hi = tl.minimum(UNITS, lo + SPLIT_UNITS)
+    return pid_m, x_ptr + pid_m * stride_xm, rows, rows < N, r64, r64 * 0, lo, hi
+
+
+@triton.jit
+def _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk):
+    """The program's outputs (acc [BLOCK_N, ...] summed over its other axis) into its split's
+    row of y (or of the float32 partials)."""
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + tl.program_id(1) * stride_yk + pid_m * stride_ym + rows, y, mask=rmask)
 
 
 @triton.jit
@@ -154,17 +169,14 @@ def gemv_q8_0_i8_kernel(
 ):  # fmt: skip
     # qs int32 [N, K / 4]; tile [BLOCK_N rows, BLOCKS blocks, 8 words]
     pdl.prologue(PDL)
-    pid_m, rows, rmask, r64 = _rows(M, N, BLOCK_N)
     nb = K // 32
+    pid_m, x_row, rows, rmask, r64, zr, lo_u, hi_u = _tile(
+        x_ptr, stride_xm, M, N, nb, SPLIT_UNITS, BLOCK_N
+    )
     b = tl.arange(0, BLOCKS)
     t = tl.arange(0, 8)
-    x_row = x_ptr + pid_m * stride_xm  # PREQ: x's int32 words, stride_xm = K / 4
-    zr = r64 * 0  # PREQ: x words are loaded per row of the tile, next to its quant words (L1
-    # hits), so that no layout conversion moves them between threads
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 4), 8)  # rows of 32-byte blocks
     acc = tl.zeros([BLOCK_N, BLOCKS], dtype=tl.float32)
-    lo_u = tl.program_id(1) * SPLIT_UNITS
-    hi_u = tl.minimum(nb, lo_u + SPLIT_UNITS)
     for b0 in tl.range(lo_u, hi_u, BLOCKS, num_stages=STAGES):
         blk = b0 + b
         bmask = blk < hi_u
@@ -180,8 +192,7 @@ def gemv_q8_0_i8_kernel(
         dot = tl.sum(_dp4a(q, xw, tl.zeros_like(q), True, ASM), axis=2)  # [BN, B]
         d = tl.load(d_ptr + r64[:, None] * nb + bc[None, :]).to(tl.float32)
         acc += d * dx[None, :] * dot.to(tl.float32)
-    y = tl.sum(acc, axis=1)
-    tl.store(y_ptr + tl.program_id(1) * stride_yk + pid_m * stride_ym + rows, y, mask=rmask)
+    _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
 
 
 @triton.jit
@@ -194,17 +205,14 @@ def _gemv_q4_q5_0_i8(
     # qs int32 [N, K / 8]: word t of a block holds elements 4t + i (low nibbles) and 16 + 4t + i
     # (high); Q5_0's qh word per block has their fifth bits at bits 8i + t and 8i + 4 + t.
     pdl.prologue(PDL)
-    pid_m, rows, rmask, r64 = _rows(M, N, BLOCK_N)
     nb = K // 32
+    pid_m, x_row, rows, rmask, r64, zr, lo_u, hi_u = _tile(
+        x_ptr, stride_xm, M, N, nb, SPLIT_UNITS, BLOCK_N
+    )
     b = tl.arange(0, BLOCKS)
     t = tl.arange(0, 4)
-    x_row = x_ptr + pid_m * stride_xm  # PREQ: x's int32 words, stride_xm = K / 4
-    zr = r64 * 0  # PREQ: x words are loaded per row of the tile, next to its quant words (L1
-    # hits), so that no layout conversion moves them between threads
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 8), 4)  # rows of 16-byte blocks
     acc = tl.zeros([BLOCK_N, BLOCKS], dtype=tl.float32)
-    lo_u = tl.program_id(1) * SPLIT_UNITS
-    hi_u = tl.minimum(nb, lo_u + SPLIT_UNITS)
     for b0 in tl.range(lo_u, hi_u, BLOCKS, num_stages=STAGES):
         blk = b0 + b
         bmask = blk < hi_u
@@ -238,8 +246,7 @@ def _gemv_q4_q5_0_i8(
             off = 8
         d = tl.load(d_ptr + r64[:, None] * nb + bc[None, :]).to(tl.float32)
         acc += d * dx[None, :] * (dot.to(tl.float32) - off * xs[None, :])
-    y = tl.sum(acc, axis=1)
-    tl.store(y_ptr + tl.program_id(1) * stride_yk + pid_m * stride_ym + rows, y, mask=rmask)
+    _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
 
 
 @triton.jit
@@ -253,22 +260,19 @@ def _gemv_q4_q5_k_i8(
     # qs, sub-blocks 2c (low nibbles) and 2c + 1 (high) of super-block s; sc int32 [N, ns * 3]
     # (the 12 scale bytes), qh int32 [N, ns * 8], qs int32 [N, K / 8]
     pdl.prologue(PDL)
-    pid_m, rows, rmask, r64 = _rows(M, N, BLOCK_N)
     ns = K // 256
+    pid_m, x_row, rows, rmask, r64, zr, lo_u, hi_u = _tile(
+        x_ptr, stride_xm, M, N, ns, SPLIT_UNITS, BLOCK_N
+    )
     G: tl.constexpr = 4 * SUPER
     g = tl.arange(0, G)
     c = g % 4
     t = tl.arange(0, 8)
     i32 = tl.arange(0, 32)
-    x_row = x_ptr + pid_m * stride_xm  # PREQ: x's int32 words, stride_xm = K / 4
-    zr = r64 * 0  # PREQ: x words are loaded per row of the tile, next to its quant words (L1
-    # hits), so that no layout conversion moves them between threads
     # row starts are 16-byte aligned (K % 256 == 0): the hints let the loads be 16 bytes wide
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 8), 32)
     qh_row = qh_ptr + tl.multiple_of(r64 * (K // 32), 8)
     acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
-    lo_u = tl.program_id(1) * SPLIT_UNITS
-    hi_u = tl.minimum(ns, lo_u + SPLIT_UNITS)
     for s0 in tl.range(lo_u, hi_u, SUPER, num_stages=STAGES):
         sb = s0 + g // 4  # [G] super-block of each chunk
         gmask = sb < hi_u
@@ -322,8 +326,7 @@ def _gemv_q4_q5_k_i8(
         dmin = tl.load(dm_ptr + sbi * 2 + 1).to(tl.float32)
         acc += d * (sc_lo * dx_lo[None, :] * dot_lo + sc_hi * (dx_hi * hi_unit)[None, :] * dot_hi)
         acc -= dmin * (mn_lo * xs_lo[None, :] + mn_hi * xs_hi[None, :])
-    y = tl.sum(acc, axis=1)
-    tl.store(y_ptr + tl.program_id(1) * stride_yk + pid_m * stride_ym + rows, y, mask=rmask)
+    _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
 
 
 @triton.jit
@@ -338,20 +341,17 @@ def gemv_q6_k_i8_kernel(
     # 32f + 4t + i for f = 0..3 (a low, b low, a high, b high; two bits each of h); sub-block
     # (16 elements) 2f + u. ql int32 [N, K / 8], qh int32 [N, K / 16], scales int8 [N, K / 16].
     pdl.prologue(PDL)
-    pid_m, rows, rmask, r64 = _rows(M, N, BLOCK_N)
     nh = K // 128
+    pid_m, x_row, rows, rmask, r64, zr, lo_u, hi_u = _tile(
+        x_ptr, stride_xm, M, N, nh, SPLIT_UNITS, BLOCK_N
+    )
     hh_ = tl.arange(0, HALVES)
     tt = (tl.arange(0, 2) * 4)[:, None] + tl.arange(0, 4)[None, :]  # [2, 4] word t = 4u + v
     u = tl.arange(0, 2)
     i32 = tl.arange(0, 32)
-    x_row = x_ptr + pid_m * stride_xm  # PREQ: x's int32 words, stride_xm = K / 4
-    zr = r64 * 0  # PREQ: x words are loaded per row of the tile, next to its quant words (L1
-    # hits), so that no layout conversion moves them between threads
     ql_row = ql_ptr + tl.multiple_of(r64 * (K // 8), 32)  # K % 256 == 0: aligned rows
     qh_row = qh_ptr + tl.multiple_of(r64 * (K // 16), 16)
     acc = tl.zeros([BLOCK_N, HALVES], dtype=tl.float32)
-    lo_u = tl.program_id(1) * SPLIT_UNITS
-    hi_u = tl.minimum(nh, lo_u + SPLIT_UNITS)
     for h0 in tl.range(lo_u, hi_u, HALVES, num_stages=STAGES):
         hh = h0 + hh_
         hmask = hh < hi_u
@@ -388,8 +388,7 @@ def gemv_q6_k_i8_kernel(
             tot += s * dx[None, :, None] * (dot.to(tl.float32) - 32 * xs[None])
         d = tl.load(d_ptr + r64[:, None] * (K // 256) + (hc // 2)[None, :]).to(tl.float32)
         acc += d * tl.sum(tot, axis=2)
-    y = tl.sum(acc, axis=1)
-    tl.store(y_ptr + tl.program_id(1) * stride_yk + pid_m * stride_ym + rows, y, mask=rmask)
+    _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
 
 
 def asm_dp4a(device_type: str) -> bool:

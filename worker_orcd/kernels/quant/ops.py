@@ -123,13 +123,20 @@ class RoundedX(NamedTuple):
 
     @staticmethod
     def empty(m: int, k: int, device: torch.device) -> RoundedX:
-        if k % 32:
-            raise ValueError(f"x is rounded per 32 elements; rows of {k} are not whole blocks")
+        _check_blocks(k)
         return RoundedX(
             torch.empty((m, k // 4), dtype=torch.int32, device=device),
             torch.empty((m, k // 32), dtype=torch.float32, device=device),
             torch.empty((m, k // 16), dtype=torch.float32, device=device),
         )
+
+    def check(self, m: int, k: int) -> None:
+        """That these are buffers a kernel can write x [m, k] rounded into."""
+        _check_blocks(k)
+        shapes = ((m, k // 4), (m, k // 32), (m, k // 16))
+        for t, shape in zip(self, shapes, strict=True):
+            if t.shape != shape or not t.is_contiguous():
+                raise ValueError(f"rounded x [{m}, {k}] needs contiguous {shape}, got {t.shape}")
 
 
 def takes_rounded_x(
@@ -140,6 +147,11 @@ def takes_rounded_x(
         device.type == "cuda" and HAS_TRITON and m <= GEMV_MAX_ROWS
         and gemv_config(qtype, n, k).prequant
     )  # fmt: skip
+
+
+def _check_blocks(k: int) -> None:
+    if k % 32:
+        raise ValueError(f"x is rounded per 32 elements; rows of {k} are not whole blocks")
 
 
 # Weights per K unit of each GEMV kernel (its tile counts these units).

@@ -54,10 +54,8 @@ def silu_and_mul(x: torch.Tensor, rounded: RoundedX | None = None) -> torch.Tens
     assert x.stride(1) == 1
     y = torch.empty((n_rows, inter), dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(inter))
-    if rounded is not None:
-        if inter % 32 or rounded.words.shape != (n_rows, inter // 4):
-            raise ValueError(f"rounded x needs buffers for [{n_rows}, {inter}] (a multiple of 32)")
-        block = max(block, 32)
+    if rounded is not None:  # inter % 32 == 0, so BLOCK holds whole blocks of 32
+        rounded.check(n_rows, inter)
     if n_rows:
         _silu_and_mul_kernel[(n_rows, triton.cdiv(inter, block))](
             x, y, *(rounded if rounded is not None else (y, y, y)), inter, x.stride(0),

@@ -77,7 +77,7 @@ def _launch(
     )
     block_d = triton.next_power_of_2(d)
     if rounded is not None:
-        _check_rounded(rounded, n_rows, d)
+        rounded.check(n_rows, d)
     if n_rows:
         _rms_norm_kernel[(n_rows,)](
             x,
@@ -103,11 +103,6 @@ def _launch(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, D], weight [D] -> [T, D]."""
     return _launch(x, None, weight, eps)[0]
-
-
-def _check_rounded(rounded: RoundedX, n_rows: int, d: int) -> None:
-    if d % 32 or rounded.words.shape != (n_rows, d // 4) or not rounded.words.is_contiguous():
-        raise ValueError(f"rounded x needs contiguous buffers for [{n_rows}, {d}] (d % 32 == 0)")
 
 
 def add_rms_norm(

@@ -414,52 +414,16 @@ def _prefill_kernel(
     full_end = lo
     if window == 0:
         full_end = (first_pos + m0 + 1) // BLOCK_N * BLOCK_N
-    for n0 in range(lo, full_end, BLOCK_N):
-        m_i, l_i, acc = _prefill_block(
-            q,
-            kc_ptr,
-            vc_ptr,
-            bt_row,
-            n0,
-            hi,
-            q_pos,
-            window,
-            m_i,
-            l_i,
-            acc,
-            qk_scale,
-            hk,
-            HK,
-            D,
-            cols,
-            d_mask,
-            PAGE,
-            BLOCK_N,
-            False,
-        )
-    for n0 in range(full_end, hi, BLOCK_N):
-        m_i, l_i, acc = _prefill_block(
-            q,
-            kc_ptr,
-            vc_ptr,
-            bt_row,
-            n0,
-            hi,
-            q_pos,
-            window,
-            m_i,
-            l_i,
-            acc,
-            qk_scale,
-            hk,
-            HK,
-            D,
-            cols,
-            d_mask,
-            PAGE,
-            BLOCK_N,
-            True,
-        )
+    for masked in tl.static_range(2):  # the full blocks unmasked, then the rest masked
+        if masked == 0:
+            start, end = lo, full_end
+        else:
+            start, end = full_end, hi
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _prefill_block(
+                q, kc_ptr, vc_ptr, bt_row, n0, hi, q_pos, window, m_i, l_i, acc, qk_scale, hk,
+                HK, D, cols, d_mask, PAGE, BLOCK_N, masked == 1,
+            )  # fmt: skip
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(

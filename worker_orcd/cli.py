@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from worker_orcd.engine.options import add_load_arguments
+from worker_orcd.engine.options import add_load_arguments, batch_kwargs
 from worker_orcd.errors import WorkerError
 
 logger = logging.getLogger("worker_orcd")
@@ -121,6 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_context=args.max_context,
         weights=args.weights,
+        **batch_kwargs(args),
     )
     if args.chat:
         ids = engine.encode_prompt(

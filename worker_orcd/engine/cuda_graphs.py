@@ -42,6 +42,14 @@ from worker_orcd.model import CausalLM
 logger = logging.getLogger(__name__)
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Decode batch sizes with a graph; a batch is padded up to the next one.
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """The decode graph batch sizes up to max_num_seqs, which is one of them."""
+    sizes = {b for b in DECODE_BUCKETS if b < max_num_seqs} | {max_num_seqs}
+    return tuple(sorted(sizes))
 GREEDY_RING = 4  # pinned id slots of DecodeGraphs: steps launched ahead of the host's reads
 
 
@@ -119,7 +127,8 @@ class DecodeGraphs:
         self.kv = kv
         self.device = dev = kv.k.device
         self.max_batch = b = max(batch_sizes)
-        self.max_blocks = kv.num_blocks
+        # Block-table width: the blocks of the longest sequence the model or the cache holds.
+        self.max_blocks = min(kv.num_blocks, -(-model.max_positions // kv.block_size))
         # Ids the greedy pick skips, as the sampler does (fixed at capture).
         self.banned_ids: torch.Tensor | None = None
         if banned_ids is not None and banned_ids.numel():
@@ -308,6 +317,83 @@ class GreedySteps:
         self.graphs.greedy_done[slot].synchronize()
         self._read += 1
         return int(self.graphs.greedy_ids[slot])
+
+
+class DeviceFedSteps:
+    """Greedy decode steps of a batch of sequences on the decode graphs, fed on the device.
+
+    `start` writes one step's inputs from the host and launches it; each `chain` launches the next
+    step on the previous one's argmax (the graph advances its own inputs) without waiting; `read`
+    waits for a launched step and returns its ids. So the host can launch step i + 1 before it has
+    read step i, and the GPU never waits for the host while the batch stays the same. Block-table
+    entries the caller adds between launches are copied to the device before the step that needs
+    them. A launched step whose ids are never read is dropped: it wrote K/V at its positions (the
+    caller owned those blocks when it launched) and its ids into a pinned slot a later copy reuses.
+    """
+
+    def __init__(self, graphs: DecodeGraphs) -> None:
+        self.graphs = graphs
+        b = graphs.max_batch
+        self._ids = torch.zeros((GREEDY_RING, b), dtype=torch.int64, pin_memory=True)
+        self._done = [torch.cuda.Event() for _ in range(GREEDY_RING)]
+        self._positions: list[int] = []  # of the next launch, per row
+        self._on_device: list[int] = []  # block-table entries the device holds, per row
+        self._launched = 0
+        self._read = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._launched - self._read
+
+    @torch.inference_mode()
+    def start(
+        self,
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+    ) -> int:
+        """Launch a step on host inputs; returns its ticket for `read`."""
+        assert self.in_flight == 0, "read the steps in flight before starting anew"
+        self.graphs.load_inputs(token_ids, positions, block_tables)
+        self._positions = list(positions)
+        self._on_device = [len(t) for t in block_tables]
+        return self._launch()
+
+    @torch.inference_mode()
+    def chain(self, block_tables: Sequence[Sequence[int]]) -> int:
+        """Launch the next step of the same rows on the last one's ids; block_tables cover it."""
+        g = self.graphs
+        assert self.in_flight < GREEDY_RING, "read ids before launching further"
+        assert len(block_tables) == len(self._positions)
+        for row, table in enumerate(block_tables):
+            if len(table) > g.max_blocks:
+                raise ValueError(f"block table of {len(table)} blocks; at most {g.max_blocks}")
+            for i in range(self._on_device[row], len(table)):
+                g.block_tables[row, i : i + 1].fill_(table[i])  # no host sync
+            self._on_device[row] = len(table)
+        return self._launch()
+
+    def _launch(self) -> int:
+        g = self.graphs
+        n = len(self._positions)
+        size = g.batch_size_for(n)
+        assert size is not None
+        _, next_ids = g.replay(g.key(size, max(self._positions) + 1))
+        slot = self._launched % GREEDY_RING
+        self._ids[slot, :n].copy_(next_ids[:n], non_blocking=True)
+        self._done[slot].record()
+        self._positions = [p + 1 for p in self._positions]
+        ticket = self._launched
+        self._launched += 1
+        return ticket
+
+    def read(self, ticket: int) -> list[int]:
+        """The ids of the oldest unread step (which must be `ticket`), once it has run."""
+        assert ticket == self._read and self.in_flight > 0, (ticket, self._read)
+        slot = ticket % GREEDY_RING
+        self._done[slot].synchronize()
+        self._read += 1
+        return self._ids[slot, : len(self._positions)].tolist()
 
 
 class PromptGraphs:

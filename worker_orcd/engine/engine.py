@@ -1,20 +1,28 @@
-"""Engine: load a GGUF model once, then score prompts and generate text, one request at a time.
+"""Engine: load a GGUF model once, then serve many requests at once through one step loop.
 
     engine = Engine.load(path)   # cpu/float32; Engine.load(path, device="cuda") is bf16
     out = engine.generate("Hello", SamplingParams(max_tokens=16, temperature=0))
     for delta in engine.stream("Hello", params): ...
+    outs = engine.generate_batch(["a", "b"], params)
+    handle = engine.submit(prompt, params, on_text=..., on_done=...)  # from any thread
 
-The engine is driven from one worker thread at a time (the server serialises jobs). The pieces below
-it: Sequence (state), Scheduler (policy), BlockManager (KV blocks), ModelRunner (tensors);
-generation.py holds the per-request loop.
+Requests are added from any thread; one engine thread (started with the first request) runs
+`step()`: the scheduler picks prompt chunks and one decode token of every running sequence, one
+forward pass runs the flat batch, each sequence due samples with its own parameters and seeded
+generator, and its Request streams the text, checks stops and ends it. The pieces: Sequence
+(state), Scheduler (policy), BlockManager (KV blocks), ModelRunner (tensors), Request (a request's
+output side), StepLoop (the engine thread and its steps, steps.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +32,20 @@ import torch
 
 from worker_orcd.config import ModelConfig
 from worker_orcd.engine.block_manager import BlockManager
-from worker_orcd.engine.generation import run_generation
-from worker_orcd.engine.kv_cache import KVCache
+from worker_orcd.engine.kv_cache import KVCache, plan_kv_tokens
 from worker_orcd.engine.model_runner import ModelRunner
-from worker_orcd.engine.scheduler import Scheduler
+from worker_orcd.engine.request import DoneCallback, Request, RequestHandle, TextCallback
+from worker_orcd.engine.sampler import make_generator
+from worker_orcd.engine.scheduler import ScheduledBatch, Scheduler
 from worker_orcd.engine.sequence import Sequence
+from worker_orcd.engine.steps import EngineStats, StepLoop, StepObserver
 from worker_orcd.engine.types import GenerationOutput, SamplingParams
 from worker_orcd.errors import (
     InsufficientVramError,
     InvalidRequestError,
     ModelLoadError,
     VramOomError,
+    WorkerError,
 )
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.loader import WEIGHT_MODES, load_model
@@ -48,8 +59,11 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-# Prompt tokens per forward pass; longer prompts are prefilled in chunks over the cached ones.
-MAX_PREFILL_TOKENS = 4096
+# Tokens per forward pass (prompt chunks and decode tokens); longer prompts are prefilled in
+# chunks over the cached ones.
+MAX_BATCH_TOKENS = 4096
+MAX_NUM_SEQS = 64  # sequences decoded together
+GPU_MEMORY_UTILIZATION = 0.9  # share of the device's memory the weights, cache and work may use
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +76,9 @@ class EngineInfo:
     weight_bytes: int  # on the device
     weight_mix: dict[str, int]  # storage type on the device ("Q4_K", "bfloat16", ...) -> bytes
     kv_cache_bytes: int
+    kv_cache_tokens: int  # slots of the paged cache, shared by every sequence
+    max_num_seqs: int
+    max_batch_tokens: int
     quant_mix: dict[str, int]  # GGUF quant type -> number of tensors in the file
     tokenizer_kind: str
     vocab_size: int
@@ -114,6 +131,8 @@ class Engine:
         info: EngineInfo,
         path: Path | None = None,
         cuda_graphs: bool | None = None,
+        max_num_seqs: int = MAX_NUM_SEQS,
+        max_batch_tokens: int | None = None,
     ) -> None:
         self.path = path
         self.model = model
@@ -126,7 +145,9 @@ class Engine:
         self._info = info
         self.blocks = BlockManager(kv.num_blocks, kv.block_size)
         self.scheduler = Scheduler(
-            self.blocks, max_batch_tokens=min(MAX_PREFILL_TOKENS, context_length), max_seqs=1
+            self.blocks,
+            max_batch_tokens=max_batch_tokens or min(MAX_BATCH_TOKENS, context_length),
+            max_seqs=max_num_seqs,
         )
         self.banned_ids = self._banned_ids()  # [n] int64 on the device
         self.runner = ModelRunner(
@@ -134,10 +155,9 @@ class Engine:
             kv,
             cuda_graphs=resolve_cuda_graphs(cuda_graphs, self.device),
             banned_ids=self.banned_ids,
+            max_num_seqs=max_num_seqs,
         )
-        # Greedy requests (no repetition penalty) decode on the graph fed by its own argmax, the
-        # host one token behind; False keeps them on the host-fed loop (bench, tests).
-        self.pipelined_greedy = True
+        self.loop = StepLoop(self.runner, self.scheduler, self.banned_ids, self.device)
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -151,10 +171,20 @@ class Engine:
         *,
         cuda_graphs: bool | None = None,
         weights: str | None = None,
+        max_num_seqs: int = MAX_NUM_SEQS,
+        max_batch_tokens: int | None = None,
+        kv_cache_tokens: int | None = None,
+        gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
     ) -> Engine:
-        """Load a GGUF model, KV cache for min(model context, max_context) tokens allocated up
-        front. `weights`: "quantized" keeps Q4_0/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K tensors in their blocks
-        on `device` (fused dequantize-matmul kernels), "dequantized" turns every tensor into
+        """Load a GGUF model; a sequence holds at most min(model context, max_context) tokens.
+
+        The paged KV cache is shared by all sequences: `kv_cache_tokens` slots, or on CUDA as many
+        as fit in `gpu_memory_utilization` of the device's memory once the weights are loaded
+        (capped at what max_num_seqs full-length sequences could use); on CPU one full-length
+        sequence by default, its pages committed as they are written. Up to `max_num_seqs`
+        sequences decode together and a forward pass carries at most `max_batch_tokens` tokens
+        (default min(4096, context)). `weights`: "quantized" keeps Q4_0/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K
+        tensors in their blocks on `device` (fused dequantize-matmul kernels), "dequantized" turns every tensor into
         `dtype`; default quantized on CUDA, dequantized on CPU. `cuda_graphs` captures the decode
         and prompt graphs on CUDA (Triton kernels) and replays them where a batch fits; default on
         for CUDA when Triton is installed, off on CPU (True there is an error)."""
@@ -167,6 +197,9 @@ class Engine:
         use_graphs = resolve_cuda_graphs(cuda_graphs, dev)
         if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
             raise ModelLoadError(f"max_context must be a positive integer (got {max_context!r})")
+        _check_batch_options(
+            max_num_seqs, max_batch_tokens, kv_cache_tokens, gpu_memory_utilization
+        )
         with GGUFFile.open(path) as f:
             config = ModelConfig.from_gguf(f)
             tokenizer = Tokenizer.from_gguf(f.metadata)
@@ -201,18 +234,29 @@ class Engine:
                     max_positions=context,
                     weights=weight_mode,
                 )
-                kv = KVCache.allocate(config, context, dtype=compute_dtype, device=dev)
+                batch_tokens = max_batch_tokens or min(MAX_BATCH_TOKENS, context)
+                kv_tokens = plan_kv_tokens(
+                    config,
+                    context,
+                    dtype=compute_dtype,
+                    device=dev,
+                    max_num_seqs=max_num_seqs,
+                    max_batch_tokens=batch_tokens,
+                    kv_cache_tokens=kv_cache_tokens,
+                    gpu_memory_utilization=gpu_memory_utilization,
+                )
+                kv = KVCache.allocate(config, kv_tokens, dtype=compute_dtype, device=dev)
             except torch.OutOfMemoryError as e:
                 if weight_mode == "quantized":  # about the file's size (F32 norms stay small)
                     need = sum(t.n_bytes for t in f.tensors.values())
                 else:
                     elem = torch.empty(0, dtype=compute_dtype).element_size()
                     need = config.n_params_estimate() * elem
-                kv_need = KVCache.bytes_for(config, context, compute_dtype)
+                kv_need = KVCache.bytes_for(config, kv_cache_tokens or context, compute_dtype)
                 raise InsufficientVramError(
                     f"out of GPU memory loading {name} on {dev}: weights need ~{need / 1e9:.2f} GB "
-                    f"and the KV cache for {context} tokens {kv_need / 1e9:.2f} GB "
-                    "(a smaller max_context shrinks the cache)"
+                    f"and a KV cache of {kv_cache_tokens or context} tokens {kv_need / 1e9:.2f} GB "
+                    "(a smaller --kv-cache-tokens or --max-context shrinks the cache)"
                 ) from e
         info = EngineInfo(
             model_name=str(name),
@@ -223,18 +267,24 @@ class Engine:
             weight_bytes=report.weight_bytes,
             weight_mix=report.weight_mix,
             kv_cache_bytes=kv.nbytes,
+            kv_cache_tokens=kv.num_slots,
+            max_num_seqs=max_num_seqs,
+            max_batch_tokens=batch_tokens,
             quant_mix=quant_mix,
             tokenizer_kind=tokenizer.kind,
             vocab_size=config.vocab_size,
             context_length=context,
         )
         logger.info(
-            "loaded %s in %.2fs: %d tensors, weights %.1f MB, KV cache %.1f MB (%d tokens)",
+            "loaded %s in %.2fs: %d tensors, weights %.1f MB, KV cache %.1f MB (%d tokens shared "
+            "by up to %d sequences of at most %d)",
             name,
             time.perf_counter() - start,
             report.n_tensors,
             report.weight_bytes / 1e6,
             kv.nbytes / 1e6,
+            kv.num_slots,
+            max_num_seqs,
             context,
         )
         return cls(
@@ -246,6 +296,8 @@ class Engine:
             info=info,
             path=Path(path),
             cuda_graphs=use_graphs,
+            max_num_seqs=max_num_seqs,
+            max_batch_tokens=batch_tokens,
         )
 
     def info(self) -> EngineInfo:
@@ -296,35 +348,84 @@ class Engine:
         return ids
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        if n_prompt + max_tokens > self.context_length:
+        """A request must fit the context, and the whole KV cache when it runs alone."""
+        total = n_prompt + max_tokens
+        if total > self.context_length:
             raise InvalidRequestError(
-                f"prompt of {n_prompt} tokens + max_tokens {max_tokens} = {n_prompt + max_tokens} "
+                f"prompt of {n_prompt} tokens + max_tokens {max_tokens} = {total} "
                 f"exceeds the context of {self.context_length} tokens"
+            )
+        slots = self.blocks.num_blocks * self.blocks.block_size
+        if total > slots:
+            raise InvalidRequestError(
+                f"prompt of {n_prompt} tokens + max_tokens {max_tokens} = {total} "
+                f"exceeds the KV cache of {slots} tokens"
             )
 
     # -- scoring and generation ----------------------------------------------------------------
 
     def score(self, ids: SequenceOf[int]) -> torch.Tensor:
-        """float32 logits [len(ids), vocab] at every position, computed on a fresh cache."""
+        """float32 logits [len(ids), vocab] at every position, computed on a fresh cache (between
+        two engine steps; blocks from the shared pool)."""
         token_ids = self.prompt_ids(ids)
         if len(token_ids) > self.context_length:
             raise InvalidRequestError(
                 f"{len(token_ids)} tokens exceed the context of {self.context_length} tokens"
             )
         seq = Sequence.from_prompt(token_ids)
-        self.scheduler.add(seq)
+        chunk = self.scheduler.max_batch_tokens
         chunks: list[torch.Tensor] = []
-        try:
-            while seq.n_uncached:
-                batch = self.scheduler.schedule()
-                chunks.append(self.runner.forward(batch, all_logits=True).cpu())
-                self.scheduler.postprocess(batch)
-        except torch.OutOfMemoryError as e:
-            self.release_cached_memory()
-            raise VramOomError(f"out of GPU memory scoring {len(token_ids)} tokens") from e
-        finally:
-            self.scheduler.finish(seq)
+        with self.loop.lock, torch.inference_mode():
+            if not self.blocks.can_hold(seq, len(token_ids)):
+                raise InvalidRequestError(
+                    f"{len(token_ids)} tokens need {self.blocks.blocks_for(len(token_ids))} KV "
+                    f"blocks; {self.blocks.num_free} of {self.blocks.num_blocks} are free"
+                )
+            try:
+                while seq.n_uncached:
+                    n = min(seq.n_uncached, chunk)
+                    self.blocks.reserve(seq, seq.n_cached + n)
+                    batch = ScheduledBatch([seq], [n], is_prefill=True)
+                    chunks.append(self.runner.forward(batch, all_logits=True).cpu())
+                    seq.n_cached += n
+            except torch.OutOfMemoryError as e:
+                self.release_cached_memory()
+                raise VramOomError(f"out of GPU memory scoring {len(token_ids)} tokens") from e
+            finally:
+                self.blocks.release(seq)
         return torch.cat(chunks)
+
+    def submit(
+        self,
+        prompt: str | SequenceOf[int],
+        params: SamplingParams,
+        *,
+        on_text: TextCallback | None = None,
+        on_done: DoneCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> RequestHandle:
+        """Queue a request from any thread; it runs batched with the others. Invalid parameters,
+        a prompt that does not fit and the like raise InvalidRequestError here. `on_text` gets each
+        text delta and `on_done(output, error)` is called exactly once, both on the engine thread
+        (keep them quick). Setting `cancel` (or `handle.cancel()`) ends it within one step."""
+        params.validate()
+        prompt_ids = self.prompt_ids(prompt)
+        self.check_fits(len(prompt_ids), params.max_tokens)
+        seed = params.seed if params.seed is not None else secrets.randbits(64)
+        request = Request(
+            seq=Sequence.from_prompt(prompt_ids),
+            params=params,
+            seed=seed,
+            rng=make_generator(seed, self.device),
+            decoder=self.tokenizer.decoder(prev_id=prompt_ids[-1]),
+            eog=self.tokenizer.eog_ids,
+            context_length=self.context_length,
+            on_text=on_text,
+            on_done=on_done,
+            cancel=cancel if cancel is not None else threading.Event(),
+        )
+        self.loop.add(request)
+        return RequestHandle(request)
 
     def generate(
         self,
@@ -334,16 +435,39 @@ class Engine:
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerationOutput:
-        """Generate from a prompt (text, or token ids); on_text gets each text delta as it is
-        ready."""
-        steps = run_generation(self, prompt, params, cancel)
-        while True:
+        """Generate from a prompt (text, or token ids), batched with whatever else runs; on_text
+        gets each text delta as it is ready (on the engine thread)."""
+        handle = self.submit(prompt, params, on_text=on_text, cancel=cancel)
+        try:
+            return handle.result()
+        except BaseException:
+            handle.cancel()  # an interrupted caller leaves nothing running
+            raise
+
+    def generate_batch(
+        self,
+        prompts: SequenceOf[str | SequenceOf[int]],
+        params: SamplingParams | SequenceOf[SamplingParams],
+    ) -> list[GenerationOutput]:
+        """Run many requests together; outputs in prompt order. One SamplingParams serves all, or
+        give one per prompt. Every request is validated before any is submitted."""
+        per = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per) != len(prompts):
+            raise InvalidRequestError(f"{len(per)} sampling parameters for {len(prompts)} prompts")
+        for i, p in enumerate(per):
             try:
-                delta = next(steps)
-            except StopIteration as done:
-                return done.value
-            if on_text is not None:
-                on_text(delta)
+                p.validate()
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"request {i}: {e.message}") from e
+        handles: list[RequestHandle] = []
+        try:
+            for prompt, p in zip(prompts, per, strict=True):
+                handles.append(self.submit(prompt, p))
+            return [h.result() for h in handles]
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
 
     def stream(
         self,
@@ -352,10 +476,63 @@ class Engine:
         cancel: threading.Event | None = None,
     ) -> Iterator[str]:
         """Text deltas as they are generated; the generator's return value is the
-        GenerationOutput."""
-        return run_generation(self, prompt, params, cancel)
+        GenerationOutput. Closing the generator early cancels the request."""
+        deltas: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        handle = self.submit(
+            prompt, params, on_text=deltas.put, on_done=lambda *_: deltas.put(None), cancel=cancel
+        )
+        return _drain(handle, deltas)
+
+    def stats(self) -> EngineStats:
+        """Running and waiting sequences, KV blocks in use, preemptions, steps so far."""
+        return self.loop.stats()
+
+    def set_step_observer(self, observer: StepObserver | None) -> None:
+        """Called on the engine thread after every forward pass with (sequences, tokens)."""
+        self.loop.on_step = observer
+
+    def close(self) -> None:
+        """Stop the engine thread; requests still running end with CANCELLED."""
+        self.loop.close()
 
     def release_cached_memory(self) -> None:
         """After a GPU OOM: hand the allocator's cached blocks back (the request's are freed)."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _drain(
+    handle: RequestHandle, deltas: queue.SimpleQueue[str | None]
+) -> Generator[str, None, GenerationOutput]:
+    try:
+        while (delta := deltas.get()) is not None:
+            yield delta
+        return handle.result()
+    finally:
+        if not handle.done:  # closed early: the request ends within one step, blocks freed
+            handle.cancel()
+            with contextlib.suppress(WorkerError):
+                handle.result()
+
+
+def _check_batch_options(
+    max_num_seqs: int,
+    max_batch_tokens: int | None,
+    kv_cache_tokens: int | None,
+    gpu_memory_utilization: float,
+) -> None:
+    problems = []
+    if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+        problems.append(f"max_num_seqs must be a positive integer (got {max_num_seqs!r})")
+    if max_batch_tokens is not None and (
+        not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
+    ):
+        problems.append(f"max_batch_tokens must be a positive integer (got {max_batch_tokens!r})")
+    if kv_cache_tokens is not None and (
+        not isinstance(kv_cache_tokens, int) or kv_cache_tokens < 1
+    ):
+        problems.append(f"kv_cache_tokens must be a positive integer (got {kv_cache_tokens!r})")
+    if not 0.0 < gpu_memory_utilization <= 1.0:
+        problems.append(f"gpu_memory_utilization must be in (0, 1] (got {gpu_memory_utilization})")
+    if problems:
+        raise ModelLoadError("; ".join(problems))

@@ -14,7 +14,12 @@ from collections.abc import Callable
 
 import torch
 
-from worker_orcd.engine.cuda_graphs import CudaGraphRunner, GreedySteps
+from worker_orcd.engine.cuda_graphs import (
+    CudaGraphRunner,
+    DeviceFedSteps,
+    GreedySteps,
+    decode_buckets,
+)
 from worker_orcd.engine.kv_cache import KVCache
 from worker_orcd.engine.scheduler import ScheduledBatch
 from worker_orcd.kernels import AttentionMetadata
@@ -31,6 +36,7 @@ class ModelRunner:
         *,
         cuda_graphs: bool = False,
         banned_ids: torch.Tensor | None = None,
+        max_num_seqs: int = 1,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -49,7 +55,11 @@ class ModelRunner:
         # None on CPU, without Triton, or when turned off (Engine.load turns them on for CUDA by
         # default): every step runs eagerly. banned_ids: what the decode graph's greedy pick skips.
         self.graphs = (
-            CudaGraphRunner.create(model, kv, banned_ids=banned_ids) if cuda_graphs else None
+            CudaGraphRunner.create(
+                model, kv, batch_sizes=decode_buckets(max_num_seqs), banned_ids=banned_ids
+            )
+            if cuda_graphs
+            else None
         )
 
     def greedy_steps(self) -> GreedySteps | None:
@@ -57,6 +67,10 @@ class ModelRunner:
         if self.graphs is None or self.graphs.decode.batch_size_for(1) != 1:
             return None
         return GreedySteps(self.graphs.decode)
+
+    def device_fed_steps(self) -> DeviceFedSteps | None:
+        """Device-fed greedy decode of whole batches on the decode graphs, or None (no graphs)."""
+        return None if self.graphs is None else DeviceFedSteps(self.graphs.decode)
 
     def prepare(
         self, batch: ScheduledBatch

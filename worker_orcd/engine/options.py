@@ -6,13 +6,14 @@ Kept free of torch so that building the CLI's parser stays cheap.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 WEIGHT_CHOICES = ("quantized", "dequantized")
 
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
-    """--dtype and --weights, passed to Engine.load."""
+    """--dtype, --weights and the batching / KV-cache budget, passed to Engine.load."""
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES)
     p.add_argument(
         "--weights",
@@ -21,3 +22,43 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
         help="keep GGUF quantized blocks on the device or expand them to --dtype "
         "(default: quantized on cuda, dequantized on cpu)",
     )
+    add_batch_arguments(p)
+
+
+def add_batch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=64,
+        help="sequences decoded together in one batch (default 64)",
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="tokens (prompt chunks and decode tokens) per forward pass "
+        "(default min(4096, context))",
+    )
+    p.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=None,
+        help="slots of the shared KV cache (default: from --gpu-memory-utilization on cuda, one "
+        "full-length sequence on cpu)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="share of the GPU's memory that weights, KV cache and work may use (default 0.9)",
+    )
+
+
+def batch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine.load keyword arguments of add_batch_arguments' options."""
+    return {
+        "max_num_seqs": args.max_num_seqs,
+        "max_batch_tokens": args.max_batch_tokens,
+        "kv_cache_tokens": args.kv_cache_tokens,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+    }

@@ -27,6 +27,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     n_cached: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
+    preemptions: int = 0  # times its blocks were taken back and its tokens recomputed
 
     @classmethod
     def from_prompt(cls, prompt_ids: list[int]) -> Sequence:

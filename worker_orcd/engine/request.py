@@ -1,0 +1,200 @@
+"""Request: everything request-shaped that hangs off one sequence in the step loop.
+
+The step loop hands each sampled id to `Request.push`, which appends it to the sequence, streams its
+text through the stop matcher to `on_text`, and says whether generation ends after it. `finish`
+flushes the held-back text, builds the GenerationOutput and calls `on_done` exactly once; `fail`
+ends the request with an error instead. Callbacks run on the engine thread: they must be quick
+(hand the value to a queue or an event loop) and must not call back into the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from worker_orcd.engine.sequence import Sequence
+from worker_orcd.engine.stop import StopMatcher
+from worker_orcd.engine.types import GenerationOutput, SamplingParams, StopReason, Timings
+from worker_orcd.errors import WorkerError
+from worker_orcd.tokenizer.decoder import IncrementalDecoder
+
+logger = logging.getLogger(__name__)
+
+TextCallback = Callable[[str], None]
+DoneCallback = Callable[[GenerationOutput | None, WorkerError | None], None]
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    seq: Sequence
+    params: SamplingParams
+    seed: int
+    rng: torch.Generator
+    decoder: IncrementalDecoder
+    eog: frozenset[int]
+    context_length: int
+    on_text: TextCallback | None = None
+    on_done: DoneCallback | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stops: StopMatcher = field(init=False)
+    parts: list[str] = field(default_factory=list)
+    timings: Timings = field(init=False)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    scheduled_at: float = 0.0  # first forward pass that carried its prompt
+    first_token_at: float = 0.0
+    output: GenerationOutput | None = None
+    error: WorkerError | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    _cancel_seen: bool = False
+
+    def __post_init__(self) -> None:
+        self.stops = StopMatcher(self.params.stop)
+        self.timings = Timings(prompt_tokens=self.seq.n_prompt)
+
+    def cancelled(self) -> bool:
+        """Whether the cancel is set; once seen, it is not polled again."""
+        if not self._cancel_seen and self.cancel.is_set():
+            self._cancel_seen = True
+        return self._cancel_seen
+
+    @property
+    def greedy_on_device(self) -> bool:
+        """Whether a graph's own argmax picks what `sample` would (greedy, banned ids only)."""
+        return self.params.temperature == 0 and self.params.repetition_penalty == 1.0
+
+    def history(self) -> torch.Tensor | None:
+        """The ids seen so far, for the repetition penalty (None when it is off)."""
+        if self.params.repetition_penalty == 1.0:
+            return None
+        return torch.tensor(self.seq.token_ids, dtype=torch.int64)
+
+    def push(self, token: int) -> StopReason | None:
+        """Append token, stream its text; EOS, STOP_SEQUENCE or a count limit if generation ends
+        after it (None: go on). A cancel is the step loop's to check."""
+        seq = self.seq
+        if not seq.generated and not self.first_token_at:
+            self.first_token_at = time.perf_counter()
+        seq.append(token)
+        if token in self.eog:
+            return StopReason.EOS
+        text, matched = self.stops.feed(self.decoder.push(token))
+        self._emit(text)
+        if matched is not None:
+            return StopReason.STOP_SEQUENCE
+        return self.limit()
+
+    def limit(self) -> StopReason | None:
+        if len(self.seq.generated) >= self.params.max_tokens:
+            return StopReason.MAX_TOKENS
+        if len(self.seq) >= self.context_length:
+            return StopReason.CONTEXT_FULL
+        return None
+
+    def room_for(self, n: int) -> bool:
+        """Whether generation can go on once n more tokens are appended (count limits only)."""
+        seq = self.seq
+        return (
+            len(seq.generated) + n < self.params.max_tokens
+            and len(seq) + n < self.context_length
+        )
+
+    def _emit(self, text: str) -> None:
+        if not text:
+            return
+        self.parts.append(text)
+        if self.on_text is not None:
+            self.on_text(text)
+
+    def finish(self, reason: StopReason) -> GenerationOutput:
+        """End with `reason`: flush the held-back text (a stop string may complete in it), then
+        report the output once."""
+        if reason is not StopReason.STOP_SEQUENCE:
+            text, _ = self.stops.feed(self.decoder.flush())
+            tail = text if self.stops.matched is not None else text + self.stops.flush()
+            if self.stops.matched is not None:  # in the flushed text, or held back behind a longer
+                reason = StopReason.STOP_SEQUENCE
+            self._emit(tail)
+        now = time.perf_counter()
+        t = self.timings
+        t.tokens_out = len(self.seq.generated)
+        start = self.scheduled_at or now
+        first = self.first_token_at or now
+        t.prefill_ms = (first - start) * 1e3 if self.first_token_at else 0.0
+        t.first_token_ms = (first - self.submitted_at) * 1e3 if self.first_token_at else 0.0
+        t.decode_ms = (now - first) * 1e3 if self.first_token_at else 0.0
+        self.output = GenerationOutput(
+            prompt_ids=self.seq.token_ids[: self.seq.n_prompt],
+            token_ids=self.seq.generated,
+            text="".join(self.parts),
+            stop_reason=reason,
+            seed=self.seed,
+            stop_sequence=self.stops.matched,
+            timings=t,
+        )
+        _log_request(self.output)
+        self._done()
+        return self.output
+
+    def fail(self, error: WorkerError) -> None:
+        self.error = error
+        self._done()
+
+    def _done(self) -> None:
+        self.done.set()
+        if self.on_done is not None:
+            try:
+                self.on_done(self.output, self.error)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop the step loop
+                logger.exception("on_done callback of sequence %d failed", self.seq.seq_id)
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: wait for the output, or cancel (the request then ends with
+    CANCELLED within one engine step, keeping the text produced so far)."""
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    @property
+    def seed(self) -> int:
+        return self._request.seed
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._request.seq.n_prompt
+
+    @property
+    def done(self) -> bool:
+        return self._request.done.is_set()
+
+    def cancel(self) -> None:
+        self._request.cancel.set()
+
+    def result(self, timeout: float | None = None) -> GenerationOutput:
+        """The output once the request has ended; raises its error if it failed."""
+        if not self._request.done.wait(timeout):
+            raise TimeoutError(f"request not done after {timeout} s")
+        if self._request.error is not None:
+            raise self._request.error
+        assert self._request.output is not None
+        return self._request.output
+
+
+def _log_request(out: GenerationOutput) -> None:
+    t = out.timings
+    logger.info(
+        "request: %d prompt tokens, prefill %.1f ms (%.1f tok/s), TTFT %.1f ms, decode %.1f tok/s, "
+        "%d tokens out, stop %s",
+        t.prompt_tokens,
+        t.prefill_ms,
+        t.prefill_tok_s,
+        t.first_token_ms,
+        t.decode_tok_s,
+        t.tokens_out,
+        out.stop_reason.value,
+    )

@@ -50,6 +50,8 @@ def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
     """The decode graph batch sizes up to max_num_seqs, which is one of them."""
     sizes = {b for b in DECODE_BUCKETS if b < max_num_seqs} | {max_num_seqs}
     return tuple(sorted(sizes))
+
+
 GREEDY_RING = 4  # pinned id slots of DecodeGraphs: steps launched ahead of the host's reads
 
 

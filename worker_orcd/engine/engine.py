@@ -184,10 +184,11 @@ class Engine:
         sequence by default, its pages committed as they are written. Up to `max_num_seqs`
         sequences decode together and a forward pass carries at most `max_batch_tokens` tokens
         (default min(4096, context)). `weights`: "quantized" keeps Q4_0/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K
-        tensors in their blocks on `device` (fused dequantize-matmul kernels), "dequantized" turns every tensor into
-        `dtype`; default quantized on CUDA, dequantized on CPU. `cuda_graphs` captures the decode
-        and prompt graphs on CUDA (Triton kernels) and replays them where a batch fits; default on
-        for CUDA when Triton is installed, off on CPU (True there is an error)."""
+        tensors in their blocks on `device` (fused dequantize-matmul kernels), "dequantized"
+        turns every tensor into `dtype`; default quantized on CUDA, dequantized on CPU.
+        `cuda_graphs` captures the decode and prompt graphs on CUDA (Triton kernels) and replays
+        them where a batch fits; default on for CUDA when Triton is installed, off on CPU (True
+        there is an error)."""
         start = time.perf_counter()
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():

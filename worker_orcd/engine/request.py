@@ -99,8 +99,7 @@ class Request:
         """Whether generation can go on once n more tokens are appended (count limits only)."""
         seq = self.seq
         return (
-            len(seq.generated) + n < self.params.max_tokens
-            and len(seq) + n < self.context_length
+            len(seq.generated) + n < self.params.max_tokens and len(seq) + n < self.context_length
         )
 
     def _emit(self, text: str) -> None:

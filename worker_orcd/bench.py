@@ -103,6 +103,16 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="mean context of the timed decode steps",
     )
     p.add_argument("--decode-steps", type=int, default=128)
+    p.add_argument(
+        "--streams",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="B",
+        help="the many-requests workload instead: B streams of --prompt-tokens + --gen-tokens",
+    )
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--no-graph", action="store_true", help="decode eagerly (no CUDA graph)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
 
@@ -122,7 +132,34 @@ def run_bench(args: argparse.Namespace) -> int:
     if need > kv.num_slots:
         raise SystemExit(f"bench needs a context of {need} tokens; the cache holds {kv.num_slots}")
     tokenizer = _tokenizer(args, config)
-    ours = OurBench(model, config, kv, weight_bytes, graph=not args.no_graph, tokenizer=tokenizer)
+    max_seqs = max(args.streams) if args.streams else 1
+    ours = OurBench(
+        model,
+        config,
+        kv,
+        weight_bytes,
+        graph=not args.no_graph,
+        tokenizer=tokenizer,
+        max_num_seqs=max_seqs,
+    )
+    if args.streams:
+        from worker_orcd.bench_streams import print_streams, run_streams
+
+        srows = run_streams(ours, args.streams, args.prompt_tokens, args.gen_tokens, weight_bytes)
+        print_streams(name, ceil, weight_bytes, srows, args.prompt_tokens, args.gen_tokens)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(
+                    {
+                        "model": name,
+                        "ceilings": asdict(ceil),
+                        "weight_bytes": weight_bytes,
+                        "streams": [asdict(r) for r in srows],
+                    },
+                    f,
+                    indent=1,
+                )
+        return 0
     rows = ours.prefill(args.prefill) + ours.decode(args.decode_context, args.decode_steps)
     ttft = ours.ttft(512) if 512 <= kv.num_slots else None
     del ours, model, kv
@@ -166,6 +203,7 @@ def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, Mode
     else:
         logger.warning("Triton not installed: benchmarking the torch reference kernels")
     need = _context_needed(args)
+    slots = need * max(args.streams) if args.streams else need
     if args.preset:
         config = PRESETS[args.preset]
         context = max(need, 512)
@@ -176,7 +214,7 @@ def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, Mode
             max_positions=max(context, config.context_length),
             quantized=args.weights == "quantized",
         )
-        kv = KVCache.allocate(config, context, dtype=torch.bfloat16, device=device)
+        kv = KVCache.allocate(config, max(slots, context), dtype=torch.bfloat16, device=device)
         logger.info("built %s with random weights in %.1fs", args.preset, time.perf_counter() - t0)
         return model, config, kv
     from worker_orcd.gguf import GGUFFile
@@ -197,7 +235,7 @@ def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, Mode
             max_positions=config.context_length,
             weights=args.weights,
         )
-    kv = KVCache.allocate(config, need, dtype=torch.bfloat16, device=device)
+    kv = KVCache.allocate(config, slots, dtype=torch.bfloat16, device=device)
     logger.info("loaded %s in %.1fs", args.model, time.perf_counter() - t0)
     return model, config, kv
 
@@ -226,7 +264,10 @@ def stand_in_tokenizer(vocab_size: int):  # -> Tokenizer
 
 
 def _context_needed(args: argparse.Namespace) -> int:
-    """Cache slots the runs need: the longest prompt, or decode run with its warm-up steps."""
+    """Cache slots one sequence of the runs needs: the longest prompt, or decode run with its
+    warm-up steps; with --streams, a prompt and its generated tokens."""
+    if args.streams:
+        return args.prompt_tokens + args.gen_tokens + 16
     return max(args.prefill + [c + args.decode_steps // 2 + 8 for c in args.decode_context])
 
 
@@ -333,7 +374,15 @@ class OurBench:
     generation through Engine.generate (an Engine built around the same model and cache)."""
 
     def __init__(
-        self, model, config: ModelConfig, kv, weight_bytes: int, *, graph: bool, tokenizer
+        self,
+        model,
+        config: ModelConfig,
+        kv,
+        weight_bytes: int,
+        *,
+        graph: bool,
+        tokenizer,
+        max_num_seqs: int = 1,
     ) -> None:
         from worker_orcd.engine.engine import Engine, EngineInfo
         from worker_orcd.engine.model_runner import ModelRunner
@@ -343,6 +392,7 @@ class OurBench:
         self.kv = kv
         self.device = kv.k.device
         context = min(kv.num_slots, model.max_positions)
+        batch_tokens = min(4096, kv.num_slots)
         info = EngineInfo(
             model_name="bench",
             architecture=config.architecture,
@@ -352,6 +402,9 @@ class OurBench:
             weight_bytes=weight_bytes,
             weight_mix={},
             kv_cache_bytes=kv.nbytes,
+            kv_cache_tokens=kv.num_slots,
+            max_num_seqs=max_num_seqs,
+            max_batch_tokens=batch_tokens,
             quant_mix={},
             tokenizer_kind=tokenizer.kind,
             vocab_size=config.vocab_size,
@@ -365,6 +418,8 @@ class OurBench:
             context_length=context,
             info=info,
             cuda_graphs=graph,
+            max_num_seqs=max_num_seqs,
+            max_batch_tokens=batch_tokens,
         )
         # The engine's graphs, driven directly by the graph rows; this runner stays eager (the
         # "ours eager" rows).
@@ -482,12 +537,17 @@ class OurBench:
         from worker_orcd.engine.types import SamplingParams
 
         start = max(1, ctx - steps // 2)
-        self.engine.pipelined_greedy = pipelined
-        self.engine.generate(self._ids(16), SamplingParams(max_tokens=8, temperature=0.0))
-        out = self.engine.generate(
-            self._ids(start), SamplingParams(max_tokens=steps + 1, temperature=0.0)
-        )
-        self.engine.pipelined_greedy = True
+        loop = self.engine.loop
+        saved = loop.device_fed
+        if not pipelined:
+            loop.device_fed = None
+        try:
+            self.engine.generate(self._ids(16), SamplingParams(max_tokens=8, temperature=0.0))
+            out = self.engine.generate(
+                self._ids(start), SamplingParams(max_tokens=steps + 1, temperature=0.0)
+            )
+        finally:
+            loop.device_fed = saved
         t = out.timings
         if t.tokens_out < steps + 1:
             logger.warning("generate stopped after %d tokens (%s)", t.tokens_out, out.stop_reason)

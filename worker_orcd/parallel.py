@@ -131,14 +131,16 @@ def check_divisible(config: ModelConfig, size: int, source: object) -> None:
     counts = {
         "attention heads": config.n_heads,
         "KV heads": config.n_kv_heads,
-        "FFN size (feed_forward_length)": config.intermediate_size,
+        "FFN size": config.intermediate_size,
     }
-    bad = [f"{n} {what}" for what, n in counts.items() if n % size]
+    bad = [f"{what} = {n}" for what, n in counts.items() if n % size]
     if bad:
+        listed = bad[0] if len(bad) == 1 else f"{', '.join(bad[:-1])} and {bad[-1]}"
+        verb = "is not a multiple" if len(bad) == 1 else "are not multiples"
         raise ModelLoadError(
             f"{source}: tensor_parallel_size {size} does not split this {config.architecture} "
-            f"model: {' and '.join(bad)} are not a multiple of {size} (every rank needs whole "
-            f"heads and an equal part of the FFN)"
+            f"model: every rank needs whole heads and an equal part of the FFN, but {listed} "
+            f"{verb} of {size}"
         )
     if config.vocab_size < size:
         raise ModelLoadError(

@@ -195,13 +195,11 @@ def test_quantized_cuts_keep_whole_blocks(
 
 def test_bad_sizes_name_the_numbers(files: dict) -> None:
     _, path = files["qwen2", False]
-    with pytest.raises(
-        ModelLoadError, match=r"tensor_parallel_size 4 .*6 KV heads are not a multiple of 4"
-    ):
+    with pytest.raises(ModelLoadError, match=r"size 4 .* but KV heads = 6 is not a multiple of 4"):
         _load(path, Parallel(0, 4), "dequantized")
     with pytest.raises(
         ModelLoadError,
-        match=r"tensor_parallel_size 5 .*12 attention heads and 6 KV heads and "
-        r"768 FFN size \(feed_forward_length\) are not a multiple of 5",
+        match=r"size 5 .* but attention heads = 12, KV heads = 6 and FFN size = 768 are not "
+        r"multiples of 5",
     ):
         _load(path, Parallel(0, 5), "dequantized")

@@ -27,6 +27,13 @@ from worker_orcd.engine.block_manager import BlockManager
 from worker_orcd.engine.generation import run_generation
 from worker_orcd.engine.kv_cache import KVCache
 from worker_orcd.engine.model_runner import ModelRunner
+from worker_orcd.engine.parallel import (
+    GGUFShard,
+    TensorParallelRunner,
+    closing_on_error,
+    resolve_graphs,
+    start_ranks,
+)
 from worker_orcd.engine.scheduler import Scheduler
 from worker_orcd.engine.sequence import Sequence
 from worker_orcd.engine.types import GenerationOutput, SamplingParams
@@ -39,6 +46,7 @@ from worker_orcd.errors import (
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.loader import WEIGHT_MODES, load_model
 from worker_orcd.model import CausalLM
+from worker_orcd.parallel import SINGLE, rank_config
 from worker_orcd.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -66,6 +74,7 @@ class EngineInfo:
     tokenizer_kind: str
     vocab_size: int
     context_length: int
+    tensor_parallel_size: int = 1  # ranks the model is split over (weight_bytes: rank 0's part)
 
 
 def resolve_weights(weights: str | None, device: torch.device) -> str:
@@ -151,20 +160,26 @@ class Engine:
         *,
         cuda_graphs: bool | None = None,
         weights: str | None = None,
+        tensor_parallel_size: int = 1,
     ) -> Engine:
         """Load a GGUF model, KV cache for min(model context, max_context) tokens allocated up
         front. `weights`: "quantized" keeps Q4_0/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K tensors in their blocks
         on `device` (fused dequantize-matmul kernels), "dequantized" turns every tensor into
         `dtype`; default quantized on CUDA, dequantized on CPU. `cuda_graphs` captures the decode
         and prompt graphs on CUDA (Triton kernels) and replays them where a batch fits; default on
-        for CUDA when Triton is installed, off on CPU (True there is an error)."""
+        for CUDA when Triton is installed, off on CPU (True there is an error).
+        `tensor_parallel_size` N > 1 splits the model over N ranks: N - 1 follower processes are
+        started, one per GPU after `device` on CUDA (engine/parallel.py); passes then run eagerly.
+        """
         start = time.perf_counter()
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError("device 'cuda' was asked for but CUDA is not available")
         compute_dtype = resolve_dtype(dtype, dev)
         weight_mode = resolve_weights(weights, dev)
-        use_graphs = resolve_cuda_graphs(cuda_graphs, dev)
+        use_graphs = resolve_graphs(
+            cuda_graphs, tensor_parallel_size, resolve_cuda_graphs(cuda_graphs, dev)
+        )
         if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
             raise ModelLoadError(f"max_context must be a positive integer (got {max_context!r})")
         with GGUFFile.open(path) as f:
@@ -192,28 +207,36 @@ class Engine:
                 weight_mode,
                 context,
             )
-            try:
-                model, report = load_model(
-                    f,
-                    config,
-                    device=dev,
-                    dtype=compute_dtype,
-                    max_positions=context,
-                    weights=weight_mode,
-                )
-                kv = KVCache.allocate(config, context, dtype=compute_dtype, device=dev)
-            except torch.OutOfMemoryError as e:
-                if weight_mode == "quantized":  # about the file's size (F32 norms stay small)
-                    need = sum(t.n_bytes for t in f.tensors.values())
-                else:
-                    elem = torch.empty(0, dtype=compute_dtype).element_size()
-                    need = config.n_params_estimate() * elem
-                kv_need = KVCache.bytes_for(config, context, compute_dtype)
-                raise InsufficientVramError(
-                    f"out of GPU memory loading {name} on {dev}: weights need ~{need / 1e9:.2f} GB "
-                    f"and the KV cache for {context} tokens {kv_need / 1e9:.2f} GB "
-                    "(a smaller max_context shrinks the cache)"
-                ) from e
+            shard = GGUFShard(str(path), compute_dtype, context, weight_mode)
+            group = start_ranks(shard, tensor_parallel_size, dev, config, f.path)
+            parallel = SINGLE if group is None else group.parallel
+            with closing_on_error(group):
+                try:
+                    model, report = load_model(
+                        f,
+                        config,
+                        device=dev,
+                        dtype=compute_dtype,
+                        max_positions=context,
+                        weights=weight_mode,
+                        parallel=parallel,
+                    )
+                    kv_config = rank_config(config, parallel)
+                    kv = KVCache.allocate(kv_config, context, dtype=compute_dtype, device=dev)
+                except torch.OutOfMemoryError as e:
+                    if weight_mode == "quantized":  # about the file's size (F32 norms stay small)
+                        need = sum(t.n_bytes for t in f.tensors.values())
+                    else:
+                        elem = torch.empty(0, dtype=compute_dtype).element_size()
+                        need = config.n_params_estimate() * elem
+                    kv_need = KVCache.bytes_for(config, context, compute_dtype)
+                    raise InsufficientVramError(
+                        f"out of GPU memory loading {name} on {dev}: weights need "
+                        f"~{need / 1e9:.2f} GB and the KV cache for {context} tokens "
+                        f"{kv_need / 1e9:.2f} GB (a smaller max_context shrinks the cache)"
+                    ) from e
+                if group is not None:
+                    group.wait_ready()
         info = EngineInfo(
             model_name=str(name),
             architecture=config.architecture,
@@ -227,6 +250,7 @@ class Engine:
             tokenizer_kind=tokenizer.kind,
             vocab_size=config.vocab_size,
             context_length=context,
+            tensor_parallel_size=parallel.size,
         )
         logger.info(
             "loaded %s in %.2fs: %d tensors, weights %.1f MB, KV cache %.1f MB (%d tokens)",
@@ -237,7 +261,7 @@ class Engine:
             kv.nbytes / 1e6,
             context,
         )
-        return cls(
+        engine = cls(
             model=model,
             config=config,
             tokenizer=tokenizer,
@@ -247,6 +271,9 @@ class Engine:
             path=Path(path),
             cuda_graphs=use_graphs,
         )
+        if group is not None:  # rank 0 sends every pass to the followers
+            engine.runner = TensorParallelRunner(engine.runner, group)
+        return engine
 
     def info(self) -> EngineInfo:
         return self._info

@@ -6,11 +6,7 @@ process), after the previous test's have stopped."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,6 +15,7 @@ from gguf import GGMLQuantizationType as Q
 
 import worker_orcd.engine.engine as engine_module
 from tests.model.conftest import random_ids, rel_err
+from tests.parallel.scripts import THEN_DIE, run_rank0
 from tests.parallel.shards import FailingPass
 from tests.support.hf_gguf import make_phi3, make_qwen2, write_gguf
 from worker_orcd.engine.engine import Engine
@@ -26,7 +23,6 @@ from worker_orcd.engine.parallel import GGUFShard, TensorParallelError
 from worker_orcd.engine.types import SamplingParams
 from worker_orcd.errors import ModelLoadError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 REL_TOL = 1e-5
 
 
@@ -88,26 +84,7 @@ def test_a_follower_error_in_a_pass_surfaces_on_rank_0(
 
 
 def test_followers_exit_when_rank_0_dies(phi3_path: Path, tmp_path: Path) -> None:
-    """Rank 0 is killed while its follower waits for a pass: the follower exits. The follower
-    holds the script's stdout, so `run` returns only once every rank has exited."""
-    pids = tmp_path / "pids"
-    script = textwrap.dedent(
-        f"""
-        import os, signal
-        from worker_orcd.engine.engine import Engine
-        engine = Engine.load({str(phi3_path)!r}, max_context=64, tensor_parallel_size=2)
-        with open({str(pids)!r}, "w") as f:
-            f.write(" ".join(str(p.pid) for p in engine.runner.group.procs))
-        os.kill(os.getpid(), signal.SIGKILL)
-        """
-    )
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, timeout=120
-        )
-    except subprocess.TimeoutExpired:
-        for pid in pids.read_text().split() if pids.exists() else []:
-            os.kill(int(pid), signal.SIGKILL)
-        raise
-    assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
-    assert pids.read_text().split()  # the follower had started
+    """Rank 0 is killed while its follower waits for a pass: the follower exits."""
+    done = run_rank0(phi3_path, "cpu", tmp_path, THEN_DIE)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert (tmp_path / "pids").read_text().split()  # the follower had started

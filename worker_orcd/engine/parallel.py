@@ -21,6 +21,7 @@ more than one rank: those passes run eagerly.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import dataclasses
@@ -63,6 +64,8 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 IDLE_TIMEOUT = datetime.timedelta(days=365)
 # After a failed pass: how long rank 0 waits for a follower's report of what went wrong.
 REPORT_WAIT_S = 2.0
+# How long close() waits for a pass that another thread is running before it stops the ranks hard.
+CLOSE_WAIT_S = 10.0
 
 # What a follower builds: its model part and KV cache, given its place and device.
 BuildShard = Callable[[Parallel, torch.device], tuple[CausalLM, KVCache]]
@@ -161,6 +164,7 @@ class RankGroup:
         self.ctrl: dist.ProcessGroup | None = None
         self._closed = False
         self._broken: TensorParallelError | None = None
+        self._lock = threading.RLock()  # one pass (or the stop) on the ranks at a time
 
     @classmethod
     def start(cls, build: BuildShard, size: int, device: torch.device) -> RankGroup:
@@ -202,6 +206,7 @@ class RankGroup:
             group.ctrl = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         if device.type == "cuda":
             threading.Thread(target=group._watch, name="tp-watch", daemon=True).start()
+        atexit.register(group.close)  # a clean stop before multiprocessing terminates them
         logger.info(
             "tensor parallel: %d ranks on %s (%s), followers %s",
             size,
@@ -228,39 +233,47 @@ class RankGroup:
         )
 
     def _everywhere(self, message: tuple[str, Any], here: Callable[[], Any]) -> Any:
-        if self._broken is not None:
-            raise self._broken
-        if self._closed:
-            raise TensorParallelError("the tensor-parallel ranks were closed")
-        try:
-            dist.broadcast_object_list([message], src=0, group=self.ctrl)
-            return here()
-        except Exception as e:
-            raise self._fail(e) from e
+        with self._lock:
+            if self._broken is not None:
+                raise self._broken
+            if self._closed:
+                raise TensorParallelError("the tensor-parallel ranks were closed")
+            try:
+                dist.broadcast_object_list([message], src=0, group=self.ctrl)
+                return here()
+            except Exception as e:
+                raise self._fail(e) from e
 
     def close(self) -> None:
-        """Stop the followers: a clean stop when they are waiting for a pass, else terminated."""
-        if self._closed:
-            return
-        self._closed = True
-        healthy = self._broken is None and self.ctrl is not None
-        if healthy and all(p.is_alive() for p in self.procs):
-            with contextlib.suppress(RuntimeError):
-                dist.broadcast_object_list([None], src=0, group=self.ctrl)
-        for p in self.procs:
-            p.join(timeout=30 if healthy else 0)
-            if p.is_alive():
-                p.terminate()
-                p.join()
-        for c in self.conns:
-            c.close()
-        if dist.is_initialized():
-            if not healthy and self.device.type == "cuda":
-                dist.distributed_c10d._abort_process_group()
-            dist.destroy_process_group()
-        logger.info(
-            "tensor parallel: ranks stopped (exit codes %s)", [p.exitcode for p in self.procs]
-        )
+        """Stop the followers: a clean stop when they wait for a pass, else terminated (a pass
+        that another thread runs gets a TensorParallelError)."""
+        idle = self._lock.acquire(timeout=CLOSE_WAIT_S)
+        try:
+            if self._closed:
+                return
+            self._closed = True
+            healthy = idle and self._broken is None and self.ctrl is not None
+            if healthy and all(p.is_alive() for p in self.procs):
+                with contextlib.suppress(RuntimeError):
+                    dist.broadcast_object_list([None], src=0, group=self.ctrl)
+            for p in self.procs:
+                p.join(timeout=30 if healthy else 0)
+                if p.is_alive():
+                    p.terminate()
+                    p.join()
+            for c in self.conns:
+                c.close()
+            if idle and dist.is_initialized():  # else the running pass still holds the group
+                if not healthy and self.device.type == "cuda":
+                    dist.distributed_c10d._abort_process_group()
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+            logger.info(
+                "tensor parallel: ranks stopped (exit codes %s)", [p.exitcode for p in self.procs]
+            )
+        finally:
+            if idle:
+                self._lock.release()
 
     # -- failures ----------------------------------------------------------------------------------
 

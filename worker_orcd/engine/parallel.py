@@ -265,7 +265,7 @@ class RankGroup:
                 c.close()
             if idle and dist.is_initialized():  # else the running pass still holds the group
                 if not healthy and self.device.type == "cuda":
-                    dist.distributed_c10d._abort_process_group()
+                    _abort_nccl()
                 if dist.is_initialized():
                     dist.destroy_process_group()
             logger.info(
@@ -327,7 +327,7 @@ class RankGroup:
         mpc.wait([p.sentinel for p in self.procs])
         if not self._closed:
             logger.error("tensor parallel: a follower exited; aborting the NCCL group")
-            dist.distributed_c10d._abort_process_group()
+            _abort_nccl()
 
 
 class TensorParallelRunner:
@@ -415,16 +415,23 @@ def _free_port() -> int:
 
 
 def _join(rank: int, size: int, device: torch.device, port: int) -> None:
-    """Join the model's group (NCCL on CUDA, gloo on CPU) as `rank`."""
-    cuda = device.type == "cuda"
+    """Join the model's group (NCCL on CUDA, gloo on CPU) as `rank`. NCCL's communicator is made
+    at the first collective, once rank 0 watches its followers (an eager one would wait for a
+    failed rank inside the join)."""
     dist.init_process_group(
-        "nccl" if cuda else "gloo",
+        "nccl" if device.type == "cuda" else "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=size,
         timeout=COLLECTIVE_TIMEOUT,
-        device_id=device if cuda else None,
     )
+
+
+def _abort_nccl() -> None:
+    """Abort the NCCL group, so that collectives waiting on it return with an error."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)  # torch 2.5 on
+    if abort is not None:
+        abort()
 
 
 def _follower_error(rank: int, msg: tuple[Any, ...], *, loading: bool) -> WorkerError:
@@ -463,10 +470,10 @@ def _follow(
     if threads is not None:
         torch.set_num_threads(threads)
     device = torch.device(device_name)
-    conn.send(("started",))
     try:
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        conn.send(("started",))  # from here on rank 0 waits in the join for this rank
         _join(rank, size, device, port)
         ctrl = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         try:

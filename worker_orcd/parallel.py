@@ -60,7 +60,9 @@ class Parallel:
         if self.size == 1:
             return x
         per = -(-n // self.size)
-        x = F.pad(x, (0, per - x.shape[-1])).contiguous()  # the last part may be shorter
+        if x.shape[-1] < per:  # the last part may be shorter
+            x = F.pad(x, (0, per - x.shape[-1]))
+        x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x)
         return torch.cat(parts, dim=-1)[..., :n]

@@ -49,6 +49,23 @@ def test_quantized_weights_over_two_ranks(tmp_path: Path) -> None:
     assert not dist.is_initialized()
 
 
+def test_three_ranks_and_a_vocabulary_they_do_not_divide(tmp_path: Path) -> None:
+    """Qwen's 151936 ids over 3 ranks: parts of 50646, 50646 and 50644 rows, the head's logits
+    gathered from parts of unequal length."""
+    dims = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3, intermediate_size=192)
+    hf = make_qwen2(seed=4, **dims)
+    path = write_gguf(hf, tmp_path / "qwen-tp3.gguf")
+    one = Engine.load(path, max_context=64)
+    three = Engine.load(path, max_context=64, tensor_parallel_size=3)
+    try:
+        assert three.model.model.embed_tokens.weight.shape[0] == 50646
+        ids = random_ids(23, one.config.vocab_size, seed=5) + [151935]  # the last id: rank 2's
+        assert rel_err(three.score(ids), one.score(ids)) < REL_TOL
+    finally:
+        three.runner.close()
+    assert [p.exitcode for p in three.runner.group.procs] == [0, 0]
+
+
 def test_sizes_that_do_not_split_fail_before_any_rank_starts(phi3_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"size 3 .* attention heads = 4, KV heads = 4 and "):
         Engine.load(phi3_path, max_context=64, tensor_parallel_size=3)

@@ -12,6 +12,10 @@ transformers`, the same figures come from transformers (bf16, sdpa) in the same 
 ratio ours / peer. Decode rows: the graph fed by its own argmax (worker-orcd), Engine.generate of
 a greedy request (ours generate: what a user gets), and the graph fed from the host each step (ours
 host-fed: the path of sampled requests).
+
+`--tensor-parallel-size N` splits the model over N GPUs (engine/parallel.py; a preset's ranks each
+draw their own random part): every pass runs eagerly on all ranks, weights and GB/s are per GPU,
+and the all-reduce and logits all-gather of a decode step are timed alone on the same ranks.
 """
 
 from __future__ import annotations
@@ -20,18 +24,21 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
 from worker_orcd.benchtools import (
     Ceilings,
+    CollectiveTiming,
     SpeedRow,
     cuda_time_ms,
     measure_ceilings,
     peer_transformers,
 )
 from worker_orcd.config import ModelConfig
+from worker_orcd.engine.options import add_parallel_arguments
+from worker_orcd.parallel import SINGLE, Parallel, rank_config
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +121,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--no-graph", action="store_true", help="decode eagerly (no CUDA graph)")
+    add_parallel_arguments(p)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
 
 
@@ -126,7 +134,10 @@ def run_bench(args: argparse.Namespace) -> int:
     name = args.preset or args.model
     if args.weights == "quantized":
         name = f"{name} (quantized)"
-    model, config, kv = _load(args, device)
+    model, config, kv, group = _load(args, device)
+    parallel = SINGLE if group is None else group.parallel
+    if parallel.size > 1:
+        name = f"{name} (tensor parallel {parallel.size})"
     weight_bytes = _decode_weight_bytes(model, config)
     need = _context_needed(args)
     if need > kv.num_slots:
@@ -138,13 +149,16 @@ def run_bench(args: argparse.Namespace) -> int:
         config,
         kv,
         weight_bytes,
-        graph=not args.no_graph,
+        graph=not args.no_graph and group is None,
         tokenizer=tokenizer,
+        group=group,
         max_num_seqs=max_seqs,
     )
     if args.streams:
         from worker_orcd.bench_streams import print_streams, run_streams
 
+        if group is not None:
+            raise SystemExit("--streams runs on one GPU; leave out --tensor-parallel-size")
         srows = run_streams(ours, args.streams, args.prompt_tokens, args.gen_tokens, weight_bytes)
         print_streams(name, ceil, weight_bytes, srows, args.prompt_tokens, args.gen_tokens)
         if args.json:
@@ -162,6 +176,11 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     rows = ours.prefill(args.prefill) + ours.decode(args.decode_context, args.decode_steps)
     ttft = ours.ttft(512) if 512 <= kv.num_slots else None
+    collectives = None
+    if group is not None:
+        timing = CollectiveTiming(config.hidden_size, config.vocab_size, torch.bfloat16)
+        collectives = group.call(timing)
+        group.close()  # the peer runs on rank 0's GPU alone
     del ours, model, kv
     torch.cuda.empty_cache()
     peer_rows: list[SpeedRow] = []
@@ -172,11 +191,14 @@ def run_bench(args: argparse.Namespace) -> int:
             peer_rows = peer_transformers(
                 config, device, args.prefill, args.decode_context, min(args.decode_steps, 64)
             )
-    for r in rows + peer_rows:
+    kv_config = rank_config(config, parallel)  # one rank's: GB/s are per GPU
+    peers = peer_rows if parallel.size == 1 else []  # the peer reads the whole model, not a part
+    for r in rows + peers:
         if r.phase == "decode":
-            kv_bytes = _kv_bytes(config, r.context)
-            r.gbs = (weight_bytes + kv_bytes) / (r.ms / 1e3) / 1e9
+            r.gbs = (weight_bytes + _kv_bytes(kv_config, r.context)) / (r.ms / 1e3) / 1e9
     _print(name, ceil, weight_bytes, rows, peer_rows, ttft)
+    if collectives is not None:
+        _print_collectives(config, parallel, collectives)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -185,6 +207,9 @@ def run_bench(args: argparse.Namespace) -> int:
                     "ceilings": asdict(ceil),
                     "weight_bytes": weight_bytes,
                     "ttft_512_ms": ttft,
+                    "tensor_parallel_size": parallel.size,
+                    "all_reduce_us": None if collectives is None else collectives[0],
+                    "logits_all_gather_us": None if collectives is None else collectives[1],
                     "ours": [asdict(r) for r in rows],
                     "peer": [asdict(r) for r in peer_rows],
                 },
@@ -194,7 +219,8 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, ModelConfig, KVCache)
+def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, ModelConfig, KVCache,
+    # RankGroup | None)
     from worker_orcd.engine.kv_cache import KVCache
     from worker_orcd.kernels import triton as triton_kernels
 
@@ -204,6 +230,8 @@ def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, Mode
         logger.warning("Triton not installed: benchmarking the torch reference kernels")
     need = _context_needed(args)
     slots = need * max(args.streams) if args.streams else need
+    if args.tensor_parallel_size > 1:
+        return _load_ranks(args, device, need)
     if args.preset:
         config = PRESETS[args.preset]
         context = max(need, 512)
@@ -216,7 +244,7 @@ def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, Mode
         )
         kv = KVCache.allocate(config, max(slots, context), dtype=torch.bfloat16, device=device)
         logger.info("built %s with random weights in %.1fs", args.preset, time.perf_counter() - t0)
-        return model, config, kv
+        return model, config, kv, None
     from worker_orcd.gguf import GGUFFile
     from worker_orcd.loader import load_model
 
@@ -237,7 +265,69 @@ def _load(args: argparse.Namespace, device: torch.device):  # -> (CausalLM, Mode
         )
     kv = KVCache.allocate(config, slots, dtype=torch.bfloat16, device=device)
     logger.info("loaded %s in %.1fs", args.model, time.perf_counter() - t0)
-    return model, config, kv
+    return model, config, kv, None
+
+
+def _load_ranks(args: argparse.Namespace, device: torch.device, need: int):  # -> as _load
+    """The model split over --tensor-parallel-size GPUs: every rank builds its part with the same
+    callable (a preset's random weights, or its part of the file), rank 0 here."""
+    from worker_orcd.engine.parallel import GGUFShard, start_ranks
+    from worker_orcd.gguf import GGUFFile
+
+    t0 = time.perf_counter()
+    if args.preset:
+        config = PRESETS[args.preset]
+        context = max(need, 512)
+        build = PresetShard(
+            args.preset, args.weights == "quantized", max(context, config.context_length), context
+        )
+    else:
+        with GGUFFile.open(args.model) as f:
+            config = ModelConfig.from_gguf(f)
+        if need > config.context_length:
+            raise SystemExit(
+                f"bench needs a context of {need} tokens; {args.model} has {config.context_length}"
+            )
+        build = GGUFShard(args.model, torch.bfloat16, config.context_length, args.weights)
+    group = start_ranks(build, args.tensor_parallel_size, device, config, args.preset or args.model)
+    try:
+        model, kv = build(group.parallel, device)
+        group.wait_ready()
+    except BaseException:
+        group.close()
+        raise
+    logger.info(
+        "%s over %d ranks in %.1fs",
+        args.preset or args.model,
+        group.parallel.size,
+        time.perf_counter() - t0,
+    )
+    return model, config, kv, group
+
+
+@dataclass(frozen=True, slots=True)
+class PresetShard:
+    """One rank's part of a preset with random weights (each rank draws its own) and its KV
+    cache: what every rank of `bench --preset P --tensor-parallel-size N` builds."""
+
+    preset: str
+    quantized: bool
+    max_positions: int
+    context: int
+
+    def __call__(self, parallel: Parallel, device: torch.device):  # -> (CausalLM, KVCache)
+        from worker_orcd.engine.kv_cache import KVCache
+
+        config = PRESETS[self.preset]
+        model = random_model(
+            config,
+            device,
+            max_positions=self.max_positions,
+            quantized=self.quantized,
+            parallel=parallel,
+        )
+        kv_config = rank_config(config, parallel)
+        return model, KVCache.allocate(kv_config, self.context, dtype=torch.bfloat16, device=device)
 
 
 def _tokenizer(args: argparse.Namespace, config: ModelConfig):  # -> Tokenizer
@@ -272,10 +362,16 @@ def _context_needed(args: argparse.Namespace) -> int:
 
 
 def random_model(
-    config: ModelConfig, device: torch.device, *, max_positions: int, quantized: bool = False
+    config: ModelConfig,
+    device: torch.device,
+    *,
+    max_positions: int,
+    quantized: bool = False,
+    parallel: Parallel = SINGLE,
 ):  # -> CausalLM
     """The model with random bf16 weights (std 0.02, norms 1) made on `device`; `quantized`: its
-    projections, embedding and head random blocks of a Q4_K_M-style mix instead."""
+    projections, embedding and head random blocks of a Q4_K_M-style mix instead; `parallel`: one
+    rank's part of it."""
     from worker_orcd.layers import RMSNorm
     from worker_orcd.loader import build_model
     from worker_orcd.quant_mix import fill_random_q4_k_m
@@ -286,8 +382,9 @@ def random_model(
         dtype=torch.bfloat16,
         max_positions=max_positions,
         quantized=quantized,
+        parallel=parallel,
     )
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(parallel.rank)
     norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     with torch.no_grad():
         for p in model.parameters():
@@ -362,6 +459,19 @@ def _print(
             _print_row(p, ceil, None)
 
 
+def _print_collectives(
+    config: ModelConfig, parallel: Parallel, collectives: tuple[float, float]
+) -> None:
+    reduce_us, gather_us = collectives
+    per_token = 2 * config.n_layers + 1  # o_proj and down_proj of every layer, the embedding
+    ms = per_token * reduce_us / 1e3
+    print(
+        f"tensor parallel {parallel.size}: all-reduce of [1, {config.hidden_size}] bf16 "
+        f"{reduce_us:.1f} us, {per_token} per decoded token = {ms:.3f} ms; "
+        f"logits all-gather {gather_us:.1f} us"
+    )
+
+
 def _print_row(r: SpeedRow, ceil: Ceilings, ratio: float | None) -> None:
     gbs = f"{r.gbs:6.0f} {100 * r.gbs / ceil.copy_gbs:4.0f}%" if r.gbs else f"{'':6} {'':5}"
     ratio_s = f"{ratio:8.1f}x" if ratio is not None else ""
@@ -383,9 +493,11 @@ class OurBench:
         graph: bool,
         tokenizer,
         max_num_seqs: int = 1,
+        group=None,  # RankGroup of a model split over ranks: every pass goes to all of them
     ) -> None:
         from worker_orcd.engine.engine import Engine, EngineInfo
         from worker_orcd.engine.model_runner import ModelRunner
+        from worker_orcd.engine.parallel import TensorParallelRunner
 
         self.model = model
         self.config = config
@@ -424,6 +536,9 @@ class OurBench:
         # The engine's graphs, driven directly by the graph rows; this runner stays eager (the
         # "ours eager" rows).
         self.runner = ModelRunner(model, kv)
+        if group is not None:
+            self.runner = TensorParallelRunner(self.runner, group)
+            self.engine.runner = TensorParallelRunner(self.engine.runner, group)
         self.graphs = self.engine.runner.graphs
         if graph and self.graphs is None:
             logger.warning("CUDA graphs unavailable: running eagerly")

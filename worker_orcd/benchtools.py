@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from worker_orcd.config import ModelConfig
+from worker_orcd.parallel import Parallel
 
 logger = logging.getLogger(__name__)
 
@@ -157,3 +158,24 @@ def peer_transformers(
             logger.info("peer decode at %d: %.2f ms/token", ctx, ms)
             del cache, out
     return rows
+
+
+@dataclass(frozen=True, slots=True)
+class CollectiveTiming:
+    """Run on every rank of a tensor-parallel model (RankGroup.call): median microseconds of one
+    all-reduce of [1, hidden] in `dtype` (a decode step makes 2 per layer and one for the
+    embedding) and of the head's all-gather of [1, vocab] float32 logits, each timed alone."""
+
+    hidden: int
+    vocab: int
+    dtype: torch.dtype
+    iters: int = 200
+
+    def __call__(self, parallel: Parallel, device: torch.device) -> tuple[float, float]:
+        x = torch.ones(1, self.hidden, dtype=self.dtype, device=device)
+        logits = torch.ones(1, len(parallel.part(self.vocab)), device=device)
+        reduce_ms = cuda_time_ms(lambda: parallel.all_reduce(x), warmup=20, iters=self.iters)
+        gather_ms = cuda_time_ms(
+            lambda: parallel.all_gather(logits, self.vocab), warmup=20, iters=self.iters
+        )
+        return reduce_ms * 1e3, gather_ms * 1e3

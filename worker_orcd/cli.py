@@ -122,6 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         weights=args.weights,
         **batch_kwargs(args),
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     if args.chat:
         ids = engine.encode_prompt(
@@ -168,6 +169,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from worker_orcd.server.main import serve
 
+    if args.tensor_parallel_size != 1:  # the server's settings do not carry it to Engine.load yet
+        raise WorkerError(
+            "serve --tensor-parallel-size is not wired into the server yet; "
+            "generate and bench take it",
+            code="INVALID_ARGUMENT",
+        )
     return serve(args)
 
 

@@ -11,6 +11,12 @@ weights="quantized": tensors of a type the quantized kernels support (kernels/qu
 Q8_0, Q4_K, Q5_K, Q6_K) keep their GGUF blocks on the device; a fused projection collects its
 shards (of any mix of types) into one PackedWeight. Other tensors (F32, F16, BF16, ...) are
 dequantized as before.
+
+Tensor parallel: a model built with a `Parallel` of several ranks has parameters that carry a
+`partition` (worker_orcd/parallel.py); the plan checks the file's whole shapes, and each rank reads
+only its rows or columns of those tensors straight from the file's blocks. Rows are always whole
+blocks; a column cut that is not (Qwen2.5-0.5B's FFN of 4864 over 2 ranks is 2432 columns, not whole
+256-element K-quant super-blocks) dequantizes that part to the compute dtype instead.
 """
 
 from __future__ import annotations
@@ -22,16 +28,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from torch import nn
 
 from worker_orcd.config import ModelConfig
 from worker_orcd.errors import ModelLoadError
-from worker_orcd.gguf import GGUFFile
+from worker_orcd.gguf import DEQUANTIZERS, GGUFFile, dequantize
 from worker_orcd.kernels.quant.formats import SUPPORTED
 from worker_orcd.kernels.quant.weights import PackedWeight, QuantizedWeight, Shard
 from worker_orcd.layers.linear import ShardId, shard_shape
 from worker_orcd.model import CausalLM
+from worker_orcd.parallel import SINGLE, Parallel, check_divisible
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +138,13 @@ def build_model(
     dtype: torch.dtype,
     max_positions: int,
     quantized: bool = False,
+    parallel: Parallel = SINGLE,
 ) -> CausalLM:
     """The model with uninitialised parameters allocated on `device` in `dtype` (with `quantized`,
-    the projections, embedding and head are meta-device placeholders until loaded)."""
+    the projections, embedding and head are meta-device placeholders until loaded); `parallel`:
+    this rank's part of it."""
     with _default_dtype(dtype), torch.device(device):
-        return CausalLM(config, max_positions=max_positions, quantized=quantized)
+        return CausalLM(config, max_positions=max_positions, quantized=quantized, parallel=parallel)
 
 
 def plan_load(f: GGUFFile, config: ModelConfig, model: CausalLM) -> list[tuple[str, str, ShardId]]:
@@ -153,7 +164,7 @@ def plan_load(f: GGUFFile, config: ModelConfig, model: CausalLM) -> list[tuple[s
                 f"with {config.n_layers} layers"
             )
         pname, shard = target
-        expected = shard_shape(params[pname], shard)
+        expected = _source_shape(params[pname], shard)
         if info.shape != expected:
             raise ModelLoadError(
                 f"{f.path}: tensor '{info.name}' has shape {info.shape} but {pname}"
@@ -185,11 +196,15 @@ def load_model(
     dtype: torch.dtype,
     max_positions: int,
     weights: str = "dequantized",
+    parallel: Parallel = SINGLE,
 ) -> tuple[CausalLM, LoadReport]:
     """Build the model and fill it from `f`: every tensor dequantized into `dtype` on `device`, or
-    with weights="quantized" the supported quant types kept in their blocks (module docstring)."""
+    with weights="quantized" the supported quant types kept in their blocks (module docstring).
+    `parallel`: build and read only this rank's part of the model."""
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
+    if parallel.size > 1:
+        check_divisible(config, parallel.size, f.path)
     start = time.perf_counter()
     model = build_model(
         config,
@@ -197,6 +212,7 @@ def load_model(
         dtype=dtype,
         max_positions=max_positions,
         quantized=weights == "quantized",
+        parallel=parallel,
     )
     plan = plan_load(f, config, model)
     params = dict(model.named_parameters())
@@ -206,10 +222,13 @@ def load_model(
     next_report = 0.1
     for name, pname, shard in plan:
         param = params[pname]
+        cut = _cut(param, shard)
         if param.is_meta:
-            shards.setdefault(pname, {})[shard] = _load_shard(f, name, device, dtype)
+            shards.setdefault(pname, {})[shard] = _load_shard(f, name, device, dtype, cut)
+        elif cut is None:
+            param.weight_loader(param, f.load(name, device=device, dtype=param.dtype), shard)
         else:
-            tensor = f.load(name, device=device, dtype=param.dtype)
+            tensor = _read_part(f, name, cut, device, param.dtype, keep_blocks=False)
             param.weight_loader(param, tensor, shard)
             del tensor
         done += f.tensors[name].n_bytes
@@ -227,13 +246,90 @@ def load_model(
     return model, report
 
 
-def _load_shard(f: GGUFFile, name: str, device: torch.device, dtype: torch.dtype) -> Shard:
-    """A tensor kept in its GGUF blocks if the quantized kernels take its type, else dense."""
+def _load_shard(
+    f: GGUFFile, name: str, device: torch.device, dtype: torch.dtype, cut: Cut | None
+) -> Shard:
+    """A tensor (or this rank's `cut` of it) kept in its GGUF blocks if the quantized kernels take
+    its type, else dense."""
+    if cut is not None:
+        return _read_part(f, name, cut, device, dtype, keep_blocks=True)
     info = f.tensors[name]
     if info.qtype in SUPPORTED and len(info.shape) == 2:
         raw = torch.from_numpy(f.raw(name).copy())  # the map is read-only; torch wants writable
         return QuantizedWeight.from_gguf(raw, info.qtype, info.shape, device)
     return f.load(name, device=device, dtype=dtype)
+
+
+Cut = tuple[int, list[range]]  # (dim, the indices along it) of the file's tensor one rank reads
+
+
+def _source_shape(param: nn.Parameter, shard: ShardId) -> tuple[int, ...]:
+    """Shape of the file's tensor filling (param, shard): whole, where this rank holds a part."""
+    local = shard_shape(param, shard)
+    partition = getattr(param, "partition", None)
+    return local if partition is None else partition.source_shape(shard, local)
+
+
+def _cut(param: nn.Parameter, shard: ShardId) -> Cut | None:
+    """What of the file's tensor filling (param, shard) this rank reads; None: all of it."""
+    partition = getattr(param, "partition", None)
+    return None if partition is None else (partition.dim, partition.ranges(shard))
+
+
+def _read_part(
+    f: GGUFFile,
+    name: str,
+    cut: Cut,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    keep_blocks: bool,
+) -> Shard:
+    """Rows (dim 0) or columns (dim 1) `cut` of tensor `name`, read from the file's blocks alone.
+
+    With keep_blocks a QuantizedWeight where the quantized kernels take its type; else, or where
+    a column cut splits blocks, dense in `dtype` (such a cut dequantizes whole rows first). A
+    vector is one row: its cut is along its columns.
+    """
+    dim, ranges = cut
+    info = f.tensors[name]
+    if info.qtype not in DEQUANTIZERS:
+        raise ModelLoadError(
+            f"{f.path}: tensor '{name}' has unsupported quant type {info.qtype.name}"
+        )
+    vector = len(info.shape) == 1
+    rows, cols = (1, info.shape[0]) if vector else info.shape
+    dim = 1 if vector else dim
+    block, type_size = GGML_QUANT_SIZES[info.qtype]
+    raw = f.raw(name).reshape(rows, cols // block * type_size)
+    n = sum(len(r) for r in ranges)
+    if dim == 0:
+        data = np.concatenate([raw[r.start : r.stop] for r in ranges])
+        shape = (n, cols)
+    elif all(r.start % block == 0 and r.stop % block == 0 for r in ranges):
+        per_block = [(r.start // block * type_size, r.stop // block * type_size) for r in ranges]
+        data = np.concatenate([raw[:, lo:hi] for lo, hi in per_block], axis=1)
+        shape = (rows, n)
+    else:
+        if keep_blocks and info.qtype in SUPPORTED:
+            logger.info(
+                "%s: columns %s of %d are not whole %s blocks of %d; this rank's part is "
+                "dequantized to %s",
+                name,
+                ", ".join(f"{r.start}..{r.stop}" for r in ranges),
+                cols,
+                info.qtype.name,
+                block,
+                str(dtype).removeprefix("torch."),
+            )
+        full = f.load(name, device=device, dtype=dtype).reshape(rows, cols)
+        part = torch.cat([full[:, r.start : r.stop] for r in ranges], dim=1)
+        return part.reshape(n) if vector else part
+    raw_part = torch.from_numpy(data)
+    if keep_blocks and info.qtype in SUPPORTED and not vector:
+        return QuantizedWeight.from_gguf(raw_part, info.qtype, shape, device)
+    out = dequantize(raw_part.to(device), info.qtype, shape).to(dtype)
+    return out.reshape(n) if vector else out
 
 
 def _owners(model: nn.Module, param: nn.Parameter) -> list[nn.Module]:

@@ -8,6 +8,9 @@ parity tests line up with Qwen2/Phi-3 reference implementations.
 The forward pass runs over a flat batch of T tokens that may belong to several sequences: input_ids
 [T], positions [T] and the AttentionMetadata (KV slots per token, per-sequence lengths) built by the
 model runner.
+
+Split over several ranks (`parallel`, worker_orcd/parallel.py), every rank runs this same model on
+its part of the heads, the FFN and the vocabulary; the attention and MLP outputs are all-reduced.
 """
 
 from __future__ import annotations
@@ -33,15 +36,19 @@ from worker_orcd.layers import (
     SiluAndMul,
     VocabEmbedding,
 )
+from worker_orcd.parallel import SINGLE, Parallel
 
 logger = logging.getLogger(__name__)
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, *, quantized: bool = False) -> None:
+    def __init__(
+        self, config: ModelConfig, *, quantized: bool = False, parallel: Parallel = SINGLE
+    ) -> None:
         super().__init__()
-        self.n_heads = config.n_heads
-        self.n_kv_heads = config.n_kv_heads
+        self.parallel = parallel
+        self.n_heads = config.n_heads // parallel.size  # this rank's heads
+        self.n_kv_heads = config.n_kv_heads // parallel.size
         self.head_dim = config.head_dim
         self.qkv_proj = QKVLinear(
             config.hidden_size,
@@ -50,11 +57,14 @@ class SelfAttention(nn.Module):
             config.head_dim,
             bias=config.qkv_bias,
             quantized=quantized,
+            parallel=parallel,
         )
-        self.o_proj = Linear(config.q_size, config.hidden_size, quantized=quantized)
+        self.o_proj = Linear(
+            config.q_size, config.hidden_size, quantized=quantized, parallel=parallel, split="in"
+        )
         self.attn = Attention(
-            config.n_heads,
-            config.n_kv_heads,
+            self.n_heads,
+            self.n_kv_heads,
             config.head_dim,
             sliding_window=config.sliding_window,
         )
@@ -93,34 +103,48 @@ class SelfAttention(nn.Module):
             q, k, v = kernels.split_qkv(qkv, attn.k_cache)  # [T, H, D], [T, Hk, D] x 2
             # RoPE is applied inside, fused with the KV-cache write.
             out = attn(q, k, v, meta, positions=positions, cos_sin=cos_sin)  # [T, H, D]
-        return self.o_proj(out.reshape(n, self.n_heads * self.head_dim)), residual
+        out = self.o_proj(out.reshape(n, self.n_heads * self.head_dim))  # [T, D], partial
+        return self.parallel.all_reduce(out), residual
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, *, quantized: bool = False) -> None:
+    def __init__(
+        self, config: ModelConfig, *, quantized: bool = False, parallel: Parallel = SINGLE
+    ) -> None:
         super().__init__()
+        self.parallel = parallel
         self.gate_up_proj = GateUpLinear(
-            config.hidden_size, config.intermediate_size, quantized=quantized
+            config.hidden_size, config.intermediate_size, quantized=quantized, parallel=parallel
         )
         self.act_fn = SiluAndMul()
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, quantized=quantized)
+        self.down_proj = Linear(
+            config.intermediate_size,
+            config.hidden_size,
+            quantized=quantized,
+            parallel=parallel,
+            split="in",
+        )
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up [T, 2I], the output of gate_up_proj -> [T, D]."""
         down = self.down_proj
         if down.quantized is None:  # SwiGLU fused into the down projection
-            return kernels.silu_and_mul_linear(gate_up, down.weight, down.bias)  # [T, D]
-        rounded = _rounded_x_for(down, gate_up.shape[0], gate_up.device)
-        return down(kernels.silu_and_mul(gate_up, rounded), rounded)
+            out = kernels.silu_and_mul_linear(gate_up, down.weight, down.bias)  # [T, D]
+        else:
+            rounded = _rounded_x_for(down, gate_up.shape[0], gate_up.device)
+            out = down(kernels.silu_and_mul(gate_up, rounded), rounded)
+        return self.parallel.all_reduce(out)  # the sum of every rank's part of the FFN
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, *, quantized: bool = False) -> None:
+    def __init__(
+        self, config: ModelConfig, *, quantized: bool = False, parallel: Parallel = SINGLE
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
-        self.self_attn = SelfAttention(config, quantized=quantized)
+        self.self_attn = SelfAttention(config, quantized=quantized, parallel=parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
-        self.mlp = MLP(config, quantized=quantized)
+        self.mlp = MLP(config, quantized=quantized, parallel=parallel)
 
     def forward(
         self,
@@ -167,10 +191,17 @@ class ForwardAborted(Exception):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int, *, quantized: bool = False) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_positions: int,
+        *,
+        quantized: bool = False,
+        parallel: Parallel = SINGLE,
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(
-            config.vocab_size, config.hidden_size, quantized=quantized
+            config.vocab_size, config.hidden_size, quantized=quantized, parallel=parallel
         )
         self.rotary_emb = RotaryEmbedding(
             config.rope_dim,
@@ -182,7 +213,8 @@ class Transformer(nn.Module):
             attention_scaling=config.rope_attn_factor,
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(config, quantized=quantized) for _ in range(config.n_layers)
+            DecoderLayer(config, quantized=quantized, parallel=parallel)
+            for _ in range(config.n_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
 
@@ -211,18 +243,27 @@ class CausalLM(nn.Module):
     V].
 
     `quantized=True` builds the projections, embedding and head as shapes only (meta device); the
-    loader gives them their GGUF blocks (layers/linear.py).
+    loader gives them their GGUF blocks (layers/linear.py). `parallel`: this rank's place when the
+    model is split over several (each rank builds this same model and holds its part).
     """
 
     def __init__(
-        self, config: ModelConfig, *, max_positions: int | None = None, quantized: bool = False
+        self,
+        config: ModelConfig,
+        *,
+        max_positions: int | None = None,
+        quantized: bool = False,
+        parallel: Parallel = SINGLE,
     ) -> None:
         super().__init__()
         self.config = config
+        self.parallel = parallel
         self.max_positions = max_positions or config.context_length
-        self.model = Transformer(config, self.max_positions, quantized=quantized)
+        self.model = Transformer(config, self.max_positions, quantized=quantized, parallel=parallel)
         tied = self.model.embed_tokens if config.tied_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied, quantized=quantized)
+        self.lm_head = LMHead(
+            config.vocab_size, config.hidden_size, tied, quantized=quantized, parallel=parallel
+        )
 
     def forward(
         self,

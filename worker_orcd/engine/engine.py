@@ -34,6 +34,13 @@ from worker_orcd.config import ModelConfig
 from worker_orcd.engine.block_manager import BlockManager
 from worker_orcd.engine.kv_cache import KVCache, plan_kv_tokens
 from worker_orcd.engine.model_runner import ModelRunner
+from worker_orcd.engine.parallel import (
+    GGUFShard,
+    TensorParallelRunner,
+    closing_on_error,
+    resolve_graphs,
+    start_ranks,
+)
 from worker_orcd.engine.request import DoneCallback, Request, RequestHandle, TextCallback
 from worker_orcd.engine.sampler import make_generator
 from worker_orcd.engine.scheduler import ScheduledBatch, Scheduler
@@ -50,6 +57,7 @@ from worker_orcd.errors import (
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.loader import WEIGHT_MODES, load_model
 from worker_orcd.model import CausalLM
+from worker_orcd.parallel import SINGLE, Parallel, rank_config
 from worker_orcd.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -83,6 +91,7 @@ class EngineInfo:
     tokenizer_kind: str
     vocab_size: int
     context_length: int
+    tensor_parallel_size: int = 1  # ranks the model is split over (weight_bytes: rank 0's part)
 
 
 def resolve_weights(weights: str | None, device: torch.device) -> str:
@@ -175,6 +184,7 @@ class Engine:
         max_batch_tokens: int | None = None,
         kv_cache_tokens: int | None = None,
         gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
+        tensor_parallel_size: int = 1,
     ) -> Engine:
         """Load a GGUF model; a sequence holds at most min(model context, max_context) tokens.
 
@@ -188,14 +198,20 @@ class Engine:
         turns every tensor into `dtype`; default quantized on CUDA, dequantized on CPU.
         `cuda_graphs` captures the decode and prompt graphs on CUDA (Triton kernels) and replays
         them where a batch fits; default on for CUDA when Triton is installed, off on CPU (True
-        there is an error)."""
+        there is an error). `tensor_parallel_size` N > 1 splits the model over N ranks: N - 1
+        follower processes are started, one per GPU after `device` on CUDA (engine/parallel.py);
+        passes then run eagerly, and every rank's cache has the same slots, planned before the
+        followers load (from the free memory less this rank's share of the weights on CUDA).
+        """
         start = time.perf_counter()
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError("device 'cuda' was asked for but CUDA is not available")
         compute_dtype = resolve_dtype(dtype, dev)
         weight_mode = resolve_weights(weights, dev)
-        use_graphs = resolve_cuda_graphs(cuda_graphs, dev)
+        use_graphs = resolve_graphs(
+            cuda_graphs, tensor_parallel_size, resolve_cuda_graphs(cuda_graphs, dev)
+        )
         if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
             raise ModelLoadError(f"max_context must be a positive integer (got {max_context!r})")
         _check_batch_options(
@@ -226,18 +242,11 @@ class Engine:
                 weight_mode,
                 context,
             )
-            try:
-                model, report = load_model(
-                    f,
-                    config,
-                    device=dev,
-                    dtype=compute_dtype,
-                    max_positions=context,
-                    weights=weight_mode,
-                )
-                batch_tokens = max_batch_tokens or min(MAX_BATCH_TOKENS, context)
-                kv_tokens = plan_kv_tokens(
-                    config,
+            batch_tokens = max_batch_tokens or min(MAX_BATCH_TOKENS, context)
+
+            def kv_tokens_for(kv_config: ModelConfig, weights_to_come: int = 0) -> int:
+                return plan_kv_tokens(
+                    kv_config,
                     context,
                     dtype=compute_dtype,
                     device=dev,
@@ -245,20 +254,44 @@ class Engine:
                     max_batch_tokens=batch_tokens,
                     kv_cache_tokens=kv_cache_tokens,
                     gpu_memory_utilization=gpu_memory_utilization,
+                    weights_to_come=weights_to_come,
                 )
-                kv = KVCache.allocate(config, kv_tokens, dtype=compute_dtype, device=dev)
-            except torch.OutOfMemoryError as e:
-                if weight_mode == "quantized":  # about the file's size (F32 norms stay small)
-                    need = sum(t.n_bytes for t in f.tensors.values())
-                else:
-                    elem = torch.empty(0, dtype=compute_dtype).element_size()
-                    need = config.n_params_estimate() * elem
-                kv_need = KVCache.bytes_for(config, kv_cache_tokens or context, compute_dtype)
-                raise InsufficientVramError(
-                    f"out of GPU memory loading {name} on {dev}: weights need ~{need / 1e9:.2f} GB "
-                    f"and a KV cache of {kv_cache_tokens or context} tokens {kv_need / 1e9:.2f} GB "
-                    "(a smaller --kv-cache-tokens or --max-context shrinks the cache)"
-                ) from e
+
+            shard_tokens = 0
+            if tensor_parallel_size > 1:  # the followers size their caches as rank 0 does
+                share = _weight_bytes(f, config, weight_mode, compute_dtype) // tensor_parallel_size
+                shard_tokens = kv_tokens_for(
+                    rank_config(config, Parallel(0, tensor_parallel_size)), share
+                )
+            shard = GGUFShard(str(path), compute_dtype, context, weight_mode, shard_tokens)
+            group = start_ranks(shard, tensor_parallel_size, dev, config, f.path)
+            parallel = SINGLE if group is None else group.parallel
+            with closing_on_error(group):
+                try:
+                    model, report = load_model(
+                        f,
+                        config,
+                        device=dev,
+                        dtype=compute_dtype,
+                        max_positions=context,
+                        weights=weight_mode,
+                        parallel=parallel,
+                    )
+                    kv_config = rank_config(config, parallel)
+                    kv_tokens = shard_tokens or kv_tokens_for(kv_config)
+                    kv = KVCache.allocate(kv_config, kv_tokens, dtype=compute_dtype, device=dev)
+                except torch.OutOfMemoryError as e:
+                    need = _weight_bytes(f, config, weight_mode, compute_dtype)
+                    tokens = kv_cache_tokens or context
+                    kv_need = KVCache.bytes_for(config, tokens, compute_dtype)
+                    raise InsufficientVramError(
+                        f"out of GPU memory loading {name} on {dev}: weights need "
+                        f"~{need / 1e9:.2f} GB and a KV cache of {tokens} tokens "
+                        f"{kv_need / 1e9:.2f} GB (a smaller --kv-cache-tokens or --max-context "
+                        "shrinks the cache)"
+                    ) from e
+                if group is not None:
+                    group.wait_ready()
         info = EngineInfo(
             model_name=str(name),
             architecture=config.architecture,
@@ -275,6 +308,7 @@ class Engine:
             tokenizer_kind=tokenizer.kind,
             vocab_size=config.vocab_size,
             context_length=context,
+            tensor_parallel_size=parallel.size,
         )
         logger.info(
             "loaded %s in %.2fs: %d tensors, weights %.1f MB, KV cache %.1f MB (%d tokens shared "
@@ -288,7 +322,7 @@ class Engine:
             max_num_seqs,
             context,
         )
-        return cls(
+        engine = cls(
             model=model,
             config=config,
             tokenizer=tokenizer,
@@ -300,6 +334,10 @@ class Engine:
             max_num_seqs=max_num_seqs,
             max_batch_tokens=batch_tokens,
         )
+        if group is not None:  # rank 0 sends every pass to the followers
+            engine.runner = TensorParallelRunner(engine.runner, group)
+            engine.loop = StepLoop(engine.runner, engine.scheduler, engine.banned_ids, dev)
+        return engine
 
     def info(self) -> EngineInfo:
         return self._info
@@ -493,8 +531,11 @@ class Engine:
         self.loop.on_step = observer
 
     def close(self) -> None:
-        """Stop the engine thread; requests still running end with CANCELLED."""
+        """Stop the engine thread (requests still running end with CANCELLED) and the other
+        ranks of a model split over several."""
         self.loop.close()
+        if isinstance(self.runner, TensorParallelRunner):
+            self.runner.close()
 
     def release_cached_memory(self) -> None:
         """After a GPU OOM: hand the allocator's cached blocks back (the request's are freed)."""
@@ -514,6 +555,13 @@ def _drain(
             handle.cancel()
             with contextlib.suppress(WorkerError):
                 handle.result()
+
+
+def _weight_bytes(f: GGUFFile, config: ModelConfig, weights: str, dtype: torch.dtype) -> int:
+    """About what the model's weights take on the device."""
+    if weights == "quantized":  # about the file's size (F32 norms stay small)
+        return sum(t.n_bytes for t in f.tensors.values())
+    return config.n_params_estimate() * torch.empty(0, dtype=dtype).element_size()
 
 
 def _check_batch_options(

@@ -90,11 +90,13 @@ def plan_kv_tokens(
     max_batch_tokens: int,
     kv_cache_tokens: int | None,
     gpu_memory_utilization: float,
+    weights_to_come: int = 0,
     block_size: int = BLOCK_SIZE,
 ) -> int:
     """Slots of the shared cache: kv_cache_tokens if given; else on CUDA what the device's free
-    memory allows within gpu_memory_utilization of its total, less the work estimate; else (CPU)
-    one full-length sequence. Never more than max_num_seqs sequences of `context` tokens use."""
+    memory allows within gpu_memory_utilization of its total, less the work estimate and the bytes
+    of weights not loaded yet; else (CPU) one full-length sequence. Never more than max_num_seqs
+    sequences of `context` tokens use."""
     cap = max_num_seqs * context
     if kv_cache_tokens is not None:
         if kv_cache_tokens < block_size:
@@ -107,7 +109,7 @@ def plan_kv_tokens(
     free, total = torch.cuda.mem_get_info(device)
     per_token = KVCache.bytes_for(config, 1, dtype)
     spare = free - (1.0 - gpu_memory_utilization) * total
-    budget = int(spare) - work_bytes(config, max_batch_tokens, max_num_seqs)
+    budget = int(spare) - work_bytes(config, max_batch_tokens, max_num_seqs) - weights_to_come
     tokens = min(cap, budget // per_token // block_size * block_size)
     if tokens < block_size:
         raise InsufficientVramError(

@@ -1,4 +1,5 @@
-"""Command-line options that choose how a model is loaded, shared by `generate` and `serve`.
+"""Command-line options that choose how a model is loaded, shared by `generate`, `serve` and
+`bench`.
 
 Kept free of torch so that building the CLI's parser stays cheap.
 """
@@ -12,8 +13,16 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 WEIGHT_CHOICES = ("quantized", "dequantized")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {value})")
+    return value
+
+
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
-    """--dtype, --weights and the batching / KV-cache budget, passed to Engine.load."""
+    """--dtype, --weights, the batching / KV-cache budget and --tensor-parallel-size, passed to
+    Engine.load."""
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES)
     p.add_argument(
         "--weights",
@@ -23,6 +32,7 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
         "(default: quantized on cuda, dequantized on cpu)",
     )
     add_batch_arguments(p)
+    add_parallel_arguments(p)
 
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,3 +72,15 @@ def batch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_tokens": args.kv_cache_tokens,
         "gpu_memory_utilization": args.gpu_memory_utilization,
     }
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    """--tensor-parallel-size: Engine.load's tensor_parallel_size."""
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="split the model over N ranks: N GPUs from the chosen one on cuda, N processes on "
+        "cpu; heads, KV heads and the FFN must divide by N (default: 1)",
+    )

@@ -239,6 +239,9 @@ class StepLoop:
                 )
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+            except WorkerError as exc:  # one of ours, with its code (a rank that failed, ...)
+                logger.error("forward pass of %d sequences failed: %s", len(batch.seqs), exc)
+                self._fail_batch(reqs, exc)
             except Exception as exc:  # noqa: BLE001 - the requests fail, the loop goes on
                 logger.exception("forward pass of %d sequences failed", len(batch.seqs))
                 self._fail_batch(reqs, WorkerError(f"{type(exc).__name__}: {exc}"))

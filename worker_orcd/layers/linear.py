@@ -6,6 +6,10 @@ attributes. A layer built with `quantized=True` keeps its weight's shape and sha
 meta device (so the load plan still checks every shard) and holds the real weight in `quantized`,
 a PackedWeight of GGUF blocks that the loader fills; a parameter whose file tensors are all dense
 is materialised by the loader instead and the layer runs as a plain one.
+
+Tensor parallel (worker_orcd/parallel.py): built with a `parallel` of several ranks and a `split`, a
+layer holds this rank's part of its weight and its parameters carry a `partition` that tells the
+loader which rows or columns of the file's tensor to read.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import nn
 from worker_orcd import kernels
 from worker_orcd.kernels.quant.ops import RoundedX
 from worker_orcd.kernels.quant.weights import PackedWeight
+from worker_orcd.parallel import SINGLE, Parallel, split_linear
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +58,12 @@ def _param(*shape: int, meta: bool = False) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """y = x W^T + b with W [out, in]; output rows may be packed from several named shards."""
+    """y = x W^T + b with W [out, in]; output rows may be packed from several named shards.
+
+    Sizes are given whole; with `parallel` over several ranks, split="out" keeps this rank's part
+    of every shard's rows (column-parallel), split="in" its part of the columns (row-parallel: the
+    caller all-reduces the partial outputs). in_features and out_features are then this rank's.
+    """
 
     def __init__(
         self,
@@ -63,8 +73,18 @@ class Linear(nn.Module):
         bias: bool = False,
         shards: dict[ShardId, int] | None = None,
         quantized: bool = False,
+        parallel: Parallel = SINGLE,
+        split: str | None = None,
     ) -> None:
         super().__init__()
+        partition = split_linear(parallel, split, in_features, out_features, shards)
+        if partition is not None and partition.dim == 1:
+            if bias:
+                raise ValueError("a bias on a weight split along its inputs would be added N times")
+            in_features = partition.local(None)
+        elif partition is not None:
+            shards = {s: partition.local(s) for s in shards} if shards else None
+            out_features = partition.local(None)
         self.in_features = in_features
         self.out_features = out_features
         self.weight = _param(out_features, in_features, meta=quantized)
@@ -81,6 +101,9 @@ class Linear(nn.Module):
             for p in (self.weight, self.bias):
                 if p is not None:
                     p.shard_slices = slices
+        for p in (self.weight, self.bias):
+            if p is not None and partition is not None:
+                p.partition = partition
 
     def forward(self, x: torch.Tensor, rounded: RoundedX | None = None) -> torch.Tensor:
         """[T, in] -> [T, out]; `rounded`: x rounded to int8 by its producer, for a quantized
@@ -106,24 +129,39 @@ class QKVLinear(Linear):
         *,
         bias: bool,
         quantized: bool = False,
+        parallel: Parallel = SINGLE,
     ) -> None:
-        self.q_size = n_heads * head_dim
-        self.kv_size = n_kv_heads * head_dim
-        sizes = {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
+        q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
+        sizes = {"q": q_size, "k": kv_size, "v": kv_size}
         super().__init__(
-            hidden_size, sum(sizes.values()), bias=bias, shards=sizes, quantized=quantized
+            hidden_size,
+            sum(sizes.values()),
+            bias=bias,
+            shards=sizes,
+            quantized=quantized,
+            parallel=parallel,
+            split="out",
         )
+        self.q_size = len(parallel.part(q_size))  # this rank's
+        self.kv_size = len(parallel.part(kv_size))
 
 
 class GateUpLinear(Linear):
     """Fused gate/up projection: rows are gate (I) then up (I); shards 0 (gate) and 1 (up)."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, *, quantized: bool = False
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        quantized: bool = False,
+        parallel: Parallel = SINGLE,
     ) -> None:
         super().__init__(
             hidden_size,
             2 * intermediate_size,
             shards={0: intermediate_size, 1: intermediate_size},
             quantized=quantized,
+            parallel=parallel,
+            split="out",
         )

@@ -1,0 +1,53 @@
+"""`--tensor-parallel-size` on generate, serve and bench: parsed in one place, passed to
+Engine.load."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from worker_orcd import cli
+from worker_orcd.errors import WorkerError
+
+
+class _Loaded(Exception):
+    pass
+
+
+def test_generate_passes_the_size_to_engine_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker_orcd.engine.engine import Engine
+
+    seen: dict[str, Any] = {}
+
+    def fake_load(path: object, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise _Loaded
+
+    monkeypatch.setattr(Engine, "load", fake_load)
+    argv = ["generate", "--model", "m.gguf", "--prompt", "hi"]
+    for flags, size in (([], 1), (["--tensor-parallel-size", "2"], 2)):
+        with pytest.raises(_Loaded):
+            cli.cmd_generate(cli.build_parser().parse_args(argv + flags))
+        assert seen["tensor_parallel_size"] == size
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "bench"])
+def test_the_size_must_be_positive(command: str, capsys: pytest.CaptureFixture) -> None:
+    argv = {
+        "generate": ["generate", "--model", "m.gguf", "--prompt", "hi"],
+        "serve": ["serve", "--model", "m.gguf", "--port", "0"],
+        "bench": ["bench", "--preset", "phi3-mini"],
+    }[command]
+    assert cli.build_parser().parse_args(argv + ["--tensor-parallel-size", "4"])
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(argv + ["--tensor-parallel-size", "0"])
+    assert "--tensor-parallel-size: must be an integer >= 1 (got 0)" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_size_it_cannot_pass_on() -> None:
+    args = cli.build_parser().parse_args(
+        ["serve", "--model", "m.gguf", "--port", "0", "--tensor-parallel-size", "2"]
+    )
+    with pytest.raises(WorkerError, match="serve --tensor-parallel-size is not wired"):
+        cli.cmd_serve(args)

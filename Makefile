@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; a GPU machine brings its own.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test setup setup-test model lint clean
+.PHONY: run test setup setup-test model testdata lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ setup-test: $(VENV)/.installed-test
 model: setup
 	$(VENV)/bin/worker-orcd pull
 
+# llama.cpp's vocab-only GGUFs and tokenizer vectors, from the llama-cpp-python sdist.
+testdata: setup
+	$(VENV)/bin/worker-orcd pull --testdata
+
 run: model
 	$(VENV)/bin/worker-orcd inspect "$$($(VENV)/bin/worker-orcd pull --print-path)"
 	$(VENV)/bin/worker-orcd generate --model "$$($(VENV)/bin/worker-orcd pull --print-path)" \
@@ -33,7 +37,7 @@ run: model
 		--chat --prompt "What is the capital of France? Answer in one sentence." \
 		--max-tokens 64 --temperature 0
 
-test: setup-test model
+test: setup-test model testdata
 	$(VENV)/bin/ruff check worker_orcd tests benchmarks
 	$(VENV)/bin/ruff format --check worker_orcd tests benchmarks
 	$(PY) -m pytest -q

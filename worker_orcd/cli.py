@@ -40,8 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pull", help="fetch the test model into the cache")
-    p.add_argument("--print-path", action="store_true", help="only print where the model lives")
+    p = sub.add_parser("pull", help="fetch the test model (or the test data) into the cache")
+    p.add_argument(
+        "--testdata",
+        action="store_true",
+        help="fetch llama.cpp's vocab-only GGUFs and tokenizer vectors instead of the model",
+    )
+    p.add_argument("--print-path", action="store_true", help="only print where it lives")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("inspect", help="describe a GGUF file")
@@ -82,12 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from worker_orcd import hub
+    from worker_orcd import hub, testdata
 
-    if args.print_path:
-        print(hub.model_path())
-        return 0
-    print(hub.pull())
+    if args.testdata:
+        print(testdata.testdata_dir() if args.print_path else testdata.pull_testdata())
+    else:
+        print(hub.model_path() if args.print_path else hub.pull())
     return 0
 
 

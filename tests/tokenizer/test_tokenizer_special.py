@@ -7,8 +7,8 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-from tokenizer_testdata import vocab_path
 
+from tests.support.vocab import vocab_path
 from worker_orcd.errors import ModelLoadError
 from worker_orcd.tokenizer import Tokenizer
 from worker_orcd.tokenizer.metadata import read_gguf_metadata

@@ -8,9 +8,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from worker_orcd.engine.options import add_load_arguments
 from worker_orcd.errors import WorkerError
+
+if TYPE_CHECKING:
+    from worker_orcd.engine.types import GenerationOutput
 
 logger = logging.getLogger("worker_orcd")
 
@@ -105,6 +109,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
+    import time
 
     from worker_orcd.engine.engine import Engine
     from worker_orcd.engine.types import SamplingParams
@@ -120,6 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop or ()),
     )
     params.validate()
+    started = time.perf_counter()
     engine = Engine.load(
         args.model,
         device=args.device,
@@ -127,6 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         weights=args.weights,
     )
+    load_s = time.perf_counter() - started
     if args.chat:
         ids = engine.encode_prompt(
             messages=[{"role": "user", "content": args.prompt}], system=args.system
@@ -150,6 +157,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     "stop_reason": out.stop_reason.value,
                     "stop_sequence": out.stop_sequence,
                     "seed": out.seed,
+                    "load_s": round(load_s, 3),
                     "timings": {
                         "prompt_tokens": t.prompt_tokens,
                         "prefill_ms": round(t.prefill_ms, 3),
@@ -166,7 +174,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
         sys.stdout.flush()
+        print(_speed_line(load_s, out), file=sys.stderr)
     return 0
+
+
+def _speed_line(load_s: float, out: GenerationOutput) -> str:
+    """Load time, prefill and decode speed, stop reason: one line for the terminal."""
+    t = out.timings
+    return (
+        f"[load {load_s:.1f} s | prompt {t.prompt_tokens} tokens, prefill {t.prefill_tok_s:.1f} "
+        f"tok/s | {t.tokens_out} tokens out, decode {t.decode_tok_s:.1f} tok/s | "
+        f"{out.stop_reason.value}]"
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

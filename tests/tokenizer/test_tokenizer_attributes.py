@@ -90,6 +90,120 @@ def test_other_vocabularies(qwen2_tok: Tokenizer, llama_spm_tok: Tokenizer) -> N
     assert not any(llama_spm_tok.token_attr(i) & A.RSTRIP for i in range(3))  # not Phi-3
 
 
+# llama.cpp's `llama_vocab_get_attr` for every token that is not plain NORMAL, and its
+# `llama_vocab_is_eog` set, recorded with llama-cpp-python 0.3.36 (llama.cpp 0c1e5709) loading
+# each file vocab-only: attribute -> inclusive id ranges.
+LLAMA_CPP = {
+    "qwen_model_tok": (
+        {
+            A.NORMAL | A.CONTROL: [(128247, 128247)],
+            A.CONTROL: [(151643, 151656), (151659, 151664)],
+            A.USER_DEFINED: [(151657, 151658)],
+            A.UNUSED: [(151665, 151935)],
+        },
+        {128247, 151643, 151645, 151662, 151663, 151664},
+    ),
+    "phi3_tok": (
+        {
+            A.CONTROL: [(0, 1), (32000, 32000)],
+            A.USER_DEFINED | A.CONTROL | A.RSTRIP: [(2, 2)],
+            A.BYTE: [(3, 258)],
+            A.CONTROL | A.RSTRIP: [(32001, 32010)],
+            A.UNKNOWN | A.RSTRIP: [(32011, 32063)],
+        },
+        {2, 32000, 32007},
+    ),
+    "qwen2_tok": (
+        {
+            A.NORMAL | A.CONTROL: [(128247, 128247)],
+            A.CONTROL: [(151643, 151645)],
+            A.USER_DEFINED: [(151646, 151935)],
+        },
+        {128247, 151643, 151645},
+    ),
+    "llama_spm_tok": (
+        {A.UNKNOWN: [(0, 0)], A.CONTROL: [(1, 2)], A.BYTE: [(3, 258)]},
+        {2},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_CPP))
+def test_attributes_and_eog_match_llama_cpp(name: str, request: pytest.FixtureRequest) -> None:
+    tok: Tokenizer = request.getfixturevalue(name)
+    ranges, eog = LLAMA_CPP[name]
+    expected = np.full(tok.vocab_size, int(A.NORMAL))
+    for attr, spans in ranges.items():
+        for first, last in spans:
+            expected[first : last + 1] = int(attr)
+    ours = np.array([int(tok.token_attr(i)) for i in range(tok.vocab_size)])
+    differ = np.flatnonzero(ours != expected)
+    assert differ.size == 0, [(int(i), tok.id_to_piece(int(i)), ours[i]) for i in differ[:10]]
+    assert tok.eog_ids == eog
+
+
+# (tokenizer, text, llama_tokenize ids without / with parse_special), no BOS, recorded likewise.
+LLAMA_CPP_CASES = [
+    ("qwen_model_tok", "a</s>b", [64, 522, 82, 51407], [64, 128247, 65]),
+    ("qwen_model_tok", "Hello</s>", [9707, 522, 82, 29], [9707, 128247]),
+    ("qwen_model_tok", "</s>", [522, 82, 29], [128247]),
+    (
+        "qwen_model_tok",
+        "Hello</s> \n there",
+        [9707, 522, 82, 29, 715, 1052],
+        [9707, 128247, 715, 1052],
+    ),
+    (
+        "qwen_model_tok",
+        "<|user|>\nHi",
+        [27, 91, 872, 91, 397, 13048],
+        [27, 91, 872, 91, 397, 13048],
+    ),
+    ("qwen_model_tok", "x<tool_call>", [87, 151657], [87, 151657]),
+    (
+        "qwen_model_tok",
+        "<|fim_prefix|>def f():<|fim_suffix|>",
+        [27, 91, 69, 318, 13974, 91, 29, 750, 282, 4555, 27, 91, 69, 318, 37151, 91, 29],
+        [151659, 750, 282, 4555, 151661],
+    ),
+    ("phi3_tok", "a</s>b", [263, 829, 29879, 29958, 29890], [263, 2, 289]),
+    ("phi3_tok", "Hello</s>", [15043, 829, 29879, 29958], [15043, 2]),
+    ("phi3_tok", "</s>", [1533, 29879, 29958], [2]),
+    ("phi3_tok", "Hello</s> \n there", [15043, 829, 29879, 29958, 29871, 13, 727], [15043, 2, 727]),
+    ("phi3_tok", "<|user|>\nHi", [529, 29989, 1792, 29989, 29958, 13, 18567], [32010, 6324]),
+    ("qwen2_tok", "a</s>b", [64, 522, 82, 51407], [64, 128247, 65]),
+    ("qwen2_tok", "Hello</s>", [9707, 522, 82, 29], [9707, 128247]),
+    ("qwen2_tok", "</s>", [522, 82, 29], [128247]),
+    ("qwen2_tok", "Hello</s> \n there", [9707, 522, 82, 29, 715, 1052], [9707, 128247, 715, 1052]),
+    ("qwen2_tok", "<|user|>\nHi", [27, 91, 872, 91, 397, 13048], [27, 91, 872, 91, 397, 13048]),
+    ("qwen2_tok", "x<tool_call>", [87, 27, 14172, 13429, 29], [87, 27, 14172, 13429, 29]),
+    ("llama_spm_tok", "a</s>b", [263, 829, 29879, 29958, 29890], [263, 2, 289]),
+    ("llama_spm_tok", "Hello</s>", [15043, 829, 29879, 29958], [15043, 2]),
+    ("llama_spm_tok", "</s>", [1533, 29879, 29958], [2]),
+    (
+        "llama_spm_tok",
+        "Hello</s> \n there",
+        [15043, 829, 29879, 29958, 29871, 13, 727],
+        [15043, 2, 259, 13, 727],
+    ),
+    (
+        "llama_spm_tok",
+        "<|user|>\nHi",
+        [529, 29989, 1792, 29989, 29958, 13, 18567],
+        [529, 29989, 1792, 29989, 29958, 13, 18567],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "plain", "special"), LLAMA_CPP_CASES)
+def test_special_text_splits_as_in_llama_cpp(
+    name: str, text: str, plain: list[int], special: list[int], request: pytest.FixtureRequest
+) -> None:
+    tok: Tokenizer = request.getfixturevalue(name)
+    assert tok.encode(text, add_special=False) == plain
+    assert tok.encode(text, add_special=False, parse_special=True) == special
+
+
 # -- the rules one by one, on small vocabularies ---------------------------------------------------
 
 

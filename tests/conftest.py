@@ -1,7 +1,8 @@
 """Shared fixtures.
 
-The real test model is fetched by `make test` before pytest runs, so tests that need it never skip.
-Vocab-only GGUFs with real metadata live in the `shared/` checkout beside the repository.
+The real test model and llama.cpp's vocab-only GGUFs (real tokenizer metadata; tests/support/
+vocab.py) are fetched into the cache by `make test` before pytest runs, so tests that need them
+never skip.
 `write_gguf` writes small GGUF files with the reference writer (`gguf.GGUFWriter`).
 """
 
@@ -17,10 +18,8 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
+from tests.support import vocab
 from worker_orcd import hub
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TESTDATA = REPO_ROOT / ".." / "shared" / "testdata"
 
 
 @pytest.fixture(scope="session")
@@ -35,10 +34,7 @@ def qwen_gguf_path() -> Path:
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
     """Vocab-only GGUFs (phi-3, qwen2, llama-spm) with their tokenizer conformance cases."""
-    path = TESTDATA / "vocab"
-    if not path.is_dir():
-        raise FileNotFoundError(f"shared test data missing: {path}")
-    return path
+    return vocab.vocab_dir()
 
 
 # -- synthetic GGUF files -------------------------------------------------------------------------

@@ -8,9 +8,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from worker_orcd.engine.options import add_load_arguments, batch_kwargs
 from worker_orcd.errors import WorkerError
+
+if TYPE_CHECKING:
+    from worker_orcd.engine.types import GenerationOutput
 
 logger = logging.getLogger("worker_orcd")
 
@@ -40,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pull", help="fetch the test model into the cache")
-    p.add_argument("--print-path", action="store_true", help="only print where the model lives")
+    p = sub.add_parser("pull", help="fetch the test model (or the test data) into the cache")
+    p.add_argument(
+        "--testdata",
+        action="store_true",
+        help="fetch llama.cpp's vocab-only GGUFs and tokenizer vectors instead of the model",
+    )
+    p.add_argument("--print-path", action="store_true", help="only print where it lives")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("inspect", help="describe a GGUF file")
@@ -82,12 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from worker_orcd import hub
+    from worker_orcd import hub, testdata
 
-    if args.print_path:
-        print(hub.model_path())
-        return 0
-    print(hub.pull())
+    if args.testdata:
+        print(testdata.testdata_dir() if args.print_path else testdata.pull_testdata())
+    else:
+        print(hub.model_path() if args.print_path else hub.pull())
     return 0
 
 
@@ -100,6 +109,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
+    import time
 
     from worker_orcd.engine.engine import Engine
     from worker_orcd.engine.types import SamplingParams
@@ -115,6 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop or ()),
     )
     params.validate()
+    started = time.perf_counter()
     engine = Engine.load(
         args.model,
         device=args.device,
@@ -124,6 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         **batch_kwargs(args),
         tensor_parallel_size=args.tensor_parallel_size,
     )
+    load_s = time.perf_counter() - started
     if args.chat:
         ids = engine.encode_prompt(
             messages=[{"role": "user", "content": args.prompt}], system=args.system
@@ -147,6 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     "stop_reason": out.stop_reason.value,
                     "stop_sequence": out.stop_sequence,
                     "seed": out.seed,
+                    "load_s": round(load_s, 3),
                     "timings": {
                         "prompt_tokens": t.prompt_tokens,
                         "prefill_ms": round(t.prefill_ms, 3),
@@ -163,7 +176,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
         sys.stdout.flush()
+        print(_speed_line(load_s, out), file=sys.stderr)
     return 0
+
+
+def _speed_line(load_s: float, out: GenerationOutput) -> str:
+    """Load time, prefill and decode speed, stop reason: one line for the terminal."""
+    t = out.timings
+    return (
+        f"[load {load_s:.1f} s | prompt {t.prompt_tokens} tokens, prefill {t.prefill_tok_s:.1f} "
+        f"tok/s | {t.tokens_out} tokens out, decode {t.decode_tok_s:.1f} tok/s | "
+        f"{out.stop_reason.value}]"
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from live_server import LiveServer, start_server
+
+from tests.server.live_server import LiveServer, start_server
 
 SHARED_FLAGS = (
     "--worker-id",

@@ -16,7 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-from live_server import BackgroundStream, check_one_terminal, serve_command, start_server
+
+from tests.server.live_server import (
+    BackgroundStream,
+    check_one_terminal,
+    serve_command,
+    start_server,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from live_server import (
+
+from tests.server.live_server import (
     BackgroundStream,
     LiveServer,
     SseEvent,
@@ -20,7 +21,6 @@ from live_server import (
     parse_sse,
     stream_execute,
 )
-
 from worker_orcd.engine.types import U64_MAX, SamplingParams
 
 logger = logging.getLogger(__name__)

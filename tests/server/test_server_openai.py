@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from live_server import LiveServer
 
+from tests.server.live_server import LiveServer
 from worker_orcd.engine.types import SamplingParams
 
 # A test extra: always there under `make test`; GPU machines that run `-m gpu` may lack it.

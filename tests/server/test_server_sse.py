@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from live_server import parse_sse
 
+from tests.server.live_server import parse_sse
 from worker_orcd.server import sse
 
 

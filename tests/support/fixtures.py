@@ -1,8 +1,7 @@
 """Session-wide cache of random-weight GGUF test models, and pytest fixtures over it.
 
-tests/conftest.py makes them visible by importing them by name
-(`from support.fixtures import model_cache, tiny_phi3, tiny_qwen2  # noqa: F401`; tests/ is on
-sys.path because conftest.py lives there, and this folder is the package `support`).
+A conftest makes them visible by importing them by name
+(`from tests.support.fixtures import model_cache, tiny_phi3, tiny_qwen2  # noqa: F401`).
 Building a model and writing its file takes from a fraction of a second (tiny, no tokenizer) to
 tens of seconds (Phi-3 real dims, ~1.7 GB); each distinct request is built once per session.
 """

@@ -3,7 +3,8 @@
 Parity tests compare the engine with transformers (float32, CPU) on these models. The writer follows
 llama.cpp's convert_hf_to_gguf.py: the same metadata keys, tensor names and layouts (Qwen2: separate
 q/k/v with biases, gate/up; Phi-3: fused `attn_qkv` rows q|k|v and `ffn_up` rows gate|up; no q/k
-permutation, both use NEOX RoPE), plus the real tokenizer metadata from ../shared/testdata/vocab.
+permutation, both use NEOX RoPE), plus the real tokenizer metadata of llama.cpp's vocab files
+(tests/support/vocab.py).
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from torch import nn
 from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from .gguf_kv import read_metadata
+from .vocab import vocab_dir
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-VOCAB_DIR = REPO_ROOT.parent / "shared" / "testdata" / "vocab"
 VOCAB_FILES = {"qwen2": "ggml-vocab-qwen2.gguf", "phi3": "ggml-vocab-phi-3.gguf"}
 VOCAB_SIZES = {"qwen2": 151936, "phi3": 32064}
 
@@ -383,7 +383,7 @@ def _hparams(config: Any, arch: str) -> dict[str, tuple[Any, ...]]:
 @functools.cache
 def vocab_metadata(vocab: str) -> dict[str, tuple[Any, ...]]:
     """The `tokenizer.*` keys of a real vocab file: key -> (value, type[, array item type])."""
-    md = read_metadata(VOCAB_DIR / VOCAB_FILES[vocab])
+    md = read_metadata(vocab_dir() / VOCAB_FILES[vocab])
     return {k: v for k, v in md.items() if k.startswith("tokenizer.")}
 
 

@@ -18,7 +18,6 @@ from .fixtures import ModelCache
 from .gguf_kv import read_metadata
 from .hf_gguf import (
     PHI3_MINI_DIMS,
-    VOCAB_DIR,
     VOCAB_FILES,
     hf_greedy,
     hf_logits,
@@ -27,6 +26,7 @@ from .hf_gguf import (
     vocab_metadata,
     write_gguf,
 )
+from .vocab import vocab_dir
 
 SMALL_VOCAB = 512  # no tokenizer: keeps the transformers round trip fast
 
@@ -138,7 +138,7 @@ def test_tokenizer_metadata_is_the_real_vocab(tmp_path: Path, vocab: str) -> Non
 
 
 def test_fast_metadata_reader_agrees_with_gguf_reader() -> None:
-    path = VOCAB_DIR / VOCAB_FILES["phi3"]
+    path = vocab_dir() / VOCAB_FILES["phi3"]
     fields = GGUFReader(path).fields
     ours = read_metadata(path)
     assert set(ours) == {k for k in fields if not k.startswith("GGUF.")}
@@ -229,7 +229,7 @@ def test_models_are_seeded() -> None:
 
 
 def test_phi3_mini_dims_match_the_real_phi3_metadata() -> None:
-    md = read_metadata(VOCAB_DIR / VOCAB_FILES["phi3"])
+    md = read_metadata(vocab_dir() / VOCAB_FILES["phi3"])
     assert PHI3_MINI_DIMS["hidden_size"] == md["phi3.embedding_length"][0]
     assert PHI3_MINI_DIMS["num_attention_heads"] == md["phi3.attention.head_count"][0]
     assert PHI3_MINI_DIMS["num_key_value_heads"] == md["phi3.attention.head_count_kv"][0]

@@ -1,12 +1,12 @@
-"""Tokenizer fixtures: the vocab-only GGUFs from shared/ and the real Qwen model file."""
+"""Tokenizer fixtures: llama.cpp's vocab-only GGUFs and the real Qwen model file."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from tokenizer_testdata import vocab_path
 
+from tests.support.vocab import vocab_path
 from worker_orcd import hub
 from worker_orcd.tokenizer import Tokenizer
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tokenizer_testdata import vocab_path
 
+from tests.support.vocab import vocab_path
 from worker_orcd.errors import ChatTemplateError
 from worker_orcd.tokenizer import ChatTemplate, Tokenizer
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from tokenizer_testdata import vocab_cases
 
+from tests.support.vocab import vocab_cases
 from worker_orcd.tokenizer import Tokenizer
 
 NAMES = ("qwen2", "phi-3", "llama-spm")

@@ -162,10 +162,12 @@ class VocabData:
     unk_id: int | None
     eot_id: int | None
     eom_id: int | None
+    fim_ids: dict[str, int | None]  # fill-in-the-middle: "pre", "suf", "mid", "pad", "rep", "sep"
     add_bos: bool
     add_eos: bool
     add_space_prefix: bool
     architecture: str | None
+    name: str | None  # general.name
     chat_template: str | None
 
     @classmethod
@@ -205,13 +207,38 @@ class VocabData:
             unk_id=_token_id(md, "tokenizer.ggml.unknown_token_id", n, 0 if is_spm else None),
             eot_id=_token_id(md, "tokenizer.ggml.eot_token_id", n, None),
             eom_id=_token_id(md, "tokenizer.ggml.eom_token_id", n, None),
+            fim_ids=_fim_ids(md, n),
             # llama.cpp's defaults when the key is absent: BOS for SentencePiece and llama3 BPE.
             add_bos=bool(md.get("tokenizer.ggml.add_bos_token", is_spm or pre == "llama-bpe")),
             add_eos=bool(md.get("tokenizer.ggml.add_eos_token", False)),
             add_space_prefix=bool(md.get("tokenizer.ggml.add_space_prefix", is_spm)),
             architecture=md.get("general.architecture"),
+            name=md.get("general.name"),
             chat_template=md.get("tokenizer.chat_template"),
         )
+
+
+# tokenizer.ggml.fim_{kind}_token_id; the older prefix/suffix/middle keys win when both are set,
+# as in llama.cpp, which reads them last.
+_FIM_KEYS = {
+    "pre": ("fim_pre", "prefix"),
+    "suf": ("fim_suf", "suffix"),
+    "mid": ("fim_mid", "middle"),
+    "pad": ("fim_pad",),
+    "rep": ("fim_rep",),
+    "sep": ("fim_sep",),
+}
+
+
+def _fim_ids(md: Mapping[str, Any], n: int) -> dict[str, int | None]:
+    ids: dict[str, int | None] = {}
+    for kind, names in _FIM_KEYS.items():
+        ids[kind] = None
+        for name in names:
+            value = _token_id(md, f"tokenizer.ggml.{name}_token_id", n, None)
+            if value is not None:
+                ids[kind] = value
+    return ids
 
 
 def _require(md: Mapping[str, Any], key: str) -> Any:

@@ -1,16 +1,45 @@
 """Tokenizer built from GGUF metadata: encode, decode, special tokens, end-of-generation ids.
 
 Encoding follows llama.cpp (`llama_vocab::tokenize`):
-1. the text is partitioned on special-token text, longest token first. USER_DEFINED tokens are
-   always split off; CONTROL and UNKNOWN tokens only with `parse_special=True` (otherwise their text
-   is ordinary text). Tokens with the rstrip/lstrip attribute swallow the whitespace beside them
-   (Phi-3 sets it);
+1. the text is partitioned on special-token text (tokens with the CONTROL, USER_DEFINED or UNKNOWN
+   attribute, below), longest token first. USER_DEFINED tokens are always split off, unless they
+   are CONTROL too; CONTROL and UNKNOWN tokens only with `parse_special=True` (otherwise their
+   text is ordinary text). Tokens with the RSTRIP attribute swallow the whitespace after them;
 2. each text fragment is tokenized on its own (byte-level BPE, or SentencePiece with a dummy-prefix
    space at the start of the text and after every special token);
 3. BOS/EOS are added when `add_special` and the metadata ask for them.
 
 Decoding is the inverse: SentencePiece drops the one dummy-prefix space of the first text token at
 the start and after each special token, so `decode(encode(s, add_special=False)) == s`.
+
+Token attributes and end of generation (EOG), as llama.cpp's vocab loader derives them
+(`llama_vocab::impl::load`; implemented in `attributes.derive`), in this order:
+0. `tokenizer.ggml.token_type` gives each token one attribute: NORMAL, UNKNOWN, CONTROL,
+   USER_DEFINED, UNUSED or BYTE (NORMAL for all when the key is absent).
+1. EOT, EOM and fill-in-the-middle tokens (FIM prefix, suffix, middle, pad, repo, file separator)
+   that the metadata (`tokenizer.ggml.eot_token_id`, `eom_token_id`, `fim_*_token_id` and the older
+   `prefix/suffix/middle_token_id`) does not name are found by their text (`attributes.BY_TEXT`:
+   `<|im_end|>`, `<|endoftext|>`, `<|fim_prefix|>`, `<|fim_pad|>`, `<|repo_name|>`,
+   `<|file_sep|>`, ...) and become CONTROL. llama.cpp takes the first hit in its hash map's order;
+   we take the lowest id.
+2. CONTROL tokens whose text contains "unused" become UNUSED too.
+3. EOG = the FIM pad, repo and file-separator tokens, plus every token whose text is in
+   `attributes.EOG_TEXTS` (`<|eot_id|>`, `<|im_end|>`, `<|end|>`, `<|endoftext|>`, `</s>`,
+   `<|eom_id|>`, `<end_of_turn>`, `<|end_of_text|>`, `<EOT>`, `<|return|>`, `<|call|>`, ...);
+   these become CONTROL, whatever their type in the file.
+4. `<|channel|>`, `<|message|>`, `<|start|>`, `<|constrain|>` become exactly USER_DEFINED.
+5. EOS, EOT and EOM join the EOG set.
+6. If the EOG set holds `<|end|>` with `<|call|>`/`<|calls|>` and `<|return|>`/`<|flush|>`,
+   `<|end|>` leaves it and becomes USER_DEFINED.
+7. If it holds `</s>` with `<|tool_response>` or `<|plamo:eos|>`, `</s>` leaves it and becomes
+   NORMAL.
+8. Phi-3 (general.name contains "phi-3" or "phi3", any case): every CONTROL, USER_DEFINED or
+   UNKNOWN token and `</s>` get RSTRIP, except `<unk>`, `<s>` and `<|endoftext|>`.
+So Qwen2.5-Coder's `</s>` (id 128247, NORMAL in the file) is one token when special tokens are
+parsed, plain text otherwise, and ends generation; Phi-3's `</s>` (id 2, USER_DEFINED in the file)
+is CONTROL as well, so unparsed it is the text `</`, `s`, `>`. Unlike llama.cpp we give a gpt2
+vocabulary without `tokenizer.ggml.eos_token_id` no EOS (llama.cpp assumes id 11), and we reject
+special-token ids outside the vocabulary instead of falling back to a default.
 """
 
 from __future__ import annotations
@@ -24,40 +53,15 @@ import jinja2
 import numpy as np
 
 from worker_orcd.errors import ChatTemplateError
+from worker_orcd.tokenizer.attributes import SPECIAL, Attr, derive
 from worker_orcd.tokenizer.chat import ChatTemplate
 from worker_orcd.tokenizer.decoder import IncrementalDecoder
-from worker_orcd.tokenizer.metadata import (
-    BYTE,
-    CONTROL,
-    NORMAL,
-    UNKNOWN,
-    UNUSED,
-    USER_DEFINED,
-    VocabData,
-    load_metadata,
-)
+from worker_orcd.tokenizer.metadata import VocabData, load_metadata
 from worker_orcd.tokenizer.models import SPM_SPACE, build_gpt2, build_spm
 
 logger = logging.getLogger(__name__)
 
-# Token texts that end a turn or the text (llama.cpp's end-of-generation list), matched exactly.
-EOG_TOKEN_TEXTS = frozenset(
-    {
-        "<|eot_id|>",
-        "<|eom_id|>",
-        "<|im_end|>",
-        "<|end|>",
-        "<|endoftext|>",
-        "<|end_of_text|>",
-        "<end_of_turn>",
-        "<EOT>",
-        "_<EOT>",
-        "<end_of_utterance>",
-        "<|return|>",
-        "<|call|>",
-    }
-)
-_C_SPACE = " \t\n\v\f\r"  # C isspace(), which llama.cpp uses for lstrip/rstrip
+_C_SPACE = " \t\n\v\f\r"  # C isspace(), which llama.cpp uses for rstrip
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:
@@ -82,37 +86,24 @@ class Tokenizer:
 
     def __init__(self, vocab: VocabData) -> None:
         self._v = vocab
-        self._types = vocab.types
         self._ids: dict[str, int] = dict(zip(vocab.tokens, range(len(vocab.tokens)), strict=True))
         self._hf = build_gpt2(vocab) if vocab.model == "gpt2" else build_spm(vocab)
         self._spm = vocab.model == "llama"
         self._space_prefix = self._spm and vocab.add_space_prefix
 
-        types = vocab.types
-        partition_mask = (types == CONTROL) | (types == USER_DEFINED) | (types == UNKNOWN)
-        self._partition_ids = frozenset(int(i) for i in np.flatnonzero(partition_mask))
+        derived = derive(vocab, self._ids)
+        attrs = self._attrs = derived.attrs
+        self._eog = derived.eog_ids
+        self._partition_ids = frozenset(int(i) for i in np.flatnonzero(attrs & SPECIAL))
         order = sorted(
             (i for i in self._partition_ids if vocab.tokens[i]),
             key=lambda i: (-len(vocab.tokens[i]), i),
         )
         self._special_order = tuple(order)
-        self._skippable = frozenset(
-            int(i)
-            for i in np.flatnonzero((types == CONTROL) | (types == UNKNOWN) | (types == UNUSED))
-        )
-        self._lstrip: frozenset[int] = frozenset()
-        self._rstrip: frozenset[int] = frozenset()
-        if vocab.architecture == "phi3":
-            # Phi-3's special tokens strip the whitespace after them, as in its HF tokenizer.json
-            # and llama.cpp; <unk>, <s> and <|endoftext|> do not.
-            keep = {self._ids.get(t) for t in ("<unk>", "<s>", "<|endoftext|>")}
-            self._rstrip = frozenset(i for i in self._partition_ids if i not in keep)
-
+        skip = Attr.CONTROL | Attr.UNKNOWN | Attr.UNUSED
+        self._skippable = frozenset(int(i) for i in np.flatnonzero(attrs & skip))
+        self._unused = tuple(int(i) for i in np.flatnonzero(attrs & (Attr.UNUSED | Attr.UNKNOWN)))
         self._pieces: list[bytes | None] = [None] * len(vocab.tokens)
-        eog = {i for t, i in self._ids.items() if t in EOG_TOKEN_TEXTS}
-        eog.update(i for i in (vocab.eos_id, vocab.eot_id, vocab.eom_id) if i is not None)
-        self._eog = frozenset(eog)
-        self._unused = tuple(int(i) for i in np.flatnonzero((types == UNUSED) | (types == UNKNOWN)))
         self._chat_template: ChatTemplate | None = None
         self._chat_template_error: str | None = None
         if vocab.chat_template:
@@ -158,7 +149,8 @@ class Tokenizer:
 
     @property
     def eog_ids(self) -> frozenset[int]:
-        """EOS plus end-of-turn tokens: generation stops on any of them."""
+        """Generation stops on any of these: EOS, EOT, EOM, end-of-turn and FIM pad/repo/file
+        separator tokens (the module docstring gives llama.cpp's rules)."""
         return self._eog
 
     @property
@@ -174,6 +166,11 @@ class Tokenizer:
     def special_ids(self) -> frozenset[int]:
         """CONTROL, UNKNOWN and UNUSED ids: dropped by `decode(..., skip_special=True)`."""
         return self._skippable
+
+    def token_attr(self, token_id: int) -> Attr:
+        """The token's attributes as llama.cpp derives them (see the module docstring)."""
+        self._check_id(token_id)
+        return Attr(int(self._attrs[token_id]))
 
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary entry as stored (e.g. 'Ġworld' or '▁world')."""
@@ -211,13 +208,14 @@ class Tokenizer:
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         frags: list[str | int] = [text] if text else []
         tokens = self._v.tokens
+        unparsed = Attr.CONTROL | Attr.UNKNOWN
         for tid in self._special_order:
-            if not parse_special and self._types[tid] != USER_DEFINED:
+            if not parse_special and self._attrs[tid] & unparsed:
                 continue
             needle = tokens[tid]
             if not any(isinstance(f, str) and needle in f for f in frags):
                 continue
-            rstrip, lstrip = tid in self._rstrip, tid in self._lstrip
+            rstrip = bool(self._attrs[tid] & Attr.RSTRIP)
             new: list[str | int] = []
             for frag in frags:
                 if isinstance(frag, int) or needle not in frag:
@@ -229,8 +227,6 @@ class Tokenizer:
                         new.append(tid)
                         if rstrip:
                             part = part.lstrip(_C_SPACE)
-                    if lstrip and k < len(parts) - 1:
-                        part = part.rstrip(_C_SPACE)
                     if part:
                         new.append(part)
             frags = new
@@ -262,25 +258,21 @@ class Tokenizer:
     def _piece(self, token_id: int, skip_special: bool, at_start: bool) -> tuple[bytes, bool]:
         """Bytes of one token and whether the next token starts a text (SentencePiece spaces)."""
         self._check_id(token_id)
-        if token_id in self._partition_ids or self._types[token_id] == UNUSED:
+        attr = self._attrs[token_id]
+        if token_id in self._partition_ids or attr & Attr.UNUSED:
             if skip_special and token_id in self._skippable:
                 return b"", True
             return self._v.tokens[token_id].encode(), True
         piece = self._pieces[token_id]
         if piece is None:
             piece = self._pieces[token_id] = self._piece_bytes(token_id)
-        if (
-            at_start
-            and self._space_prefix
-            and piece[:1] == b" "
-            and self._types[token_id] == NORMAL
-        ):
+        if at_start and self._space_prefix and piece[:1] == b" " and attr & Attr.NORMAL:
             piece = piece[1:]
         return piece, False
 
     def _piece_bytes(self, token_id: int) -> bytes:
         text = self._v.tokens[token_id]
-        if self._types[token_id] == BYTE:
+        if self._attrs[token_id] & Attr.BYTE:
             if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
                 return bytes([int(text[3:5], 16)])
             return text.encode()  # gpt2 vocabularies may mark plain byte chars as BYTE

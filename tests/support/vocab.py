@@ -1,18 +1,32 @@
-"""Paths and test vectors of the vocab-only GGUFs in shared/testdata/vocab."""
+"""llama.cpp's vocab-only GGUFs and their tokenizer vectors, as `make test` puts them in the cache.
+
+`worker-orcd pull --testdata` (run by `make test` before pytest) fetches them; see
+`worker_orcd.testdata`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-VOCAB_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "testdata" / "vocab"
+from worker_orcd import testdata
+
 SEPARATOR = "\n__ggml_vocab_test__\n"
 
 
+def vocab_dir() -> Path:
+    """The folder of the vocab files; an error naming the command that fetches them if absent."""
+    absent = testdata.missing()
+    if absent:
+        raise FileNotFoundError(
+            f"tokenizer test data missing from {testdata.testdata_dir()}: {', '.join(absent)} "
+            "(run `worker-orcd pull --testdata`; `make test` does)"
+        )
+    return testdata.testdata_dir()
+
+
 def vocab_path(name: str) -> Path:
-    path = VOCAB_DIR / f"ggml-vocab-{name}.gguf"
-    if not path.is_file():
-        raise FileNotFoundError(f"shared tokenizer test data missing: {path}")
-    return path
+    """ggml-vocab-NAME.gguf (NAME: phi-3, qwen2, llama-spm)."""
+    return vocab_dir() / f"ggml-vocab-{name}.gguf"
 
 
 def vocab_cases(name: str) -> list[tuple[str, list[int]]]:

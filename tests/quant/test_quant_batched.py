@@ -78,16 +78,18 @@ def test_matmul_path_by_rows() -> None:
 @pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
 def test_default_configs_fit_their_batches(qtype: Q) -> None:
     """Every default launch shape is valid, holds a batch of up to 64 rows in one x tile, and
-    splits K only into splits of at least two units."""
+    splits K only into splits of at least two steps."""
     for n, k in shapes_for(qtype, REAL + ODD):
-        unit = 32 if block_format(qtype).block_size == 32 else 256
         for m in range(1, BATCHED_MAX_ROWS + 1):
             cfg = batched_config(qtype, n, k, m)
-            cfg.check()
+            cfg.check(qtype)
             assert cfg.block_b >= m or cfg.block_b == 64
-            assert cfg.split_k == 1 or k // unit >= 2 * cfg.split_k, (n, k, m, cfg)
+            assert cfg.split_k == 1 or k // 32 >= 2 * cfg.tiles * cfg.split_k, (n, k, m, cfg)
     with pytest.raises(ValueError, match="block_b"):
-        BatchedConfig(64, 8).check()
+        BatchedConfig(64, 8).check(qtype)
+    if block_format(qtype).block_size == 256:
+        with pytest.raises(ValueError, match="steps are"):
+            BatchedConfig(64, 16, tiles=3).check(qtype)
 
 
 # -- CPU, Triton interpreter ---------------------------------------------------------------------
@@ -101,10 +103,10 @@ def test_interpreted_batched(qtype: Q) -> None:
     for m in ROWS:  # default configs: rows past N (37 < 64) and of x past M masked
         check_batched(qtype, 37, 3 * unit, m, torch.float32, "cpu")
     for n, k, m, cfg in [
-        (37, 5 * unit, 7, BatchedConfig(16, 16, split_k=3, blocks=2)),  # split K, partial step
+        (37, 5 * unit, 7, BatchedConfig(16, 16, split_k=3, tiles=2 if bs == 32 else 4)),
         (70, 2 * unit, 33, BatchedConfig(64, 32, stages=1)),  # two tiles of x
-        (16, 9 * 32 if bs == 32 else 512, 20, BatchedConfig(32, 16, split_k=2, blocks=4)),
-        (5, 3 * unit, 64, BatchedConfig(16, 64, blocks=3)),
+        (16, 9 * 32 if bs == 32 else 512, 20, BatchedConfig(32, 16, split_k=2, tiles=4)),
+        (5, 3 * unit, 64, BatchedConfig(16, 64, tiles=3 if bs == 32 else 8)),
     ]:
         check_batched(qtype, n, k, m, torch.float32, "cpu", cfg)
     check_batched(qtype, 37, 2 * unit, 7, torch.float16, "cpu")
@@ -124,12 +126,13 @@ def test_batched_real_and_odd_shapes(qtype: Q) -> None:
     for n, k in shapes_for(qtype, [(896, 4864), (3072, 3072), (9216, 3072)] + ODD):
         check_batched(qtype, n, k, 7, torch.float32, "cuda")
         check_batched(qtype, n, k, 16, torch.float16, "cuda")
+        bs = block_format(qtype).block_size
         for m, cfg in [
-            (7, BatchedConfig(16, 16, split_k=4, blocks=1)),
+            (7, BatchedConfig(16, 16, split_k=4, tiles=1 if bs == 32 else 4)),
             (16, BatchedConfig(128, 16, num_warps=8, stages=3)),
-            (33, BatchedConfig(64, 32, split_k=2, blocks=8)),
+            (33, BatchedConfig(64, 32, split_k=2, tiles=8)),
             (64, BatchedConfig(32, 64, split_k=3, stages=1)),
-            (50, BatchedConfig(64, 16, num_warps=8, blocks=2)),
+            (50, BatchedConfig(64, 16, num_warps=8, tiles=2 if qtype != Q.Q6_K else 4)),
         ]:
             check_batched(qtype, n, k, m, torch.bfloat16, "cuda", cfg)
 

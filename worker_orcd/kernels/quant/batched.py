@@ -9,10 +9,17 @@ so once per batch up to 64 rows, and never written out. The weight tile is the M
 (its rows the many output rows) and x the B operand, so BLOCK_B can be as small as the 16 an MMA
 needs; on Hopper a BLOCK_N of 64 or more lets Triton take the A operand from registers.
 
-Each tile is 32 weights of one scale and one min per row, so scales broadcast along the tile's
-rows: a K-quant sub-block (Q4_K/Q5_K), a block (Q8_0/Q4_0/Q5_0), or two 16-element sub-blocks
-(Q6_K: one select per weight picks the scale). Plane layouts are in `formats`; K-quant kernels
-step one super-block (8 tiles) at a time, the 32-element types BLOCKS blocks.
+Each tile holds weights of one scale (and min) per row, so scales broadcast along the tile's
+rows: 32 weights of a Q4_K/Q5_K sub-block or a Q8_0 block, 16 of a Q6_K sub-block, or the low or
+high nibbles (16 weights) of a Q4_0/Q5_0 block. A program walks K in units (Q4_K/Q5_K: chunks of
+two sub-blocks; Q6_K and the 32-element types: 32 weights), STEP units per unrolled step. Plane
+layouts are in `formats`.
+
+Dequantization, two integer ops and one FMA per weight: a b-bit quant q goes into the top
+mantissa bits of 1.0 (f = 1 + q / 2**b, exact, a shift and an and-or), and w = a f + c with
+a = 2**b * scale and c = -(a + min) per row (Q4_K/Q5_K), or c = -1.5 a for the formats with a
+fixed zero point (Q6_K: q - 32 of 6 bits; Q8_0: q + 128 of 8 bits; Q4_0/Q5_0: q - 8 / q - 16).
+Besides the product's own rounding this rounds c once, ~2**-24 of the largest weight of the block.
 
 Rounding: the dequantized weight is rounded to x's dtype as the dequantize + cuBLAS path rounds
 its scratch weight, then multiplied exactly and summed in float32; float32 x multiplies in IEEE
@@ -20,7 +27,8 @@ float32 (`F32_DOT`, no TF32). Triton's interpreter multiplies bf16 operands wron
 `F32_DOT` is on for every dtype: the weight is still rounded to x's dtype first.
 
 Rows past N read row N - 1 (valid memory, no masks on weight loads) and are not stored; blocks
-past a split's range read the split's last block against x = 0.
+past a split's range (32-element types, whose unit count a step need not divide) read the split's
+last block against x = 0.
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ import logging
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.quant.gemv import _to_f32
 from worker_orcd.kernels.triton import pdl
 
 logger = logging.getLogger(__name__)
@@ -51,6 +58,17 @@ def _tile(M, N, UNITS, SPLIT_UNITS, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr
     return rows, r64, xr, xr < M, lo, hi
 
 
+ONE = tl.constexpr(0x3F800000)  # 1.0f
+
+
+@triton.jit
+def _w(bits, a, c):
+    """Weights w = a f + c [BN, T] from f = 1 + q / 2**b, q's b bits at the top of the mantissa
+    in `bits` (int32 [BN, T], bits 23 and up clear); a, c float32 [BN] per row."""
+    f = (bits | ONE).to(tl.float32, bitcast=True)
+    return f * a[:, None] + c[:, None]
+
+
 @triton.jit
 def _xt(x_ptr, stride_xm, xr, xmask, col):
     """x^T tile [len(col), BLOCK_B]: columns `col` of rows `xr` of x (masked rows read 0)."""
@@ -60,7 +78,8 @@ def _xt(x_ptr, stride_xm, xr, xmask, col):
 
 @triton.jit
 def _mma(acc, w, xt, F32_DOT: tl.constexpr):
-    """acc + w xt: w [BLOCK_N, 32] float32 dequantized weights, rounded to x's dtype first."""
+    """acc + w xt: w [BLOCK_N, T] float32 dequantized weights, rounded to x's dtype first; xt
+    [T, BLOCK_B] x^T."""
     w = w.to(xt.dtype)
     if F32_DOT:
         acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
@@ -80,22 +99,23 @@ def _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk):
 @triton.jit
 def mm_q8_0_kernel(
     x_ptr, d_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk, SPLIT_UNITS,
-    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCKS: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr,
     F32_DOT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # qs int8 [N, K], d f16 [N, K / 32]; tile [BLOCK_N rows, 32 weights of block blk]
+    # qs u8 [N, K] (the int8 quants' bytes), d f16 [N, K / 32]; unit = block; w = d * q with
+    # q + 128 = byte ^ 0x80 as 8 bits of f
     pdl.prologue(PDL)
     nb = K // 32
     rows, r64, xr, xmask, lo, hi = _tile(M, N, nb, SPLIT_UNITS, BLOCK_N, BLOCK_B)
     ll = tl.arange(0, 32)
-    qs_row = qs_ptr + r64 * K
+    qs_row = qs_ptr + tl.multiple_of(r64 * K, 32)
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    for b0 in tl.range(lo, hi, BLOCKS, num_stages=STAGES):
-        for i in tl.static_range(BLOCKS):
+    for b0 in tl.range(lo, hi, STEP, num_stages=STAGES):
+        for i in tl.static_range(STEP):
             blk = tl.minimum(b0 + i, hi - 1)  # past the range: a valid block times x = 0
             q = tl.load(qs_row[:, None] + blk * 32 + ll[None, :]).to(tl.int32)
-            d = tl.load(d_ptr + r64 * nb + blk).to(tl.float32)
-            w = _to_f32(q + 128, 128.0) * d[:, None]
+            a = 256.0 * tl.load(d_ptr + r64 * nb + blk).to(tl.float32)
+            w = _w(((q << 15) & 0x7F8000) ^ 0x400000, a, -1.5 * a)
             xt = _xt(x_ptr, stride_xm, xr, xmask & (xr * 0 + b0 + i < hi), blk * 32 + ll)
             acc = _mma(acc, w, xt, F32_DOT)
     _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)
@@ -104,90 +124,105 @@ def mm_q8_0_kernel(
 @triton.jit
 def _mm_q4_q5_0(
     x_ptr, d_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk, SPLIT_UNITS,
-    HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCKS: tl.constexpr,
+    HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr,
     STAGES: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # qs u8 [N, K / 2]: byte l of a block holds elements l (low nibble) and 16 + l (high); element
-    # l of the tile reads byte l % 16 (the repeat comes from L1). Q5_0's re-laid qh word (formats)
-    # has element e's fifth bit at bit 8 (e % 4) + 4 (e // 16) + (e % 16) // 4.
+    # qs u8 [N, K / 2]: byte l of a block holds elements l (low nibble) and 16 + l (high), two
+    # tiles of 16; Q5_0's re-laid qh word (formats) has element e's fifth bit at bit
+    # 8 (e % 4) + 4 (e // 16) + (e % 16) // 4. unit = block.
     pdl.prologue(PDL)
     nb = K // 32
     rows, r64, xr, xmask, lo, hi = _tile(M, N, nb, SPLIT_UNITS, BLOCK_N, BLOCK_B)
-    ll = tl.arange(0, 32)
-    low = (ll < 16)[None, :]
-    qs_row = qs_ptr + r64 * (K // 2)
+    ll = tl.arange(0, 16)
+    sh = (8 * (ll % 4) + ll // 4)[None, :]  # fifth bit of element l; of 16 + l at sh + 4
+    qs_row = qs_ptr + tl.multiple_of(r64 * (K // 2), 16)
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    for b0 in tl.range(lo, hi, BLOCKS, num_stages=STAGES):
-        for i in tl.static_range(BLOCKS):
+    for b0 in tl.range(lo, hi, STEP, num_stages=STAGES):
+        for i in tl.static_range(STEP):
             blk = tl.minimum(b0 + i, hi - 1)  # past the range: a valid block times x = 0
-            q = tl.load(qs_row[:, None] + blk * 16 + (ll % 16)[None, :]).to(tl.int32)
-            q = tl.where(low, q & 15, q >> 4)
-            if HAS_QH:
-                h = tl.load(qh_ptr + r64 * nb + blk)  # [BN] int32
-                sh = 8 * (ll % 4) + 4 * (ll // 16) + (ll % 16) // 4
-                q = q | (((h[:, None] >> sh[None, :]) & 1) << 4)
-                w = _to_f32(q, 16.0)
-            else:
-                w = _to_f32(q, 8.0)
+            q = tl.load(qs_row[:, None] + blk * 16 + ll[None, :]).to(tl.int32)  # [BN, 16]
             d = tl.load(d_ptr + r64 * nb + blk).to(tl.float32)
-            xt = _xt(x_ptr, stride_xm, xr, xmask & (xr * 0 + b0 + i < hi), blk * 32 + ll)
-            acc = _mma(acc, w * d[:, None], xt, F32_DOT)
+            if HAS_QH:
+                h = tl.load(qh_ptr + r64 * nb + blk)[:, None]  # [BN, 1] int32
+                a = 32.0 * d
+                b_lo = ((q << 18) & 0x3C0000) | (((h >> sh) << 22) & 0x400000)
+                b_hi = ((q << 14) & 0x3C0000) | (((h >> (sh + 4)) << 22) & 0x400000)
+            else:
+                a = 16.0 * d
+                b_lo = (q << 19) & 0x780000
+                b_hi = (q << 15) & 0x780000
+            xm = xmask & (xr * 0 + b0 + i < hi)
+            col = blk * 32 + ll
+            acc = _mma(acc, _w(b_lo, a, -1.5 * a), _xt(x_ptr, stride_xm, xr, xm, col), F32_DOT)
+            acc = _mma(acc, _w(b_hi, a, -1.5 * a), _xt(x_ptr, stride_xm, xr, xm, col + 16), F32_DOT)
     _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)
 
 
 @triton.jit
-def _k4_scale_min(w0, w1, w2, J: tl.constexpr):
-    """Six-bit scale and min of sub-block J (0..7) of the 12 scale bytes, read as three int32
-    words [BN]: J < 4 from byte J of w0 (scale) and w1 (min); J >= 4 from the nibbles of byte
-    J - 4 of w2 and the top two bits of byte J - 4 of w0 (scale) and w1 (min)."""
-    if J < 4:
-        sc = (w0 >> (8 * J)) & 63
-        mn = (w1 >> (8 * J)) & 63
-    else:
-        sc = ((w2 >> (8 * J - 32)) & 15) | (((w0 >> (8 * J - 26)) & 3) << 4)
-        mn = ((w2 >> (8 * J - 28)) & 15) | (((w1 >> (8 * J - 26)) & 3) << 4)
-    return sc.to(tl.float32), mn.to(tl.float32)
+def _k4_scales_mins(w0, w1, w2, c):
+    """Six-bit scales and mins (float32 [BN]) of sub-blocks 2c and 2c + 1 (chunk c, 0..3) from the
+    12 scale bytes of a super-block read as int32 words w0, w1, w2 [BN]. Sub-block j < 4: byte j
+    of w0 (scale) and w1 (min), low six bits; j >= 4: the nibbles of byte j - 4 of w2 with the top
+    two bits of byte j - 4 of w0 (scale) or w1 (min) above them."""
+    first = c < 2
+    scw = tl.where(first, w0 & 0x3F3F3F3F, (w2 & 0x0F0F0F0F) | ((w0 >> 2) & 0x30303030))
+    mnw = tl.where(first, w1 & 0x3F3F3F3F, ((w2 >> 4) & 0x0F0F0F0F) | ((w1 >> 2) & 0x30303030))
+    sh = 16 * (c % 2)  # sub-block 2c is byte 2 (c % 2) of the word, 2c + 1 the byte above
+    sc_lo = ((scw >> sh) & 63).to(tl.float32)
+    sc_hi = ((scw >> (sh + 8)) & 63).to(tl.float32)
+    mn_lo = ((mnw >> sh) & 63).to(tl.float32)
+    mn_hi = ((mnw >> (sh + 8)) & 63).to(tl.float32)
+    return sc_lo, mn_lo, sc_hi, mn_hi
 
 
 @triton.jit
 def _mm_q4_q5_k(
     x_ptr, dm_ptr, sc_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
     SPLIT_UNITS,
-    HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STAGES: tl.constexpr,
-    F32_DOT: tl.constexpr, PDL: tl.constexpr,
+    HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr,
+    STAGES: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # One super-block per step. Chunk c (qs bytes 32c..32c+31) holds sub-block 2c in its low
-    # nibbles (elements 64c + l) and 2c + 1 in its high nibbles (64c + 32 + l); Q5_K's qh byte l
-    # has the fifth bit of element l of sub-block j at bit j. sc int32 [N, ns * 3] (the 12 scale
-    # bytes of each super-block), dm f16 [N, ns, 2].
+    # Unit u = chunk c = u % 4 of super-block u // 4 (STEP chunks per step, dividing 4): qs bytes
+    # 32c..32c+31 hold sub-block 2c in their low nibbles (elements 64c + l) and 2c + 1 in their
+    # high nibbles (64c + 32 + l); Q5_K's qh byte l has the fifth bit of element l of sub-block
+    # j at bit j. sc int32 [N, ns * 3] (the 12 scale bytes of each super-block), dm f16 [N, ns, 2].
     pdl.prologue(PDL)
     ns = K // 256
-    rows, r64, xr, xmask, lo, hi = _tile(M, N, ns, SPLIT_UNITS, BLOCK_N, BLOCK_B)
+    rows, r64, xr, xmask, lo, hi = _tile(M, N, 4 * ns, SPLIT_UNITS, BLOCK_N, BLOCK_B)
     ll = tl.arange(0, 32)
-    qs_row = qs_ptr + r64 * (K // 2)
-    qh_row = qh_ptr + r64 * (K // 8)
+    qs_row = qs_ptr + tl.multiple_of(r64 * (K // 2), 128)
+    qh_row = qh_ptr + tl.multiple_of(r64 * (K // 8), 32)
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    for sb in tl.range(lo, hi, num_stages=STAGES):
-        sbi = r64 * ns + sb
-        d = tl.load(dm_ptr + sbi * 2).to(tl.float32)
-        dmin = tl.load(dm_ptr + sbi * 2 + 1).to(tl.float32)
-        w0 = tl.load(sc_ptr + sbi * 3)
-        w1 = tl.load(sc_ptr + sbi * 3 + 1)
-        w2 = tl.load(sc_ptr + sbi * 3 + 2)
-        if HAS_QH:
-            h = tl.load(qh_row[:, None] + sb * 32 + ll[None, :]).to(tl.int32)  # [BN, 32]
-        for c in tl.static_range(4):
-            q = tl.load(qs_row[:, None] + sb * 128 + c * 32 + ll[None, :]).to(tl.int32)
-            q_lo = q & 15
-            q_hi = q >> 4
-            if HAS_QH:
-                q_lo = q_lo | (((h >> (2 * c)) & 1) << 4)
-                q_hi = q_hi | (((h >> (2 * c + 1)) & 1) << 4)
-            sc_lo, mn_lo = _k4_scale_min(w0, w1, w2, 2 * c)
-            sc_hi, mn_hi = _k4_scale_min(w0, w1, w2, 2 * c + 1)
-            w_lo = _to_f32(q_lo, 0.0) * (d * sc_lo)[:, None] - (dmin * mn_lo)[:, None]
-            w_hi = _to_f32(q_hi, 0.0) * (d * sc_hi)[:, None] - (dmin * mn_hi)[:, None]
-            col = sb * 256 + c * 64 + ll
+    for u0 in tl.range(lo, hi, STEP, num_stages=STAGES):
+        for i in tl.static_range(STEP):
+            u = u0 + i
+            sb = u // 4
+            if STEP == 4:  # steps are whole super-blocks: chunk i of each
+                c = i
+            else:
+                c = u % 4
+            q = tl.load(qs_row[:, None] + u * 32 + ll[None, :]).to(tl.int32)  # [BN, 32]
+            sbi = r64 * ns + sb
+            sc_lo, mn_lo, sc_hi, mn_hi = _k4_scales_mins(
+                tl.load(sc_ptr + sbi * 3), tl.load(sc_ptr + sbi * 3 + 1),
+                tl.load(sc_ptr + sbi * 3 + 2), c,
+            )  # fmt: skip
+            d = tl.load(dm_ptr + sbi * 2).to(tl.float32)
+            dmin = tl.load(dm_ptr + sbi * 2 + 1).to(tl.float32)
+            if HAS_QH:  # 5 bits: nibble at mantissa bits 18-21, the fifth bit at 22
+                h = tl.load(qh_row[:, None] + sb * 32 + ll[None, :]).to(tl.int32)
+                b_lo = ((q << 18) & 0x3C0000) | ((h << (22 - 2 * c)) & 0x400000)
+                b_hi = ((q << 14) & 0x3C0000) | ((h << (21 - 2 * c)) & 0x400000)
+                unit = 32.0
+            else:  # 4 bits at mantissa bits 19-22
+                b_lo = (q << 19) & 0x780000
+                b_hi = (q << 15) & 0x780000
+                unit = 16.0
+            a_lo = unit * d * sc_lo
+            a_hi = unit * d * sc_hi
+            w_lo = _w(b_lo, a_lo, -(a_lo + dmin * mn_lo))
+            w_hi = _w(b_hi, a_hi, -(a_hi + dmin * mn_hi))
+            col = u * 64 + ll
             acc = _mma(acc, w_lo, _xt(x_ptr, stride_xm, xr, xmask, col), F32_DOT)
             acc = _mma(acc, w_hi, _xt(x_ptr, stride_xm, xr, xmask, col + 32), F32_DOT)
     _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)
@@ -197,40 +232,35 @@ def _mm_q4_q5_k(
 def mm_q6_k_kernel(
     x_ptr, d_ptr, sc_ptr, qh_ptr, ql_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
     SPLIT_UNITS,
-    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STAGES: tl.constexpr, F32_DOT: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr,
+    F32_DOT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # One super-block per step: halves h of 128 elements, each four 32-element groups f read from
-    # ql bytes a = ql[64h + l], b = ql[64h + 32 + l] and qh[32h + l]: (a low, b low, a high,
-    # b high), with bits 2f..2f+1 of qh on top; group f has scales 8h + 2f (l < 16) and + 1.
+    # Unit u = elements 32u..32u+31 = group f = u % 4 of half h = (u // 4) % 2 of super-block
+    # u // 8 (STEP groups per step: 4 or 8, so f = i % 4 is known at compile time): the low
+    # (f < 2) or high nibbles of ql[64h + 32 (f % 2) + l] with bits 2f..2f+1 of qh[32h + l] above
+    # them; two tiles of 16 (sub-blocks, scales 2u and 2u + 1 of the row).
     pdl.prologue(PDL)
     ns = K // 256
-    rows, r64, xr, xmask, lo, hi = _tile(M, N, ns, SPLIT_UNITS, BLOCK_N, BLOCK_B)
-    ll = tl.arange(0, 32)
-    low = (ll < 16)[None, :]
-    ql_row = ql_ptr + r64 * (K // 2)
-    qh_row = qh_ptr + r64 * (K // 4)
-    sc_row = sc_ptr + r64 * (K // 16)
+    rows, r64, xr, xmask, lo, hi = _tile(M, N, 8 * ns, SPLIT_UNITS, BLOCK_N, BLOCK_B)
+    ll = tl.arange(0, 16)
+    ql_row = ql_ptr + tl.multiple_of(r64 * (K // 2), 128)
+    qh_row = qh_ptr + tl.multiple_of(r64 * (K // 4), 64)
+    sc_row = sc_ptr + tl.multiple_of(r64 * (K // 16), 16)
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    for sb in tl.range(lo, hi, num_stages=STAGES):
-        d = tl.load(d_ptr + r64 * ns + sb).to(tl.float32)
-        for hf in tl.static_range(2):
-            qa = tl.load(ql_row[:, None] + sb * 128 + hf * 64 + ll[None, :]).to(tl.int32)
-            qb = tl.load(ql_row[:, None] + sb * 128 + hf * 64 + 32 + ll[None, :]).to(tl.int32)
-            qh = tl.load(qh_row[:, None] + sb * 64 + hf * 32 + ll[None, :]).to(tl.int32)
-            for f in tl.static_range(4):
-                if f == 0:
-                    q = (qa & 15) | ((qh & 3) << 4)
-                elif f == 1:
-                    q = (qb & 15) | (((qh >> 2) & 3) << 4)
-                elif f == 2:
-                    q = (qa >> 4) | (((qh >> 4) & 3) << 4)
-                else:
-                    q = (qb >> 4) | (((qh >> 6) & 3) << 4)
-                s0 = tl.load(sc_row + sb * 16 + hf * 8 + 2 * f).to(tl.float32)
-                s1 = tl.load(sc_row + sb * 16 + hf * 8 + 2 * f + 1).to(tl.float32)
-                scale = tl.where(low, (d * s0)[:, None], (d * s1)[:, None])  # [BN, 32]
-                col = sb * 256 + hf * 128 + f * 32 + ll
-                xt = _xt(x_ptr, stride_xm, xr, xmask, col)
-                acc = _mma(acc, _to_f32(q, 32.0) * scale, xt, F32_DOT)
+    for u0 in tl.range(lo, hi, STEP, num_stages=STAGES):
+        for i in tl.static_range(STEP):
+            u = u0 + i
+            f = i % 4
+            half = u // 4  # halves of 128 from the row's start
+            d = tl.load(d_ptr + r64 * ns + u // 8).to(tl.float32)
+            for t in tl.static_range(2):
+                ql = tl.load(ql_row[:, None] + half * 64 + (f % 2) * 32 + t * 16 + ll[None, :])
+                qh = tl.load(qh_row[:, None] + half * 32 + t * 16 + ll[None, :])
+                # 6 bits at mantissa bits 17-22: the nibble at 17-20, qh's two bits at 21-22
+                bits = ((ql.to(tl.int32) << (17 - 4 * (f // 2))) & 0x1E0000) | (
+                    (qh.to(tl.int32) << (21 - 2 * f)) & 0x600000
+                )
+                a = 64.0 * d * tl.load(sc_row + 2 * u + t).to(tl.float32)
+                xt = _xt(x_ptr, stride_xm, xr, xmask, u * 32 + t * 16 + ll)
+                acc = _mma(acc, _w(bits, a, -1.5 * a), xt, F32_DOT)
     _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)

@@ -127,14 +127,19 @@ class BatchedConfig:
     block_b: int  # rows of x per program (the MMA's N), rows past M masked: 16, 32 or 64
     num_warps: int = 4
     split_k: int = 1  # programs along K; > 1 adds float32 partials and a summing launch
-    blocks: int = 4  # 32-element types: blocks per unrolled step (K-quants: one super-block)
+    tiles: int = 4  # [block_n, 32] weight tiles per unrolled step along K
     stages: int = 2  # software-pipeline stages of the walk along K
 
-    def check(self) -> None:
+    def check(self, qtype: GGMLQuantizationType) -> None:
         if self.block_n not in (16, 32, 64, 128) or self.block_b not in (16, 32, 64):
             raise ValueError(f"{self}: block_n must be 16-128 and block_b 16-64, powers of two")
-        if min(self.num_warps, self.split_k, self.blocks, self.stages) < 1:
-            raise ValueError(f"{self}: warps, split_k, blocks and stages must be positive")
+        if min(self.num_warps, self.split_k, self.tiles, self.stages) < 1:
+            raise ValueError(f"{self}: warps, split_k, tiles and stages must be positive")
+        # a K-quant step is 64-element chunks of one super-block (Q4_K/Q5_K), or 4 or 8 groups
+        # of 32 (Q6_K: a half or all of a super-block)
+        allowed = {Q.Q4_K: (2, 4, 8), Q.Q5_K: (2, 4, 8), Q.Q6_K: (4, 8)}.get(qtype)
+        if allowed and self.tiles not in allowed:
+            raise ValueError(f"{self}: {qtype.name} steps are {allowed} tiles of 32")
 
 
 # Programs along N and x's rows under which the default splits K (about one wave of an H200's
@@ -148,13 +153,13 @@ def batched_config(qtype: GGMLQuantizationType, n: int, k: int, m: int) -> Batch
     all of x in one program up to 64 rows (each weight tile is then read once), 64 output rows
     per program on tall weights (the MMA's M on Hopper's tensor cores), 32 on short ones, and K
     split in up to 4 where fewer programs than about one wave would run, keeping at least two
-    units of K (super-blocks, or blocks of 32) per split."""
+    steps of 4 tiles of 32 per split."""
     block_b = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = 64 if n >= 4096 else 32
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_b)
-    units = k // _UNIT_BATCHED[qtype]
+    units = k // 32
     split = 1
-    while split < 4 and programs * split < _BATCHED_PROGRAMS and units >= 4 * split:
+    while split < 4 and programs * split < _BATCHED_PROGRAMS and units >= 16 * split:
         split *= 2
     return BatchedConfig(block_n, block_b, split_k=split)
 
@@ -201,8 +206,9 @@ def _check_blocks(k: int) -> None:
 
 # Weights per K unit of each GEMV kernel (its tile counts these units).
 _UNIT = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q5_0: 32, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: 128}
-# ... and of each small-batch kernel (one unit per step of a K-quant kernel, BLOCKS of the others)
-_UNIT_BATCHED = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q5_0: 32, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: 256}
+# ... and of each small-batch kernel (Q4_K/Q5_K: chunks of two sub-blocks; the others, 32-element
+# tiles)
+_UNIT_BATCHED = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q5_0: 32, Q.Q4_K: 64, Q.Q5_K: 64, Q.Q6_K: 32}
 
 
 def _kernel_args_i8(
@@ -366,7 +372,7 @@ def _batched_args(
     """(small-batch kernel, plane args, constexpr flags) for `qtype`."""
     p = planes
     if qtype == Q.Q8_0:
-        return _bt.mm_q8_0_kernel, [p["d"], p["qs"]], {}
+        return _bt.mm_q8_0_kernel, [p["d"], p["qs"].view(torch.uint8)], {}
     if qtype == Q.Q4_0:
         return _bt._mm_q4_q5_0, [p["d"], p["d"], p["qs"]], {"HAS_QH": False}
     if qtype == Q.Q5_0:
@@ -405,11 +411,9 @@ def quant_batched(
     if m == 0:
         return out
     cfg = config or batched_config(qtype, n, k, m)
-    cfg.check()
+    cfg.check(qtype)
     kernel, args, flags = _batched_args(planes, qtype)
-    step = 1
-    if qtype in (Q.Q8_0, Q.Q4_0, Q.Q5_0):
-        flags["BLOCKS"] = step = cfg.blocks
+    flags["STEP"] = step = cfg.tiles // 2 if qtype in (Q.Q4_K, Q.Q5_K) else cfg.tiles
     # float32 x in IEEE float32; Triton's interpreter (CPU tensors) cannot multiply bf16 operands
     flags["F32_DOT"] = x.dtype == torch.float32 or x.device.type != "cuda"
     flags.update(pdl.launch(x, m))

@@ -42,6 +42,10 @@ from worker_orcd.kernels.triton import pdl
 
 logger = logging.getLogger(__name__)
 
+# M (rows of x) and the split's length only bound loops and masks: one compiled kernel serves every
+# batch size instead of one per divisibility class of each.
+_kernel = triton.jit(do_not_specialize=["M", "SPLIT_UNITS"])
+
 
 @triton.jit
 def _tile(M, N, UNITS, SPLIT_UNITS, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -96,7 +100,7 @@ def _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk):
     tl.store(ptr, acc, mask=(rows < N)[:, None] & xmask[None, :])
 
 
-@triton.jit
+@_kernel
 def mm_q8_0_kernel(
     x_ptr, d_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk, SPLIT_UNITS,
     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr,
@@ -121,7 +125,7 @@ def mm_q8_0_kernel(
     _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)
 
 
-@triton.jit
+@_kernel
 def _mm_q4_q5_0(
     x_ptr, d_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk, SPLIT_UNITS,
     HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr,
@@ -175,7 +179,7 @@ def _k4_scales_mins(w0, w1, w2, c):
     return sc_lo, mn_lo, sc_hi, mn_hi
 
 
-@triton.jit
+@_kernel
 def _mm_q4_q5_k(
     x_ptr, dm_ptr, sc_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
     SPLIT_UNITS,
@@ -228,7 +232,7 @@ def _mm_q4_q5_k(
     _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)
 
 
-@triton.jit
+@_kernel
 def mm_q6_k_kernel(
     x_ptr, d_ptr, sc_ptr, qh_ptr, ql_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
     SPLIT_UNITS,

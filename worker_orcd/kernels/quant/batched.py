@@ -12,8 +12,8 @@ needs; on Hopper a BLOCK_N of 64 or more lets Triton take the A operand from reg
 Each tile holds weights of one scale (and min) per row, so scales broadcast along the tile's
 rows: 32 weights of a Q4_K/Q5_K sub-block or a Q8_0 block, 16 of a Q6_K sub-block, or the low or
 high nibbles (16 weights) of a Q4_0/Q5_0 block. A program walks K in units (Q4_K/Q5_K: chunks of
-two sub-blocks; Q6_K and the 32-element types: 32 weights), STEP units per unrolled step. Plane
-layouts are in `formats`.
+two sub-blocks; Q6_K: halves of a super-block; the 32-element types: blocks), STEP units per
+unrolled step. Plane layouts are in `formats`.
 
 Dequantization, two integer ops and one FMA per weight: a b-bit quant q goes into the top
 mantissa bits of 1.0 (f = 1 + q / 2**b, exact, a shift and an and-or), and w = a f + c with
@@ -198,10 +198,12 @@ def _mm_q4_q5_k(
     qh_row = qh_ptr + tl.multiple_of(r64 * (K // 8), 32)
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
     for u0 in tl.range(lo, hi, STEP, num_stages=STAGES):
+        if HAS_QH and STEP == 4:  # a step is a whole super-block: its fifth bits once
+            h_sb = tl.load(qh_row[:, None] + (u0 // 4) * 32 + ll[None, :]).to(tl.int32)
         for i in tl.static_range(STEP):
             u = u0 + i
             sb = u // 4
-            if STEP == 4:  # steps are whole super-blocks: chunk i of each
+            if STEP == 4:  # chunk i of the step's super-block
                 c = i
             else:
                 c = u % 4
@@ -214,7 +216,10 @@ def _mm_q4_q5_k(
             d = tl.load(dm_ptr + sbi * 2).to(tl.float32)
             dmin = tl.load(dm_ptr + sbi * 2 + 1).to(tl.float32)
             if HAS_QH:  # 5 bits: nibble at mantissa bits 18-21, the fifth bit at 22
-                h = tl.load(qh_row[:, None] + sb * 32 + ll[None, :]).to(tl.int32)
+                if STEP == 4:
+                    h = h_sb
+                else:
+                    h = tl.load(qh_row[:, None] + sb * 32 + ll[None, :]).to(tl.int32)
                 b_lo = ((q << 18) & 0x3C0000) | ((h << (22 - 2 * c)) & 0x400000)
                 b_hi = ((q << 14) & 0x3C0000) | ((h << (21 - 2 * c)) & 0x400000)
                 unit = 32.0
@@ -239,32 +244,36 @@ def mm_q6_k_kernel(
     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr,
     F32_DOT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # Unit u = elements 32u..32u+31 = group f = u % 4 of half h = (u // 4) % 2 of super-block
-    # u // 8 (STEP groups per step: 4 or 8, so f = i % 4 is known at compile time): the low
-    # (f < 2) or high nibbles of ql[64h + 32 (f % 2) + l] with bits 2f..2f+1 of qh[32h + l] above
-    # them; two tiles of 16 (sub-blocks, scales 2u and 2u + 1 of the row).
+    # Unit = half h of 128 elements (STEP halves per step): bytes a = ql[64h + l], b =
+    # ql[64h + 32 + l] and qh[32h + l] (l < 32) give group f (elements 128h + 32f + l) as the low
+    # (f < 2) or high nibble of a (f even) or b (f odd), with bits 2f..2f+1 of qh above it; each
+    # group is two tiles of 16 (sub-blocks with scales 8h + 2f and 8h + 2f + 1 of the row).
     pdl.prologue(PDL)
     ns = K // 256
-    rows, r64, xr, xmask, lo, hi = _tile(M, N, 8 * ns, SPLIT_UNITS, BLOCK_N, BLOCK_B)
+    rows, r64, xr, xmask, lo, hi = _tile(M, N, 2 * ns, SPLIT_UNITS, BLOCK_N, BLOCK_B)
     ll = tl.arange(0, 16)
     ql_row = ql_ptr + tl.multiple_of(r64 * (K // 2), 128)
     qh_row = qh_ptr + tl.multiple_of(r64 * (K // 4), 64)
     sc_row = sc_ptr + tl.multiple_of(r64 * (K // 16), 16)
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    for u0 in tl.range(lo, hi, STEP, num_stages=STAGES):
+    for h0 in tl.range(lo, hi, STEP, num_stages=STAGES):
         for i in tl.static_range(STEP):
-            u = u0 + i
-            f = i % 4
-            half = u // 4  # halves of 128 from the row's start
-            d = tl.load(d_ptr + r64 * ns + u // 8).to(tl.float32)
+            half = h0 + i
+            d = tl.load(d_ptr + r64 * ns + half // 2).to(tl.float32)
             for t in tl.static_range(2):
-                ql = tl.load(ql_row[:, None] + half * 64 + (f % 2) * 32 + t * 16 + ll[None, :])
-                qh = tl.load(qh_row[:, None] + half * 32 + t * 16 + ll[None, :])
-                # 6 bits at mantissa bits 17-22: the nibble at 17-20, qh's two bits at 21-22
-                bits = ((ql.to(tl.int32) << (17 - 4 * (f // 2))) & 0x1E0000) | (
-                    (qh.to(tl.int32) << (21 - 2 * f)) & 0x600000
-                )
-                a = 64.0 * d * tl.load(sc_row + 2 * u + t).to(tl.float32)
-                xt = _xt(x_ptr, stride_xm, xr, xmask, u * 32 + t * 16 + ll)
-                acc = _mma(acc, _w(bits, a, -1.5 * a), xt, F32_DOT)
+                col = half * 64 + t * 16 + ll[None, :]
+                qa = tl.load(ql_row[:, None] + col).to(tl.int32)  # [BN, 16]
+                qb = tl.load(ql_row[:, None] + col + 32).to(tl.int32)
+                qh = tl.load(qh_row[:, None] + half * 32 + t * 16 + ll[None, :]).to(tl.int32)
+                for f in tl.static_range(4):
+                    if f % 2 == 0:
+                        q = qa
+                    else:
+                        q = qb
+                    # 6 bits at mantissa bits 17-22: the nibble at 17-20, qh's two bits at 21-22
+                    bits = (q << (17 - 4 * (f // 2))) & 0x1E0000
+                    bits = bits | ((qh << (21 - 2 * f)) & 0x600000)
+                    a = 64.0 * d * tl.load(sc_row + half * 8 + 2 * f + t).to(tl.float32)
+                    xt = _xt(x_ptr, stride_xm, xr, xmask, half * 128 + f * 32 + t * 16 + ll)
+                    acc = _mma(acc, _w(bits, a, -1.5 * a), xt, F32_DOT)
     _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)

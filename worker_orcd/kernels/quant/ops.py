@@ -135,8 +135,8 @@ class BatchedConfig:
             raise ValueError(f"{self}: block_n must be 16-128 and block_b 16-64, powers of two")
         if min(self.num_warps, self.split_k, self.tiles, self.stages) < 1:
             raise ValueError(f"{self}: warps, split_k, tiles and stages must be positive")
-        # a K-quant step is 64-element chunks of one super-block (Q4_K/Q5_K), or 4 or 8 groups
-        # of 32 (Q6_K: a half or all of a super-block)
+        # a K-quant step is 64-element chunks of one super-block (Q4_K/Q5_K), or one or two
+        # halves of 128 (Q6_K)
         allowed = {Q.Q4_K: (2, 4, 8), Q.Q5_K: (2, 4, 8), Q.Q6_K: (4, 8)}.get(qtype)
         if allowed and self.tiles not in allowed:
             raise ValueError(f"{self}: {qtype.name} steps are {allowed} tiles of 32")
@@ -206,9 +206,9 @@ def _check_blocks(k: int) -> None:
 
 # Weights per K unit of each GEMV kernel (its tile counts these units).
 _UNIT = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q5_0: 32, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: 128}
-# ... and of each small-batch kernel (Q4_K/Q5_K: chunks of two sub-blocks; the others, 32-element
-# tiles)
-_UNIT_BATCHED = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q5_0: 32, Q.Q4_K: 64, Q.Q5_K: 64, Q.Q6_K: 32}
+# ... and of each small-batch kernel (Q4_K/Q5_K: chunks of two sub-blocks, Q6_K: halves of a
+# super-block, the others: blocks)
+_UNIT_BATCHED = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q5_0: 32, Q.Q4_K: 64, Q.Q5_K: 64, Q.Q6_K: 128}
 
 
 def _kernel_args_i8(
@@ -413,7 +413,8 @@ def quant_batched(
     cfg = config or batched_config(qtype, n, k, m)
     cfg.check(qtype)
     kernel, args, flags = _batched_args(planes, qtype)
-    flags["STEP"] = step = cfg.tiles // 2 if qtype in (Q.Q4_K, Q.Q5_K) else cfg.tiles
+    step = cfg.tiles // (_UNIT_BATCHED[qtype] // 32)  # units per step
+    flags["STEP"] = step
     # float32 x in IEEE float32; Triton's interpreter (CPU tensors) cannot multiply bf16 operands
     flags["F32_DOT"] = x.dtype == torch.float32 or x.device.type != "cuda"
     flags.update(pdl.launch(x, m))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from worker_orcd.gguf.dequant import dequantize as dequantize_gguf
-from worker_orcd.kernels.quant.formats import Q, check_shape, from_planes
+from worker_orcd.kernels.quant.formats import Q, ceil_div, check_shape, from_planes
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def batched_config(qtype: GGMLQuantizationType, n: int, k: int, m: int) -> Batch
     steps of 4 tiles of 32 per split."""
     block_b = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = 64 if n >= 4096 else 32
-    programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_b)
+    programs = ceil_div(n, block_n) * ceil_div(m, block_b)
     units = k // 32
     split = 1
     while split < 4 and programs * split < _BATCHED_PROGRAMS and units >= 16 * split:

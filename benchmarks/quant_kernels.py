@@ -11,8 +11,11 @@ Prints, in one session:
   5. prefill at 512 and 2048 tokens: dequantize into a bf16 scratch + cuBLAS vs the fused Q4_K
      Triton matmul, beside cuBLAS on bf16 weights.
 Weights are random blocks made on the GPU (speed does not depend on the values).
+With --batched, instead: 2-64 rows of x, the fused small-batch kernels against dequantize + cuBLAS
+and the GEMV over the same rows (quant_batched.py).
 
     PYTHONPATH=. python benchmarks/quant_kernels.py [--out DIR] [--quick]
+    PYTHONPATH=. python benchmarks/quant_kernels.py --batched [--tune] [--types ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -283,12 +286,20 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="default configs only")
     ap.add_argument("--gemv-only", action="store_true", help="skip the rows and prefill sections")
-    ap.add_argument("--types", default="", help="GEMV sweep of these types only, e.g. Q4_K,Q6_K")
+    ap.add_argument("--types", default="", help="sweeps of these types only, e.g. Q4_K,Q6_K")
     ap.add_argument("--prequant", action="store_true",
                     help="sweep configs with x rounded once by its own launch")  # fmt: skip
+    ap.add_argument("--batched", action="store_true",
+                    help="2-64 rows: small-batch kernels, dequantize + cuBLAS, GEMV")  # fmt: skip
+    ap.add_argument("--tune", action="store_true",
+                    help="with --batched: sweep the small-batch launch configs")  # fmt: skip
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     torch.manual_seed(0)
+    if args.batched:
+        import quant_batched  # this script's directory is on sys.path
+
+        return quant_batched.run(args.out, args.types, tune_only=args.tune)
     import triton
 
     info = {

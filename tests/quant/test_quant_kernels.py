@@ -1,7 +1,7 @@
-"""Triton quantized kernels against dequantize-then-matmul in float32.
+"""Triton quantized GEMV and dequantize kernels against dequantize-then-matmul in float32.
 
-GPU tests (marker `gpu`) run real Qwen2.5 / Phi-3 shapes and odd ones. With TRITON_INTERPRET=1 the
-same checks run on CPU at small shapes (Triton's interpreter); otherwise those are skipped.
+GPU tests (marker `gpu`) run real Qwen2.5 / Phi-3 shapes and odd ones (conftest). With
+TRITON_INTERPRET=1 the same checks run on CPU at small shapes (Triton's interpreter).
 
 The int8-activation GEMV (the default) is checked against the float32 product with
 `int8_x_reference(x)` (x rounded to int8 per 32-element block exactly as the kernel rounds it) at
@@ -11,20 +11,26 @@ the float kernels' tolerances, and that rounding's own error against the product
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import pytest
 import torch
 
+from tests.quant.conftest import (
+    ODD,
+    REAL,
+    gpu,
+    needs_cuda,
+    needs_interpreter,
+    random_planes,
+    rel_err,
+    shapes_for,
+)
 from worker_orcd.kernels.quant import (
-    HAS_TRITON,
     SUPPORTED,
     dequantize_planes,
     dequantize_reference,
     quant_gemv,
-    random_blocks,
-    to_planes,
 )
 from worker_orcd.kernels.quant.formats import Q, block_format
 from worker_orcd.kernels.quant.ops import (
@@ -39,38 +45,11 @@ from worker_orcd.kernels.quant.ops import (
 )
 from worker_orcd.kernels.quant.weights import PackedWeight, QuantizedWeight
 
-CUDA = torch.cuda.is_available() and HAS_TRITON
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 and Triton")
-
-# [out, in]: Qwen2.5-0.5B, Phi-3-mini, and odd ones
-REAL = [
-    (896, 896), (4864, 896), (896, 4864), (151936, 896), (1024, 896), (128, 896),
-    (3072, 3072), (9216, 3072), (16384, 3072), (3072, 8192), (32064, 3072),
-]  # fmt: skip
-ODD = [(1, 256), (37, 768), (1000, 1280), (333, 2304)]
-
-
-def _shapes(qtype: Q, shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    bs = block_format(qtype).block_size
-    return [(n, k) for n, k in shapes if k % bs == 0]
-
-
-def _case(qtype: Q, n: int, k: int, device: str, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator(device=device).manual_seed(seed)
-    return to_planes(random_blocks(qtype, n, k, device=device, generator=g), qtype, n, k)
-
-
-def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref.double()).norm() / ref.double().norm())
-
 
 def check_gemv(
     qtype: Q, n: int, k: int, m: int, dtype: torch.dtype, device: str, config: GemvConfig | None
 ) -> None:
-    planes = _case(qtype, n, k, device, seed=n * 7 + k)
+    planes = random_planes(qtype, n, k, device, seed=n * 7 + k)
     gen = torch.Generator(device=device).manual_seed(n * 131 + k * 7 + m)  # reproducible
     x = torch.randn(m, k, device=device, dtype=torch.float32, generator=gen).to(dtype)
     w = dequantize_reference(planes, qtype, n, k)  # float32, gguf-exact
@@ -89,18 +68,18 @@ def check_gemv(
         # the exact product with x rounded as the kernel rounds it, and that rounding's own error,
         # on enough outputs to be a stable measure (~5e-3 for Gaussian x)
         ref_i8 = int8_x_reference(x).double() @ w.double().T
-        assert _rel(y, ref_i8) < tol, f"{where}: rel err {_rel(y, ref_i8):.2e} (int8 x)"
+        assert rel_err(y, ref_i8) < tol, f"{where}: rel err {rel_err(y, ref_i8):.2e} (int8 x)"
         if n * m >= 100:
-            assert _rel(ref_i8, ref) < 1e-2, f"{where}: int8 x off by {_rel(ref_i8, ref):.2e}"
+            assert rel_err(ref_i8, ref) < 1e-2, f"{where}: int8 x off by {rel_err(ref_i8, ref):.2e}"
         return
-    assert _rel(y, ref) < tol, f"{where}: rel err {_rel(y, ref):.2e}"
+    assert rel_err(y, ref) < tol, f"{where}: rel err {rel_err(y, ref):.2e}"
 
 
 def check_prequant(qtype: Q, n: int, k: int, m: int, device: str, cfg: GemvConfig) -> None:
     """x rounded once (`quantize_x`, then the GEMV reading its words) against x rounded inside
     every program: the same rounding and the same sums, so the same bits; and the rounded x
     itself against `int8_x_reference`."""
-    planes = _case(qtype, n, k, device, seed=n + 3 * k)
+    planes = random_planes(qtype, n, k, device, seed=n + 3 * k)
     gen = torch.Generator(device=device).manual_seed(k + m)
     x = (torch.randn(m, k, device=device, generator=gen) * 3).to(torch.bfloat16)
     words, dx, sums = quantize_x(x)
@@ -143,7 +122,7 @@ def check_producers(device: str, dims: list[int], rows: int) -> None:
 
 
 def check_dequant(qtype: Q, n: int, k: int, device: str) -> None:
-    planes = _case(qtype, n, k, device, seed=n + k)
+    planes = random_planes(qtype, n, k, device, seed=n + k)
     ref = dequantize_reference(planes, qtype, n, k)
     got = dequantize_planes(planes, qtype, n, k, dtype=torch.float32)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
@@ -160,13 +139,13 @@ def check_dequant(qtype: Q, n: int, k: int, device: str) -> None:
 @needs_cuda
 @pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
 def test_gemv_real_and_odd_shapes(qtype: Q) -> None:
-    for n, k in _shapes(qtype, REAL + ODD):
+    for n, k in shapes_for(qtype, REAL + ODD):
         check_gemv(qtype, n, k, 1, torch.bfloat16, "cuda", None)
-    for n, k in _shapes(qtype, ODD):
+    for n, k in shapes_for(qtype, ODD):
         check_gemv(qtype, n, k, 3, torch.float32, "cuda", None)
         check_gemv(qtype, n, k, 2, torch.float16, "cuda", GemvConfig(2, 1, 2))
     # split K (partials + sum), the float kernels and their 1 + q / 2**bits reading
-    for n, k in _shapes(qtype, [(896, 4864), (3072, 8192), (3072, 3072)] + ODD):
+    for n, k in shapes_for(qtype, [(896, 4864), (3072, 8192), (3072, 3072)] + ODD):
         for cfg in (GemvConfig(4, 2, 4, split_k=4), GemvConfig(32, 1, 8, split_k=3),
                     GemvConfig(8, 4, 4, split_k=2, stages=3),
                     GemvConfig(8, 4, 4, split_k=2, prequant=True),
@@ -184,7 +163,7 @@ def test_gemv_real_and_odd_shapes(qtype: Q) -> None:
 @needs_cuda
 @pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
 def test_x_rounded_once_is_bit_equal(qtype: Q) -> None:
-    for n, k in _shapes(qtype, [(896, 4864), (9216, 3072), (3072, 8192), (151936, 896)] + ODD):
+    for n, k in shapes_for(qtype, [(896, 4864), (9216, 3072), (3072, 8192), (151936, 896)] + ODD):
         for m, cfg in [(1, gemv_config(qtype, n, k)), (3, GemvConfig(8, 2, 4, split_k=3))]:
             check_prequant(qtype, n, k, m, "cuda", replace(cfg, int8_x=True))
 
@@ -198,7 +177,7 @@ def test_producers_round_x_like_quantize_x() -> None:
 
     q = Q.Q4_K
     n, k = 4096, 3072
-    packed = PackedWeight.pack([QuantizedWeight(q, n, k, _case(q, n, k, "cuda", seed=1))])
+    packed = PackedWeight.pack([QuantizedWeight(q, n, k, random_planes(q, n, k, "cuda", seed=1))])
     assert packed.takes_rounded_x(1, torch.device("cuda"))
     assert not packed.takes_rounded_x(64, torch.device("cuda"))  # prefill: dequantize + cuBLAS
     x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
@@ -212,7 +191,7 @@ def test_producers_round_x_like_quantize_x() -> None:
 @needs_cuda
 @pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
 def test_dequant_and_embedding_rows(qtype: Q) -> None:
-    for n, k in _shapes(qtype, [(896, 896), (3072, 3072), (151936, 896)] + ODD):
+    for n, k in shapes_for(qtype, [(896, 896), (3072, 3072), (151936, 896)] + ODD):
         check_dequant(qtype, n, k, "cuda")
 
 
@@ -221,11 +200,11 @@ def test_dequant_and_embedding_rows(qtype: Q) -> None:
 @pytest.mark.parametrize("m", [9, 512])
 def test_quant_matmul_prefill_paths(m: int) -> None:
     n, k = 1000, 3072
-    planes = _case(Q.Q4_K, n, k, "cuda", seed=5)
+    planes = random_planes(Q.Q4_K, n, k, "cuda", seed=5)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     ref = x.double() @ dequantize_reference(planes, Q.Q4_K, n, k).double().T
-    assert _rel(quant_matmul(x, planes, Q.Q4_K, n, k), ref) < 8e-3
-    assert _rel(quant_matmul_fused_q4_k(x, planes, n, k), ref) < 8e-3
+    assert rel_err(quant_matmul(x, planes, Q.Q4_K, n, k), ref) < 8e-3
+    assert rel_err(quant_matmul_fused_q4_k(x, planes, n, k), ref) < 8e-3
 
 
 # -- CPU, Triton interpreter ---------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Quantized matmul and dequantization: Triton on CUDA, a torch reference twin everywhere.
 
     quant_gemv(x, planes, qtype, n, k)            fused dequantize + GEMV (decode, few rows of x)
+    quant_batched(x, planes, qtype, n, k)         fused dequantize + tensor-core matmul (2-64 rows)
     dequantize_planes(planes, qtype, n, k, ids=)  dense rows (prefill scratch, embedding lookup)
-    quant_matmul(x, planes, qtype, n, k)          picks one of the two by the number of rows of x
+    quant_matmul(x, planes, qtype, n, k)          picks one of the three by the number of rows of x
     *_reference(...)                              the same functions in torch (float32), any device
 
 Decode GEMVs round x to int8 per 32-element block by default (`GemvConfig.int8_x`, kernels in
@@ -24,13 +25,14 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from worker_orcd.gguf.dequant import dequantize as dequantize_gguf
-from worker_orcd.kernels.quant.formats import Q, check_shape, from_planes
+from worker_orcd.kernels.quant.formats import Q, ceil_div, check_shape, from_planes
 
 logger = logging.getLogger(__name__)
 
 try:  # Triton is optional: without it (CPU-only installs) only the references run.
     import triton
 
+    from worker_orcd.kernels.quant import batched as _bt
     from worker_orcd.kernels.quant import dequant as _dq
     from worker_orcd.kernels.quant import gemv as _gv
     from worker_orcd.kernels.quant import gemv_i8 as _gi
@@ -43,6 +45,9 @@ except ImportError:  # pragma: no cover - depends on the install
 # Activation rows up to which the fused GEMV is used; above it, dequantize + cuBLAS (measured
 # crossover on H200: GEMV ahead at 2 rows, behind at 4 for Phi-3's largest weights).
 GEMV_MAX_ROWS = 3
+# Rows up to which the fused small-batch kernels (`batched`) are used; above it, dequantize +
+# cuBLAS (prefill), whose dequantization is paid once for any number of rows.
+BATCHED_MAX_ROWS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +119,51 @@ def _float_gemv_config(qtype: GGMLQuantizationType, n: int, k: int) -> GemvConfi
     return GemvConfig(8 if n >= 8192 else 4, 32, 4, int8_x=False)
 
 
+@dataclass(frozen=True, slots=True)
+class BatchedConfig:
+    """Launch shape of the small-batch kernels (`batched`)."""
+
+    block_n: int  # output rows per program (the MMA's M): 16, 32, 64 or 128
+    block_b: int  # rows of x per program (the MMA's N), rows past M masked: 16, 32 or 64
+    num_warps: int = 4
+    split_k: int = 1  # programs along K; > 1 adds float32 partials and a summing launch
+    tiles: int = 4  # [block_n, 32] weight tiles per unrolled step along K
+    stages: int = 2  # software-pipeline stages of the walk along K
+
+    def check(self, qtype: GGMLQuantizationType) -> None:
+        if self.block_n not in (16, 32, 64, 128) or self.block_b not in (16, 32, 64):
+            raise ValueError(f"{self}: block_n must be 16-128 and block_b 16-64, powers of two")
+        if min(self.num_warps, self.split_k, self.tiles, self.stages) < 1:
+            raise ValueError(f"{self}: warps, split_k, tiles and stages must be positive")
+        # a K-quant step is 64-element chunks of one super-block (Q4_K/Q5_K), or one or two
+        # halves of 128 (Q6_K)
+        allowed = {Q.Q4_K: (2, 4, 8), Q.Q5_K: (2, 4, 8), Q.Q6_K: (4, 8)}.get(qtype)
+        if allowed and self.tiles not in allowed:
+            raise ValueError(f"{self}: {qtype.name} steps are {allowed} tiles of 32")
+
+
+# Programs along N and x's rows under which the default splits K (about one wave of an H200's
+# 132 SMs).
+_BATCHED_PROGRAMS = 128
+
+
+def batched_config(qtype: GGMLQuantizationType, n: int, k: int, m: int) -> BatchedConfig:
+    """Launch shape of the small-batch kernels for x [m, k] and an [n, k] weight. Starting points
+    to be replaced from the sweep (`benchmarks/quant_kernels.py --batched --tune`, QUANT.md):
+    all of x in one program up to 64 rows (each weight tile is then read once), 64 output rows
+    per program on tall weights (the MMA's M on Hopper's tensor cores), 32 on short ones, and K
+    split in up to 4 where fewer programs than about one wave would run, keeping at least two
+    steps of 4 tiles of 32 per split."""
+    block_b = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n = 64 if n >= 4096 else 32
+    programs = ceil_div(n, block_n) * ceil_div(m, block_b)
+    units = k // 32
+    split = 1
+    while split < 4 and programs * split < _BATCHED_PROGRAMS and units >= 16 * split:
+        split *= 2
+    return BatchedConfig(block_n, block_b, split_k=split)
+
+
 class RoundedX(NamedTuple):
     """x [M, K] rounded to int8 per 32-element block as the int8 GEMVs round it (`quantize_x`)."""
 
@@ -156,6 +206,9 @@ def _check_blocks(k: int) -> None:
 
 # Weights per K unit of each GEMV kernel (its tile counts these units).
 _UNIT = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q5_0: 32, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: 128}
+# ... and of each small-batch kernel (Q4_K/Q5_K: chunks of two sub-blocks, Q6_K: halves of a
+# super-block, the others: blocks)
+_UNIT_BATCHED = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q5_0: 32, Q.Q4_K: 64, Q.Q5_K: 64, Q.Q6_K: 128}
 
 
 def _kernel_args_i8(
@@ -313,6 +366,78 @@ def quant_gemv(
     return out
 
 
+def _batched_args(
+    planes: dict[str, torch.Tensor], qtype: GGMLQuantizationType
+) -> tuple[object, list[torch.Tensor], dict[str, object]]:
+    """(small-batch kernel, plane args, constexpr flags) for `qtype`."""
+    p = planes
+    if qtype == Q.Q8_0:
+        return _bt.mm_q8_0_kernel, [p["d"], p["qs"].view(torch.uint8)], {}
+    if qtype == Q.Q4_0:
+        return _bt._mm_q4_q5_0, [p["d"], p["d"], p["qs"]], {"HAS_QH": False}
+    if qtype == Q.Q5_0:
+        return _bt._mm_q4_q5_0, [p["d"], p["qh"], p["qs"]], {"HAS_QH": True}
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        has_qh = qtype == Q.Q5_K
+        args = [p["dm"], p["scales"].view(torch.int32), p["qh"] if has_qh else p["qs"], p["qs"]]
+        return _bt._mm_q4_q5_k, args, {"HAS_QH": has_qh}
+    if qtype == Q.Q6_K:
+        return _bt.mm_q6_k_kernel, [p["d"], p["scales"], p["qh"], p["ql"]], {}
+    raise ValueError(f"no quantized kernel for {qtype.name}")
+
+
+def quant_batched(
+    x: torch.Tensor,
+    planes: dict[str, torch.Tensor],
+    qtype: GGMLQuantizationType,
+    n: int,
+    k: int,
+    *,
+    out: torch.Tensor | None = None,
+    config: BatchedConfig | None = None,
+) -> torch.Tensor:
+    """y = x W^T with W [n, k] in planes, x [M, k] (a few to 64 rows: one read of the weight per
+    `block_b` rows), dequantized tile by tile into tensor-core products; out [M, n] may be a
+    column slice. Launches a fixed set of kernels for a given M (capturable in a CUDA graph)."""
+    check_shape(qtype, n, k)
+    _check_x(x, k)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {n}] with unit column stride, got {tuple(out.shape)}")
+    if m == 0:
+        return out
+    cfg = config or batched_config(qtype, n, k, m)
+    cfg.check(qtype)
+    kernel, args, flags = _batched_args(planes, qtype)
+    step = cfg.tiles // (_UNIT_BATCHED[qtype] // 32)  # units per step
+    flags["STEP"] = step
+    # float32 x in IEEE float32; Triton's interpreter (CPU tensors) cannot multiply bf16 operands
+    flags["F32_DOT"] = x.dtype == torch.float32 or x.device.type != "cuda"
+    flags.update(pdl.launch(x, m))
+    units = k // _UNIT_BATCHED[qtype]
+    per = triton.cdiv(triton.cdiv(units, cfg.split_k), step) * step  # whole steps per split
+    split = triton.cdiv(units, per)
+    grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_b), split)
+    launch = dict(
+        BLOCK_N=cfg.block_n, BLOCK_B=cfg.block_b, STAGES=cfg.stages, num_warps=cfg.num_warps,
+        **flags,
+    )  # fmt: skip
+    if split == 1:
+        kernel[grid](x, *args, out, m, n, k, x.stride(0), out.stride(0), 0, per, **launch)
+        return out
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device)  # [S, M, N] partials
+    kernel[grid](x, *args, ws, m, n, k, x.stride(0), n, m * n, per, **launch)
+    block = 1024
+    _gv.splitk_sum_kernel[(triton.cdiv(m * n, block),)](
+        ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4, **pdl.launch(out, m)
+    )
+    return out
+
+
 def quantize_x(x: torch.Tensor) -> RoundedX:
     """x [M, K] (K % 32 == 0) rounded to int8 per 32-element block as the int8 GEMV kernels round
     it, by one launch."""
@@ -380,6 +505,17 @@ class Scratch:
 SCRATCH = Scratch()
 
 
+def matmul_path(m: int, device: torch.device) -> str:
+    """Which kernel `quant_matmul` runs for m rows of x on `device`: "gemv", "batched" (fused
+    small-batch), "dense" (dequantize + cuBLAS), or "reference" (torch, off CUDA or without
+    Triton)."""
+    if device.type != "cuda" or not HAS_TRITON:
+        return "reference"
+    if m <= GEMV_MAX_ROWS:
+        return "gemv"
+    return "batched" if m <= BATCHED_MAX_ROWS else "dense"
+
+
 def quant_matmul(
     x: torch.Tensor,
     planes: dict[str, torch.Tensor],
@@ -390,17 +526,21 @@ def quant_matmul(
     out: torch.Tensor | None = None,
     rounded: RoundedX | None = None,
 ) -> torch.Tensor:
-    """y = x W^T for x [M, k]: fused GEMV for M <= GEMV_MAX_ROWS, else dequantize + cuBLAS.
-    `rounded`: x rounded by its producer, for the GEMVs that read it (`takes_rounded_x`)."""
+    """y = x W^T for x [M, k]: fused GEMV for M <= GEMV_MAX_ROWS, the fused small-batch kernel
+    up to BATCHED_MAX_ROWS, else dequantize + cuBLAS (`matmul_path`). `rounded`: x rounded by
+    its producer, for the GEMVs that read it (`takes_rounded_x`)."""
     _check_x(x, k)
-    if x.device.type != "cuda" or not HAS_TRITON:
+    path = matmul_path(x.shape[0], x.device)
+    if path == "reference":
         y = quant_matmul_reference(x, planes, qtype, n, k).to(x.dtype)
         if out is None:
             return y
         out.copy_(y)
         return out
-    if x.shape[0] <= GEMV_MAX_ROWS:
+    if path == "gemv":
         return quant_gemv(x, planes, qtype, n, k, out=out, rounded=rounded)
+    if path == "batched":
+        return quant_batched(x, planes, qtype, n, k, out=out)
     w = dequantize_planes(planes, qtype, n, k, out=SCRATCH.get((n, k), x.dtype, x.device))
     if out is None:
         return F.linear(x, w)

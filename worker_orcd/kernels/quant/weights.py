@@ -19,12 +19,11 @@ from gguf import GGMLQuantizationType
 
 from worker_orcd.kernels.quant.formats import check_shape, planes_nbytes, to_planes
 from worker_orcd.kernels.quant.ops import (
-    GEMV_MAX_ROWS,
-    HAS_TRITON,
     SCRATCH,
     RoundedX,
     dequantize_planes,
     dequantize_reference,
+    matmul_path,
     quant_matmul,
     takes_rounded_x,
 )
@@ -33,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 def _use_kernels(device: torch.device) -> bool:
-    return device.type == "cuda" and HAS_TRITON
+    return matmul_path(1, device) != "reference"
 
 
 @dataclass(slots=True)
@@ -184,7 +183,7 @@ class PackedWeight:
         m = x2.shape[0]
         if len(self.parts) == 1:
             y = _matmul_part(x2, self.parts[0][1], None, rounded)
-        elif _use_kernels(x.device) and m > GEMV_MAX_ROWS:
+        elif matmul_path(m, x.device) == "dense":
             # prefill: every part into one scratch weight, then one cuBLAS matmul
             w = SCRATCH.get((self.n, self.k), x.dtype, x.device)
             for row, s in self.parts:

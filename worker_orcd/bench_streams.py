@@ -5,10 +5,12 @@ greedy tokens, run together. Two ways:
 
 - engine: Engine.generate_batch, the continuous-batching step loop a server runs (scheduler,
   sampler mask, detokenizer, stop checks, device-fed greedy steps). Prefill tok/s is B prompts over
-  the time until the last request has its first token; decode tok/s is B * gen tokens over the
-  time from there to the last request's end (a sequence may decode a token during the last prompt
-  chunk's step, so this can overstate decode by at most one token per stream); ms/token is that
-  decode time over gen tokens, what each stream sees.
+  the time until the last request has its first token; decode tok/s is the tokens generated after
+  each stream's first over the time from there to the last request's end (a sequence may decode a
+  token during the last prompt chunk's step, so this can overstate decode by at most one token per
+  stream); ms/token is that decode time over the longest stream's decode steps, what each stream
+  sees. With a real tokenizer a stream may end early at an end-of-generation token; the counts
+  are the tokens actually generated.
 - graph: the model alone, as llama-batched-bench measures it: the B prompts prefilled in one flat
   batch, then gen tokens of device-fed decode steps of batch B on the captured graph, timed from
   the host (no sampling, text or scheduling).
@@ -47,7 +49,7 @@ def kv_bytes_per_token(config) -> int:  # noqa: ANN001 - ModelConfig
 
 
 def run_streams(
-    bench,  # noqa: ANN001 - bench.OurBench
+    bench,  # noqa: ANN001 - bench.OurBench, or anything with .engine, .config and ._ids(n)
     counts: list[int],
     prompt_tokens: int,
     gen_tokens: int,
@@ -59,14 +61,16 @@ def run_streams(
         if b > bench.engine.scheduler.max_seqs:
             raise SystemExit(f"--streams {b} is above the engine's max_num_seqs")
         _warm(bench, b, prompt_tokens)
-        prefill, decode_s = _engine_run(bench, b, prompt_tokens, gen_tokens)
-        graph_ms = _graph_run(bench, b, prompt_tokens, gen_tokens)
+        prefill, decode_s, decoded, steps = _engine_run(bench, b, prompt_tokens, gen_tokens)
+        graph_ms = None
+        if bench.engine.device.type == "cuda":
+            graph_ms = _graph_run(bench, b, prompt_tokens, gen_tokens)
         step_bytes = weight_bytes + b * (prompt_tokens + gen_tokens // 2) * per_tok
-        ms_tok = decode_s * 1e3 / gen_tokens
+        ms_tok = decode_s * 1e3 / steps
         row = StreamsRow(
             streams=b,
             prefill_tok_s=b * prompt_tokens / prefill,
-            decode_tok_s=b * gen_tokens / decode_s,
+            decode_tok_s=decoded / decode_s,
             ms_per_token=ms_tok,
             graph_decode_tok_s=None if graph_ms is None else b * 1e3 / graph_ms,
             graph_ms_per_step=graph_ms,
@@ -85,13 +89,15 @@ def _warm(bench, b: int, prompt_tokens: int) -> None:  # noqa: ANN001
     bench.engine.generate_batch(prompts, SamplingParams(max_tokens=4, temperature=0.0))
 
 
-def _engine_run(bench, b: int, prompt_tokens: int, gen_tokens: int) -> tuple[float, float]:  # noqa: ANN001
-    """(seconds until every stream has its first token, seconds of decode after that)."""
+def _engine_run(bench, b: int, prompt_tokens: int, gen_tokens: int):  # noqa: ANN001, ANN202
+    """(seconds until every stream has its first token, seconds of decode after that, tokens
+    decoded after the first of each stream, decode steps of the longest stream)."""
     from worker_orcd.engine.types import SamplingParams
 
     prompts = [bench._ids(prompt_tokens) for _ in range(b)]
     params = SamplingParams(max_tokens=gen_tokens + 1, temperature=0.0)
-    torch.cuda.synchronize()
+    if bench.engine.device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     outs = bench.engine.generate_batch(prompts, params)
     end = time.perf_counter() - t0
@@ -100,7 +106,9 @@ def _engine_run(bench, b: int, prompt_tokens: int, gen_tokens: int) -> tuple[flo
         logger.warning("%d of %d streams stopped early (%s)", len(short), b, short[0].stop_reason)
     # first_token_ms is from each request's submit; all were submitted within a few ms of t0
     first = max(o.timings.first_token_ms for o in outs) / 1e3
-    return first, end - first
+    decoded = sum(max(o.timings.tokens_out - 1, 0) for o in outs)
+    steps = max(max(o.timings.tokens_out - 1, 1) for o in outs)
+    return first, end - first, decoded, steps
 
 
 @torch.inference_mode()
@@ -143,13 +151,33 @@ def _graph_run(bench, b: int, prompt_tokens: int, gen_tokens: int) -> float | No
             blocks.release(s)
 
 
+class EngineStreams:
+    """run_streams over a loaded Engine (any device): random prompts from a seeded generator."""
+
+    def __init__(self, engine) -> None:  # noqa: ANN001 - Engine
+        self.engine = engine
+        self.config = engine.config
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def _ids(self, n: int) -> list[int]:
+        vocab = self.engine.tokenizer.vocab_size
+        return torch.randint(0, vocab, (n,), generator=self.gen).tolist()
+
+
 def print_streams(
-    name: str, ceil: Ceilings, weight_bytes: int, rows: list[StreamsRow], prompt: int, gen: int
+    name: str,
+    ceil: Ceilings | None,
+    weight_bytes: int,
+    rows: list[StreamsRow],
+    prompt: int,
+    gen: int,
 ) -> None:
-    print(
-        f"\n{ceil.device_name}: copy {ceil.copy_gbs:.0f} GB/s (read + written), "
-        f"bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s"
-    )
+    if ceil is not None:
+        print(
+            f"\n{ceil.device_name}: copy {ceil.copy_gbs:.0f} GB/s (read + written), "
+            f"bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s"
+        )
+    copy = ceil.copy_gbs if ceil is not None else None
     print(f"{name}: {weight_bytes / 1e9:.2f} GB of weights; {prompt} prompt + {gen} generated")
     print(
         f"{'streams':>7} {'prefill tok/s':>13} {'decode tok/s':>12} {'ms/tok':>7} "
@@ -158,11 +186,15 @@ def print_streams(
     for r in rows:
         g = (
             f"{r.graph_decode_tok_s:11.0f} {r.graph_ms_per_step:7.2f} "
-            f"{100 * (r.graph_gbs or 0) / ceil.copy_gbs:4.0f}%"
+            f"{_share(r.graph_gbs or 0, copy)}"
             if r.graph_decode_tok_s is not None
             else ""
         )
         print(
-            f"{r.streams:7d} {r.prefill_tok_s:13.0f} {r.decode_tok_s:12.0f} {r.ms_per_token:7.2f} "
-            f"{r.decode_gbs:6.0f} {100 * r.decode_gbs / ceil.copy_gbs:4.0f}% | {g}"
+            f"{r.streams:7d} {r.prefill_tok_s:13.0f} {r.decode_tok_s:12.1f} {r.ms_per_token:7.2f} "
+            f"{r.decode_gbs:6.1f} {_share(r.decode_gbs, copy)} | {g}"
         )
+
+
+def _share(gbs: float, copy: float | None) -> str:
+    return f"{100 * gbs / copy:4.0f}%" if copy else f"{'':>4}-"

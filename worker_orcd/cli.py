@@ -147,7 +147,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    out = engine.generate(ids, params, on_text=None if args.json else echo)
+    try:
+        out = engine.generate(ids, params, on_text=None if args.json else echo)
+    finally:
+        engine.close()
     if args.json:
         t = out.timings
         print(

@@ -128,6 +128,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+class KVCacheBusyError(WorkerError):
+    """Blocks a request needs are held by others for now; a retry later can succeed."""
+
+    code = "KV_CACHE_BUSY"
+    retriable = True
+
+
 class Engine:
     def __init__(
         self,
@@ -412,14 +419,25 @@ class Engine:
                 f"{len(token_ids)} tokens exceed the context of {self.context_length} tokens"
             )
         seq = Sequence.from_prompt(token_ids)
+        slots = self.blocks.num_blocks * self.blocks.block_size
+        if len(token_ids) > slots:
+            raise InvalidRequestError(
+                f"{len(token_ids)} tokens exceed the KV cache of {slots} tokens"
+            )
         chunk = self.scheduler.max_batch_tokens
         chunks: list[torch.Tensor] = []
-        with self.loop.lock, torch.inference_mode():
-            if not self.blocks.can_hold(seq, len(token_ids)):
-                raise InvalidRequestError(
-                    f"{len(token_ids)} tokens need {self.blocks.blocks_for(len(token_ids))} KV "
-                    f"blocks; {self.blocks.num_free} of {self.blocks.num_blocks} are free"
-                )
+        loop = self.loop
+        with loop.lock, torch.inference_mode():
+            # Running requests may hold the blocks it needs: wait for them to end (between
+            # steps), unless called from a step itself, which cannot wait for the next.
+            while not self.blocks.can_hold(seq, len(token_ids)):
+                if loop.on_engine_thread() or not loop.live():
+                    raise KVCacheBusyError(
+                        f"{len(token_ids)} tokens need {self.blocks.blocks_for(len(token_ids))} "
+                        f"KV blocks; {self.blocks.num_free} of {self.blocks.num_blocks} are free "
+                        "while other requests run"
+                    )
+                loop.stepped.wait()
             try:
                 while seq.n_uncached:
                     n = min(seq.n_uncached, chunk)
@@ -476,6 +494,7 @@ class Engine:
     ) -> GenerationOutput:
         """Generate from a prompt (text, or token ids), batched with whatever else runs; on_text
         gets each text delta as it is ready (on the engine thread)."""
+        self._not_from_a_callback()
         handle = self.submit(prompt, params, on_text=on_text, cancel=cancel)
         try:
             return handle.result()
@@ -493,15 +512,19 @@ class Engine:
         per = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per) != len(prompts):
             raise InvalidRequestError(f"{len(per)} sampling parameters for {len(prompts)} prompts")
-        for i, p in enumerate(per):
+        ids: list[list[int]] = []
+        for i, (prompt, p) in enumerate(zip(prompts, per, strict=True)):
             try:
                 p.validate()
+                ids.append(self.prompt_ids(prompt))
+                self.check_fits(len(ids[-1]), p.max_tokens)
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"request {i}: {e.message}") from e
+        self._not_from_a_callback()
         handles: list[RequestHandle] = []
         try:
-            for prompt, p in zip(prompts, per, strict=True):
-                handles.append(self.submit(prompt, p))
+            for prompt_ids, p in zip(ids, per, strict=True):
+                handles.append(self.submit(prompt_ids, p))
             return [h.result() for h in handles]
         except BaseException:
             for h in handles:
@@ -521,6 +544,14 @@ class Engine:
             prompt, params, on_text=deltas.put, on_done=lambda *_: deltas.put(None), cancel=cancel
         )
         return _drain(handle, deltas)
+
+    def _not_from_a_callback(self) -> None:
+        """Waiting for a result on the engine thread would wait for itself."""
+        if self.loop.on_engine_thread():
+            raise RuntimeError(
+                "generate() was called from an on_text / on_done callback or a step observer, "
+                "on the engine thread; use submit() there"
+            )
 
     def stats(self) -> EngineStats:
         """Running and waiting sequences, KV blocks in use, preemptions, steps so far."""

@@ -50,6 +50,7 @@ class Request:
     output: GenerationOutput | None = None
     error: WorkerError | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    callback_error: Exception | None = None  # on_text raised: the request fails at its next step
     _cancel_seen: bool = False
 
     def __post_init__(self) -> None:
@@ -106,12 +107,24 @@ class Request:
         if not text:
             return
         self.parts.append(text)
-        if self.on_text is not None:
+        if self.on_text is None or self.callback_error is not None:
+            return
+        try:
             self.on_text(text)
+        except Exception as exc:  # noqa: BLE001 - a listener's bug ends its request, no other
+            logger.exception("on_text callback of sequence %d failed", self.seq.seq_id)
+            self.callback_error = exc
+            self.cancel.set()
 
-    def finish(self, reason: StopReason) -> GenerationOutput:
+    def finish(self, reason: StopReason) -> GenerationOutput | None:
         """End with `reason`: flush the held-back text (a stop string may complete in it), then
-        report the output once."""
+        report the output once. A request whose on_text failed ends with that error instead."""
+        if self.done.is_set():
+            return self.output
+        if self.callback_error is not None:
+            exc = self.callback_error
+            self.fail(WorkerError(f"on_text callback failed: {type(exc).__name__}: {exc}"))
+            return None
         if reason is not StopReason.STOP_SEQUENCE:
             text, _ = self.stops.feed(self.decoder.flush())
             tail = text if self.stops.matched is not None else text + self.stops.flush()
@@ -140,6 +153,8 @@ class Request:
         return self.output
 
     def fail(self, error: WorkerError) -> None:
+        if self.done.is_set():
+            return
         self.error = error
         self._done()
 

@@ -99,7 +99,9 @@ def filter_logits(
     top_p = [p.top_p if s else 1.0 for p, s in rows]
     min_p = [p.min_p if s else 0.0 for p, s in rows]
     if any(t != 1.0 for t in temps):
-        x = x / _per_row(temps, dev)
+        # Always a tensor on CUDA: a CPU scalar divisor is applied there as a multiplication by
+        # its reciprocal, which would make a request's draws differ alone and in a mixed batch.
+        x = x / _per_row(temps, dev, always_tensor=dev.type == "cuda")
     if any(top_k) or any(p < 1.0 for p in top_p):
         sorted_x, order = x.sort(dim=-1)  # ascending, as transformers' TopPLogitsWarper
         if any(top_k):

@@ -122,6 +122,7 @@ class Scheduler:
             if seq.block_table:
                 self.blocks.release(seq)
                 seq.n_cached = 0
+                seq.preemptions += 1
                 self.preemptions += 1
 
     def preempt(self, seq: Sequence) -> None:

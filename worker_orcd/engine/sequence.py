@@ -15,7 +15,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: `seq in waiting` must not compare token lists
 class Sequence:
     """token_ids holds the prompt then the generated tokens. The K/V of the first n_cached tokens
     are in the cache, in the slots given by block_table; the last sampled token is cached by the

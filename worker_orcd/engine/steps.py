@@ -17,9 +17,11 @@ VRAM_OOM (their blocks freed), any other error fails them as INTERNAL and is log
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +41,17 @@ if TYPE_CHECKING:
     from worker_orcd.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+
+
+# Engine threads still running at interpreter exit are stopped first: a daemon thread ended by the
+# interpreter while inside torch aborts the process.
+_LOOPS: weakref.WeakSet[StepLoop] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for loop in list(_LOOPS):
+        loop.close(timeout=10.0)
 
 
 class EngineClosedError(WorkerError):
@@ -104,6 +117,7 @@ class StepLoop:
         self.device_fed: DeviceFed | None = runner.device_fed_steps()
         self._ahead: _Ahead | None = None
         self.lock = threading.RLock()  # held for a whole step; score() takes it too
+        self.stepped = threading.Condition(self.lock)  # notified after every step
         self._cond = threading.Condition()
         self._inbox: deque[Request] = deque()
         self._live: dict[int, Request] = {}  # seq_id -> request, scheduled or waiting
@@ -112,6 +126,7 @@ class StepLoop:
         self._steps = 0
         self._step_seqs = 0
         self._step_tokens = 0
+        _LOOPS.add(self)
 
     # -- from any thread ----------------------------------------------------------------------
 
@@ -120,7 +135,7 @@ class StepLoop:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
             self._inbox.append(request)
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="engine-steps", daemon=True)
                 self._thread.start()
             self._cond.notify()
@@ -194,59 +209,77 @@ class StepLoop:
             self._live[req.seq.seq_id] = req
             self.scheduler.add(req.seq)
 
+    def on_engine_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def live(self) -> int:
+        """Requests submitted and not yet ended."""
+        with self._cond:
+            return len(self._inbox) + len(self._live)
+
     def step(self) -> int:
         """One scheduling step and forward pass; returns the number of sequences it carried."""
         with self.lock:
-            self._take_inbox()
-            for req in list(self._live.values()):
-                if req.cancelled():
-                    self._finish(req, StopReason.CANCELLED)
-            if self._ahead is not None:
-                return self._advance_device_fed()
-            if not self.scheduler.has_work():
-                return 0
-            batch = self.scheduler.schedule()
-            if not batch.seqs:
-                self.scheduler.unblock()
-                return 0
-            reqs = [self._live[s.seq_id] for s in batch.seqs]
-            if self._device_fed_fits(batch, reqs):
-                assert self.device_fed is not None
-                seqs = batch.seqs
+            try:
+                return self._step()
+            finally:
+                self.stepped.notify_all()
+
+    def _step(self) -> int:
+        self._take_inbox()
+        for req in list(self._live.values()):
+            if req.cancelled():
+                self._finish(req, StopReason.CANCELLED)
+        if self._ahead is not None:
+            return self._advance_device_fed()
+        if not self.scheduler.has_work():
+            return 0
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            self.scheduler.unblock()
+            return 0
+        reqs = [self._live[s.seq_id] for s in batch.seqs]
+        if self._device_fed_fits(batch, reqs):
+            assert self.device_fed is not None
+            seqs = batch.seqs
+            try:
                 ticket = self.device_fed.start(
                     [s.token_ids[s.n_cached] for s in seqs],
                     [s.n_cached for s in seqs],
                     [s.block_table for s in seqs],
                 )
-                self._ahead = _Ahead(ticket, list(seqs))
-                self._count(len(seqs), len(seqs))
-                return self._advance_device_fed()
-            now = time.perf_counter()
-            for req in reqs:
-                if not req.scheduled_at:
-                    req.scheduled_at = now
-            try:
-                self._run_batch(batch, reqs)
-            except ForwardAborted:
-                return len(batch.seqs)  # every request of the batch was cancelled: reaped next
-            except torch.OutOfMemoryError:
-                self._fail_batch(
-                    reqs,
-                    VramOomError(
-                        f"out of GPU memory in a forward pass of {batch.num_tokens} tokens of "
-                        f"{len(batch.seqs)} sequences; their KV cache was freed"
-                    ),
-                )
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-            except WorkerError as exc:  # one of ours, with its code (a rank that failed, ...)
-                logger.error("forward pass of %d sequences failed: %s", len(batch.seqs), exc)
-                self._fail_batch(reqs, exc)
-            except Exception as exc:  # noqa: BLE001 - the requests fail, the loop goes on
-                logger.exception("forward pass of %d sequences failed", len(batch.seqs))
-                self._fail_batch(reqs, WorkerError(f"{type(exc).__name__}: {exc}"))
-            self._count(len(batch.seqs), batch.num_tokens)
-            return len(batch.seqs)
+            except Exception as exc:  # noqa: BLE001 - the batch fails, the loop goes on
+                self._device_fed_failed(list(seqs), exc)
+                return 0
+            self._ahead = _Ahead(ticket, list(seqs))
+            self._count(len(seqs), len(seqs))
+            return self._advance_device_fed()
+        now = time.perf_counter()
+        for req in reqs:
+            if not req.scheduled_at:
+                req.scheduled_at = now
+        try:
+            self._run_batch(batch, reqs)
+        except ForwardAborted:
+            return len(batch.seqs)  # every request of the batch was cancelled: reaped next
+        except torch.OutOfMemoryError:
+            self._fail_batch(
+                reqs,
+                VramOomError(
+                    f"out of GPU memory in a forward pass of {batch.num_tokens} tokens of "
+                    f"{len(batch.seqs)} sequences; their KV cache was freed"
+                ),
+            )
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        except WorkerError as exc:  # one of ours, with its code (a rank that failed, ...)
+            logger.error("forward pass of %d sequences failed: %s", len(batch.seqs), exc)
+            self._fail_batch(reqs, exc)
+        except Exception as exc:  # noqa: BLE001 - the requests fail, the loop goes on
+            logger.exception("forward pass of %d sequences failed", len(batch.seqs))
+            self._fail_batch(reqs, WorkerError(f"{type(exc).__name__}: {exc}"))
+        self._count(len(batch.seqs), batch.num_tokens)
+        return len(batch.seqs)
 
     def _count(self, n_seqs: int, n_tokens: int) -> None:
         self._steps += 1
@@ -273,19 +306,16 @@ class StepLoop:
         seqs = ahead.seqs
         launched = 0
         nxt: _Ahead | None = None
-        if self._can_chain(seqs):
-            for seq in seqs:  # the next step caches the token at len(seq)
-                self.blocks.reserve(seq, len(seq) + 1)
-            nxt = _Ahead(self.device_fed.chain([s.block_table for s in seqs]), seqs)
-            launched = len(seqs)
-            self._count(launched, launched)
         try:
+            if self._can_chain(seqs):
+                for seq in seqs:  # the next step caches the token at len(seq)
+                    self.blocks.reserve(seq, len(seq) + 1)
+                nxt = _Ahead(self.device_fed.chain([s.block_table for s in seqs]), seqs)
+                launched = len(seqs)
+                self._count(launched, launched)
             ids = self.device_fed.read(ahead.ticket)
-        except Exception as exc:  # noqa: BLE001 - the requests fail, the loop goes on
-            logger.exception("device-fed decode step of %d sequences failed", len(seqs))
-            self._ahead = None
-            live = [self._live[s.seq_id] for s in seqs if s.seq_id in self._live]
-            self._fail_batch(live, WorkerError(f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - the batch fails, the loop goes on
+            self._device_fed_failed(seqs, exc)
             return 0
         self._ahead = nxt
         for seq, token in zip(seqs, ids, strict=True):
@@ -300,6 +330,26 @@ class StepLoop:
             self.device_fed.read(nxt.ticket)  # every row of the step ahead ended: drop it
             self._ahead = None
         return launched
+
+    def _device_fed_failed(self, seqs: list[Sequence], exc: Exception) -> None:
+        """A device-fed launch or read raised: its batch fails (VRAM_OOM for an out-of-memory
+        error), the steps still in flight are abandoned and the next batch starts afresh."""
+        self._ahead = None
+        self.device_fed = self.runner.device_fed_steps()
+        reqs = [self._live[s.seq_id] for s in seqs if s.seq_id in self._live]
+        if isinstance(exc, torch.OutOfMemoryError):
+            error: WorkerError = VramOomError(
+                f"out of GPU memory in a decode step of {len(seqs)} sequences; their KV cache "
+                "was freed"
+            )
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        elif isinstance(exc, WorkerError):
+            error = exc
+        else:
+            logger.exception("device-fed decode step of %d sequences failed", len(seqs))
+            error = WorkerError(f"{type(exc).__name__}: {exc}")
+        self._fail_batch(reqs, error)
 
     def _can_chain(self, seqs: list[Sequence]) -> bool:
         """Whether the batch's next step can be launched before the host has read this one: the
@@ -353,7 +403,9 @@ class StepLoop:
         req.finish(reason)
 
     def _fail_batch(self, reqs: list[Request], error: WorkerError) -> None:
+        """Fail those of reqs still live (one may have ended earlier in the same step)."""
         for req in reqs:
+            if self._live.pop(req.seq.seq_id, None) is None:
+                continue
             self.scheduler.finish(req.seq)
-            self._live.pop(req.seq.seq_id, None)
             req.fail(error)

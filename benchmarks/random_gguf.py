@@ -3,11 +3,12 @@
     python -m benchmarks.random_gguf phi3-mini /tmp/phi3-mini-bf16.gguf [--dtype bf16|f16]
 
 The dimensions are `worker-orcd bench`'s presets (worker_orcd/bench.py); the tokenizer is a real
-vocab file's `tokenizer.*` keys (../shared/testdata/vocab, or --vocab), so prompts tokenize as they
-would for the real model. Projections are N(0, 1/fan_in) and embeddings N(0, 1) in bf16 or f16;
-norms and biases are F32, as llama.cpp writes them. The output rows (the embedding rows, when tied)
-of the end-of-generation tokens are zero: their logit is then 0 against the maximum over the whole
-vocabulary, so greedy decoding never ends early and every request runs to its max_tokens.
+vocab file's `tokenizer.*` keys (shared/testdata/vocab beside or inside the checkout, or --vocab),
+so prompts tokenize as they would for the real model. Projections are N(0, 1/fan_in) and
+embeddings N(0, 1) in bf16 or f16; norms and biases are F32, as llama.cpp writes them. The output
+rows (the embedding rows, when tied) of the end-of-generation tokens are zero: their logit is then
+0 against the maximum over the whole vocabulary, so greedy decoding never ends early and every
+request runs to its max_tokens.
 
 Tensors are written one at a time (gguf.GGUFWriter's tensor-info-then-data path), so the whole
 model never sits in memory.
@@ -32,7 +33,8 @@ from worker_orcd.config import ModelConfig
 logger = logging.getLogger("benchmarks.random_gguf")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VOCAB_DIR = REPO_ROOT.parent / "shared" / "testdata" / "vocab"
+# The shared test data: beside the checkout, or inside it (a copy of the tree with shared/).
+VOCAB_DIRS = tuple(root / "shared" / "testdata" / "vocab" for root in (REPO_ROOT.parent, REPO_ROOT))
 VOCAB_FILES = {"phi3": "ggml-vocab-phi-3.gguf", "qwen2": "ggml-vocab-qwen2.gguf"}
 DTYPES: dict[str, tuple[torch.dtype, GGMLQuantizationType, LlamaFileType]] = {
     "bf16": (torch.bfloat16, GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
@@ -43,7 +45,13 @@ DTYPES: dict[str, tuple[torch.dtype, GGMLQuantizationType, LlamaFileType]] = {
 def default_vocab(arch: str) -> Path:
     if arch not in VOCAB_FILES:
         raise ValueError(f"no vocab file for architecture {arch!r} (have {sorted(VOCAB_FILES)})")
-    return VOCAB_DIR / VOCAB_FILES[arch]
+    paths = [d / VOCAB_FILES[arch] for d in VOCAB_DIRS]
+    for path in paths:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"vocab file missing: none of {', '.join(map(str, paths))} (give one with --vocab)"
+    )
 
 
 def tokenizer_keys(vocab: Path) -> dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]]:

@@ -411,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         "qwen2.5-0.5b) to --model unless it exists",
     )
     p.add_argument("--random-dtype", choices=["bf16", "f16"], default="bf16")
+    p.add_argument("--random-vocab", default=None, help="vocab GGUF for --random (its tokenizer)")
     p.add_argument("--serve-args", default="", help="extra flags for serve, one string")
     p.add_argument("--start-timeout", type=float, default=900.0)
     p.add_argument("--endpoint", choices=["execute", "openai"], default="execute")
@@ -443,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.random and not Path(args.model).exists():
             from benchmarks.random_gguf import preset, write_random_gguf
 
-            write_random_gguf(preset(args.random), args.model, dtype=args.random_dtype)
+            write_random_gguf(
+                preset(args.random), args.model, vocab=args.random_vocab, dtype=args.random_dtype
+            )
         server = Spawned(args.model, shlex.split(args.serve_args), args.start_timeout)
         url = server.url
     else:

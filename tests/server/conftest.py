@@ -1,7 +1,8 @@
 """Fixtures of the live-server tests: one shared `worker-orcd serve` process and a reference engine.
 
 The shared server runs with a small context and token limits so that the limits themselves can be
-tested; tests that need other flags (queue length, timeout, callback, shutdown) start their own.
+tested, and a batch of at most 16 sequences over a KV cache of 256 tokens; tests that need other
+flags (queue length, timeout, callback, shutdown) start their own.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ SHARED_FLAGS = (
     "64",
     "--max-queue",
     "4",
+    "--max-num-seqs",
+    "16",
+    "--kv-cache-tokens",
+    "256",
 )
 
 

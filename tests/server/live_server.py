@@ -174,36 +174,47 @@ class BackgroundStream:
         self.events: list[SseEvent] = []
         self.status: int | None = None
         self.error_body: bytes = b""
+        self.sent_at = 0.0  # time.monotonic() when the request went out
         self.done = threading.Event()
+        self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            with (
-                httpx.Client(base_url=self.url, timeout=120) as client,
-                client.stream("POST", self.path, json=self.body) as resp,
-            ):
-                self.status = resp.status_code
-                if resp.status_code != 200:
-                    self.error_body = resp.read()
-                    return
-                for event in parse_sse(resp.iter_raw()):
-                    self.events.append(event)
+            with httpx.Client(base_url=self.url, timeout=120) as client:
+                self.sent_at = time.monotonic()
+                self._read(client)
         finally:
-            self.done.set()
+            with self._changed:
+                self.done.set()
+                self._changed.notify_all()
+
+    def _read(self, client: httpx.Client) -> None:
+        with client.stream("POST", self.path, json=self.body) as resp:
+            self.status = resp.status_code
+            if resp.status_code != 200:
+                self.error_body = resp.read()
+                return
+            for event in parse_sse(resp.iter_raw()):
+                with self._changed:
+                    self.events.append(event)
+                    self._changed.notify_all()
 
     def wait_for(self, name: str, count: int = 1, timeout: float = 60.0) -> SseEvent:
         """The `count`-th event called `name`, waiting for it to arrive."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            seen = [e for e in list(self.events) if e.event == name]
-            if len(seen) >= count:
-                return seen[count - 1]
-            if self.done.is_set() and len([e for e in self.events if e.event == name]) < count:
+        with self._changed:
+            seen: list[SseEvent] = []
+
+            def arrived() -> bool:
+                seen[:] = [e for e in self.events if e.event == name]
+                return len(seen) >= count or self.done.is_set()
+
+            if not self._changed.wait_for(arrived, timeout):
+                raise TimeoutError(f"no {count} {name} events within {timeout} s")
+            if len(seen) < count:
                 raise AssertionError(f"stream ended without {count} {name} events: {self.events}")
-            time.sleep(0.002)
-        raise TimeoutError(f"no {count} {name} events within {timeout} s")
+            return seen[count - 1]
 
     def join(self, timeout: float = 60.0) -> list[SseEvent]:
         assert self.done.wait(timeout), f"stream did not end within {timeout} s"

@@ -1,15 +1,17 @@
-"""Start-up, the ready callback, queue overflow, the inference timeout and SIGTERM, each on a server
-of its own (these need flags the shared server does not have, or end the process)."""
+"""Start-up, the ready callback, queue overflow, cancelling a waiting job, the inference timeout and
+SIGTERM, on servers of their own (these need flags the shared server does not have, or end the
+process)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,20 @@ from tests.server.live_server import (
     start_server,
 )
 
+logger = logging.getLogger(__name__)
+
 pytestmark = pytest.mark.slow
+
+
+def wait_for_health(
+    client: httpx.Client, ready: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+) -> dict[str, Any]:
+    """/health once `ready` holds for it (a waiting job sends nothing to wait on)."""
+    deadline = time.monotonic() + timeout
+    while not ready(health := client.get("/health").json()):
+        assert time.monotonic() < deadline, health
+        time.sleep(0.01)
+    return health
 
 
 class CallbackReceiver:
@@ -87,6 +102,8 @@ def test_callback_overflow_timeout_and_sigterm(
         qwen_gguf_path,
         "--worker-id",
         "lifecycle",
+        "--max-num-seqs",
+        "1",
         "--max-queue",
         "1",
         "--inference-timeout-sec",
@@ -115,16 +132,13 @@ def test_callback_overflow_timeout_and_sigterm(
         with server.client() as client:
             assert client.get("/v1/models").json()["data"][0]["id"] == body["model"]
 
-        # One job runs, one waits (--max-queue 1), the third is refused.
+        # One job runs (--max-num-seqs 1), one waits (--max-queue 1), the third is refused.
         long_job = {"prompt": "Count: 1, 2, 3,", "max_tokens": 1500, "temperature": 0}
         running = BackgroundStream(server.url, {"job_id": "run", **long_job})
         running.wait_for("started")
         queued = BackgroundStream(server.url, {"job_id": "wait", **long_job})
         with server.client() as client:
-            deadline = time.monotonic() + 10
-            while client.get("/health").json()["jobs_queued"] < 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            wait_for_health(client, lambda h: h["jobs_queued"] == 1)
             resp = client.post("/execute", json={"job_id": "third", **long_job})
             assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
             assert resp.json() == {
@@ -134,14 +148,26 @@ def test_callback_overflow_timeout_and_sigterm(
             }
             resp = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
             assert resp.status_code == 503 and resp.json()["error"]["code"] == "QUEUE_FULL"
+            health = client.get("/health").json()
+            assert (health["seqs_running"], health["seqs_waiting"]) == (1, 1)
 
-        # The running job passes --inference-timeout-sec 2.
+            # The waiting job, cancelled, ends at once and never starts; its place is free again.
+            t0 = time.monotonic()
+            assert client.post("/cancel", json={"job_id": "wait"}).status_code == 202
+            events = queued.join(10)
+            assert [e.event for e in events] == ["error"]
+            assert events[0].json()["code"] == "CANCELLED"
+            logger.info("cancel latency (waiting job): %.1f ms", (events[0].at - t0) * 1e3)
+            wait_for_health(client, lambda h: h["jobs_queued"] == 0)
+
+        # The running job passes --inference-timeout-sec 2 (counted from its submission).
         events = running.join(30)
         err = check_one_terminal(events).json()
         assert (err["code"], err["retriable"]) == ("INFERENCE_TIMEOUT", True)
-        assert 2.0 <= events[-1].at - events[0].at < 10
+        assert 2.0 <= events[-1].at - running.sent_at < 10
 
-        # SIGTERM while the queued job runs: its stream ends with an error event, port released.
+        # SIGTERM while the next job runs: its stream ends with an error event, port released.
+        queued = BackgroundStream(server.url, {"job_id": "wait2", **long_job})
         queued.wait_for("token")
         t0 = time.monotonic()
         assert server.stop(signal.SIGTERM, timeout=30) == 0

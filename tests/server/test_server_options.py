@@ -1,4 +1,5 @@
-"""`--weights` on `worker-orcd generate` and `serve`: parsed, passed to Engine.load, reported."""
+"""`--weights` and the batch flags on `worker-orcd generate` and `serve`: parsed, checked, passed to
+Engine.load, reported."""
 
 from __future__ import annotations
 
@@ -64,6 +65,48 @@ def test_serve_passes_weights_to_engine_load(tmp_path, monkeypatch: pytest.Monke
     with pytest.raises(_Loaded):
         loading.load_engine(ServerSettings.from_args(args))
     assert seen["weights"] == "quantized" and seen["device"] == "cpu"
+
+
+def test_serve_passes_the_batch_budget_to_engine_load(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _capture_load(monkeypatch)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    flags = ["--max-num-seqs", "8", "--max-batch-tokens", "512", "--kv-cache-tokens", "4096"]
+    args = cli.build_parser().parse_args(
+        ["serve", "--model", str(model), "--port", "0", "--device", "cpu", *flags]
+    )
+    settings = ServerSettings.from_args(args)
+    with pytest.raises(_Loaded):
+        loading.load_engine(settings)
+    assert (seen["max_num_seqs"], seen["max_batch_tokens"], seen["kv_cache_tokens"]) == (
+        8,
+        512,
+        4096,
+    )
+    assert seen["gpu_memory_utilization"] == 0.9
+    defaults = _serve_settings()
+    assert (defaults.max_num_seqs, defaults.max_batch_tokens, defaults.kv_cache_tokens) == (
+        64,
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1 (got 0)"),
+        (["--kv-cache-tokens", "-5"], "--kv-cache-tokens must be >= 1 (got -5)"),
+        (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization must be in (0, 1]"),
+        (["--max-queue", "-1"], "--max-queue must be >= 0 (got -1)"),
+    ],
+)
+def test_serve_rejects_a_bad_batch_budget(flags: list[str], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        _serve_settings(*flags)
+    assert message in str(info.value)
 
 
 def test_model_facts_report_weights_and_their_mix(monkeypatch: pytest.MonkeyPatch) -> None:

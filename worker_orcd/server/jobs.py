@@ -1,12 +1,18 @@
-"""Jobs and the scheduler: one engine thread runs jobs one at a time from a bounded queue.
+"""Jobs and the scheduler: every job is submitted to the batching engine, so many run at once.
 
-The HTTP side lives on the asyncio loop; the engine blocks a thread. Each job owns an asyncio.Queue
-of events that the engine thread fills through `loop.call_soon_threadsafe`, so a route can stream
-them as they happen. Every job ends with exactly one terminal event (`Finished` or `Failed`).
+The HTTP side lives on the asyncio loop; the engine runs its step loop on a thread of its own. Each
+job owns an asyncio.Queue of events that the engine's callbacks fill through
+`loop.call_soon_threadsafe`, so a route can stream them as they happen. Every job ends with exactly
+one terminal event (`Finished` or `Failed`), put on the queue by `Scheduler._complete` on the loop,
+which runs once per job: the engine calls `on_done` exactly once.
 
-Cancellation is a `threading.Event` the engine checks every decode step; `cancel_reason` says why
-(a /cancel call, the inference timeout, a client that went away, shutdown) and becomes the error
-code.
+Admission: up to `max_num_seqs` jobs run in the engine's batch and `max_queue` more may wait beyond
+it; a job past that is refused with QUEUE_FULL. A job's `started` event comes with its first output
+(a job cancelled while it waits never starts).
+
+Cancellation is the job's `threading.Event`, which the engine checks every step; `cancel_reason`
+says why (a /cancel call, the inference timeout, a client that went away, shutdown) and becomes the
+error code.
 """
 
 from __future__ import annotations
@@ -16,10 +22,9 @@ import enum
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from worker_orcd.engine.types import GenerationOutput, SamplingParams, StopReason
 from worker_orcd.errors import InvalidRequestError, WorkerError
@@ -60,15 +65,30 @@ class DuplicateJobError(InvalidRequestError):
     """A live (queued or running) job already has this id."""
 
 
+TextCallback = Callable[[str], None]
+DoneCallback = Callable[[GenerationOutput | None, WorkerError | None], None]
+
+
 class GeneratingEngine(Protocol):
-    def generate(
+    """What the scheduler needs of the engine (worker_orcd.engine.engine.Engine)."""
+
+    def submit(
         self,
         prompt: list[int],
         params: SamplingParams,
         *,
-        on_text: Callable[[str], None] | None = None,
+        on_text: TextCallback | None = None,
+        on_done: DoneCallback | None = None,
         cancel: threading.Event | None = None,
-    ) -> GenerationOutput: ...
+    ) -> Any:
+        """Queue a request (raise InvalidRequestError if it can never run); `on_text` and then
+        `on_done` exactly once are called from the engine's thread; `cancel` ends it within a
+        step with StopReason.CANCELLED."""
+        ...
+
+    def close(self) -> None:
+        """Stop the engine; requests still live end with CANCELLED."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +120,9 @@ JobEvent = Started | Token | Finished | Failed
 
 
 class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
+    QUEUED = "queued"  # submitted, no output yet
+    RUNNING = "running"  # started: output is coming
+    DONE = "done"  # its terminal event is on its queue
 
 
 @dataclass(slots=True, eq=False)
@@ -117,15 +137,20 @@ class Job:
     cancel_reason: ErrorCode | None = None
     state: JobState = JobState.QUEUED
     submitted_at: float = field(default_factory=time.monotonic)
-    pieces: int = 0
+    pieces: int = 0  # Token events so far (engine thread)
+    timer: asyncio.TimerHandle | None = None
 
     def emit(self, event: JobEvent) -> None:
+        self.call(self.events.put_nowait, event)
+
+    def call(self, fn: Callable[..., object], *args: object) -> bool:
+        """Run fn(*args) on the job's loop, from any thread; False when the loop is closed."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: nobody is listening any more
-            logger.debug(
-                "dropped %s for job %s: event loop closed", type(event).__name__, self.job_id
-            )
+            logger.debug("job %s: event loop closed, %s dropped", self.job_id, fn.__name__)
+            return False
+        return True
 
     @property
     def seed(self) -> int:
@@ -134,61 +159,85 @@ class Job:
 
 
 class Scheduler:
-    """Runs jobs one at a time on `engine` in its own thread; at most `max_queue` jobs wait."""
+    """Submits jobs to `engine` as they come, within `max_num_seqs` running + `max_queue` waiting.
+
+    `submit`, `cancel` and `shutdown` are called on the jobs' event loop; the engine's callbacks
+    only hand their values over to it.
+    """
 
     def __init__(
         self,
         engine: GeneratingEngine,
         *,
         worker_id: str,
+        max_num_seqs: int,
         max_queue: int,
         timeout_s: float,
         metrics: Metrics | None = None,
     ) -> None:
         self._engine = engine
         self._worker_id = worker_id
+        self._max_num_seqs = max_num_seqs
         self._max_queue = max_queue
         self._timeout_s = timeout_s
         self._metrics = metrics
-        self._cond = threading.Condition()
-        self._queue: deque[Job] = deque()
+        self._lock = threading.Lock()
         self._live: dict[str, Job] = {}
-        self._running: Job | None = None
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def jobs_queued(self) -> int:
-        return len(self._queue)
+        self._closed = False
 
     @property
     def jobs_running(self) -> int:
-        return 0 if self._running is None else 1
+        """Live jobs within the running batch's size."""
+        return min(len(self._live), self._max_num_seqs)
+
+    @property
+    def jobs_queued(self) -> int:
+        """Live jobs beyond the running batch's size: what --max-queue bounds."""
+        return max(len(self._live) - self._max_num_seqs, 0)
+
+    @property
+    def jobs_live(self) -> int:
+        return len(self._live)
 
     def submit(self, job: Job) -> None:
-        with self._cond:
+        """Hand `job` to the engine, or raise: ShuttingDownError, DuplicateJobError,
+        QueueFullError, or the engine's InvalidRequestError."""
+        with self._lock:
             if self._stopping:
                 raise ShuttingDownError("worker is shutting down")
             if job.job_id in self._live:
                 raise DuplicateJobError(
                     "must be unique among live jobs: this one is already queued or running"
                 )
-            # One job runs and up to max_queue wait; counting live jobs is free of the race
-            # with the engine thread picking the next job up.
-            if len(self._live) >= self._max_queue + 1:
+            if len(self._live) >= self._max_num_seqs + self._max_queue:
+                waiting = len(self._live) - self._max_num_seqs
                 raise QueueFullError(
-                    f"queue is full ({len(self._live) - 1} waiting, --max-queue {self._max_queue})"
+                    f"queue is full ({waiting} waiting, --max-queue {self._max_queue})"
                 )
             self._live[job.job_id] = job
-            self._queue.append(job)
-            self._cond.notify()
+        try:
+            self._engine.submit(
+                job.prompt_ids,
+                job.params,
+                on_text=lambda text: self._on_text(job, text),
+                on_done=lambda output, error: self._on_done(job, output, error),
+                cancel=job.cancel_event,
+            )
+        except BaseException:
+            with self._lock:
+                self._live.pop(job.job_id, None)
+            job.state = JobState.DONE
+            raise
+        # Armed after submit on this loop; the terminal event, queued behind it, disarms it.
+        job.timer = job.loop.call_later(
+            self._timeout_s, self._cancel_job, job, ErrorCode.INFERENCE_TIMEOUT
+        )
 
     def cancel(self, job_id: str, reason: ErrorCode = ErrorCode.CANCELLED) -> bool:
-        """Cancel a queued or running job; False when no live job has this id. Idempotent."""
-        with self._cond:
+        """Cancel a live job; False when no live job has this id. Idempotent: the first reason
+        stands."""
+        with self._lock:
             job = self._live.get(job_id)
         if job is None:
             return False
@@ -196,63 +245,70 @@ class Scheduler:
         return True
 
     def _cancel_job(self, job: Job, reason: ErrorCode) -> None:
-        with self._cond:
+        with self._lock:
             if job.cancel_reason is not None or job.state is JobState.DONE:
                 return
             job.cancel_reason = reason
-            job.cancel_event.set()
-            if job.state is JobState.QUEUED:
-                self._queue.remove(job)
-                del self._live[job.job_id]
-                job.state = JobState.DONE
-                queued = True
-            else:
-                queued = False
+            state = job.state.value
+        job.cancel_event.set()  # the engine ends it within one step; _complete reports it
         log_event(
             logger,
             "cancel",
             worker_id=self._worker_id,
             job_id=job.job_id,
             reason=reason.value,
-            state="queued" if queued else "running",
+            state=state,
         )
-        if queued:
-            self._fail(job, *self._cancel_failure(reason))
 
     def shutdown(self) -> None:
-        """Refuse new jobs, end every live job with WORKER_SHUTDOWN and let the thread exit."""
-        with self._cond:
+        """Refuse new jobs and cancel every live one with WORKER_SHUTDOWN (`join` then closes the
+        engine). Idempotent."""
+        with self._lock:
             self._stopping = True
             live = list(self._live.values())
-            self._cond.notify_all()
         for job in live:
             self._cancel_job(job, ErrorCode.WORKER_SHUTDOWN)
 
     def join(self, timeout: float) -> bool:
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
+        """Shut down (if not yet) and close the engine: its thread ends once the cancelled jobs
+        are out, and any still live end with CANCELLED, reported as WORKER_SHUTDOWN. Blocks: call
+        it off the event loop. True when the engine stopped within `timeout`."""
+        self.shutdown()
+        if not self._closed:
+            self._closed = True
+            done = threading.Event()
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                job = self._queue.popleft()
-                job.state = JobState.RUNNING
-                self._running = job
-            try:
-                self._execute(job)
-            finally:
-                with self._cond:
-                    self._running = None
+            def close() -> None:
+                try:
+                    self._engine.close()
+                finally:
+                    done.set()
 
-    def _execute(self, job: Job) -> None:
-        started = time.time()
-        if self._metrics is not None:
-            self._metrics.queue_wait_seconds.observe(time.monotonic() - job.submitted_at)
+            threading.Thread(target=close, name="engine-close", daemon=True).start()
+            if not done.wait(timeout):
+                return False
+        return True
+
+    # -- the engine's callbacks (its thread) --------------------------------------------------
+
+    def _on_text(self, job: Job, text: str) -> None:
+        if not text:
+            return
+        if job.state is JobState.QUEUED:
+            self._start(job, job.emit)
+        job.emit(Token(text=text, index=job.pieces))
+        job.pieces += 1
+
+    def _on_done(
+        self, job: Job, output: GenerationOutput | None, error: WorkerError | None
+    ) -> None:
+        if not job.call(self._complete, job, output, error):
+            with self._lock:  # no loop to report on: at least free the job's place
+                self._live.pop(job.job_id, None)
+
+    def _start(self, job: Job, put: Callable[[JobEvent], object]) -> None:
+        job.state = JobState.RUNNING
+        put(Started(seed=job.seed, prompt_tokens=len(job.prompt_ids), started_at=time.time()))
         log_event(
             logger,
             "execute_start",
@@ -262,42 +318,36 @@ class Scheduler:
             prompt_tokens=len(job.prompt_ids),
             max_tokens=job.params.max_tokens,
             seed=job.seed,
+            level=logging.DEBUG,
         )
-        job.emit(Started(seed=job.seed, prompt_tokens=len(job.prompt_ids), started_at=started))
-        timer = threading.Timer(
-            self._timeout_s, self._cancel_job, (job, ErrorCode.INFERENCE_TIMEOUT)
-        )
-        timer.daemon = True
-        timer.start()
 
-        def on_text(text: str) -> None:
-            if text:
-                job.emit(Token(text=text, index=job.pieces))
-                job.pieces += 1
+    # -- the terminal event (the loop) ----------------------------------------------------------
 
-        output: GenerationOutput | None = None
-        failure: tuple[str, str, bool] | None = None
-        try:
-            output = self._engine.generate(
-                job.prompt_ids, job.params, on_text=on_text, cancel=job.cancel_event
-            )
-        except WorkerError as exc:  # VramOomError included: the engine stays usable
-            failure = (exc.code, exc.message, exc.retriable)
-        except Exception as exc:  # noqa: BLE001 - one bad job must not kill the worker
-            logger.exception("job %s failed", job.job_id)
-            failure = (ErrorCode.INTERNAL.value, f"{type(exc).__name__}: {exc}", False)
-        finally:
-            timer.cancel()
-        with self._cond:
+    def _complete(
+        self, job: Job, output: GenerationOutput | None, error: WorkerError | None
+    ) -> None:
+        if job.timer is not None:
+            job.timer.cancel()
+        cancelled = output is not None and output.stop_reason is StopReason.CANCELLED
+        if error is None and not cancelled and job.state is JobState.QUEUED:
+            self._start(job, job.events.put_nowait)  # it ended with no text (EOS first) but ran
+        with self._lock:
             self._live.pop(job.job_id, None)
             job.state = JobState.DONE
-        if output is not None and output.stop_reason is StopReason.CANCELLED:
-            failure = self._cancel_failure(job.cancel_reason or ErrorCode.CANCELLED)
-        if failure is not None:
-            self._fail(job, *failure, tokens_out=output.timings.tokens_out if output else None)
+        if error is not None:
+            failure = (error.code, error.message, error.retriable)
+        elif cancelled:
+            reason = job.cancel_reason
+            if reason is None:  # the engine was closed under it
+                reason = ErrorCode.WORKER_SHUTDOWN if self._stopping else ErrorCode.CANCELLED
+            message, retriable = _CANCEL_MESSAGES[reason]
+            failure = (reason.value, message, retriable)
+        else:
+            assert output is not None, "the engine reports an output or an error"
+            self._finish(job, output)
             return
-        assert output is not None
-        self._finish(job, output)
+        tokens_out = output.timings.tokens_out if output is not None else None
+        self._fail(job, *failure, tokens_out=tokens_out)
 
     def _finish(self, job: Job, output: GenerationOutput) -> None:
         t = output.timings
@@ -321,7 +371,10 @@ class Scheduler:
             m.prefill_seconds.observe(t.prefill_ms / 1e3)
             m.decode_seconds.observe(t.decode_ms / 1e3)
             m.time_to_first_token.observe(t.first_token_ms / 1e3)
-        job.emit(Finished(output))
+            # The engine's first-token time counts from submission, its prefill from the first
+            # step that carried the prompt: the difference is the wait for a place in the batch.
+            m.queue_wait_seconds.observe(max(t.first_token_ms - t.prefill_ms, 0.0) / 1e3)
+        job.events.put_nowait(Finished(output))
 
     def _fail(
         self, job: Job, code: str, message: str, retriable: bool, tokens_out: int | None = None
@@ -339,9 +392,4 @@ class Scheduler:
         )
         if self._metrics is not None:
             self._metrics.count_request(job.endpoint, code.lower())
-        job.emit(Failed(code=code, message=message, retriable=retriable))
-
-    @staticmethod
-    def _cancel_failure(reason: ErrorCode) -> tuple[str, str, bool]:
-        message, retriable = _CANCEL_MESSAGES[reason]
-        return reason.value, message, retriable
+        job.events.put_nowait(Failed(code=code, message=message, retriable=retriable))

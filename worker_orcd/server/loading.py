@@ -39,6 +39,7 @@ def load_engine(settings: ServerSettings) -> Engine | None:
         dtype=settings.dtype,
         weights=settings.weights,
         max_context=settings.max_context,
+        **settings.batch_kwargs(),
     )
     t0 = time.perf_counter()
 
@@ -59,6 +60,7 @@ def load_engine(settings: ServerSettings) -> Engine | None:
                     dtype=settings.dtype,
                     max_context=settings.max_context,
                     weights=settings.weights,
+                    **settings.batch_kwargs(),
                 )
             except ModelLoadError as exc:
                 if _is_cuda_oom(exc.__cause__):
@@ -89,14 +91,18 @@ def load_engine(settings: ServerSettings) -> Engine | None:
         weights=info.weights,
         device=info.device,
         context_length=info.context_length,
+        kv_cache_tokens=info.kv_cache_tokens,
+        max_num_seqs=info.max_num_seqs,
+        max_batch_tokens=info.max_batch_tokens,
     )
     return engine
 
 
 def check_vram(settings: ServerSettings) -> int:
-    """Estimate what loading needs (weights as the file stores them when kept quantized, else in
-    the compute dtype, plus the KV cache) and refuse before loading when the GPU has less free;
-    return the estimate."""
+    """Estimate what loading needs at least (weights as the file stores them when kept quantized,
+    else in the compute dtype, plus a KV cache of --kv-cache-tokens or one full-length sequence)
+    and refuse before loading when the GPU has less free; return the estimate. The engine then
+    sizes the cache from --gpu-memory-utilization."""
     import torch
 
     from worker_orcd.config import ModelConfig
@@ -114,7 +120,8 @@ def check_vram(settings: ServerSettings) -> int:
         else:
             weights = sum(t.n_elements for t in f.tensors.values()) * itemsize
     context = min(config.context_length, settings.max_context or config.context_length)
-    kv = 2 * config.n_layers * context * config.n_kv_heads * config.head_dim * itemsize
+    tokens = settings.kv_cache_tokens or context
+    kv = 2 * config.n_layers * tokens * config.n_kv_heads * config.head_dim * itemsize
     needed = weights + kv
     free, _ = torch.cuda.mem_get_info(device)
     if needed > free:

@@ -3,7 +3,7 @@
 Order: load (with progress lines) -> bind and listen -> log `ready` -> POST the ready callback. A
 model that cannot be loaded ends the process with one `error` line and a non-zero exit code. On
 SIGTERM or SIGINT the listener closes, every live job ends with a WORKER_SHUTDOWN error event, open
-streams are allowed to finish, and the process exits 0.
+streams are allowed to finish, the engine is closed, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def serve(args: argparse.Namespace) -> int:
     scheduler = Scheduler(
         engine,
         worker_id=wid,
+        max_num_seqs=engine.info().max_num_seqs,
         max_queue=settings.max_queue,
         timeout_s=settings.inference_timeout_s,
         metrics=metrics,
@@ -92,6 +93,8 @@ def serve(args: argparse.Namespace) -> int:
     metrics.watch(
         queue_length=lambda: scheduler.jobs_queued, jobs_running=lambda: scheduler.jobs_running
     )
+    metrics.watch_engine(engine.stats)
+    engine.set_step_observer(metrics.observe_step)
     worker = Worker(
         engine=engine, facts=facts, settings=settings, scheduler=scheduler, metrics=metrics
     )
@@ -169,7 +172,6 @@ async def _serve(worker: Worker, sock: socket.socket) -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     server = _Server(config, begin_shutdown)
-    worker.scheduler.start()
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not serving.done():
         await asyncio.sleep(0.005)

@@ -6,8 +6,9 @@ import argparse
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
-from worker_orcd.engine.options import add_load_arguments
+from worker_orcd.engine.options import add_load_arguments, batch_kwargs
 
 PROMPT_MAX_CHARS = 32768
 MAX_STOP_STRINGS = 4
@@ -52,13 +53,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="largest prompt in tokens (default: the context length)",
     )
     p.add_argument("--max-tokens-out", type=_positive_int, default=2048)
-    p.add_argument("--inference-timeout-sec", type=float, default=300.0)
+    p.add_argument(
+        "--inference-timeout-sec",
+        type=float,
+        default=300.0,
+        help="a job not done this long after its submission is cancelled (INFERENCE_TIMEOUT)",
+    )
     p.add_argument("--max-context", type=_positive_int, default=None)
     p.add_argument(
         "--max-queue",
         type=int,
         default=16,
-        help="jobs that may wait while one runs; beyond it requests get 503",
+        help="jobs that may wait beyond the running batch (--max-num-seqs); beyond that "
+        "requests get 503 (default 16)",
     )
     p.add_argument("--log-format", default="text", choices=["text", "json"])
 
@@ -80,6 +87,11 @@ class ServerSettings:
     inference_timeout_s: float
     max_context: int | None
     max_queue: int
+    # The engine's batch and KV-cache budget (engine/options.py), passed to Engine.load.
+    max_num_seqs: int
+    max_batch_tokens: int | None
+    kv_cache_tokens: int | None
+    gpu_memory_utilization: float
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerSettings:
@@ -88,6 +100,16 @@ class ServerSettings:
         if not args.inference_timeout_sec > 0:
             raise ValueError(
                 f"--inference-timeout-sec must be > 0 (got {args.inference_timeout_sec})"
+            )
+        batch = batch_kwargs(args)
+        for name in ("max_num_seqs", "max_batch_tokens", "kv_cache_tokens"):
+            if batch[name] is not None and batch[name] < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be >= 1 (got {batch[name]})")
+        if not 0.0 < batch["gpu_memory_utilization"] <= 1.0:
+            raise ValueError(
+                "--gpu-memory-utilization must be in (0, 1] "
+                f"(got {batch['gpu_memory_utilization']})"
             )
         return cls(
             worker_id=args.worker_id or f"worker-{socket.gethostname()}-{os.getpid()}",
@@ -103,7 +125,17 @@ class ServerSettings:
             inference_timeout_s=float(args.inference_timeout_sec),
             max_context=args.max_context,
             max_queue=args.max_queue,
+            **batch,
         )
+
+    def batch_kwargs(self) -> dict[str, Any]:
+        """Engine.load keyword arguments of the batch and KV-cache budget."""
+        return {
+            "max_num_seqs": self.max_num_seqs,
+            "max_batch_tokens": self.max_batch_tokens,
+            "kv_cache_tokens": self.kv_cache_tokens,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+        }
 
 
 def resolve_device(device: str | None, gpu_device: int) -> str:

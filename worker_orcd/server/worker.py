@@ -9,7 +9,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -31,6 +31,9 @@ from worker_orcd.server.metrics import Metrics
 from worker_orcd.server.options import ServerSettings
 from worker_orcd.server.schemas import FieldError, GenerationRequest, RequestValidationError
 
+if TYPE_CHECKING:
+    from worker_orcd.engine.steps import EngineStats
+
 logger = logging.getLogger(__name__)
 
 # HTTP status for an error code, whether it refuses a request or ends a job.
@@ -50,7 +53,7 @@ def http_status(code: str) -> int:
 
 
 class ServingEngine(GeneratingEngine, Protocol):
-    """What the worker needs of the engine beyond the job runner's `generate`."""
+    """What the worker needs of the engine beyond the scheduler's `submit` and `close`."""
 
     model_name: str
 
@@ -62,6 +65,8 @@ class ServingEngine(GeneratingEngine, Protocol):
     ) -> list[int]: ...
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None: ...
+
+    def stats(self) -> EngineStats: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +108,7 @@ class Worker:
 
     def health(self) -> dict[str, Any]:
         f = self.facts
+        s = self.engine.stats()
         return {
             "status": "unhealthy" if self.shutting_down else "healthy",
             "worker_id": self.settings.worker_id,
@@ -120,6 +126,18 @@ class Worker:
             "uptime_seconds": round(time.monotonic() - self.started, 3),
             "jobs_running": self.scheduler.jobs_running,
             "jobs_queued": self.scheduler.jobs_queued,
+            # The engine's batch: sequences in it and waiting for it (new or preempted), its KV
+            # cache blocks, and the preemptions and forward passes since start-up.
+            "max_num_seqs": s.max_num_seqs,
+            "max_queue": self.settings.max_queue,
+            "seqs_running": s.running,
+            "seqs_waiting": s.waiting,
+            "kv_blocks_used": s.kv_blocks_used,
+            "kv_blocks_total": s.kv_blocks_total,
+            "kv_block_size": s.kv_block_size,
+            "preemptions": s.preemptions,
+            "steps": s.steps,
+            "mean_batch_seqs": round(s.step_seqs / s.steps, 3) if s.steps else 0.0,
         }
 
     async def new_job(self, job_id: str, gen: GenerationRequest, endpoint: str) -> Job:
@@ -157,7 +175,7 @@ class Worker:
             endpoint=endpoint,
             prompt_chars=gen.prompt_chars,
             prompt_tokens=len(ids),
-            queued=self.scheduler.jobs_queued,
+            live=self.scheduler.jobs_live,
             level=logging.DEBUG,
         )
         return job

@@ -3,7 +3,7 @@
     python -m benchmarks.random_gguf phi3-mini /tmp/phi3-mini-bf16.gguf [--dtype bf16|f16]
 
 The dimensions are `worker-orcd bench`'s presets (worker_orcd/bench.py); the tokenizer is a real
-vocab file's `tokenizer.*` keys (shared/testdata/vocab beside or inside the checkout, or --vocab),
+vocab file's `tokenizer.*` keys (the test data `worker-orcd pull --testdata` fetches, or --vocab),
 so prompts tokenize as they would for the real model. Projections are N(0, 1/fan_in) and
 embeddings N(0, 1) in bf16 or f16; norms and biases are F32, as llama.cpp writes them. The output
 rows (the embedding rows, when tied) of the end-of-generation tokens are zero: their logit is then
@@ -32,9 +32,6 @@ from worker_orcd.config import ModelConfig
 
 logger = logging.getLogger("benchmarks.random_gguf")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# The shared test data: beside the checkout, or inside it (a copy of the tree with shared/).
-VOCAB_DIRS = tuple(root / "shared" / "testdata" / "vocab" for root in (REPO_ROOT.parent, REPO_ROOT))
 VOCAB_FILES = {"phi3": "ggml-vocab-phi-3.gguf", "qwen2": "ggml-vocab-qwen2.gguf"}
 DTYPES: dict[str, tuple[torch.dtype, GGMLQuantizationType, LlamaFileType]] = {
     "bf16": (torch.bfloat16, GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
@@ -45,13 +42,15 @@ DTYPES: dict[str, tuple[torch.dtype, GGMLQuantizationType, LlamaFileType]] = {
 def default_vocab(arch: str) -> Path:
     if arch not in VOCAB_FILES:
         raise ValueError(f"no vocab file for architecture {arch!r} (have {sorted(VOCAB_FILES)})")
-    paths = [d / VOCAB_FILES[arch] for d in VOCAB_DIRS]
-    for path in paths:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"vocab file missing: none of {', '.join(map(str, paths))} (give one with --vocab)"
-    )
+    from worker_orcd.testdata import testdata_dir
+
+    path = testdata_dir() / VOCAB_FILES[arch]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"vocab file missing: {path} (run `worker-orcd pull --testdata`, set WORKER_ORCD_CACHE "
+            "to a copy of that cache, or give one with --vocab)"
+        )
+    return path
 
 
 def tokenizer_keys(vocab: Path) -> dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]]:

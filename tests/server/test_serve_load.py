@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from live_server import LiveServer
 
 from benchmarks import serve_load
 from benchmarks.random_gguf import preset, write_random_gguf
+from tests.server.live_server import LiveServer
 from worker_orcd.engine.types import SamplingParams, StopReason
 
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from live_server import BackgroundStream, LiveServer, SseEvent, check_one_terminal
 
+from tests.server.live_server import BackgroundStream, LiveServer, SseEvent, check_one_terminal
 from worker_orcd.engine.types import GenerationOutput, SamplingParams
 
 logger = logging.getLogger(__name__)

@@ -126,6 +126,8 @@ def test_callback_overflow_timeout_and_sigterm(
             "vram_bytes": 0,
             "model": body["model"],
         }
+        # The server logs its callback once the receiver has answered: wait for that line.
+        server.wait_for_log("callback", timeout=30)
         events = [r.get("event") for r in server.logs if r.get("event")]
         order = ["startup", "model_load_start", "model_load_complete", "ready", "callback"]
         assert [e for e in events if e in order] == order

@@ -59,6 +59,7 @@ def load_engine(settings: ServerSettings) -> Engine | None:
                     dtype=settings.dtype,
                     max_context=settings.max_context,
                     weights=settings.weights,
+                    tensor_parallel_size=settings.tensor_parallel_size,
                 )
             except ModelLoadError as exc:
                 if _is_cuda_oom(exc.__cause__):
@@ -115,7 +116,7 @@ def check_vram(settings: ServerSettings) -> int:
             weights = sum(t.n_elements for t in f.tensors.values()) * itemsize
     context = min(config.context_length, settings.max_context or config.context_length)
     kv = 2 * config.n_layers * context * config.n_kv_heads * config.head_dim * itemsize
-    needed = weights + kv
+    needed = (weights + kv) // settings.tensor_parallel_size  # about one rank's part
     free, _ = torch.cuda.mem_get_info(device)
     if needed > free:
         raise _insufficient(settings, needed, "not enough free before loading")

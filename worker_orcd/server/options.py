@@ -61,6 +61,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="jobs that may wait while one runs; beyond it requests get 503",
     )
     p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument(
+        "--data-parallel-size",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="N independent copies of the model (each on its own GPUs, or on the cpu) behind "
+        "one HTTP front that sends each request to the least busy (default: 1)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +88,8 @@ class ServerSettings:
     inference_timeout_s: float
     max_context: int | None
     max_queue: int
+    tensor_parallel_size: int = 1  # ranks the model is split over (GPUs from `device` on)
+    data_parallel_size: int = 1  # replicas behind one front (server/front.py)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerSettings:
@@ -103,6 +113,8 @@ class ServerSettings:
             inference_timeout_s=float(args.inference_timeout_sec),
             max_context=args.max_context,
             max_queue=args.max_queue,
+            tensor_parallel_size=args.tensor_parallel_size,
+            data_parallel_size=args.data_parallel_size,
         )
 
 

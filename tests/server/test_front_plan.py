@@ -4,7 +4,9 @@ the front picks a replica, and the relabelled metrics. No model is loaded here
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.server.live_server import serve_command
 from worker_orcd import cli
 from worker_orcd.server import front_status
 from worker_orcd.server.options import ServerSettings
@@ -77,6 +80,25 @@ def test_missing_model_ends_the_front_before_any_replica_starts(
         assert cli.main([*argv, "--data-parallel-size", "2", "--worker-id", "w"]) == 1
     events = [r.getMessage().split()[0] for r in caplog.records]
     assert events == ["error"] and "MODEL_LOAD_FAILED" in caplog.records[0].getMessage()
+
+
+def test_a_replica_that_cannot_load_ends_the_front_with_its_reason(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 60)
+    proc = subprocess.run(
+        serve_command(bad, "--data-parallel-size", "2", "--worker-id", "doomed"),
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    records = [json.loads(line) for line in proc.stderr.decode().splitlines() if line.strip()]
+    front = [r for r in records if r["level"] == "ERROR" and r["worker_id"] == "doomed"]
+    assert len(front) == 1 and front[0]["code"] == "REPLICA_FAILED", records
+    assert "before it was ready" in front[0]["message"]
+    assert "unsupported GGUF version 0" in front[0]["message"]  # the replica's own reason
+    assert not [r for r in records if r.get("event") in ("ready", "replica_ready")]
+    exits = [r for r in records if r.get("event") == "replica_exit"]
+    assert sorted(r["replica"] for r in exits) == [0, 1]  # the other one is stopped too
 
 
 def test_each_replica_gets_its_gpus_and_the_front_options_but_its_own(four_gpus: None) -> None:

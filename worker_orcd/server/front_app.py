@@ -23,6 +23,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.types import Receive, Scope, Send
 
 from worker_orcd.server import front_status, sse
 from worker_orcd.server.logs import log_event
@@ -175,10 +176,10 @@ async def forward(front: Front, request: Request, endpoint: str) -> Response:
         break
     r.served[endpoint] = r.served.get(endpoint, 0) + 1
     if resp.status_code == 200 and resp.headers.get("content-type", "").startswith(sse.MEDIA_TYPE):
-        return StreamingResponse(
+        return _RelayResponse(
             _relay(front, resp, lease, openai=path.startswith("/v1/")),
-            media_type=sse.MEDIA_TYPE,
-            headers=sse.HEADERS,
+            upstream=resp,
+            lease=lease,
         )
     try:
         await _unless_disconnected(request, resp.aread())
@@ -233,9 +234,32 @@ async def _relay(
                 body = {"code": REPLICA_FAILED, "message": message, "retriable": True}
                 yield sse.event("error", body)
     finally:
-        with anyio.CancelScope(shield=True):  # the client left: close upstream, which cancels
-            await resp.aclose()
-        lease.release()
+        await _close(resp, lease)
+
+
+class _RelayResponse(StreamingResponse):
+    """A relayed stream that closes its upstream and ends its lease however the response ends:
+    also when the client left before the first frame (the relay never started) or while a frame
+    was being sent (the relay is left suspended)."""
+
+    def __init__(
+        self, frames: AsyncIterator[bytes], *, upstream: httpx.Response, lease: _Lease
+    ) -> None:
+        super().__init__(frames, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+        self._upstream, self._lease = upstream, lease
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await _close(self._upstream, self._lease)
+
+
+async def _close(upstream: httpx.Response, lease: _Lease) -> None:
+    """Close the replica's stream (when the client left, that cancels the job there)."""
+    with anyio.CancelScope(shield=True):
+        await upstream.aclose()
+    lease.release()
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -35,6 +35,7 @@ import math
 import os
 import queue
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -210,6 +211,9 @@ def _openai_frame(r: Result, data: dict[str, Any], now: float) -> None:
         r.output_tokens = usage["completion_tokens"]
 
 
+_REPLICA_LABEL = re.compile(r'replica="[^"]*",?')
+
+
 async def _metrics(client: httpx.AsyncClient) -> dict[str, float]:
     samples: dict[str, float] = {}
     try:
@@ -219,7 +223,9 @@ async def _metrics(client: httpx.AsyncClient) -> dict[str, float]:
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
+            # Behind a data-parallel front each replica's samples carry a replica label: summed.
+            name = _REPLICA_LABEL.sub("", name).replace(",}", "}").replace("{}", "")
+            samples[name] = samples.get(name, 0.0) + float(value)
     return samples
 
 

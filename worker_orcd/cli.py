@@ -194,14 +194,12 @@ def _speed_line(load_s: float, out: GenerationOutput) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.data_parallel_size > 1:
+        from worker_orcd.server.front import serve_front
+
+        return serve_front(args)
     from worker_orcd.server.main import serve
 
-    if args.tensor_parallel_size != 1:  # the server's settings do not carry it to Engine.load yet
-        raise WorkerError(
-            "serve --tensor-parallel-size is not wired into the server yet; "
-            "generate and bench take it",
-            code="INVALID_ARGUMENT",
-        )
     return serve(args)
 
 

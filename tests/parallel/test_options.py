@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from worker_orcd import cli
-from worker_orcd.errors import WorkerError
 
 
 class _Loaded(Exception):
@@ -45,9 +44,22 @@ def test_the_size_must_be_positive(command: str, capsys: pytest.CaptureFixture) 
     assert "--tensor-parallel-size: must be an integer >= 1 (got 0)" in capsys.readouterr().err
 
 
-def test_serve_refuses_a_size_it_cannot_pass_on() -> None:
-    args = cli.build_parser().parse_args(
-        ["serve", "--model", "m.gguf", "--port", "0", "--tensor-parallel-size", "2"]
-    )
-    with pytest.raises(WorkerError, match="serve --tensor-parallel-size is not wired"):
-        cli.cmd_serve(args)
+def test_serve_passes_the_size_to_engine_load(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker_orcd.engine.engine import Engine
+    from worker_orcd.server import loading
+    from worker_orcd.server.options import ServerSettings
+
+    seen: dict[str, Any] = {}
+
+    def fake_load(path: object, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise _Loaded
+
+    monkeypatch.setattr(Engine, "load", fake_load)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    argv = ["serve", "--model", str(model), "--port", "0", "--device", "cpu"]
+    args = cli.build_parser().parse_args(argv + ["--tensor-parallel-size", "2"])
+    with pytest.raises(_Loaded):
+        loading.load_engine(ServerSettings.from_args(args))
+    assert seen["tensor_parallel_size"] == 2

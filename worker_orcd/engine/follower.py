@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from worker_orcd.engine.kv_cache import KVCache
 from worker_orcd.engine.model_runner import ModelRunner
+from worker_orcd.engine.options import MULTICAST_OFF
 from worker_orcd.errors import InsufficientVramError
 from worker_orcd.kernels import AttentionMetadata
 from worker_orcd.model import CausalLM
@@ -34,9 +35,6 @@ from worker_orcd.parallel import Parallel
 
 logger = logging.getLogger(__name__)
 
-# Multicast over NVLink (NCCL's NVLS, torch's symmetric memory) stays off wherever ranks start: not
-# every host grants the multicast objects it needs, and a communicator that asks for them can fail.
-MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 # The longest the ranks wait for each other to join, and for one collective of a pass.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 # Followers wait for rank 0's next pass as long as the engine stays idle.

@@ -11,6 +11,10 @@ from typing import Any
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 WEIGHT_CHOICES = ("quantized", "dequantized")
+# Multicast over NVLink (NCCL's NVLS, torch's symmetric memory) stays off wherever ranks start: not
+# every host grants the multicast objects it needs, and a communicator that asks for them can fail.
+# Here, free of torch, so that the data-parallel front can put it in its replicas' environment.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
 def _positive_int(text: str) -> int:

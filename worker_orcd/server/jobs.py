@@ -318,7 +318,6 @@ class Scheduler:
             prompt_tokens=len(job.prompt_ids),
             max_tokens=job.params.max_tokens,
             seed=job.seed,
-            level=logging.DEBUG,
         )
 
     # -- the terminal event (the loop) ----------------------------------------------------------

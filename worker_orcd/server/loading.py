@@ -61,6 +61,7 @@ def load_engine(settings: ServerSettings) -> Engine | None:
                     max_context=settings.max_context,
                     weights=settings.weights,
                     **settings.batch_kwargs(),
+                    tensor_parallel_size=settings.tensor_parallel_size,
                 )
             except ModelLoadError as exc:
                 if _is_cuda_oom(exc.__cause__):
@@ -122,7 +123,7 @@ def check_vram(settings: ServerSettings) -> int:
     context = min(config.context_length, settings.max_context or config.context_length)
     tokens = settings.kv_cache_tokens or context
     kv = 2 * config.n_layers * tokens * config.n_kv_heads * config.head_dim * itemsize
-    needed = weights + kv
+    needed = (weights + kv) // settings.tensor_parallel_size  # about one rank's part
     free, _ = torch.cuda.mem_get_info(device)
     if needed > free:
         raise _insufficient(settings, needed, "not enough free before loading")

@@ -68,6 +68,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "requests get 503 (default 16)",
     )
     p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument(
+        "--data-parallel-size",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="N independent copies of the model (each on its own GPUs, or on the cpu) behind "
+        "one HTTP front that sends each request to the least busy (default: 1)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +100,8 @@ class ServerSettings:
     max_batch_tokens: int | None
     kv_cache_tokens: int | None
     gpu_memory_utilization: float
+    tensor_parallel_size: int = 1  # ranks the model is split over (GPUs from `device` on)
+    data_parallel_size: int = 1  # replicas behind one front (server/front.py)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerSettings:
@@ -126,6 +136,8 @@ class ServerSettings:
             max_context=args.max_context,
             max_queue=args.max_queue,
             **batch,
+            tensor_parallel_size=args.tensor_parallel_size,
+            data_parallel_size=args.data_parallel_size,
         )
 
     def batch_kwargs(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Token embedding and the output head (which may share the embedding's weight).
 
 With `quantized=True` the weight is a meta-device placeholder (shape only) and the loader puts the
-GGUF blocks in `quantized`; a tied head holds the same Parameter, so the loader gives it the same
-PackedWeight.
+GGUF blocks in `quantized` (PackedWeight on CUDA, CpuPackedWeight on the CPU); a tied head holds
+the same Parameter, so the loader gives it the same packed weight. A quantized table dequantizes
+only the rows looked up.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from worker_orcd import kernels
+from worker_orcd.kernels.cpu.weights import CpuPackedWeight
 from worker_orcd.kernels.quant.weights import PackedWeight
 from worker_orcd.layers.linear import default_weight_loader
 
@@ -26,7 +28,7 @@ class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, *, quantized: bool = False) -> None:
         super().__init__()
         self.weight = _table(vocab_size, hidden_size, quantized)
-        self.quantized: PackedWeight | None = None
+        self.quantized: PackedWeight | CpuPackedWeight | None = None
         self.dtype = torch.get_default_dtype()  # of the looked-up rows (the build's compute dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -51,7 +53,7 @@ class LMHead(nn.Module):
             self.weight = tied_to.weight
         else:
             self.weight = _table(vocab_size, hidden_size, quantized)
-        self.quantized: PackedWeight | None = None
+        self.quantized: PackedWeight | CpuPackedWeight | None = None
         self.dtype = torch.get_default_dtype()  # of the looked-up rows (the build's compute dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

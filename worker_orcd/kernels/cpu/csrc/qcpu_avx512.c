@@ -1,0 +1,225 @@
+/* AVX-512 VNNI kernels: 64 weights per step (two 32-element blocks, or one Q4_K/Q5_K chunk, or a
+ * quarter of a Q6_K super-block), unpacked to unsigned bytes in a register and dotted with up to 16
+ * rows of xq by vpdpbusd (u8 x s8 -> int32 per 4-element lane). Each lane's sum starts at -zp times
+ * the lane's xq sum (xcz), so it comes out as sum (u - zp) xq exactly; it is then scaled by the
+ * lane's weight scale times its dx and accumulated in float32. */
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")
+#include <immintrin.h>
+
+#include "qcpu.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+DEFINE_PREP(prep_avx512)
+
+INLINE float f16(const uint8_t *p) { return _cvtsh_ss(load_u16(p)); }
+
+INLINE __m512 two_scales(float a, float b) {
+    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+}
+
+/* Nibbles of 16 bytes per 128-bit lane: lanes 0, 2 low, 1, 3 high (shifts per 16-bit word). */
+INLINE __m512i nibbles_q4_0(__m512i v) {
+    const __m512i sh = _mm512_set_epi64(0x0004000400040004LL, 0x0004000400040004LL, 0, 0,
+                                        0x0004000400040004LL, 0x0004000400040004LL, 0, 0);
+    return _mm512_and_si512(_mm512_srlv_epi16(v, sh), _mm512_set1_epi8(0x0F));
+}
+
+/* Low nibbles in bytes 0..31, high nibbles of the same 32 bytes in 32..63. */
+INLINE __m512i nibbles_32(const uint8_t *q) {
+    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)q));
+    const __m512i sh = _mm512_set_epi64(0x0004000400040004LL, 0x0004000400040004LL,
+                                        0x0004000400040004LL, 0x0004000400040004LL, 0, 0, 0, 0);
+    return _mm512_and_si512(_mm512_srlv_epi16(v, sh), _mm512_set1_epi8(0x0F));
+}
+
+/* Blocks 2t and 2t + 1 of a 32-element format (only 2t when `half`): quants and lane scales. */
+INLINE void unpack_legacy(const int qt, const uint8_t *row, int64_t t, const int half, __m512i *u,
+                          __m512 *s) {
+    const int ts = type_size(qt);
+    const uint8_t *b0 = row + 2 * t * ts, *b1 = b0 + ts;
+    const float d0 = f16(b0), d1 = half ? 0.0f : f16(b1);
+    *s = two_scales(d0, d1);
+    if (qt == QT_Q8_0) {
+        __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2)));
+        if (!half) v = _mm512_inserti64x4(v, _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
+        *u = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
+        return;
+    }
+    const int off = qt == QT_Q5_0 ? 6 : 2;
+    __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(b0 + off)));
+    if (!half)
+        v = _mm512_mask_broadcast_i32x4(v, 0xFF00, _mm_loadu_si128((const __m128i *)(b1 + off)));
+    v = nibbles_q4_0(v);
+    if (qt == QT_Q5_0) {
+        uint64_t bits = load_u32(b0 + 2);
+        if (!half) bits |= (uint64_t)load_u32(b1 + 2) << 32;
+        v = _mm512_mask_add_epi8(v, _cvtu64_mask64(bits), v, _mm512_set1_epi8(16));
+    }
+    *u = v;
+}
+
+/* One row of weights against C rows of x (rows m0 .. m0 + C - 1 of xp): out[c] = dot. */
+INLINE void row_dot(const int qt, const int C, const uint8_t *row, const xprep_t *xp,
+                    const int32_t *xcz, int64_t m0, float *out) {
+    const int64_t k = xp->k, k4 = k / 4, k32 = k / 32;
+    const int8_t *xq = xp->xq + m0 * k;
+    const float *dxl = xp->dxl + m0 * k4;
+    if (xcz) xcz += m0 * k4;
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+
+#define PAIRS(U, S, E, L, MASK8, MASK32)                                                           \
+    _Pragma("GCC unroll 16") for (int c = 0; c < C; c++) {                                         \
+        __m512i p = xcz ? _mm512_maskz_loadu_epi32(MASK32, xcz + c * k4 + (L))                     \
+                        : _mm512_setzero_si512();                                                  \
+        p = _mm512_dpbusd_epi32(p, U, _mm512_maskz_loadu_epi8(MASK8, xq + c * k + (E)));           \
+        const __m512 comb = _mm512_mul_ps(S, _mm512_maskz_loadu_ps(MASK32, dxl + c * k4 + (L)));   \
+        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), comb, acc[c]);                             \
+    }
+
+    const __mmask64 all8 = ~(__mmask64)0;
+    const __mmask16 all32 = 0xFFFF;
+    __m512i u;
+    __m512 s;
+    if (qt == QT_Q4_0 || qt == QT_Q5_0 || qt == QT_Q8_0) {
+        const int64_t steps = k / 64;
+        for (int64_t t = 0; t < steps; t++) {
+            unpack_legacy(qt, row, t, 0, &u, &s);
+            PAIRS(u, s, 64 * t, 16 * t, all8, all32)
+        }
+        if (k32 & 1) {
+            unpack_legacy(qt, row, steps, 1, &u, &s);
+            PAIRS(u, s, 64 * steps, 16 * steps, (__mmask64)0xFFFFFFFFu, (__mmask16)0x00FF)
+        }
+    } else if (qt == QT_Q4_K || qt == QT_Q5_K) {
+        const float *xs = xp->xs + m0 * k32;
+        const int ts = type_size(qt), qs_off = qt == QT_Q5_K ? 48 : 16;
+        for (int64_t sb = 0; sb < k / 256; sb++) {
+            const uint8_t *blk = row + sb * ts;
+            uint8_t sc[8], mn[8];
+            kquant_scales(blk + 4, sc, mn);
+            uint64_t scw, mnw;
+            memcpy(&scw, sc, 8);
+            memcpy(&mnw, mn, 8);
+            const __m256 scales = _mm256_mul_ps(
+                _mm256_set1_ps(f16(blk)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)scw))));
+            const __m512 mins = _mm512_castps256_ps512(_mm256_mul_ps(
+                _mm256_set1_ps(f16(blk + 2)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mnw)))));
+#pragma GCC unroll 16
+            for (int c = 0; c < C; c++)
+                acc[c] = _mm512_fnmadd_ps(
+                    mins, _mm512_maskz_loadu_ps(0x00FF, xs + c * k32 + 8 * sb), acc[c]);
+            const __m512 scales512 = _mm512_castps256_ps512(scales);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                const __m512i idx = _mm512_set_epi32(
+                    2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1,
+                    2 * j + 1, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j);
+                s = _mm512_permutexvar_ps(idx, scales512);
+                u = nibbles_32(blk + qs_off + 32 * j);
+                if (qt == QT_Q5_K) {
+                    const __m512i qh =
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+                    const __m512i sel = _mm512_inserti64x4(
+                        _mm512_set1_epi8((char)(1 << (2 * j))),
+                        _mm256_set1_epi8((char)(1 << (2 * j + 1))), 1);
+                    u = _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(qh, sel), u,
+                                             _mm512_set1_epi8(16));
+                }
+                const int64_t e = 256 * sb + 64 * j;
+                PAIRS(u, s, e, e / 4, all8, all32)
+            }
+        }
+    } else { /* Q6_K */
+        for (int64_t sb = 0; sb < k / 256; sb++) {
+            const uint8_t *blk = row + sb * 210;
+            const __m512 sc16 = _mm512_mul_ps(
+                _mm512_set1_ps(f16(blk + 208)),
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)))));
+#pragma GCC unroll 4
+            for (int g = 0; g < 4; g++) { /* half h = g / 2, quarter-pair q = g % 2 */
+                const int h = g / 2, q = g % 2;
+                const __m512i idx = _mm512_set_epi32(
+                    4 * g + 3, 4 * g + 3, 4 * g + 3, 4 * g + 3, 4 * g + 2, 4 * g + 2, 4 * g + 2,
+                    4 * g + 2, 4 * g + 1, 4 * g + 1, 4 * g + 1, 4 * g + 1, 4 * g, 4 * g, 4 * g, 4 * g);
+                s = _mm512_permutexvar_ps(idx, sc16);
+                __m512i lo = _mm512_loadu_si512((const void *)(blk + 64 * h));
+                if (q) lo = _mm512_srli_epi16(lo, 4);
+                lo = _mm512_and_si512(lo, _mm512_set1_epi8(0x0F));
+                const __m512i qh =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h)));
+                /* bits 4q, 4q + 1 (bytes 0..31) and 4q + 2, 4q + 3 (32..63) to bits 4, 5 */
+                __m512i hi;
+                if (q == 0) {
+                    const __m512i sh = _mm512_set_epi64(
+                        0x0002000200020002LL, 0x0002000200020002LL, 0x0002000200020002LL,
+                        0x0002000200020002LL, 0x0004000400040004LL, 0x0004000400040004LL,
+                        0x0004000400040004LL, 0x0004000400040004LL);
+                    hi = _mm512_sllv_epi16(qh, sh);
+                } else {
+                    const __m512i sh = _mm512_set_epi64(
+                        0x0002000200020002LL, 0x0002000200020002LL, 0x0002000200020002LL,
+                        0x0002000200020002LL, 0, 0, 0, 0);
+                    hi = _mm512_srlv_epi16(qh, sh);
+                }
+                u = _mm512_or_si512(lo, _mm512_and_si512(hi, _mm512_set1_epi8(0x30)));
+                const int64_t e = 256 * sb + 64 * g;
+                PAIRS(u, s, e, e / 4, all8, all32)
+            }
+        }
+    }
+#undef PAIRS
+#pragma GCC unroll 16
+    for (int c = 0; c < C; c++) out[c] = _mm512_reduce_add_ps(acc[c]);
+}
+
+INLINE void tile_fmt(const int qt, const xprep_t *xp, const part_t *p, int64_t r0, int64_t r1,
+                     int64_t m0, int64_t m1, float *y, int64_t ldy, const float *bias) {
+    const int32_t *xcz = xcz_for(xp, zero_point(ISA_AVX512, qt));
+    float out[16];
+    for (int64_t m = m0; m < m1;) {
+        const int64_t left = m1 - m;
+        const int C = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *row = p->w + r * p->row_bytes;
+            switch (C) {
+            case 16: row_dot(qt, 16, row, xp, xcz, m, out); break;
+            case 8: row_dot(qt, 8, row, xp, xcz, m, out); break;
+            case 4: row_dot(qt, 4, row, xp, xcz, m, out); break;
+            case 2: row_dot(qt, 2, row, xp, xcz, m, out); break;
+            default: row_dot(qt, 1, row, xp, xcz, m, out); break;
+            }
+            const float b = bias ? bias[p->col + r] : 0.0f;
+            for (int c = 0; c < C; c++) y[(m + c) * ldy + p->col + r] = out[c] + b;
+        }
+        m += C;
+    }
+}
+
+#define TILE(NAME, QT)                                                                             \
+    static void NAME(const xprep_t *xp, const part_t *p, int64_t r0, int64_t r1, int64_t m0,       \
+                     int64_t m1, float *y, int64_t ldy, const float *bias) {                       \
+        tile_fmt(QT, xp, p, r0, r1, m0, m1, y, ldy, bias);                                         \
+    }
+TILE(tile_q4_0, QT_Q4_0)
+TILE(tile_q5_0, QT_Q5_0)
+TILE(tile_q8_0, QT_Q8_0)
+TILE(tile_q4_k, QT_Q4_K)
+TILE(tile_q5_k, QT_Q5_K)
+TILE(tile_q6_k, QT_Q6_K)
+
+void tile_avx512(const xprep_t *xp, const part_t *p, int64_t r0, int64_t r1, int64_t m0,
+                 int64_t m1, float *y, int64_t ldy, const float *bias) {
+    switch (p->qtype) {
+    case QT_Q4_0: tile_q4_0(xp, p, r0, r1, m0, m1, y, ldy, bias); break;
+    case QT_Q5_0: tile_q5_0(xp, p, r0, r1, m0, m1, y, ldy, bias); break;
+    case QT_Q8_0: tile_q8_0(xp, p, r0, r1, m0, m1, y, ldy, bias); break;
+    case QT_Q4_K: tile_q4_k(xp, p, r0, r1, m0, m1, y, ldy, bias); break;
+    case QT_Q5_K: tile_q5_k(xp, p, r0, r1, m0, m1, y, ldy, bias); break;
+    case QT_Q6_K: tile_q6_k(xp, p, r0, r1, m0, m1, y, ldy, bias); break;
+    }
+}

@@ -1,0 +1,194 @@
+"""Quantized matmul on the CPU over GGUF blocks as the file stores them, and its torch twin.
+
+    linear(x, parts, out, bias=)   out[:, col:col + n] = x @ W^T (+ bias) for each (W, col) part
+    round_x(x)                     x rounded to int8 per 32 elements, as `linear` rounds it
+    linear_reference(x, parts)     the same product in torch (float64), through gguf-py-exact
+                                   dequantization and `int8_x_reference`
+
+`linear` runs the compiled extension `_qcpu` (csrc/): x is rounded once per call to int8 per
+32-element block (the rounding of `kernels.quant.ops.int8_x_reference`), each weight block is
+dotted with it in integers (AVX-512 VNNI, AVX2 or portable C, picked at run time) and scaled in
+float32, on `torch.get_num_threads()` threads (the extension's own pool). So y is the product of
+the exactly dequantized weight with int8-rounded x, up to float32 summation: about 5e-3 of ||y||
+away from the float32 product of x itself. Without the extension (it failed to build) `linear`
+computes the reference in float32 instead, dequantizing the weight on every call, after a logged
+warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from worker_orcd.gguf.dequant import dequantize as dequantize_gguf
+from worker_orcd.kernels.quant.ops import int8_x_reference
+
+logger = logging.getLogger(__name__)
+
+Q = GGMLQuantizationType
+SUPPORTED: tuple[GGMLQuantizationType, ...] = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+ISAS = ("scalar", "avx2", "avx512")  # levels of the extension's kernels, in order
+
+try:
+    from worker_orcd.kernels.cpu import _qcpu
+except ImportError as e:  # pragma: no cover - depends on the build
+    _qcpu = None
+    _IMPORT_ERROR: str | None = str(e)
+else:
+    _IMPORT_ERROR = None
+
+_warned = False
+
+
+class Part(NamedTuple):
+    """One weight of a packed projection: GGUF bytes [n, row_bytes] of `qtype`, whose outputs go
+    to columns col .. col + n - 1."""
+
+    qtype: GGMLQuantizationType
+    blocks: torch.Tensor
+    col: int
+
+
+def available() -> bool:
+    """Whether the compiled kernels are importable (else `linear` falls back to torch)."""
+    return _qcpu is not None
+
+
+def isas() -> list[str]:
+    """ISA levels the kernels run at on this CPU, best last ([] without the extension)."""
+    return list(_qcpu.isas()) if _qcpu is not None else []
+
+
+def _isa_level(isa: str | None) -> int:
+    """0 (best available) or the 1-based level of `isa`; WORKER_ORCD_CPU_ISA sets the default."""
+    name = isa or os.environ.get("WORKER_ORCD_CPU_ISA") or None
+    if name is None:
+        return 0
+    if name not in ISAS:
+        raise ValueError(f"unknown CPU ISA level {name!r}; use one of {', '.join(ISAS)}")
+    return ISAS.index(name) + 1
+
+
+def warn_if_unavailable() -> None:
+    """Log once that quantized CPU matmuls fall back to torch (the extension did not build)."""
+    global _warned
+    if _qcpu is None and not _warned:
+        _warned = True
+        logger.warning(
+            "CPU quantized kernels unavailable (%s): quantized weights are dequantized on every "
+            "matmul; rebuild with `pip install -e .` (needs gcc and the Python headers)",
+            _IMPORT_ERROR,
+        )
+
+
+def row_bytes(qtype: GGMLQuantizationType, k: int) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return k // block * size
+
+
+def check_part(part: Part, k: int) -> int:
+    """Rows of `part`, after checking that its bytes are a [n, row_bytes] uint8 matrix of rows of
+    k elements."""
+    if part.qtype not in SUPPORTED:
+        raise ValueError(f"no CPU quantized kernel for {part.qtype.name}")
+    block, _ = GGML_QUANT_SIZES[part.qtype]
+    b = part.blocks
+    shape_ok = b.dim() == 2 and b.shape[1] == row_bytes(part.qtype, k)
+    if k % block or b.dtype != torch.uint8 or not shape_ok:
+        raise ValueError(
+            f"{part.qtype.name} weight with rows of {k} needs uint8 [n, {k // block} blocks], "
+            f"got {b.dtype} {tuple(b.shape)}"
+        )
+    if b.device.type != "cpu" or b.stride(1) != 1 or b.stride(0) != b.shape[1]:
+        raise ValueError("weight blocks must be a contiguous CPU tensor")
+    return b.shape[0]
+
+
+def linear(
+    x: torch.Tensor,
+    parts: Sequence[Part],
+    out: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    isa: str | None = None,
+    rows: int = 0,
+    mrows: int = 0,
+) -> torch.Tensor:
+    """out[:, col:col + n] = x @ W^T (+ bias[col:col + n]) for every part; x float32 [M, K] with
+    unit column stride, out float32 [M, >= every col + n] with unit column stride, bias float32
+    [out.shape[1]]. `isa`: force a level of ISAS (tests); rows / mrows: weight rows and x rows per
+    task (0: the kernel's choice; benchmarks sweep them)."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
+        raise ValueError(f"x must be float32 [M, K] rows on the CPU, got {x.dtype} {x.shape}")
+    m, k = x.shape
+    if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != m or out.stride(1) != 1:
+        raise ValueError(f"out must be float32 [{m}, N] with unit column stride, got {out.shape}")
+    specs = []
+    for p in parts:
+        n = check_part(p, k)
+        if p.col < 0 or p.col + n > out.shape[1]:
+            raise ValueError(f"part columns {p.col}..{p.col + n} outside out [{m}, {out.shape[1]}]")
+        specs.append((int(p.qtype), p.blocks.data_ptr(), n, p.blocks.shape[1], p.col))
+    if bias is not None and (
+        bias.dtype != torch.float32 or bias.shape != (out.shape[1],) or not bias.is_contiguous()
+    ):
+        raise ValueError(f"bias must be float32 [{out.shape[1]}], got {bias.dtype} {bias.shape}")
+    if m == 0:
+        return out
+    if _qcpu is None:
+        warn_if_unavailable()
+        for p in parts:
+            n = p.blocks.shape[0]
+            y = x @ _dequantize(p.blocks, p.qtype, k).t()
+            if bias is not None:
+                y += bias[p.col : p.col + n]
+            out[:, p.col : p.col + n] = y
+        return out
+    _qcpu.linear(
+        x.data_ptr(), m, k, x.stride(0), specs, out.data_ptr(), out.stride(0),
+        0 if bias is None else bias.data_ptr(), torch.get_num_threads(), _isa_level(isa),
+        rows, mrows,
+    )  # fmt: skip
+    return out
+
+
+def round_x(x: torch.Tensor, *, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xq int8 [M, K], dx float32 [M, K / 32]): x float32 [M, K] rounded as `linear` rounds it."""
+    if _qcpu is None:
+        raise RuntimeError(f"CPU quantized kernels unavailable: {_IMPORT_ERROR}")
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be float32 [M, K] rows, got {x.dtype} {tuple(x.shape)}")
+    m, k = x.shape
+    xq = torch.empty((m, k), dtype=torch.int8)
+    dx = torch.empty((m, k // 32), dtype=torch.float32)
+    _qcpu.round_x(x.data_ptr(), m, k, x.stride(0), xq.data_ptr(), dx.data_ptr(), _isa_level(isa))
+    return xq, dx
+
+
+def _dequantize(blocks: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    return dequantize_gguf(blocks.reshape(-1), qtype, (blocks.shape[0], k))
+
+
+def dequantize_rows(
+    blocks: torch.Tensor, qtype: GGMLQuantizationType, k: int, ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float32 rows `ids` (all without) of GGUF bytes [n, row_bytes], gguf-py-exact."""
+    if ids is not None:
+        blocks = blocks[ids.reshape(-1).long()]
+    return _dequantize(blocks, qtype, k)
+
+
+def linear_reference(x: torch.Tensor, parts: Sequence[Part], n_out: int) -> torch.Tensor:
+    """float64 [M, n_out]: int8_x_reference(x) @ W^T in each part's columns (others zero)."""
+    k = x.shape[1]
+    xr = int8_x_reference(x.float()).double()
+    y = torch.zeros((x.shape[0], n_out), dtype=torch.float64)
+    for p in parts:
+        w = _dequantize(p.blocks, p.qtype, k).double()
+        y[:, p.col : p.col + w.shape[0]] = xr @ w.t()
+    return y

@@ -17,7 +17,8 @@ setup(
             ],
             depends=[SRC + "qcpu.h"],
             # Each ISA file selects its own target by pragma; the module picks one at run time.
-            extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-Wall"],
+            # No contraction into fused multiply-adds: the dequantizers must round as gguf-py.
+            extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-Wall", "-ffp-contract=off"],
             extra_link_args=["-pthread"],
             optional=True,
         )

@@ -191,8 +191,11 @@ def test_quantized_shards_land_in_their_rows(
         want = t["blk.0.attn_qkv.weight"]
     packed = layer.self_attn.qkv_proj.quantized
     assert isinstance(packed, CpuPackedWeight)
-    x = torch.eye(m.hidden)  # rounds to int8 exactly: one 1.0 per row
-    torch.testing.assert_close(packed.matmul(x).T, want, rtol=0, atol=1e-6)
+    # rows of the identity round to int8 exactly (one 1.0 each); in slices of 16, under the rows
+    # from which prompts take the bfloat16 path
+    x = torch.eye(m.hidden)
+    got = torch.cat([packed.matmul(x[i : i + 16]) for i in range(0, m.hidden, 16)])
+    torch.testing.assert_close(got.T, want, rtol=0, atol=1e-6)
     emb = model.model.embed_tokens.quantized.parts[0][1]
     assert isinstance(emb, CpuQuantizedWeight)
     torch.testing.assert_close(emb.dequantize(), t["token_embd.weight"], rtol=0, atol=0)

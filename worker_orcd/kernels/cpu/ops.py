@@ -1,18 +1,24 @@
 """Quantized matmul on the CPU over GGUF blocks as the file stores them, and its torch twin.
 
     linear(x, parts, out, bias=)   out[:, col:col + n] = x @ W^T (+ bias) for each (W, col) part
-    round_x(x)                     x rounded to int8 per 32 elements, as `linear` rounds it
-    linear_reference(x, parts)     the same product in torch (float64), through gguf-py-exact
-                                   dequantization and `int8_x_reference`
+    round_x(x)                     x rounded to int8 per 32 elements, as the int8 path rounds it
+    dequantize_bf16(part, rows)    weight rows as bfloat16, as the bf16 path makes them
+    linear_reference(x, parts)     the int8 path's product in torch (float64), through
+                                   gguf-py-exact dequantization and `int8_x_reference`
 
-`linear` runs the compiled extension `_qcpu` (csrc/): x is rounded once per call to int8 per
-32-element block (the rounding of `kernels.quant.ops.int8_x_reference`), each weight block is
-dotted with it in integers (AVX-512 VNNI, AVX2 or portable C, picked at run time) and scaled in
-float32, on `torch.get_num_threads()` threads (the extension's own pool). So y is the product of
-the exactly dequantized weight with int8-rounded x, up to float32 summation: about 5e-3 of ||y||
-away from the float32 product of x itself. Without the extension (it failed to build) `linear`
-computes the reference in float32 instead, dequantizing the weight on every call, after a logged
-warning.
+`linear` runs the compiled extension `_qcpu` (csrc/) on `torch.get_num_threads()` threads (the
+extension's own pool), by one of two paths:
+- int8 (decode, few rows of x; every CPU): x is rounded once per call to int8 per 32-element
+  block (the rounding of `kernels.quant.ops.int8_x_reference`), each weight block is dotted with it
+  in integers (AVX-512 VNNI, AVX2 or portable C, picked at run time) and scaled in float32. y is the
+  product of the exactly dequantized weight with int8-rounded x, up to float32 summation: about
+  5e-3 of ||y|| from the float32 product of x itself.
+- bf16 (prompts, from BF16_MIN_ROWS rows of x, where the CPU has AMX): the weight is dequantized a
+  slice of rows at a time into a bfloat16 scratch (gguf-py's values, rounded to nearest even) and
+  multiplied by x in bfloat16 by torch (oneDNN's AMX kernels, float32 accumulation, a bfloat16
+  result): about 2e-3 of ||y||, and ~10x the int8 kernels' speed on a prompt.
+Without the extension (it failed to build) `linear` computes the float32 product instead,
+dequantizing the weight on every call, after a logged warning.
 """
 
 from __future__ import annotations
@@ -44,6 +50,13 @@ else:
 
 _warned = False
 
+# x rows from which `linear` takes the bf16 path on an AMX CPU (measured crossover with the int8
+# kernels: 16-32 rows for Qwen2.5-0.5B's gate/up on one 2-core Sapphire Rapids class machine).
+BF16_MIN_ROWS = 32
+_BF16_CHUNK = 1 << 24  # weight elements per scratch slice (32 MB of bfloat16)
+_bf16_scratch = torch.empty(0, dtype=torch.bfloat16)
+_amx: bool | None = None
+
 
 class Part(NamedTuple):
     """One weight of a packed projection: GGUF bytes [n, row_bytes] of `qtype`, whose outputs go
@@ -72,6 +85,16 @@ def _isa_level(isa: str | None) -> int:
     if name not in ISAS:
         raise ValueError(f"unknown CPU ISA level {name!r}; use one of {', '.join(ISAS)}")
     return ISAS.index(name) + 1
+
+
+def bf16_path_available() -> bool:
+    """Whether prompts take the bf16 path: the extension is built and torch's bfloat16 matmul
+    runs on AMX tiles here (elsewhere it is no faster than the int8 kernels)."""
+    global _amx
+    if _amx is None:
+        is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        _amx = bool(_qcpu is not None and is_amx is not None and is_amx() and "avx512" in isas())
+    return _amx
 
 
 def warn_if_unavailable() -> None:
@@ -116,13 +139,15 @@ def linear(
     *,
     bias: torch.Tensor | None = None,
     isa: str | None = None,
+    path: str | None = None,
     rows: int = 0,
     mrows: int = 0,
 ) -> torch.Tensor:
     """out[:, col:col + n] = x @ W^T (+ bias[col:col + n]) for every part; x float32 [M, K] with
     unit column stride, out float32 [M, >= every col + n] with unit column stride, bias float32
-    [out.shape[1]]. `isa`: force a level of ISAS (tests); rows / mrows: weight rows and x rows per
-    task (0: the kernel's choice; benchmarks sweep them)."""
+    [out.shape[1]]. `path`: "int8" or "bf16" (module docstring), default by the rows of x and the
+    CPU; `isa`: force a level of ISAS (tests); rows / mrows: weight rows and x rows per task of
+    the int8 kernels (0: the kernel's choice; benchmarks sweep them)."""
     if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
         raise ValueError(f"x must be float32 [M, K] rows on the CPU, got {x.dtype} {x.shape}")
     m, k = x.shape
@@ -149,10 +174,74 @@ def linear(
                 y += bias[p.col : p.col + n]
             out[:, p.col : p.col + n] = y
         return out
+    if path is None:
+        path = "bf16" if m >= BF16_MIN_ROWS and isa is None and bf16_path_available() else "int8"
+    if path == "bf16":
+        return _linear_bf16(x, parts, out, bias, _isa_level(isa))
+    if path != "int8":
+        raise ValueError(f"path must be 'int8' or 'bf16', got {path!r}")
     _qcpu.linear(
         x.data_ptr(), m, k, x.stride(0), specs, out.data_ptr(), out.stride(0),
         0 if bias is None else bias.data_ptr(), torch.get_num_threads(), _isa_level(isa),
         rows, mrows,
+    )  # fmt: skip
+    return out
+
+
+def _slices(parts: Sequence[Part], k: int) -> list[list[tuple[Part, int, int]]]:
+    """Groups of (part, first row, end row) that fill one scratch slice of at most _BF16_CHUNK
+    weights and whose outputs are adjacent columns of out (so one matmul serves the group)."""
+    step = max(1, _BF16_CHUNK // k)
+    groups: list[list[tuple[Part, int, int]]] = []
+    for p in parts:
+        for a in range(0, p.blocks.shape[0], step):
+            b = min(p.blocks.shape[0], a + step)
+            g = groups[-1] if groups else None
+            if g is not None:
+                last, _, end = g[-1]
+                used = sum(e - s for _, s, e in g)
+                if last.col + end == p.col + a and (used + b - a) * k <= _BF16_CHUNK:
+                    g.append((p, a, b))
+                    continue
+            groups.append([(p, a, b)])
+    return groups
+
+
+def _linear_bf16(
+    x: torch.Tensor, parts: Sequence[Part], out: torch.Tensor, bias: torch.Tensor | None, isa: int
+) -> torch.Tensor:
+    global _bf16_scratch
+    k = x.shape[1]
+    xb = x.to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    for group in _slices(parts, k):
+        n = sum(b - a for _, a, b in group)
+        if _bf16_scratch.numel() < n * k:
+            _bf16_scratch = torch.empty(n * k, dtype=torch.bfloat16)
+        w = _bf16_scratch[: n * k].view(n, k)
+        row = 0
+        for p, a, b in group:
+            _qcpu.dequant_bf16(
+                int(p.qtype), p.blocks.data_ptr(), p.blocks.shape[1], k, a, b, w[row].data_ptr(),
+                k, threads, isa,
+            )  # fmt: skip
+            row += b - a
+        col = group[0][0].col + group[0][1]
+        out[:, col : col + n] = torch.mm(xb, w.t())
+        if bias is not None:
+            out[:, col : col + n] += bias[col : col + n]
+    return out
+
+
+def dequantize_bf16(part: Part, k: int, *, isa: str | None = None) -> torch.Tensor:
+    """bfloat16 [n, k]: all rows of `part` as the bf16 path dequantizes them."""
+    if _qcpu is None:
+        raise RuntimeError(f"CPU quantized kernels unavailable: {_IMPORT_ERROR}")
+    n = check_part(part, k)
+    out = torch.empty((n, k), dtype=torch.bfloat16)
+    _qcpu.dequant_bf16(
+        int(part.qtype), part.blocks.data_ptr(), part.blocks.shape[1], k, 0, n, out.data_ptr(), k,
+        torch.get_num_threads(), _isa_level(isa),
     )  # fmt: skip
     return out
 

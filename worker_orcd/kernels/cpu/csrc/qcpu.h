@@ -65,6 +65,17 @@ void tile_avx2(const xprep_t *, const part_t *, int64_t, int64_t, int64_t, int64
 void tile_avx512(const xprep_t *, const part_t *, int64_t, int64_t, int64_t, int64_t, float *,
                  int64_t, const float *);
 
+/* Row `row` (k elements of type qtype) dequantized to bfloat16 (round to nearest even) in `out`:
+ * the float32 values gguf-py computes, same products in the same order, then rounded. */
+void dequant_row_scalar(int qtype, const uint8_t *row, int64_t k, uint16_t *out);
+void dequant_row_avx512(int qtype, const uint8_t *row, int64_t k, uint16_t *out);
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
 /* Runs fn(ctx, 0 .. n - 1) on the calling thread and up to threads - 1 pool helpers. */
 typedef void (*pool_fn)(void *ctx, int64_t task);
 void pool_run(int threads, int64_t n, pool_fn fn, void *ctx);

@@ -59,6 +59,36 @@ INLINE void unpack_legacy(const int qt, const uint8_t *row, int64_t t, const int
     *u = v;
 }
 
+/* Q4_K / Q5_K chunk j (sub-blocks 2j, 2j + 1) of super-block `blk`: 64 unsigned quants. */
+INLINE __m512i unpack_kquant(const int qt, const uint8_t *blk, int j) {
+    __m512i u = nibbles_32(blk + (qt == QT_Q5_K ? 48 : 16) + 32 * j);
+    if (qt == QT_Q5_K) {
+        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+        const __m512i sel = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << (2 * j))),
+                                               _mm256_set1_epi8((char)(1 << (2 * j + 1))), 1);
+        u = _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(qh, sel), u, _mm512_set1_epi8(16));
+    }
+    return u;
+}
+
+/* Q6_K quarter g of super-block `blk` (elements 64g .. 64g + 63): 64 unsigned quants. Half
+ * h = g / 2; q = g % 2 picks the low or high nibbles of ql and qh's bits 0-3 or 4-7. */
+INLINE __m512i unpack_q6_k(const uint8_t *blk, int g) {
+    const int h = g / 2, q = g % 2;
+    __m512i lo = _mm512_loadu_si512((const void *)(blk + 64 * h));
+    if (q) lo = _mm512_srli_epi16(lo, 4);
+    lo = _mm512_and_si512(lo, _mm512_set1_epi8(0x0F));
+    const __m512i qh =
+        _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h)));
+    /* bits 4q, 4q + 1 (bytes 0..31) and 4q + 2, 4q + 3 (32..63) to bits 4, 5 */
+    const long long two = 0x0002000200020002LL, four = 0x0004000400040004LL;
+    const __m512i hi = q == 0 ? _mm512_sllv_epi16(qh, _mm512_set_epi64(two, two, two, two, four,
+                                                                       four, four, four))
+                              : _mm512_srlv_epi16(qh, _mm512_set_epi64(two, two, two, two, 0, 0,
+                                                                       0, 0));
+    return _mm512_or_si512(lo, _mm512_and_si512(hi, _mm512_set1_epi8(0x30)));
+}
+
 /* One row of weights against C rows of x (rows m0 .. m0 + C - 1 of xp): out[c] = dot. */
 INLINE void row_dot(const int qt, const int C, const uint8_t *row, const xprep_t *xp,
                     const int32_t *xcz, int64_t m0, float *out) {
@@ -95,7 +125,7 @@ INLINE void row_dot(const int qt, const int C, const uint8_t *row, const xprep_t
         }
     } else if (qt == QT_Q4_K || qt == QT_Q5_K) {
         const float *xs = xp->xs + m0 * k32;
-        const int ts = type_size(qt), qs_off = qt == QT_Q5_K ? 48 : 16;
+        const int ts = type_size(qt);
         for (int64_t sb = 0; sb < k / 256; sb++) {
             const uint8_t *blk = row + sb * ts;
             uint8_t sc[8], mn[8];
@@ -120,16 +150,7 @@ INLINE void row_dot(const int qt, const int C, const uint8_t *row, const xprep_t
                     2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1,
                     2 * j + 1, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j);
                 s = _mm512_permutexvar_ps(idx, scales512);
-                u = nibbles_32(blk + qs_off + 32 * j);
-                if (qt == QT_Q5_K) {
-                    const __m512i qh =
-                        _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
-                    const __m512i sel = _mm512_inserti64x4(
-                        _mm512_set1_epi8((char)(1 << (2 * j))),
-                        _mm256_set1_epi8((char)(1 << (2 * j + 1))), 1);
-                    u = _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(qh, sel), u,
-                                             _mm512_set1_epi8(16));
-                }
+                u = unpack_kquant(qt, blk, j);
                 const int64_t e = 256 * sb + 64 * j;
                 PAIRS(u, s, e, e / 4, all8, all32)
             }
@@ -141,32 +162,12 @@ INLINE void row_dot(const int qt, const int C, const uint8_t *row, const xprep_t
                 _mm512_set1_ps(f16(blk + 208)),
                 _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)))));
 #pragma GCC unroll 4
-            for (int g = 0; g < 4; g++) { /* half h = g / 2, quarter-pair q = g % 2 */
-                const int h = g / 2, q = g % 2;
+            for (int g = 0; g < 4; g++) {
                 const __m512i idx = _mm512_set_epi32(
                     4 * g + 3, 4 * g + 3, 4 * g + 3, 4 * g + 3, 4 * g + 2, 4 * g + 2, 4 * g + 2,
                     4 * g + 2, 4 * g + 1, 4 * g + 1, 4 * g + 1, 4 * g + 1, 4 * g, 4 * g, 4 * g, 4 * g);
                 s = _mm512_permutexvar_ps(idx, sc16);
-                __m512i lo = _mm512_loadu_si512((const void *)(blk + 64 * h));
-                if (q) lo = _mm512_srli_epi16(lo, 4);
-                lo = _mm512_and_si512(lo, _mm512_set1_epi8(0x0F));
-                const __m512i qh =
-                    _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h)));
-                /* bits 4q, 4q + 1 (bytes 0..31) and 4q + 2, 4q + 3 (32..63) to bits 4, 5 */
-                __m512i hi;
-                if (q == 0) {
-                    const __m512i sh = _mm512_set_epi64(
-                        0x0002000200020002LL, 0x0002000200020002LL, 0x0002000200020002LL,
-                        0x0002000200020002LL, 0x0004000400040004LL, 0x0004000400040004LL,
-                        0x0004000400040004LL, 0x0004000400040004LL);
-                    hi = _mm512_sllv_epi16(qh, sh);
-                } else {
-                    const __m512i sh = _mm512_set_epi64(
-                        0x0002000200020002LL, 0x0002000200020002LL, 0x0002000200020002LL,
-                        0x0002000200020002LL, 0, 0, 0, 0);
-                    hi = _mm512_srlv_epi16(qh, sh);
-                }
-                u = _mm512_or_si512(lo, _mm512_and_si512(hi, _mm512_set1_epi8(0x30)));
+                u = unpack_q6_k(blk, g);
                 const int64_t e = 256 * sb + 64 * g;
                 PAIRS(u, s, e, e / 4, all8, all32)
             }
@@ -221,5 +222,69 @@ void tile_avx512(const xprep_t *xp, const part_t *p, int64_t r0, int64_t r1, int
     case QT_Q4_K: tile_q4_k(xp, p, r0, r1, m0, m1, y, ldy, bias); break;
     case QT_Q5_K: tile_q5_k(xp, p, r0, r1, m0, m1, y, ldy, bias); break;
     case QT_Q6_K: tile_q6_k(xp, p, r0, r1, m0, m1, y, ldy, bias); break;
+    }
+}
+
+/* 64 weights s * (u - zp) - m (as gguf-py computes them: no fused multiply-add, the build turns
+ * contraction off) rounded to bfloat16; s[i], m[i] are the scale and min of elements 16i..16i+15,
+ * `n` the number of elements to store (64, or 32 for a final single block). */
+INLINE void store_bf16(__m512i u, int zp, const float s[4], const float m[4], int has_min, int n,
+                       uint16_t *out) {
+    uint8_t q8[64];
+    _mm512_storeu_si512((void *)q8, u);
+    for (int i = 0; i < n / 16; i++) {
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(
+            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q8 + 16 * i))),
+            _mm512_set1_epi32(zp)));
+        __m512 w = _mm512_mul_ps(_mm512_set1_ps(s[i]), q);
+        if (has_min) w = _mm512_sub_ps(w, _mm512_set1_ps(m[i]));
+        const __m512i bits = _mm512_castps_si512(w);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        const __m512i r = _mm512_srli_epi32(
+            _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd), 16);
+        _mm256_storeu_si256((__m256i *)(out + 16 * i), _mm512_cvtepi32_epi16(r));
+    }
+}
+
+void dequant_row_avx512(int qt, const uint8_t *row, int64_t k, uint16_t *out) {
+    const int zp = zero_point(ISA_AVX512, qt);
+    const float none[4] = {0, 0, 0, 0};
+    __m512i u;
+    __m512 s;
+    if (qt == QT_Q4_0 || qt == QT_Q5_0 || qt == QT_Q8_0) {
+        const int ts = type_size(qt);
+        const int64_t nb = k / 32;
+        for (int64_t t = 0; 2 * t < nb; t++) {
+            const int half = 2 * t + 1 >= nb;
+            unpack_legacy(qt, row, t, half, &u, &s);
+            const float d0 = f16(row + 2 * t * ts), d1 = half ? 0.0f : f16(row + (2 * t + 1) * ts);
+            const float sc[4] = {d0, d0, d1, d1};
+            store_bf16(u, zp, sc, none, 0, half ? 32 : 64, out + 64 * t);
+        }
+        return;
+    }
+    for (int64_t sb = 0; sb < k / 256; sb++) {
+        const uint8_t *blk = row + sb * type_size(qt);
+        uint16_t *o = out + 256 * sb;
+        if (qt == QT_Q6_K) {
+            const float d = f16(blk + 208);
+            const int8_t *sc = (const int8_t *)(blk + 192);
+            for (int g = 0; g < 4; g++) {
+                float s4[4];
+                for (int i = 0; i < 4; i++) s4[i] = d * (float)sc[4 * g + i];
+                store_bf16(unpack_q6_k(blk, g), zp, s4, none, 0, 64, o + 64 * g);
+            }
+            continue;
+        }
+        uint8_t sc[8], mn[8]; /* Q4_K, Q5_K */
+        kquant_scales(blk + 4, sc, mn);
+        const float d = f16(blk), dmin = f16(blk + 2);
+        for (int j = 0; j < 4; j++) {
+            const float s4[4] = {d * (float)sc[2 * j], d * (float)sc[2 * j],
+                                 d * (float)sc[2 * j + 1], d * (float)sc[2 * j + 1]};
+            const float m4[4] = {dmin * (float)mn[2 * j], dmin * (float)mn[2 * j],
+                                 dmin * (float)mn[2 * j + 1], dmin * (float)mn[2 * j + 1]};
+            store_bf16(unpack_kquant(qt, blk, j), 0, s4, m4, 1, 64, o + 64 * j);
+        }
     }
 }

@@ -86,3 +86,20 @@ void tile_scalar(const xprep_t *xp, const part_t *p, int64_t r0, int64_t r1, int
         }
     }
 }
+
+void dequant_row_scalar(int qtype, const uint8_t *row, int64_t k, uint16_t *out) {
+    const int zp = zero_point(ISA_SCALAR, qtype);
+    uint8_t u[32];
+    float s[2], mn;
+    for (int64_t b = 0; b < k / 32; b++) {
+        unpack_block(qtype, row, b, u, s, &mn);
+        for (int i = 0; i < 32; i++) {
+            const float q = (float)((int32_t)u[i] - zp);
+            /* gguf-py: d * (q - zp), or (d * sc) * q - dmin * m for Q4_K / Q5_K (no fused
+             * multiply-add: the build turns contraction off) */
+            const float w = (qtype == QT_Q4_K || qtype == QT_Q5_K) ? s[i / 16] * q - mn
+                                                                   : s[i / 16] * q;
+            out[32 * b + i] = float_to_bf16(w);
+        }
+    }
+}

@@ -182,9 +182,11 @@ def test_without_the_extension_falls_back_to_torch(
 def test_bf16_rows_are_exact(qtype: Q, isa: str) -> None:
     for n, k in SHAPES[qtype]:
         raw = _weight(qtype, n, k, seed=3 * n + k)
-        got = ops.dequantize_bf16(ops.Part(qtype, raw, 0), k, isa=isa)
-        want = ops.dequantize_rows(raw, qtype, k).to(torch.bfloat16)
-        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+        got = ops.dequantize(ops.Part(qtype, raw, 0), k, isa=isa)
+        exact = ops.dequantize_rows(raw, qtype, k)
+        assert torch.equal(got.view(torch.int16), exact.to(torch.bfloat16).view(torch.int16))
+        f32 = ops.dequantize(ops.Part(qtype, raw, 0), k, torch.float32, isa=isa)
+        assert torch.equal(f32.view(torch.int32), exact.view(torch.int32))
 
 
 @pytest.mark.parametrize("qtype", LEGACY + KQUANTS, ids=lambda q: q.name)
@@ -202,7 +204,7 @@ def test_bf16_path_matches_reference(qtype: Q) -> None:
         assert wide[:, 0].isnan().all() and wide[:, -1].isnan().all()
         out = wide[:, 1 : n + 30].double() - bias.double()
         w = torch.cat([ops.dequantize_rows(r, qtype, k) for r in raws]).double()
-        wb = torch.cat([ops.dequantize_bf16(p, k) for p in parts]).double()
+        wb = torch.cat([ops.dequantize(p, k) for p in parts]).double()
         xb = x.to(torch.bfloat16).double()
         ref = xb @ wb.t()
         bound = xb.abs() @ wb.abs().t()
@@ -218,14 +220,29 @@ def test_bf16_path_slices_large_weights(monkeypatch: pytest.MonkeyPatch) -> None
     raw = _weight(Q.Q4_K, 130, 256, seed=9)
     x = _x(33, 256, seed=9)
     out = ops.linear(x, [ops.Part(Q.Q4_K, raw, 0)], torch.empty(33, 130), path="bf16")
-    wb = ops.dequantize_bf16(ops.Part(Q.Q4_K, raw, 0), 256).double()
+    wb = ops.dequantize(ops.Part(Q.Q4_K, raw, 0), 256).double()
     ref = x.to(torch.bfloat16).double() @ wb.t()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 4e-3
 
 
+def test_bf16_f32_path_keeps_a_float32_result() -> None:
+    """Logits on the prompt path: float32 x and weights, bfloat16 products, a float32 result (not
+    rounded to bfloat16: 2^-8 of the norm would be), and oneDNN's precision setting restored."""
+    raw = _weight(Q.Q8_0, 300, 896, seed=4)
+    x = _x(40, 896, seed=4) * 20
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    out = ops.linear(x, [ops.Part(Q.Q8_0, raw, 0)], torch.empty(40, 300), path="bf16-f32")
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    wb = ops.dequantize(ops.Part(Q.Q8_0, raw, 0), 896).double()
+    ref = x.to(torch.bfloat16).double() @ wb.t()
+    bound = x.to(torch.bfloat16).double().abs() @ wb.abs().t()
+    assert ((out.double() - ref).abs() <= SUM_TOL * bound).all()
+    assert (out != out.to(torch.bfloat16).float()).any()  # not a bfloat16 result
+
+
 def test_path_choice() -> None:
     assert ops.BF16_MIN_ROWS > 1  # decode steps always take the int8 kernels
-    with pytest.raises(ValueError, match="path must be 'int8' or 'bf16'"):
+    with pytest.raises(ValueError, match="path must be one of int8, bf16, bf16-f32"):
         ops.linear(
             torch.randn(2, 64), [ops.Part(Q.Q5_0, _weight(Q.Q5_0, 8, 64, 0), 0)],
             torch.empty(2, 8), path="fp8",

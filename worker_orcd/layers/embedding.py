@@ -57,6 +57,8 @@ class LMHead(nn.Module):
         self.dtype = torch.get_default_dtype()  # of the looked-up rows (the build's compute dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.quantized, CpuPackedWeight):  # logits of many rows stay float32
+            return self.quantized.matmul(hidden, float32_out=True).float()
         if self.quantized is not None:
             return self.quantized.matmul(hidden).float()
         return kernels.linear(hidden, self.weight).float()

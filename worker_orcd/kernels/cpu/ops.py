@@ -2,7 +2,8 @@
 
     linear(x, parts, out, bias=)   out[:, col:col + n] = x @ W^T (+ bias) for each (W, col) part
     round_x(x)                     x rounded to int8 per 32 elements, as the int8 path rounds it
-    dequantize_bf16(part, rows)    weight rows as bfloat16, as the bf16 path makes them
+    dequantize(part, k, dtype)     weight rows as the bf16 (bfloat16) and bf16-f32 (float32)
+                                   paths make them
     linear_reference(x, parts)     the int8 path's product in torch (float64), through
                                    gguf-py-exact dequantization and `int8_x_reference`
 
@@ -17,6 +18,9 @@ extension's own pool), by one of two paths:
   slice of rows at a time into a bfloat16 scratch (gguf-py's values, rounded to nearest even) and
   multiplied by x in bfloat16 by torch (oneDNN's AMX kernels, float32 accumulation, a bfloat16
   result): about 2e-3 of ||y||, and ~10x the int8 kernels' speed on a prompt.
+- bf16-f32 (the same rows, for logits): the slices are dequantized to float32 and oneDNN multiplies
+  float32 x by them with bfloat16 arithmetic (its fp32_precision "bf16" mode), so the result stays
+  float32: a bfloat16 result would round logits near 20 to steps of 0.125 and make ties.
 Without the extension (it failed to build) `linear` computes the float32 product instead,
 dequantizing the weight on every call, after a logged warning.
 """
@@ -53,8 +57,9 @@ _warned = False
 # x rows from which `linear` takes the bf16 path on an AMX CPU (measured crossover with the int8
 # kernels: 16-32 rows for Qwen2.5-0.5B's gate/up on one 2-core Sapphire Rapids class machine).
 BF16_MIN_ROWS = 32
-_BF16_CHUNK = 1 << 24  # weight elements per scratch slice (32 MB of bfloat16)
-_bf16_scratch = torch.empty(0, dtype=torch.bfloat16)
+_BF16_CHUNK = 1 << 24  # weight elements per scratch slice (32 MB of bfloat16, 64 MB of float32)
+_scratch: dict[torch.dtype, torch.Tensor] = {}
+PATHS = ("int8", "bf16", "bf16-f32")
 _amx: bool | None = None
 
 
@@ -85,6 +90,9 @@ def _isa_level(isa: str | None) -> int:
     if name not in ISAS:
         raise ValueError(f"unknown CPU ISA level {name!r}; use one of {', '.join(ISAS)}")
     return ISAS.index(name) + 1
+
+
+_DEFAULT_ISA = _isa_level(None)
 
 
 def bf16_path_available() -> bool:
@@ -132,6 +140,42 @@ def check_part(part: Part, k: int) -> int:
     return b.shape[0]
 
 
+def kernel_specs(
+    parts: Sequence[Part], k: int, n_out: int
+) -> tuple[tuple[int, int, int, int, int], ...]:
+    """The extension's (qtype, address, rows, row_bytes, col) of each part, after checking that
+    they fit rows of k inputs and n_out output columns."""
+    specs = []
+    for p in parts:
+        n = check_part(p, k)
+        if p.col < 0 or p.col + n > n_out:
+            raise ValueError(f"part columns {p.col}..{p.col + n} outside out [M, {n_out}]")
+        specs.append((int(p.qtype), p.blocks.data_ptr(), n, p.blocks.shape[1], p.col))
+    return tuple(specs)
+
+
+def linear_specs(
+    x: torch.Tensor,
+    parts: Sequence[Part],
+    specs: tuple[tuple[int, int, int, int, int], ...],
+    out: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    float32_out: bool = False,
+) -> torch.Tensor:
+    """`linear` for parts already checked into `specs` (kernel_specs, of a contiguous out whose
+    width they were checked against) and float32 rows x: no checks but the cheap ones.
+    `float32_out`: a prompt takes the bf16-f32 path rather than bf16."""
+    m = x.shape[0]
+    if _qcpu is None or m == 0 or (m >= BF16_MIN_ROWS and bf16_path_available()):
+        return linear(x, parts, out, bias=bias, path="bf16-f32" if float32_out else None)
+    _qcpu.linear(
+        x.data_ptr(), m, x.shape[1], x.stride(0), specs, out.data_ptr(), out.stride(0),
+        0 if bias is None else bias.data_ptr(), torch.get_num_threads(), _DEFAULT_ISA, 0, 0,
+    )  # fmt: skip
+    return out
+
+
 def linear(
     x: torch.Tensor,
     parts: Sequence[Part],
@@ -145,9 +189,11 @@ def linear(
 ) -> torch.Tensor:
     """out[:, col:col + n] = x @ W^T (+ bias[col:col + n]) for every part; x float32 [M, K] with
     unit column stride, out float32 [M, >= every col + n] with unit column stride, bias float32
-    [out.shape[1]]. `path`: "int8" or "bf16" (module docstring), default by the rows of x and the
-    CPU; `isa`: force a level of ISAS (tests); rows / mrows: weight rows and x rows per task of
-    the int8 kernels (0: the kernel's choice; benchmarks sweep them)."""
+    [out.shape[1]]. `path`: one of PATHS (module docstring), default int8 for few rows of x, bf16
+    from BF16_MIN_ROWS where the CPU has AMX; path="bf16-f32" asks for a float32 result on the
+    prompt path (on fewer rows, or without AMX, it means int8); `isa`: force a level of ISAS
+    (tests); rows / mrows: weight rows and x rows per task of the int8 kernels (0: the kernel's
+    choice; benchmarks sweep them)."""
     if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
         raise ValueError(f"x must be float32 [M, K] rows on the CPU, got {x.dtype} {x.shape}")
     m, k = x.shape
@@ -174,12 +220,13 @@ def linear(
                 y += bias[p.col : p.col + n]
             out[:, p.col : p.col + n] = y
         return out
-    if path is None:
-        path = "bf16" if m >= BF16_MIN_ROWS and isa is None and bf16_path_available() else "int8"
-    if path == "bf16":
-        return _linear_bf16(x, parts, out, bias, _isa_level(isa))
+    if path not in (None, *PATHS):
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    prompt = m >= BF16_MIN_ROWS and isa is None and bf16_path_available()
+    if path is None or path == "bf16-f32" and not prompt:
+        path = ("bf16" if prompt else "int8") if path is None else "int8"
     if path != "int8":
-        raise ValueError(f"path must be 'int8' or 'bf16', got {path!r}")
+        return _linear_bf16(x, parts, out, bias, _isa_level(isa), f32=path == "bf16-f32")
     _qcpu.linear(
         x.data_ptr(), m, k, x.stride(0), specs, out.data_ptr(), out.stride(0),
         0 if bias is None else bias.data_ptr(), torch.get_num_threads(), _isa_level(isa),
@@ -208,40 +255,62 @@ def _slices(parts: Sequence[Part], k: int) -> list[list[tuple[Part, int, int]]]:
 
 
 def _linear_bf16(
-    x: torch.Tensor, parts: Sequence[Part], out: torch.Tensor, bias: torch.Tensor | None, isa: int
+    x: torch.Tensor,
+    parts: Sequence[Part],
+    out: torch.Tensor,
+    bias: torch.Tensor | None,
+    isa: int,
+    *,
+    f32: bool,
 ) -> torch.Tensor:
-    global _bf16_scratch
+    """The bf16 path (f32: bf16-f32), a scratch slice of weight rows at a time."""
     k = x.shape[1]
-    xb = x.to(torch.bfloat16)
+    dtype = torch.float32 if f32 else torch.bfloat16
+    xs = x if f32 else x.to(torch.bfloat16)
     threads = torch.get_num_threads()
+    precision = torch.backends.mkldnn.matmul.fp32_precision
     for group in _slices(parts, k):
         n = sum(b - a for _, a, b in group)
-        if _bf16_scratch.numel() < n * k:
-            _bf16_scratch = torch.empty(n * k, dtype=torch.bfloat16)
-        w = _bf16_scratch[: n * k].view(n, k)
+        buf = _scratch.get(dtype)
+        if buf is None or buf.numel() < n * k:
+            buf = _scratch[dtype] = torch.empty(n * k, dtype=dtype)
+        w = buf[: n * k].view(n, k)
         row = 0
         for p, a, b in group:
-            _qcpu.dequant_bf16(
+            _qcpu.dequant(
                 int(p.qtype), p.blocks.data_ptr(), p.blocks.shape[1], k, a, b, w[row].data_ptr(),
-                k, threads, isa,
+                k, f32, threads, isa,
             )  # fmt: skip
             row += b - a
         col = group[0][0].col + group[0][1]
-        out[:, col : col + n] = torch.mm(xb, w.t())
+        if f32:
+            try:  # float32 in and out, bfloat16 products (AMX): scoped to this one matmul
+                torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+                y = torch.mm(xs, w.t())
+            finally:
+                torch.backends.mkldnn.matmul.fp32_precision = precision
+        else:
+            y = torch.mm(xs, w.t())
+        out[:, col : col + n] = y
         if bias is not None:
             out[:, col : col + n] += bias[col : col + n]
     return out
 
 
-def dequantize_bf16(part: Part, k: int, *, isa: str | None = None) -> torch.Tensor:
-    """bfloat16 [n, k]: all rows of `part` as the bf16 path dequantizes them."""
+def dequantize(
+    part: Part, k: int, dtype: torch.dtype = torch.bfloat16, *, isa: str | None = None
+) -> torch.Tensor:
+    """[n, k] in bfloat16 or float32: all rows of `part` as the bf16 (bf16-f32) path dequantizes
+    them."""
     if _qcpu is None:
         raise RuntimeError(f"CPU quantized kernels unavailable: {_IMPORT_ERROR}")
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"dequantize makes bfloat16 or float32 rows, not {dtype}")
     n = check_part(part, k)
-    out = torch.empty((n, k), dtype=torch.bfloat16)
-    _qcpu.dequant_bf16(
+    out = torch.empty((n, k), dtype=dtype)
+    _qcpu.dequant(
         int(part.qtype), part.blocks.data_ptr(), part.blocks.shape[1], k, 0, n, out.data_ptr(), k,
-        torch.get_num_threads(), _isa_level(isa),
+        dtype == torch.float32, torch.get_num_threads(), _isa_level(isa),
     )  # fmt: skip
     return out
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,18 @@ class CpuPackedWeight:
     parts: list[tuple[int, CpuShard]]
     n: int
     k: int
+    # the kernels' arguments for the quantized parts, checked once (a decode step makes ~100
+    # matmuls, and per-call checks in Python cost more than the smaller ones)
+    _quant: list[ops.Part] = field(init=False, repr=False)
+    _specs: tuple[tuple[int, int, int, int, int], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._quant = [
+            ops.Part(s.qtype, s.blocks, row)
+            for row, s in self.parts
+            if isinstance(s, CpuQuantizedWeight)
+        ]
+        self._specs = ops.kernel_specs(self._quant, self.k, self.n)
 
     @classmethod
     def pack(cls, shards: list[CpuShard]) -> CpuPackedWeight:
@@ -118,28 +130,33 @@ class CpuPackedWeight:
         return F.embedding(ids, s).to(dtype)
 
     def matmul(
-        self, x: torch.Tensor, bias: torch.Tensor | None = None, rounded: object = None
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        rounded: object = None,
+        *,
+        float32_out: bool = False,
     ) -> torch.Tensor:
         """x [..., k] -> [..., n] in x's dtype (computed in float32); `rounded` is ignored (the
-        kernels round x themselves)."""
+        kernels round x themselves); `float32_out`: prompts keep a float32 result (logits; see
+        ops.linear's bf16-f32 path)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.k)
         xf = x2 if x2.dtype == torch.float32 and x2.stride(1) == 1 else x2.float().contiguous()
-        y = torch.empty((xf.shape[0], self.n), dtype=torch.float32)
-        quant = [
-            ops.Part(s.qtype, s.blocks, row)
-            for row, s in self.parts
-            if isinstance(s, CpuQuantizedWeight)
-        ]
-        dense = [(row, s) for row, s in self.parts if not isinstance(s, CpuQuantizedWeight)]
+        m = xf.shape[0]
+        y = torch.empty((m, self.n), dtype=torch.float32)
         b = None if bias is None else bias.float().contiguous()
-        if quant:
-            ops.linear(xf, quant, y, bias=b if not dense else None)
-        for row, s in dense:
-            y[:, row : row + s.shape[0]] = F.linear(xf, s.float())
-        if dense and b is not None:
-            y += b
-        return y.to(x.dtype).view(*lead, self.n)
+        if len(self._quant) == len(self.parts):  # all quantized: one call, bias included
+            ops.linear_specs(xf, self._quant, self._specs, y, b, float32_out=float32_out)
+        else:
+            if self._quant:
+                ops.linear_specs(xf, self._quant, self._specs, y, None, float32_out=float32_out)
+            for row, s in self.parts:
+                if not isinstance(s, CpuQuantizedWeight):
+                    y[:, row : row + s.shape[0]] = F.linear(xf, s.float())
+            if b is not None:
+                y += b
+        return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*lead, self.n)
 
 
 def _rows(s: CpuShard) -> int:

@@ -65,10 +65,10 @@ void tile_avx2(const xprep_t *, const part_t *, int64_t, int64_t, int64_t, int64
 void tile_avx512(const xprep_t *, const part_t *, int64_t, int64_t, int64_t, int64_t, float *,
                  int64_t, const float *);
 
-/* Row `row` (k elements of type qtype) dequantized to bfloat16 (round to nearest even) in `out`:
- * the float32 values gguf-py computes, same products in the same order, then rounded. */
-void dequant_row_scalar(int qtype, const uint8_t *row, int64_t k, uint16_t *out);
-void dequant_row_avx512(int qtype, const uint8_t *row, int64_t k, uint16_t *out);
+/* Row `row` (k elements of type qtype) dequantized into `out`: the float32 values gguf-py computes
+ * (same products in the same order), as float32 (f32 = 1) or rounded to bfloat16 (nearest even). */
+void dequant_row_scalar(int qtype, const uint8_t *row, int64_t k, void *out, int f32);
+void dequant_row_avx512(int qtype, const uint8_t *row, int64_t k, void *out, int f32);
 
 static inline uint16_t float_to_bf16(float f) {
     uint32_t bits;
@@ -161,6 +161,19 @@ static inline void kquant_scales(const uint8_t *q, uint8_t sc[8], uint8_t mn[8])
         sc[j + 4] = (q[j + 8] & 0x0F) | ((q[j] >> 6) << 4);
         mn[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
     }
+}
+
+/* kquant_scales on 32-bit words: the 8 scales (bytes of *sc) and 8 mins (bytes of *mn). In the
+ * words w0, w1, w2 of the 12 bytes, scale j < 4 is byte j of w0 & 0x3f.., min j < 4 byte j of
+ * w1 & 0x3f..; scale 4 + j is the low nibble of byte j of w2 with w0's top 2 bits of byte j above
+ * it, min 4 + j the high nibble with w1's top bits. */
+static inline void kquant_scale_words(const uint8_t *q, uint64_t *sc, uint64_t *mn) {
+    const uint32_t w0 = load_u32(q), w1 = load_u32(q + 4), w2 = load_u32(q + 8);
+    const uint32_t six = 0x3F3F3F3Fu, nib = 0x0F0F0F0Fu, two = 0x03030303u;
+    const uint32_t sc_hi = (w2 & nib) | (((w0 >> 6) & two) << 4);
+    const uint32_t mn_hi = ((w2 >> 4) & nib) | (((w1 >> 6) & two) << 4);
+    *sc = (uint64_t)(w0 & six) | (uint64_t)sc_hi << 32;
+    *mn = (uint64_t)(w1 & six) | (uint64_t)mn_hi << 32;
 }
 
 /* The rounding of x shared by every ISA (each compiles it with its own vector width). One row:

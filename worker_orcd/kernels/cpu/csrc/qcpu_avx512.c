@@ -128,11 +128,8 @@ INLINE void row_dot(const int qt, const int C, const uint8_t *row, const xprep_t
         const int ts = type_size(qt);
         for (int64_t sb = 0; sb < k / 256; sb++) {
             const uint8_t *blk = row + sb * ts;
-            uint8_t sc[8], mn[8];
-            kquant_scales(blk + 4, sc, mn);
             uint64_t scw, mnw;
-            memcpy(&scw, sc, 8);
-            memcpy(&mnw, mn, 8);
+            kquant_scale_words(blk + 4, &scw, &mnw);
             const __m256 scales = _mm256_mul_ps(
                 _mm256_set1_ps(f16(blk)),
                 _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)scw))));
@@ -226,10 +223,11 @@ void tile_avx512(const xprep_t *xp, const part_t *p, int64_t r0, int64_t r1, int
 }
 
 /* 64 weights s * (u - zp) - m (as gguf-py computes them: no fused multiply-add, the build turns
- * contraction off) rounded to bfloat16; s[i], m[i] are the scale and min of elements 16i..16i+15,
- * `n` the number of elements to store (64, or 32 for a final single block). */
-INLINE void store_bf16(__m512i u, int zp, const float s[4], const float m[4], int has_min, int n,
-                       uint16_t *out) {
+ * contraction off), stored as float32 (f32) or rounded to bfloat16; s[i], m[i] are the scale and
+ * min of elements 16i..16i+15, `n` the number of elements to store (64, or 32 for a final single
+ * block). */
+INLINE void store_w(__m512i u, int zp, const float s[4], const float m[4], int has_min, int n,
+                    void *out, int f32) {
     uint8_t q8[64];
     _mm512_storeu_si512((void *)q8, u);
     for (int i = 0; i < n / 16; i++) {
@@ -238,15 +236,21 @@ INLINE void store_bf16(__m512i u, int zp, const float s[4], const float m[4], in
             _mm512_set1_epi32(zp)));
         __m512 w = _mm512_mul_ps(_mm512_set1_ps(s[i]), q);
         if (has_min) w = _mm512_sub_ps(w, _mm512_set1_ps(m[i]));
+        if (f32) {
+            _mm512_storeu_ps((float *)out + 16 * i, w);
+            continue;
+        }
         const __m512i bits = _mm512_castps_si512(w);
         const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
         const __m512i r = _mm512_srli_epi32(
             _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd), 16);
-        _mm256_storeu_si256((__m256i *)(out + 16 * i), _mm512_cvtepi32_epi16(r));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + 16 * i), _mm512_cvtepi32_epi16(r));
     }
 }
 
-void dequant_row_avx512(int qt, const uint8_t *row, int64_t k, uint16_t *out) {
+void dequant_row_avx512(int qt, const uint8_t *row, int64_t k, void *out_, int f32) {
+    char *out = out_;
+    const int es = f32 ? 4 : 2; /* bytes per element stored */
     const int zp = zero_point(ISA_AVX512, qt);
     const float none[4] = {0, 0, 0, 0};
     __m512i u;
@@ -259,20 +263,20 @@ void dequant_row_avx512(int qt, const uint8_t *row, int64_t k, uint16_t *out) {
             unpack_legacy(qt, row, t, half, &u, &s);
             const float d0 = f16(row + 2 * t * ts), d1 = half ? 0.0f : f16(row + (2 * t + 1) * ts);
             const float sc[4] = {d0, d0, d1, d1};
-            store_bf16(u, zp, sc, none, 0, half ? 32 : 64, out + 64 * t);
+            store_w(u, zp, sc, none, 0, half ? 32 : 64, out + es * 64 * t, f32);
         }
         return;
     }
     for (int64_t sb = 0; sb < k / 256; sb++) {
         const uint8_t *blk = row + sb * type_size(qt);
-        uint16_t *o = out + 256 * sb;
+        char *o = out + es * 256 * sb;
         if (qt == QT_Q6_K) {
             const float d = f16(blk + 208);
             const int8_t *sc = (const int8_t *)(blk + 192);
             for (int g = 0; g < 4; g++) {
                 float s4[4];
                 for (int i = 0; i < 4; i++) s4[i] = d * (float)sc[4 * g + i];
-                store_bf16(unpack_q6_k(blk, g), zp, s4, none, 0, 64, o + 64 * g);
+                store_w(unpack_q6_k(blk, g), zp, s4, none, 0, 64, o + es * 64 * g, f32);
             }
             continue;
         }
@@ -284,7 +288,7 @@ void dequant_row_avx512(int qt, const uint8_t *row, int64_t k, uint16_t *out) {
                                  d * (float)sc[2 * j + 1], d * (float)sc[2 * j + 1]};
             const float m4[4] = {dmin * (float)mn[2 * j], dmin * (float)mn[2 * j],
                                  dmin * (float)mn[2 * j + 1], dmin * (float)mn[2 * j + 1]};
-            store_bf16(unpack_kquant(qt, blk, j), 0, s4, m4, 1, 64, o + 64 * j);
+            store_w(unpack_kquant(qt, blk, j), 0, s4, m4, 1, 64, o + es * 64 * j, f32);
         }
     }
 }

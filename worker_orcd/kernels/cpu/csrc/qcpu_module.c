@@ -3,8 +3,9 @@
  *   linear(x_ptr, m, k, ldx, parts, y_ptr, ldy, bias_ptr, threads, isa, rows, mrows)
  *       y[:, col:col + n] = x @ W^T (+ bias) for every part (qtype, w_ptr, n, row_bytes, col);
  *       x float32 [m, k] (row stride ldx), y float32 (row stride ldy), bias float32 or 0.
- *   dequant_bf16(qtype, w_ptr, row_bytes, k, r0, r1, out_ptr, ldo, threads, isa)
- *       rows r0 .. r1 - 1 of a weight as bfloat16 (uint16) rows of out (row stride ldo)
+ *   dequant(qtype, w_ptr, row_bytes, k, r0, r1, out_ptr, ldo, f32, threads, isa)
+ *       rows r0 .. r1 - 1 of a weight as float32 (f32) or bfloat16 (uint16) rows of out (row
+ *       stride ldo elements)
  *   round_x(x_ptr, m, k, ldx, xq_ptr, dx_ptr)   x rounded as `linear` rounds it (for tests)
  *   isas()                                       ISA levels this CPU runs, best last
  *
@@ -254,10 +255,10 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
 }
 
 typedef struct {
-    int qtype, isa;
+    int qtype, isa, f32;
     const uint8_t *w;
     int64_t row_bytes, k, r0, r1, ldo, rows;
-    uint16_t *out;
+    char *out;
 } dq_job_t;
 
 static void dequant_task(void *ctx, int64_t t) {
@@ -265,32 +266,32 @@ static void dequant_task(void *ctx, int64_t t) {
     const int64_t a = j->r0 + t * j->rows, b = a + j->rows < j->r1 ? a + j->rows : j->r1;
     for (int64_t r = a; r < b; r++) {
         const uint8_t *row = j->w + r * j->row_bytes;
-        uint16_t *o = j->out + (r - j->r0) * j->ldo;
+        char *o = j->out + (r - j->r0) * j->ldo * (j->f32 ? 4 : 2);
         if (j->isa == ISA_AVX512)
-            dequant_row_avx512(j->qtype, row, j->k, o);
+            dequant_row_avx512(j->qtype, row, j->k, o, j->f32);
         else
-            dequant_row_scalar(j->qtype, row, j->k, o);
+            dequant_row_scalar(j->qtype, row, j->k, o, j->f32);
     }
 }
 
-static PyObject *py_dequant_bf16(PyObject *self, PyObject *args) {
+static PyObject *py_dequant(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long wptr, optr;
     long long row_bytes, k, r0, r1, ldo;
-    int qt, threads, isa;
-    if (!PyArg_ParseTuple(args, "iKLLLLKLii", &qt, &wptr, &row_bytes, &k, &r0, &r1, &optr, &ldo,
-                          &threads, &isa))
+    int qt, f32, threads, isa;
+    if (!PyArg_ParseTuple(args, "iKLLLLKLpii", &qt, &wptr, &row_bytes, &k, &r0, &r1, &optr, &ldo,
+                          &f32, &threads, &isa))
         return NULL;
     const int ts = type_size(qt);
     if (ts == 0 || k < 32 || k % block_size(qt) || row_bytes != k / block_size(qt) * ts ||
         r0 < 0 || r1 < r0 || ldo < k || threads < 1) {
-        PyErr_Format(PyExc_ValueError, "bad dequant_bf16 arguments: type %d k=%lld rows %lld..%lld",
+        PyErr_Format(PyExc_ValueError, "bad dequant arguments: type %d k=%lld rows %lld..%lld",
                      qt, k, r0, r1);
         return NULL;
     }
     if ((isa = resolve_isa(isa)) < 0) return NULL;
-    dq_job_t j = {qt, isa, (const uint8_t *)(uintptr_t)wptr, row_bytes, k, r0, r1, ldo, 16,
-                  (uint16_t *)(uintptr_t)optr};
+    dq_job_t j = {qt, isa, f32, (const uint8_t *)(uintptr_t)wptr, row_bytes, k, r0, r1, ldo, 16,
+                  (char *)(uintptr_t)optr};
     Py_BEGIN_ALLOW_THREADS
     pool_run(threads, (r1 - r0 + j.rows - 1) / j.rows, dequant_task, &j);
     Py_END_ALLOW_THREADS
@@ -339,7 +340,7 @@ static PyObject *py_isas(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, "y[:, parts] = x @ W^T for GGUF-block weights"},
-    {"dequant_bf16", py_dequant_bf16, METH_VARARGS, "weight rows as bfloat16, gguf-py exact"},
+    {"dequant", py_dequant, METH_VARARGS, "weight rows as float32 or bfloat16, gguf-py exact"},
     {"round_x", py_round_x, METH_VARARGS, "x rounded to int8 per 32 elements, as linear does"},
     {"isas", py_isas, METH_NOARGS, "ISA levels this CPU runs, best last"},
     {NULL, NULL, 0, NULL},

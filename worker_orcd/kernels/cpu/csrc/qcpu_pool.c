@@ -5,8 +5,9 @@
  * too and then waits only for tasks a helper has claimed and not finished. A helper that wakes up
  * late (its core was busy) finds nothing left and goes back to waiting: unlike a fork/join
  * barrier, no call waits for a thread to be scheduled merely so that it can report it had nothing
- * to do. Helpers spin briefly between calls (the matmuls of one forward pass come back to back),
- * then sleep on a condition variable.
+ * to do. Between calls helpers poll briefly (the matmuls of one forward pass come back to back),
+ * yielding the CPU at every poll so that other threads there (torch's own OpenMP workers run the
+ * small ops between the matmuls) are not held up, then sleep on a condition variable.
  *
  * The claim word packs (generation << 32 | next task). A new job first marks the word busy, then
  * writes its function, context and size, then publishes (generation + 1, 0); a claim is a
@@ -81,7 +82,7 @@ static void *helper_main(void *arg) {
         const int64_t until = now_ns() + SPIN_NS;
         int found = 0;
         while (!found && now_ns() < until) {
-            for (int i = 0; i < 64; i++) cpu_relax();
+            sched_yield();
             seen = atomic_load_explicit(&claim_word, memory_order_acquire);
             found = (uint32_t)(seen >> 32) != last_gen;
         }

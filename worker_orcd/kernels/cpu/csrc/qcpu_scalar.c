@@ -87,7 +87,7 @@ void tile_scalar(const xprep_t *xp, const part_t *p, int64_t r0, int64_t r1, int
     }
 }
 
-void dequant_row_scalar(int qtype, const uint8_t *row, int64_t k, uint16_t *out) {
+void dequant_row_scalar(int qtype, const uint8_t *row, int64_t k, void *out, int f32) {
     const int zp = zero_point(ISA_SCALAR, qtype);
     uint8_t u[32];
     float s[2], mn;
@@ -99,7 +99,10 @@ void dequant_row_scalar(int qtype, const uint8_t *row, int64_t k, uint16_t *out)
              * multiply-add: the build turns contraction off) */
             const float w = (qtype == QT_Q4_K || qtype == QT_Q5_K) ? s[i / 16] * q - mn
                                                                    : s[i / 16] * q;
-            out[32 * b + i] = float_to_bf16(w);
+            if (f32)
+                ((float *)out)[32 * b + i] = w;
+            else
+                ((uint16_t *)out)[32 * b + i] = float_to_bf16(w);
         }
     }
 }

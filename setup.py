@@ -13,13 +13,15 @@ setup(
         Extension(
             "worker_orcd.kernels.cpu._qcpu",
             sources=[
-                SRC + f"qcpu_{name}.c" for name in ("module", "pool", "scalar", "avx2", "avx512")
+                SRC + f"qcpu_{name}.c"
+                for name in ("module", "pool", "layer", "scalar", "avx2", "avx512")
             ],
             depends=[SRC + "qcpu.h"],
             # Each ISA file selects its own target by pragma; the module picks one at run time.
             # No contraction into fused multiply-adds: the dequantizers must round as gguf-py.
             extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-Wall", "-ffp-contract=off"],
             extra_link_args=["-pthread"],
+            libraries=["m"],
             optional=True,
         )
     ]

@@ -30,6 +30,7 @@ from torch import nn
 from worker_orcd.config import ModelConfig
 from worker_orcd.errors import ModelLoadError
 from worker_orcd.gguf import GGUFFile
+from worker_orcd.kernels.cpu import layer as cpu_layer
 from worker_orcd.kernels.cpu import ops as cpu_ops
 from worker_orcd.kernels.cpu.weights import CpuPackedWeight, CpuQuantizedWeight
 from worker_orcd.kernels.quant.formats import SUPPORTED
@@ -204,8 +205,10 @@ def load_model(
     )
     plan = plan_load(f, config, model)
     params = dict(model.named_parameters())
-    if weights == "quantized" and device.type == "cpu":
-        cpu_ops.warn_if_unavailable()
+    if device.type == "cpu":
+        cpu_layer.register_all()  # the compiled norm, rope and decode attention, as on CUDA
+        if weights == "quantized":
+            cpu_ops.warn_if_unavailable()
     shards: dict[str, dict[ShardId, AnyShard]] = {}  # placeholder parameter -> its loaded shards
     total = sum(f.tensors[name].n_bytes for name, _, _ in plan)
     done = 0

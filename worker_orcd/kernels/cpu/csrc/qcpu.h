@@ -76,6 +76,34 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
+/* qcpu_layer.c: the float32 operations between the matmuls of a decode step. */
+void rms_norm_rows(const float *x, const float *res, const float *w, float eps, int64_t rows,
+                   int64_t d, float *normed, float *summed);
+void rope_store_rows(const float *q, int64_t q_rs, int64_t n_heads, const float *k, int64_t k_rs,
+                     const float *v, int64_t v_rs, int64_t n_kv, int64_t d, int64_t rows,
+                     const int64_t *pos, const float *cs, int64_t cs_rs, int64_t half, float *kc,
+                     float *vc, const int64_t *slots, float *q_out);
+
+/* Attention of one query row (q, heads h0 .. h1 - 1 of KV head g, rows of d floats) over context
+ * positions lo .. hi of one sequence, whose slots are slot0 + j or slots[j]; out like q. */
+typedef struct {
+    const float *q;
+    float *out;
+    const float *kc, *vc;
+    int64_t d, n_kv, g, h0, h1, lo, hi;
+    int64_t slot0;
+    const int64_t *slots;
+    float scale;
+} attn_task_t;
+
+static inline int64_t attn_slot(const attn_task_t *a, int64_t j) {
+    return a->slots ? a->slots[j] : a->slot0 + j;
+}
+
+/* `scores`: room for hi - lo + 1 floats. */
+void attention_scalar(const attn_task_t *a, float *scores);
+void attention_avx512(const attn_task_t *a, float *scores);
+
 /* Runs fn(ctx, 0 .. n - 1) on the calling thread and up to threads - 1 pool helpers. */
 typedef void (*pool_fn)(void *ctx, int64_t task);
 void pool_run(int threads, int64_t n, pool_fn fn, void *ctx);

@@ -5,6 +5,7 @@
  * lane's weight scale times its dx and accumulated in float32. */
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")
 #include <immintrin.h>
+#include <math.h>
 
 #include "qcpu.h"
 
@@ -12,11 +13,9 @@
 
 DEFINE_PREP(prep_avx512)
 
-INLINE float f16(const uint8_t *p) { return _cvtsh_ss(load_u16(p)); }
+#define PREFETCH_ROWS 2
 
-INLINE __m512 two_scales(float a, float b) {
-    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
-}
+INLINE float f16(const uint8_t *p) { return _cvtsh_ss(load_u16(p)); }
 
 /* Nibbles of 16 bytes per 128-bit lane: lanes 0, 2 low, 1, 3 high (shifts per 16-bit word). */
 INLINE __m512i nibbles_q4_0(__m512i v) {
@@ -33,13 +32,16 @@ INLINE __m512i nibbles_32(const uint8_t *q) {
     return _mm512_and_si512(_mm512_srlv_epi16(v, sh), _mm512_set1_epi8(0x0F));
 }
 
-/* Blocks 2t and 2t + 1 of a 32-element format (only 2t when `half`): quants and lane scales. */
+/* Blocks 2t and 2t + 1 of a 32-element format (only 2t when `half`): quants and lane scales. The
+ * two fp16 scales are broadcast to 8 halves each and converted once (fewer port 0/5 operations
+ * than two scalar conversions and a float insert). */
 INLINE void unpack_legacy(const int qt, const uint8_t *row, int64_t t, const int half, __m512i *u,
                           __m512 *s) {
     const int ts = type_size(qt);
     const uint8_t *b0 = row + 2 * t * ts, *b1 = b0 + ts;
-    const float d0 = f16(b0), d1 = half ? 0.0f : f16(b1);
-    *s = two_scales(d0, d1);
+    __m256i h = _mm256_set1_epi16((short)load_u16(b0));
+    h = _mm256_mask_set1_epi16(h, 0xFF00, half ? 0 : (short)load_u16(b1));
+    *s = _mm512_cvtph_ps(h);
     if (qt == QT_Q8_0) {
         __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2)));
         if (!half) v = _mm512_inserti64x4(v, _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
@@ -184,6 +186,10 @@ INLINE void tile_fmt(const int qt, const xprep_t *xp, const part_t *p, int64_t r
         const int C = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
         for (int64_t r = r0; r < r1; r++) {
             const uint8_t *row = p->w + r * p->row_bytes;
+            if (r + PREFETCH_ROWS < r1) { /* rows ahead, so that loads from memory overlap */
+                const char *next = (const char *)row + PREFETCH_ROWS * p->row_bytes;
+                for (int64_t b = 0; b < p->row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+            }
             switch (C) {
             case 16: row_dot(qt, 16, row, xp, xcz, m, out); break;
             case 8: row_dot(qt, 8, row, xp, xcz, m, out); break;
@@ -289,6 +295,86 @@ void dequant_row_avx512(int qt, const uint8_t *row, int64_t k, void *out_, int f
             const float m4[4] = {dmin * (float)mn[2 * j], dmin * (float)mn[2 * j],
                                  dmin * (float)mn[2 * j + 1], dmin * (float)mn[2 * j + 1]};
             store_w(unpack_kquant(qt, blk, j), 0, s4, m4, 1, 64, o + es * 64 * j, f32);
+        }
+    }
+}
+
+/* e^x for x <= 0 (softmax arguments), relative error ~2e-7: 2^n * e^f with n = round(x log2 e),
+ * f = x - n ln 2 (in two parts), e^f by a degree-6 Taylor polynomial, 2^n by vscalefps. */
+INLINE __m512 exp_neg(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* ln 2 = c1 + c2 */
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+void attention_avx512(const attn_task_t *a, float *scores) {
+    const int64_t d = a->d, stride = a->n_kv * d, n = a->hi - a->lo + 1;
+    const int64_t nv = (d + 15) / 16;
+    const __mmask16 tail = (d % 16) ? (__mmask16)((1u << (d % 16)) - 1) : 0xFFFF;
+    for (int64_t h = a->h0; h < a->h1; h++) {
+        const float *qh = a->q + h * d;
+        __m512 qv[8];
+        for (int64_t i = 0; i < nv && i < 8; i++)
+            qv[i] = _mm512_maskz_loadu_ps(i == nv - 1 ? tail : 0xFFFF, qh + 16 * i);
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n; j++) {
+            const float *kj = a->kc + attn_slot(a, a->lo + j) * stride + a->g * d;
+            __m512 acc = _mm512_setzero_ps();
+            if (nv <= 8) {
+                for (int64_t i = 0; i < nv; i++)
+                    acc = _mm512_fmadd_ps(
+                        qv[i], _mm512_maskz_loadu_ps(i == nv - 1 ? tail : 0xFFFF, kj + 16 * i), acc);
+            } else {
+                for (int64_t i = 0; i < nv; i++)
+                    acc = _mm512_fmadd_ps(
+                        _mm512_maskz_loadu_ps(i == nv - 1 ? tail : 0xFFFF, qh + 16 * i),
+                        _mm512_maskz_loadu_ps(i == nv - 1 ? tail : 0xFFFF, kj + 16 * i), acc);
+            }
+            scores[j] = _mm512_reduce_add_ps(acc) * a->scale;
+            mx = _mm512_max_ps(mx, _mm512_set1_ps(scores[j]));
+        }
+        const float m = _mm512_reduce_max_ps(mx);
+        __m512 sumv = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16) {
+            const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(scores + j), _mm512_set1_ps(m)));
+            _mm512_storeu_ps(scores + j, e);
+            sumv = _mm512_add_ps(sumv, e);
+        }
+        if (j < n) {
+            const __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
+            const __m512 e = _mm512_maskz_mov_ps(
+                k, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, scores + j), _mm512_set1_ps(m))));
+            _mm512_mask_storeu_ps(scores + j, k, e);
+            sumv = _mm512_add_ps(sumv, e);
+        }
+        const float inv = 1.0f / _mm512_reduce_add_ps(sumv);
+        float *o = a->out + h * d;
+        for (int64_t i0 = 0; i0 < nv; i0 += 4) { /* 4 vectors (64 floats) of the output at a time */
+            const int64_t c = nv - i0 < 4 ? nv - i0 : 4;
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                             _mm512_setzero_ps()};
+            for (int64_t jj = 0; jj < n; jj++) {
+                const float *vj = a->vc + attn_slot(a, a->lo + jj) * stride + a->g * d + 16 * i0;
+                const __m512 p = _mm512_set1_ps(scores[jj]);
+                for (int64_t i = 0; i < c; i++)
+                    acc[i] = _mm512_fmadd_ps(
+                        p, _mm512_maskz_loadu_ps(i0 + i == nv - 1 ? tail : 0xFFFF, vj + 16 * i),
+                        acc[i]);
+            }
+            for (int64_t i = 0; i < c; i++)
+                _mm512_mask_storeu_ps(o + 16 * (i0 + i), i0 + i == nv - 1 ? tail : 0xFFFF,
+                                      _mm512_mul_ps(acc[i], _mm512_set1_ps(inv)));
         }
     }
 }

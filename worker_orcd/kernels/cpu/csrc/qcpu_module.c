@@ -7,6 +7,11 @@
  *       rows r0 .. r1 - 1 of a weight as float32 (f32) or bfloat16 (uint16) rows of out (row
  *       stride ldo elements)
  *   round_x(x_ptr, m, k, ldx, xq_ptr, dx_ptr)   x rounded as `linear` rounds it (for tests)
+ *   rms_norm(x, res, w, eps, rows, d, normed, summed)       (qcpu_layer.c; res, summed may be 0)
+ *   rope_store(q, q_rs, H, k, k_rs, v, v_rs, Hk, D, T, pos, cs, cs_rs, half, kc, vc, slots, qout)
+ *   attention(q, H, D, kc, vc, Hk, seqs, scale, window, out, threads, isa)
+ *       q, out [T, H, D]; caches [S, Hk, D]; seqs: (first row, end row, context length, first
+ *       slot, slot index address or 0) per sequence; window 0 for none
  *   isas()                                       ISA levels this CPU runs, best last
  *
  * Pointers come from torch tensors that the Python side has checked (dtype, shape, contiguity);
@@ -324,6 +329,140 @@ static PyObject *py_round_x(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+#define P(v) ((void *)(uintptr_t)(v))
+
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, res, w, normed, summed;
+    float eps;
+    long long rows, d;
+    if (!PyArg_ParseTuple(args, "KKKfLLKK", &x, &res, &w, &eps, &rows, &d, &normed, &summed))
+        return NULL;
+    if (rows < 0 || d < 1 || (res && !summed)) {
+        PyErr_SetString(PyExc_ValueError, "bad rms_norm arguments");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rms_norm_rows(P(x), P(res), P(w), eps, rows, d, P(normed), P(summed));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_rope_store(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long q, k, v, pos, cs, kc, vc, slots, qout;
+    long long q_rs, h, k_rs, v_rs, hk, d, t, cs_rs, half;
+    if (!PyArg_ParseTuple(args, "KLLKLKLLLLKKLLKKKK", &q, &q_rs, &h, &k, &k_rs, &v, &v_rs, &hk,
+                          &d, &t, &pos, &cs, &cs_rs, &half, &kc, &vc, &slots, &qout))
+        return NULL;
+    if (t < 0 || h < 1 || hk < 1 || d < 2 || half < 1 || 2 * half > d || cs_rs < 2 * half) {
+        PyErr_SetString(PyExc_ValueError, "bad rope_store arguments");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rope_store_rows(P(q), q_rs, h, P(k), k_rs, P(v), v_rs, hk, d, t, P(pos), P(cs), cs_rs, half,
+                    P(kc), P(vc), P(slots), P(qout));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    attn_task_t *tasks;
+    int isa;
+    int64_t scores_len;
+} attn_job_t;
+
+static void attention_task(void *ctx, int64_t i) {
+    attn_job_t *j = ctx;
+    float *scores = malloc((size_t)j->scores_len * sizeof(float));
+    if (!scores) return; /* out of memory: the caller checks the task's mark below */
+    if (j->isa == ISA_AVX512)
+        attention_avx512(&j->tasks[i], scores);
+    else
+        attention_scalar(&j->tasks[i], scores);
+    free(scores);
+    j->tasks[i].d = -j->tasks[i].d; /* done */
+}
+
+static PyObject *py_attention(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long q, kc, vc, out;
+    long long h, d, hk, window;
+    float scale;
+    int threads, isa;
+    PyObject *seqs;
+    if (!PyArg_ParseTuple(args, "KLLKKLOfLKii", &q, &h, &d, &kc, &vc, &hk, &seqs, &scale, &window,
+                          &out, &threads, &isa))
+        return NULL;
+    if (h < 1 || hk < 1 || h % hk || d < 1 || d > 128 || window < 0 || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "bad attention arguments (head_dim up to 128)");
+        return NULL;
+    }
+    if ((isa = resolve_isa(isa)) < 0) return NULL;
+    PyObject *fast = PySequence_Fast(seqs, "seqs must be a sequence");
+    if (!fast) return NULL;
+    const Py_ssize_t n_seqs = PySequence_Fast_GET_SIZE(fast);
+    int64_t n_tasks = 0, longest = 1;
+    long long (*spec)[5] = malloc((size_t)(n_seqs > 0 ? n_seqs : 1) * sizeof *spec);
+    if (!spec) {
+        Py_DECREF(fast);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t b = 0; b < n_seqs; b++) {
+        unsigned long long slots;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, b), "LLLLK", &spec[b][0], &spec[b][1],
+                              &spec[b][2], &spec[b][3], &slots)) {
+            free(spec);
+            Py_DECREF(fast);
+            return NULL;
+        }
+        spec[b][4] = (long long)slots;
+        const long long rows = spec[b][1] - spec[b][0];
+        if (rows < 0 || spec[b][2] < rows) {
+            PyErr_Format(PyExc_ValueError, "sequence %zd: %lld rows over a context of %lld", b,
+                         rows, spec[b][2]);
+            free(spec);
+            Py_DECREF(fast);
+            return NULL;
+        }
+        n_tasks += rows * hk;
+        if (spec[b][2] > longest) longest = spec[b][2];
+    }
+    Py_DECREF(fast);
+    attn_task_t *tasks = malloc((size_t)(n_tasks > 0 ? n_tasks : 1) * sizeof *tasks);
+    if (!tasks) {
+        free(spec);
+        return PyErr_NoMemory();
+    }
+    const int64_t group = h / hk;
+    int64_t i = 0, work = 0;
+    for (Py_ssize_t b = 0; b < n_seqs; b++) {
+        const int64_t first_pos = spec[b][2] - (spec[b][1] - spec[b][0]);
+        for (int64_t t = spec[b][0]; t < spec[b][1]; t++) {
+            const int64_t p = first_pos + (t - spec[b][0]);
+            const int64_t lo = window && p - window + 1 > 0 ? p - window + 1 : 0;
+            for (int64_t g = 0; g < hk; g++) {
+                tasks[i++] = (attn_task_t){
+                    .q = (const float *)P(q) + t * h * d, .out = (float *)P(out) + t * h * d,
+                    .kc = P(kc), .vc = P(vc), .d = d, .n_kv = hk, .g = g, .h0 = g * group,
+                    .h1 = (g + 1) * group, .lo = lo, .hi = p, .slot0 = spec[b][3],
+                    .slots = (const int64_t *)P(spec[b][4]), .scale = scale};
+                work += (p - lo + 1) * group * d;
+            }
+        }
+    }
+    free(spec);
+    attn_job_t job = {tasks, isa, longest};
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(work >= (1 << 16) ? threads : 1, n_tasks, attention_task, &job);
+    Py_END_ALLOW_THREADS
+    int failed = 0;
+    for (int64_t t = 0; t < n_tasks; t++) failed |= tasks[t].d > 0;
+    free(tasks);
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_isas(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -343,6 +482,9 @@ static PyMethodDef methods[] = {
     {"dequant", py_dequant, METH_VARARGS, "weight rows as float32 or bfloat16, gguf-py exact"},
     {"round_x", py_round_x, METH_VARARGS, "x rounded to int8 per 32 elements, as linear does"},
     {"isas", py_isas, METH_NOARGS, "ISA levels this CPU runs, best last"},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows, with the residual add"},
+    {"rope_store", py_rope_store, METH_VARARGS, "rotary embedding of q, k and the KV cache write"},
+    {"attention", py_attention, METH_VARARGS, "causal attention over the KV cache"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -68,6 +68,10 @@ def test_embedding_dequantizes_the_rows_asked_for() -> None:
     rows = w.embedding(ids, torch.float32)
     assert rows.shape == (2, 2, 64)
     assert torch.equal(rows.reshape(4, 64), w.dequantize()[ids.reshape(-1)])
+    many = torch.arange(299, -1, -1)  # past the few rows the compiled lookup takes
+    assert torch.equal(w.embedding(many, torch.float32), w.dequantize().flip(0))
+    with pytest.raises(IndexError, match="row 300 out of range"):
+        w.embedding(torch.tensor([300]), torch.float32)
 
 
 def test_packed_weight_mixes_quantized_and_dense_parts() -> None:

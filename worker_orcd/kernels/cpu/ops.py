@@ -335,9 +335,22 @@ def _dequantize(blocks: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> to
 def dequantize_rows(
     blocks: torch.Tensor, qtype: GGMLQuantizationType, k: int, ids: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """float32 rows `ids` (all without) of GGUF bytes [n, row_bytes], gguf-py-exact."""
+    """float32 rows `ids` (all without) of GGUF bytes [n, row_bytes], gguf-py-exact (the
+    extension's dequantizer for a few rows of a supported type, as an embedding lookup asks)."""
     if ids is not None:
-        blocks = blocks[ids.reshape(-1).long()]
+        flat = ids.reshape(-1)
+        if _qcpu is not None and qtype in SUPPORTED and flat.numel() <= 64:
+            n = blocks.shape[0]
+            out = torch.empty((flat.numel(), k), dtype=torch.float32)
+            for i, r in enumerate(flat.tolist()):
+                if not 0 <= r < n:
+                    raise IndexError(f"row {r} out of range for a table of {n} rows")
+                _qcpu.dequant(
+                    int(qtype), blocks.data_ptr(), blocks.shape[1], k, r, r + 1,
+                    out[i].data_ptr(), k, True, 1, _DEFAULT_ISA,
+                )  # fmt: skip
+            return out
+        blocks = blocks[flat.long()]
     return _dequantize(blocks, qtype, k)
 
 

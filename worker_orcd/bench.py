@@ -113,6 +113,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="mean context of the timed decode steps (default 100 4000)",
     )
     p.add_argument("--decode-steps", type=int, default=128)
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="cpu: the engine's max_context (default the model's; its KV cache counts in RSS)",
+    )
     p.add_argument("--no-graph", action="store_true", help="decode eagerly (no CUDA graph)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
 

@@ -1,7 +1,8 @@
 """`worker-orcd bench --device cpu`: what a user of the CPU path gets, on the real model by default.
 
     worker-orcd bench --device cpu [--model FILE] [--weights quantized|dequantized]
-                      [--prefill N ...] [--decode-context N ...] [--decode-steps N] [--json FILE]
+                      [--prefill N ...] [--decode-context N ...] [--decode-steps N]
+                      [--max-context N] [--json FILE]
 
 Figures, each the median of `REPEATS` runs:
 - command to first token: `worker-orcd generate` started as a new process (default settings, a
@@ -11,7 +12,8 @@ Figures, each the median of `REPEATS` runs:
 - decode: greedy steps through the engine's scheduler and runner at a mean context (the host
   picks each argmax and feeds it back, as the engine does on the CPU), with achieved GB/s (weights
   read per token plus the KV cache) and its share of the measured read bandwidth;
-- peak resident memory (RSS, the file pages the weights are read from included).
+- peak resident memory (RSS, the file pages the weights are read from included), and how much of
+  it is the KV cache (sized by the engine for its whole context, `--max-context` bounds it).
 The machine's load average is printed beside them: on a shared machine, other work slows all of
 these.
 """
@@ -64,7 +66,7 @@ def run_cpu_bench(args: argparse.Namespace) -> int:
         return 1
     load_before = os.getloadavg()
     first_token = [command_to_first_token(path, args.weights) for _ in range(REPEATS)]
-    engine, load_s = _load(path, args.weights)
+    engine, load_s = _load(path, args.weights, args.max_context)
     rows = prefill_rows(engine, args.prefill or PREFILL)
     rows += decode_rows(engine, args.decode_context or DECODE_CONTEXT, args.decode_steps)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the probe below
@@ -76,7 +78,7 @@ def run_cpu_bench(args: argparse.Namespace) -> int:
         if r.phase == "decode":
             r.gbs = (weight_bytes + _kv_bytes(engine, r.context)) / (r.ms / 1e3) / 1e9
     info = engine.info()
-    _print(path, info.weights, facts, weight_bytes, first_token, load_s, peak_rss, rows)
+    _print(path, info, facts, weight_bytes, first_token, load_s, peak_rss, rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -89,6 +91,8 @@ def run_cpu_bench(args: argparse.Namespace) -> int:
                     "command_to_first_token_s": first_token,
                     "load_s": load_s,
                     "peak_rss_bytes": peak_rss,
+                    "kv_cache_bytes": info.kv_cache_bytes,
+                    "context_length": info.context_length,
                     "rows": [asdict(r) for r in rows],
                 },
                 f,
@@ -114,11 +118,11 @@ def command_to_first_token(path: Path, weights: str | None) -> float:
     return elapsed
 
 
-def _load(path: Path, weights: str | None):  # -> (Engine, seconds)
+def _load(path: Path, weights: str | None, max_context: int | None):  # -> (Engine, seconds)
     from worker_orcd.engine.engine import Engine
 
     t0 = time.perf_counter()
-    engine = Engine.load(path, device="cpu", weights=weights)
+    engine = Engine.load(path, device="cpu", weights=weights, max_context=max_context)
     return engine, time.perf_counter() - t0
 
 
@@ -211,7 +215,7 @@ def _cpu_name() -> str:
 
 def _print(
     path: Path,
-    weights: str,
+    info,  # noqa: ANN001 - EngineInfo
     facts: CpuFacts,
     weight_bytes: int,
     first_token: list[float],
@@ -227,11 +231,12 @@ def _print(
         f"\n{facts.cpu}: {os.cpu_count()} cores, {facts.threads} threads, {kernels}, "
         f"read {facts.read_gbs:.1f} GB/s; load average {lb[0]:.2f} before, {la[0]:.2f} after"
     )
-    print(f"{path.name} ({weights}): {weight_bytes / 1e9:.3f} GB of weights read per token")
+    print(f"{path.name} ({info.weights}): {weight_bytes / 1e9:.3f} GB of weights read per token")
     runs = ", ".join(f"{t:.2f}" for t in first_token)
     print(
         f"command to first token {statistics.median(first_token):.2f} s (runs {runs}); "
-        f"load {load_s:.2f} s; peak RSS {peak_rss / 1e9:.2f} GB"
+        f"load {load_s:.2f} s; peak RSS {peak_rss / 1e9:.2f} GB, of which KV cache "
+        f"{info.kv_cache_bytes / 1e9:.2f} GB ({info.context_length} tokens)"
     )
     print(f"{'phase':8} {'context':>7} {'tok/s':>8} {'ms':>9} {'GB/s':>6} {'%read':>5}")
     for r in rows:

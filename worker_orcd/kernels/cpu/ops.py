@@ -27,6 +27,7 @@ dequantizing the weight on every call, after a logged warning.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Sequence
@@ -44,8 +45,8 @@ Q = GGMLQuantizationType
 SUPPORTED: tuple[GGMLQuantizationType, ...] = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 ISAS = ("scalar", "avx2", "avx512")  # levels of the extension's kernels, in order
 
-try:
-    from worker_orcd.kernels.cpu import _qcpu
+try:  # by its full name: the error then says what is missing
+    _qcpu = importlib.import_module("worker_orcd.kernels.cpu._qcpu")
 except ImportError as e:  # pragma: no cover - depends on the build
     _qcpu = None
     _IMPORT_ERROR: str | None = str(e)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from worker_orcd import kernels
+from worker_orcd.kernels.activation import silu_and_mul_ref
 from worker_orcd.kernels.attention import AttentionMetadata, attention_ref
 from worker_orcd.kernels.cpu import layer, ops
 from worker_orcd.kernels.norm import add_rms_norm_ref, rms_norm_ref
@@ -128,4 +129,13 @@ def test_register_all_routes_the_cpu_entry_points(monkeypatch: pytest.MonkeyPatc
     assert kernels.implementation("attention", cpu) is layer.attention
     assert kernels.implementation("add_rms_norm", cpu) is layer.add_rms_norm
     assert kernels.implementation("rope_store_kv", cpu) is layer.rope_store_kv
-    assert kernels.implementation("silu_and_mul", cpu) is kernels.REFERENCE["silu_and_mul"]
+    silu = layer.silu_and_mul if "avx512" in ops.isas() else kernels.REFERENCE["silu_and_mul"]
+    assert kernels.implementation("silu_and_mul", cpu) is silu
+
+
+@pytest.mark.skipif("avx512" not in ops.isas(), reason="AVX-512 only")
+@pytest.mark.parametrize(("rows", "n"), [(1, 4864), (7, 8192), (3, 37)])
+def test_silu_and_mul(rows: int, n: int) -> None:
+    x = torch.randn(rows, 2 * n, generator=_gen(n)) * 6
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])
+    torch.testing.assert_close(layer.silu_and_mul(x), silu_and_mul_ref(x), rtol=2e-6, atol=1e-7)

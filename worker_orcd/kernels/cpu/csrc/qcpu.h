@@ -100,6 +100,9 @@ static inline int64_t attn_slot(const attn_task_t *a, int64_t j) {
     return a->slots ? a->slots[j] : a->slot0 + j;
 }
 
+/* out [rows, n] = silu(gate) * up of x [rows, 2n] (gate then up); AVX-512 only. */
+void silu_mul_avx512(const float *x, int64_t rows, int64_t n, float *out);
+
 /* `scores`: room for hi - lo + 1 floats. */
 void attention_scalar(const attn_task_t *a, float *scores);
 void attention_avx512(const attn_task_t *a, float *scores);

@@ -299,10 +299,10 @@ void dequant_row_avx512(int qt, const uint8_t *row, int64_t k, void *out_, int f
     }
 }
 
-/* e^x for x <= 0 (softmax arguments), relative error ~2e-7: 2^n * e^f with n = round(x log2 e),
+/* e^x, relative error ~2e-7 (0 below -87, inf above 88): 2^n * e^f with n = round(x log2 e),
  * f = x - n ln 2 (in two parts), e^f by a degree-6 Taylor polynomial, 2^n by vscalefps. */
-INLINE __m512 exp_neg(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+INLINE __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(89.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* ln 2 = c1 + c2 */
@@ -347,14 +347,14 @@ void attention_avx512(const attn_task_t *a, float *scores) {
         __m512 sumv = _mm512_setzero_ps();
         int64_t j = 0;
         for (; j + 16 <= n; j += 16) {
-            const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(scores + j), _mm512_set1_ps(m)));
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + j), _mm512_set1_ps(m)));
             _mm512_storeu_ps(scores + j, e);
             sumv = _mm512_add_ps(sumv, e);
         }
         if (j < n) {
             const __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
             const __m512 e = _mm512_maskz_mov_ps(
-                k, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, scores + j), _mm512_set1_ps(m))));
+                k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, scores + j), _mm512_set1_ps(m))));
             _mm512_mask_storeu_ps(scores + j, k, e);
             sumv = _mm512_add_ps(sumv, e);
         }
@@ -375,6 +375,21 @@ void attention_avx512(const attn_task_t *a, float *scores) {
             for (int64_t i = 0; i < c; i++)
                 _mm512_mask_storeu_ps(o + 16 * (i0 + i), i0 + i == nv - 1 ? tail : 0xFFFF,
                                       _mm512_mul_ps(acc[i], _mm512_set1_ps(inv)));
+        }
+    }
+}
+
+/* out[r, i] = silu(gate) * up for rows of [gate (n), up (n)]: g / (1 + e^-g) * u. */
+void silu_mul_avx512(const float *x, int64_t rows, int64_t n, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = x + r * 2 * n, *u = g + n;
+        float *o = out + r * n;
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 k = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+            const __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+            _mm512_mask_storeu_ps(o + i, k, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, u + i)));
         }
     }
 }

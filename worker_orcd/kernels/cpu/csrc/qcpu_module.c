@@ -9,6 +9,7 @@
  *   round_x(x_ptr, m, k, ldx, xq_ptr, dx_ptr)   x rounded as `linear` rounds it (for tests)
  *   rms_norm(x, res, w, eps, rows, d, normed, summed)       (qcpu_layer.c; res, summed may be 0)
  *   rope_store(q, q_rs, H, k, k_rs, v, v_rs, Hk, D, T, pos, cs, cs_rs, half, kc, vc, slots, qout)
+ *   silu_mul(x, rows, n, out)                   silu(gate) * up (AVX-512 CPUs only)
  *   attention(q, H, D, kc, vc, Hk, seqs, scale, window, out, threads, isa)
  *       q, out [T, H, D]; caches [S, Hk, D]; seqs: (first row, end row, context length, first
  *       slot, slot index address or 0) per sequence; window 0 for none
@@ -366,6 +367,21 @@ static PyObject *py_rope_store(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_silu_mul(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, out;
+    long long rows, n;
+    if (!PyArg_ParseTuple(args, "KLLK", &x, &rows, &n, &out)) return NULL;
+    if (rows < 0 || n < 1 || cpu_isa_max() < ISA_AVX512) {
+        PyErr_SetString(PyExc_ValueError, "silu_mul needs rows >= 0, n >= 1 and an AVX-512 CPU");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    silu_mul_avx512(P(x), rows, n, P(out));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 typedef struct {
     attn_task_t *tasks;
     int isa;
@@ -485,6 +501,7 @@ static PyMethodDef methods[] = {
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows, with the residual add"},
     {"rope_store", py_rope_store, METH_VARARGS, "rotary embedding of q, k and the KV cache write"},
     {"attention", py_attention, METH_VARARGS, "causal attention over the KV cache"},
+    {"silu_mul", py_silu_mul, METH_VARARGS, "silu(gate) * up"},
     {NULL, NULL, 0, NULL},
 };
 

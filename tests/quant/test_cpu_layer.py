@@ -92,13 +92,22 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("isa", [i for i in ops.isas() if i in ("scalar", "avx512")])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize(("heads", "kv", "d"), [(14, 2, 64), (32, 32, 96), (6, 3, 80)])
 @pytest.mark.parametrize("scatter", [False, True])
 @pytest.mark.parametrize("window", [None, 17])
 def test_attention(
-    case: str, heads: int, kv: int, d: int, scatter: bool, window: int | None
+    case: str,
+    heads: int,
+    kv: int,
+    d: int,
+    scatter: bool,
+    window: int | None,
+    isa: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(ops, "_DEFAULT_ISA", ops.ISAS.index(isa) + 1)
     g = _gen(heads * 7 + d + len(case))
     meta, n_slots = _meta(CASES[case], 16, scatter, g)
     q = torch.randn(meta.num_tokens, heads, d, generator=g)

@@ -7,7 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: run test setup setup-test model testdata lint clean
 
-$(VENV)/.installed: pyproject.toml
+# The CPU quantized-matmul extension is built by `pip install -e .` (setup.py): rebuild when it changes.
+CPU_EXT := setup.py $(wildcard worker_orcd/kernels/cpu/csrc/*.c worker_orcd/kernels/cpu/csrc/*.h)
+
+$(VENV)/.installed: pyproject.toml $(CPU_EXT)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"

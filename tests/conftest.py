@@ -157,10 +157,13 @@ def write_gguf(tmp_path: Path) -> WriteGGUF:
 
 @pytest.fixture(scope="session")
 def qwen_engine(qwen_gguf_path: Path):  # noqa: ANN201 - Engine is imported lazily
-    """The real Qwen model in the engine (cpu, float32, context 2048), loaded once per session."""
+    """The real Qwen model in the engine (cpu, float32, context 2048), loaded once per session:
+    dequantized, as the parity tests compare it with transformers' float32."""
     from worker_orcd.engine.engine import Engine
 
-    return Engine.load(qwen_gguf_path, device="cpu", dtype="float32", max_context=2048)
+    return Engine.load(
+        qwen_gguf_path, device="cpu", dtype="float32", max_context=2048, weights="dequantized"
+    )
 
 
 # GNU OpenMP threads spin after every parallel region unless told otherwise; on 2 busy cores each

@@ -2,6 +2,7 @@
 
     worker-orcd bench --preset phi3-mini|qwen2.5-0.5b [--peer transformers] [--weights quantized]
     worker-orcd bench --model FILE [--peer transformers] [--weights quantized]
+    worker-orcd bench --device cpu [--model FILE]      (bench_cpu.py)
 
 A preset builds the model with random bf16 weights at the real dimensions directly on the GPU (speed
 does not depend on the values); with `--weights quantized` its projections, embedding and head are
@@ -90,24 +91,33 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu: the CPU path on a GGUF file, the test model by default (bench_cpu.py)",
+    )
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="GGUF file to load")
     src.add_argument("--preset", choices=sorted(PRESETS), help="random bf16 weights at real dims")
     p.add_argument("--peer", choices=["transformers"], default=None, help="also measure a peer")
     p.add_argument(
         "--weights",
         choices=["dequantized", "quantized"],
-        default="dequantized",
-        help="quantized: GGUF blocks on the GPU (presets: a random Q4_K_M-style mix)",
+        default=None,
+        help="quantized: GGUF blocks on the GPU (presets: a random Q4_K_M-style mix); default "
+        "dequantized on cuda, the engine's default (quantized) on cpu",
     )
-    p.add_argument("--prefill", type=int, nargs="+", default=[128, 512, 2048], metavar="N")
+    p.add_argument(
+        "--prefill", type=int, nargs="+", default=None, metavar="N", help="default 128 512 2048"
+    )
     p.add_argument(
         "--decode-context",
         type=int,
         nargs="+",
-        default=[100, 4000],
+        default=None,
         metavar="N",
-        help="mean context of the timed decode steps",
+        help="mean context of the timed decode steps (default 100 4000)",
     )
     p.add_argument("--decode-steps", type=int, default=128)
     p.add_argument(
@@ -120,12 +130,28 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="cpu: the engine's max_context (default the model's; its KV cache counts in RSS)",
+    )
     p.add_argument("--no-graph", action="store_true", help="decode eagerly (no CUDA graph)")
     add_parallel_arguments(p)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.device == "cpu":
+        from worker_orcd.bench_cpu import run_cpu_bench
+
+        return run_cpu_bench(args)
+    if not (args.model or args.preset):
+        print("bench needs --model FILE or --preset NAME")
+        return 2
+    args.weights = args.weights or "dequantized"
+    args.prefill = args.prefill or [128, 512, 2048]
+    args.decode_context = args.decode_context or [100, 4000]
     if not torch.cuda.is_available():
         print("bench needs a CUDA GPU")
         return 1

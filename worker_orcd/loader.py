@@ -7,10 +7,12 @@ tensor of the file must map to a parameter, every parameter must be filled exact
 by each of its shards once), and every shape is checked before any data is read.
 
 weights="dequantized": every tensor is dequantized into the compute dtype on the target device.
-weights="quantized": tensors of a type the quantized kernels support (kernels/quant: Q4_0, Q5_0,
-Q8_0, Q4_K, Q5_K, Q6_K) keep their GGUF blocks on the device; a fused projection collects its
-shards (of any mix of types) into one PackedWeight. Other tensors (F32, F16, BF16, ...) are
-dequantized as before.
+weights="quantized": tensors of a type the quantized kernels support (Q4_0, Q5_0, Q8_0, Q4_K,
+Q5_K, Q6_K) keep their GGUF blocks; a fused projection collects its shards (of any mix of types)
+into one packed weight. On CUDA the blocks are split into planes and copied to the GPU
+(kernels/quant, PackedWeight); on the CPU they stay where they are, views of the file's memory
+map read by the CPU kernels (kernels/cpu, CpuPackedWeight), so loading copies no quantized bytes.
+Other tensors (F32, F16, BF16, ...) are dequantized (copied) as before.
 
 Tensor parallel: a model built with a `Parallel` of several ranks has parameters that carry a
 `partition` (worker_orcd/parallel.py); the plan checks the file's whole shapes, and each rank reads
@@ -36,6 +38,9 @@ from torch import nn
 from worker_orcd.config import ModelConfig
 from worker_orcd.errors import ModelLoadError
 from worker_orcd.gguf import DEQUANTIZERS, GGUFFile, dequantize
+from worker_orcd.kernels.cpu import layer as cpu_layer
+from worker_orcd.kernels.cpu import ops as cpu_ops
+from worker_orcd.kernels.cpu.weights import CpuPackedWeight, CpuQuantizedWeight
 from worker_orcd.kernels.quant.formats import SUPPORTED
 from worker_orcd.kernels.quant.weights import PackedWeight, QuantizedWeight, Shard
 from worker_orcd.layers.linear import ShardId, shard_shape
@@ -216,7 +221,11 @@ def load_model(
     )
     plan = plan_load(f, config, model)
     params = dict(model.named_parameters())
-    shards: dict[str, dict[ShardId, Shard]] = {}  # placeholder parameter -> its loaded shards
+    if device.type == "cpu":
+        cpu_layer.register_all()  # the compiled norm, rope and decode attention, as on CUDA
+        if weights == "quantized":
+            cpu_ops.warn_if_unavailable()
+    shards: dict[str, dict[ShardId, AnyShard]] = {}  # placeholder parameter -> its loaded shards
     total = sum(f.tensors[name].n_bytes for name, _, _ in plan)
     done = 0
     next_report = 0.1
@@ -246,14 +255,20 @@ def load_model(
     return model, report
 
 
+AnyShard = Shard | CpuQuantizedWeight
+
+
 def _load_shard(
     f: GGUFFile, name: str, device: torch.device, dtype: torch.dtype, cut: Cut | None
-) -> Shard:
+) -> AnyShard:
     """A tensor (or this rank's `cut` of it) kept in its GGUF blocks if the quantized kernels take
-    its type, else dense."""
+    its type, else dense. On the CPU the blocks of a whole tensor are a view of the memory map (the
+    CPU kernels); a rank's cut there is a copy of its blocks, multiplied by the torch reference."""
     if cut is not None:
         return _read_part(f, name, cut, device, dtype, keep_blocks=True)
     info = f.tensors[name]
+    if device.type == "cpu" and info.qtype in cpu_ops.SUPPORTED and len(info.shape) == 2:
+        return CpuQuantizedWeight.from_gguf(f.view(name), info.qtype, info.shape)
     if info.qtype in SUPPORTED and len(info.shape) == 2:
         raw = torch.from_numpy(f.raw(name).copy())  # the map is read-only; torch wants writable
         return QuantizedWeight.from_gguf(raw, info.qtype, info.shape, device)
@@ -338,12 +353,18 @@ def _owners(model: nn.Module, param: nn.Parameter) -> list[nn.Module]:
 
 
 def _place(
-    model: nn.Module, param: nn.Parameter, loaded: dict[ShardId, Shard], device: torch.device
+    model: nn.Module, param: nn.Parameter, loaded: dict[ShardId, AnyShard], device: torch.device
 ) -> None:
-    """Give the modules owning the placeholder `param` its shards: a PackedWeight when any shard is
-    quantized, else a real dense parameter filled as in the dequantized path."""
+    """Give the modules owning the placeholder `param` its shards: a packed weight when any shard
+    is quantized (CpuPackedWeight on the CPU, PackedWeight on CUDA), else a real dense parameter
+    filled as in the dequantized path."""
     order = list(getattr(param, "shard_slices", {None: None}))
     parts = [loaded[s] for s in order if s in loaded] if None not in loaded else [loaded[None]]
+    if any(isinstance(p, CpuQuantizedWeight) for p in parts):
+        cpu_packed = CpuPackedWeight.pack(parts)
+        for m in _owners(model, param):
+            m.quantized = cpu_packed
+        return
     if any(isinstance(p, QuantizedWeight) for p in parts):
         packed = PackedWeight.pack(parts)
         for m in _owners(model, param):

@@ -74,6 +74,8 @@ def test_cli_generate_json(qwen_engine: Engine, qwen_gguf_path: Path) -> None:
         "0",
         "--max-context",
         "64",
+        "--weights",
+        "dequantized",  # as qwen_engine
         "--json",
     ]
     proc = subprocess.run(

@@ -30,7 +30,7 @@ def tiny_pairs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pair
         if arch not in cache:
             hf = MAKERS[arch]()
             path = write_gguf(hf, tmp_path_factory.mktemp("tiny") / f"{arch}.gguf")
-            cache[arch] = (hf, Engine.load(path, max_context=512))
+            cache[arch] = (hf, Engine.load(path, max_context=512, weights="dequantized"))
         return cache[arch]
 
     return get
@@ -51,7 +51,9 @@ def pair(tmp_path: Path) -> Callable[..., Pair]:
     ) -> Pair:
         hf = MAKERS[arch](**dims)
         path = write_gguf(hf, tmp_path / f"{arch}.gguf")
-        engine = Engine.load(path, device=device, dtype=dtype, max_context=max_context)
+        engine = Engine.load(
+            path, device=device, dtype=dtype, max_context=max_context, weights="dequantized"
+        )
         return hf, engine
 
     return build

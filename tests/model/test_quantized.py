@@ -1,8 +1,10 @@
-"""weights="quantized": GGUF blocks kept in the layers (PackedWeight) against the dequantized path.
+"""weights="quantized": GGUF blocks kept in the layers against the dequantized path.
 
-On CPU the quantized layers run the kernels' torch reference twins (kernels/quant/ops.py), which
-dequantize exactly as gguf-py does, so the two paths see the same float32 weights and differ only in
-summation order: logits agree to ~1e-6 relative, and the bound here is 1e-4.
+On the CPU the quantized layers (CpuPackedWeight over the file's memory map) run the compiled CPU
+kernels (kernels/cpu), which use the exactly dequantized weights but round x to int8 per 32
+elements, as the GPU GEMVs do: logits move by ~1% of their norm on these random models, so the
+bound here is 3e-2 (a misplaced shard or block would be off by O(1)), and greedy tokens are
+float32's choice unless float32 itself puts them near a tie.
 
 The GPU test runs the fused Triton kernels in bf16 against the dequantized float32 CPU path.
 """
@@ -26,7 +28,8 @@ from worker_orcd.engine.engine import Engine
 from worker_orcd.engine.types import SamplingParams
 from worker_orcd.errors import ModelLoadError
 from worker_orcd.gguf import GGUFFile
-from worker_orcd.kernels.quant.weights import PackedWeight, QuantizedWeight
+from worker_orcd.kernels.cpu.weights import CpuPackedWeight, CpuQuantizedWeight
+from worker_orcd.kernels.quant.ops import int8_x_reference
 from worker_orcd.loader import TABLES, load_model
 
 CPU = torch.device("cpu")
@@ -57,7 +60,8 @@ ALL_TYPES = {
     "output": Q.Q8_0,
 }
 KQUANT_DIMS: dict[str, Any] = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2)
-REL_TOL_CPU = 1e-4
+REL_TOL_CPU = 3e-2
+NEAR_TIE = 0.15  # float32 logit gap under which an int8-rounded path may pick the other token
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +109,7 @@ def test_info_reports_quantized_bytes_on_the_device(legacy_file: Path) -> None:
     assert info.weight_mix["float32"] == on_file["F32"]  # norms and biases
     assert info.weight_bytes == sum(info.weight_mix.values())
     assert info.weight_bytes == sum(on_file.values())
-    dense = Engine.load(legacy_file, max_context=128).info()
+    dense = Engine.load(legacy_file, max_context=128, weights="dequantized").info()
     assert dense.weights == "dequantized" and set(dense.weight_mix) == {"float32"}
     assert dense.weight_bytes > 3 * info.weight_bytes
 
@@ -120,8 +124,8 @@ def test_weights_mode_is_checked(legacy_file: Path) -> None:
 
 
 def test_kquant_file_greedy_and_logits_match_dequantized_cpu(all_types_file: Path) -> None:
-    """Every supported type in one file, through the reference twins: same greedy tokens and
-    logits as the dequantized float32 path."""
+    """Every supported type in one file, through the CPU kernels: greedy tokens and logits of the
+    dequantized float32 path, up to the rounding of x."""
     quant = Engine.load(all_types_file, max_context=128, weights="quantized")
     dense = Engine.load(all_types_file, max_context=128, weights="dequantized")
     assert set(quant.info().weight_mix) == {
@@ -135,10 +139,13 @@ def test_kquant_file_greedy_and_logits_match_dequantized_cpu(all_types_file: Pat
     }
     prompt = random_ids(9, quant.config.vocab_size, seed=2)
     params = SamplingParams(max_tokens=6, temperature=0.0)
-    want = dense.generate(prompt, params).token_ids
-    assert quant.generate(prompt, params).token_ids == want
-    ids = prompt + want
-    assert rel_err(quant.score(ids), dense.score(ids)) < REL_TOL_CPU
+    got = quant.generate(prompt, params).token_ids
+    ids = prompt + got
+    ref = dense.score(ids)
+    for i, token in enumerate(got):  # float32's argmax on the quantized path's own prefix
+        step = ref[len(prompt) - 1 + i]
+        assert float(step.max() - step[token]) < NEAR_TIE, f"step {i}"
+    assert rel_err(quant.score(ids), ref) < REL_TOL_CPU
 
 
 # -- loader: exactly-once checks and placement with quantized shards ------------------------------
@@ -179,15 +186,18 @@ def test_quantized_shards_land_in_their_rows(
     if arch == "qwen2":
         want = torch.cat([t[f"blk.0.attn_{s}.weight"] for s in "qkv"])
         kinds = [type(p).__name__ for _, p in layer.self_attn.qkv_proj.quantized.parts]
-        assert kinds == ["QuantizedWeight", "Tensor", "QuantizedWeight"]  # k stayed F32
+        assert kinds == ["CpuQuantizedWeight", "Tensor", "CpuQuantizedWeight"]  # k stayed F32
     else:
         want = t["blk.0.attn_qkv.weight"]
     packed = layer.self_attn.qkv_proj.quantized
-    assert isinstance(packed, PackedWeight)
+    assert isinstance(packed, CpuPackedWeight)
+    # rows of the identity round to int8 exactly (one 1.0 each); in slices of 16, under the rows
+    # from which prompts take the bfloat16 path
     x = torch.eye(m.hidden)
-    torch.testing.assert_close(packed.matmul(x).T, want, rtol=0, atol=1e-6)
+    got = torch.cat([packed.matmul(x[i : i + 16]) for i in range(0, m.hidden, 16)])
+    torch.testing.assert_close(got.T, want, rtol=0, atol=1e-6)
     emb = model.model.embed_tokens.quantized.parts[0][1]
-    assert isinstance(emb, QuantizedWeight)
+    assert isinstance(emb, CpuQuantizedWeight)
     torch.testing.assert_close(emb.dequantize(), t["token_embd.weight"], rtol=0, atol=0)
     assert model.model.norm.weight.device == CPU  # 1-D tensors stay dense parameters
     assert report.weight_bytes == sum(report.weight_mix.values())
@@ -218,7 +228,7 @@ def test_tied_head_shares_the_quantized_embedding(
     emb = model.model.embed_tokens.quantized
     assert report.weight_mix[emb.parts[0][1].qtype.name] >= emb.nbytes  # counted once
     hidden = torch.randn(3, m.hidden, generator=torch.Generator().manual_seed(0))
-    want = hidden @ _dense_of(m.tensors["token_embd.weight"]).T
+    want = int8_x_reference(hidden) @ _dense_of(m.tensors["token_embd.weight"]).T
     torch.testing.assert_close(model.compute_logits(hidden), want, rtol=1e-5, atol=1e-5)
 
 
@@ -257,7 +267,7 @@ def test_kquant_file_quantized_gpu_matches_dequantized_cpu(all_types_file: Path)
     tokens agree, every later one is float32's argmax unless float32 puts it within bf16 rounding
     of a tie, and logits are within 3% relative (bf16 activations alone give ~1% here)."""
     gpu = Engine.load(all_types_file, device="cuda", max_context=256)
-    cpu = Engine.load(all_types_file, max_context=256)
+    cpu = Engine.load(all_types_file, max_context=256, weights="dequantized")
     info, on_file = gpu.info(), _file_bytes(all_types_file)
     assert info.weights == "quantized" and cpu.info().weights == "dequantized"
     for qtype in ("Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q8_0"):

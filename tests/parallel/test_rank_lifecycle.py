@@ -33,12 +33,14 @@ def phi3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_quantized_weights_over_two_ranks(tmp_path: Path) -> None:
     """Q8_0 projections (o_proj's 32 columns per rank stay whole blocks) and a Q4_K ffn_down whose
-    384 columns per rank do not (that part is dequantized): the one-process quantized logits."""
+    384 columns per rank do not (that part is dequantized). On the CPU a rank's blocks are
+    multiplied by the torch reference (dequantize, then float32), not the CPU kernels, which take
+    whole tensors of the memory map: the logits are the one-process dequantized ones."""
     qtypes = {"attn_q": Q.Q8_0, "attn_k": Q.Q8_0, "attn_v": Q.Q8_0, "attn_output": Q.Q8_0}
     qtypes |= {"ffn_gate": Q.Q8_0, "ffn_up": Q.Q8_0, "ffn_down": Q.Q4_K, "token_embd": Q.Q5_0}
     hf = make_qwen2(seed=2, intermediate_size=768, num_hidden_layers=2)
     path = write_gguf(hf, tmp_path / "q.gguf", qtypes=qtypes, sync_model=True)
-    one = Engine.load(path, max_context=64, weights="quantized")
+    one = Engine.load(path, max_context=64, weights="dequantized")
     two = Engine.load(path, max_context=64, weights="quantized", tensor_parallel_size=2)
     try:
         ids = random_ids(19, one.config.vocab_size, seed=3)

@@ -95,10 +95,18 @@ class EngineInfo:
 
 
 def resolve_weights(weights: str | None, device: torch.device) -> str:
-    """Default: GGUF blocks stay quantized on CUDA; on CPU they are dequantized (no fused kernels
-    there, the torch reference path re-dequantizes a weight for every matmul)."""
+    """Default: GGUF blocks stay quantized, on CUDA (fused Triton kernels) and on the CPU (the
+    compiled CPU kernels read them in the file's memory map); "dequantized" is the float path the
+    parity tests ask for. On a CPU without the compiled kernels (the extension did not build) the
+    default falls back to dequantized, with a warning."""
     if weights is None:
-        return "quantized" if device.type == "cuda" else "dequantized"
+        if device.type == "cpu":
+            from worker_orcd.kernels.cpu import ops as cpu_ops
+
+            if not cpu_ops.available():
+                cpu_ops.warn_if_unavailable()
+                return "dequantized"
+        return "quantized"
     if weights not in WEIGHT_MODES:
         raise ModelLoadError(f"unsupported weights={weights!r} (use {' or '.join(WEIGHT_MODES)})")
     return weights

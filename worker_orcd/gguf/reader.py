@@ -119,6 +119,12 @@ class GGUFFile:
         view.flags.writeable = False
         return view
 
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor's bytes as a uint8 torch tensor over the memory map (no copy). The map is
+        copy-on-write, so a write would stay private to this process; nothing is read from disk
+        until a page is touched."""
+        return torch.from_numpy(self._raw(name))
+
     def load(
         self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:

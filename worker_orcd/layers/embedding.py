@@ -1,8 +1,9 @@
 """Token embedding and the output head (which may share the embedding's weight).
 
 With `quantized=True` the weight is a meta-device placeholder (shape only) and the loader puts the
-GGUF blocks in `quantized`; a tied head holds the same Parameter, so the loader gives it the same
-PackedWeight.
+GGUF blocks in `quantized` (PackedWeight on CUDA, CpuPackedWeight on the CPU); a tied head holds
+the same Parameter, so the loader gives it the same packed weight. A quantized table dequantizes
+only the rows looked up.
 
 Tensor parallel: with a `parallel` of several ranks each rank holds the rows of its part of the
 vocabulary (`Parallel.part`). The embedding looks up the ids in its part (zero rows for the others)
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from worker_orcd import kernels
+from worker_orcd.kernels.cpu.weights import CpuPackedWeight
 from worker_orcd.kernels.quant.weights import PackedWeight
 from worker_orcd.layers.linear import default_weight_loader
 from worker_orcd.parallel import SINGLE, Parallel, Partition
@@ -43,7 +45,7 @@ class VocabEmbedding(nn.Module):
         self.parallel = parallel
         self.vocab_range = parallel.part(vocab_size)  # the ids whose rows this rank holds
         self.weight = _table(vocab_size, hidden_size, quantized, parallel)
-        self.quantized: PackedWeight | None = None
+        self.quantized: PackedWeight | CpuPackedWeight | None = None
         self.dtype = torch.get_default_dtype()  # of the looked-up rows (the build's compute dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -79,10 +81,12 @@ class LMHead(nn.Module):
             self.weight = tied_to.weight
         else:
             self.weight = _table(vocab_size, hidden_size, quantized, parallel)
-        self.quantized: PackedWeight | None = None
+        self.quantized: PackedWeight | CpuPackedWeight | None = None
         self.dtype = torch.get_default_dtype()  # of the looked-up rows (the build's compute dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.quantized, CpuPackedWeight):  # logits of many rows stay float32
+            return self.quantized.matmul(hidden, float32_out=True).float()
         if self.quantized is not None:
             logits = self.quantized.matmul(hidden).float()
         else:

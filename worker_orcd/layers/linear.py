@@ -4,8 +4,9 @@ Every parameter carries a `weight_loader(param, tensor, shard_id)` and, when it 
 tensors, `shard_slices` mapping each shard id to its rows. The loader reads only these two
 attributes. A layer built with `quantized=True` keeps its weight's shape and shard slices on the
 meta device (so the load plan still checks every shard) and holds the real weight in `quantized`,
-a PackedWeight of GGUF blocks that the loader fills; a parameter whose file tensors are all dense
-is materialised by the loader instead and the layer runs as a plain one.
+a packed weight of GGUF blocks that the loader fills (PackedWeight on CUDA, CpuPackedWeight, over
+the file's memory map, on the CPU); a parameter whose file tensors are all dense is materialised
+by the loader instead and the layer runs as a plain one.
 
 Tensor parallel (worker_orcd/parallel.py): built with a `parallel` of several ranks and a `split`, a
 layer holds this rank's part of its weight and its parameters carry a `partition` that tells the
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from worker_orcd import kernels
+from worker_orcd.kernels.cpu.weights import CpuPackedWeight
 from worker_orcd.kernels.quant.ops import RoundedX
 from worker_orcd.kernels.quant.weights import PackedWeight
 from worker_orcd.parallel import SINGLE, Parallel, split_linear
@@ -88,7 +90,7 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight = _param(out_features, in_features, meta=quantized)
-        self.quantized: PackedWeight | None = None
+        self.quantized: PackedWeight | CpuPackedWeight | None = None
         self.bias = _param(out_features) if bias else None
         if shards:
             if sum(shards.values()) != out_features:

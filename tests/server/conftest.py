@@ -29,6 +29,11 @@ SHARED_FLAGS = (
     "16",
     "--kv-cache-tokens",
     "256",
+    # float32 weights: their results do not depend on what else a step carries, so a request's
+    # text over HTTP, batched with others, can be held to its solo run token for token (the CPU
+    # kernels of quantized weights round a decode row differently alone and in a prompt's pass).
+    "--weights",
+    "dequantized",
 )
 
 
@@ -46,4 +51,6 @@ def engine(qwen_gguf_path: Path):  # noqa: ANN201 - Engine is imported lazily
     """The same model in-process, as the reference for what the server must stream."""
     from worker_orcd.engine.engine import Engine
 
-    return Engine.load(qwen_gguf_path, device="cpu", dtype="float32", max_context=256)
+    return Engine.load(
+        qwen_gguf_path, device="cpu", dtype="float32", max_context=256, weights="dequantized"
+    )

@@ -33,6 +33,7 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 
 FLAGS = ("--data-parallel-size", "2", "--worker-id", "dp-test", "--max-context", "256")
+FLAGS += ("--weights", "dequantized")  # as the reference engine: results independent of batching
 FLAGS += ("--max-tokens-out", "64")
 COUNTING = "Count: 1, 2, 3,"  # a greedy continuation that runs to max_tokens
 

@@ -294,7 +294,7 @@ def test_health_is_fast_and_complete_while_a_job_runs(server: LiveServer) -> Non
     assert health["status"] == "healthy" and health["resident"] is True
     assert health["worker_id"] == "shared-test-worker"
     assert health["quant_kind"] == "Q4_K_M" and health["tokenizer_kind"]
-    assert health["weights"] == "quantized"  # the default, CPU included
+    assert health["weights"] == "dequantized"  # as the shared server asks (--weights)
     assert health["weight_mix"] and all(n > 0 for n in health["weight_mix"].values())
     assert health["vocab_size"] > 150_000 and health["context_length"] == 256
     assert health["vram_bytes_used"] == 0  # CPU

@@ -3,6 +3,7 @@ profiler), their sum, and the same step replayed from its CUDA graph. The gap be
 the replay is what the kernel boundaries cost (drain, launch, ramp-up).
 
     PYTHONPATH=. python benchmarks/profile_decode.py --preset qwen2.5-0.5b [--weights quantized]
+        [--batch B]   # B sequences of the same context in one step
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections import defaultdict
 import torch
 
 from worker_orcd.bench import PRESETS, random_model
-from worker_orcd.engine.cuda_graphs import CudaGraphRunner
+from worker_orcd.engine.cuda_graphs import CudaGraphRunner, DeviceFedSteps
 from worker_orcd.engine.kv_cache import KVCache
 from worker_orcd.engine.model_runner import ModelRunner
 from worker_orcd.engine.scheduler import ScheduledBatch
@@ -39,6 +40,7 @@ def main() -> None:
     p.add_argument("--weights", choices=["dequantized", "quantized"], default="dequantized")
     p.add_argument("--context", type=int, default=100)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     dev = torch.device("cuda")
@@ -48,17 +50,23 @@ def main() -> None:
     model = random_model(
         config, dev, max_positions=max(ctx, 4096), quantized=args.weights == "quantized"
     )
-    kv = KVCache.allocate(config, ctx, dtype=torch.bfloat16, device=dev)
+    b = args.batch
+    kv = KVCache.allocate(config, ctx * b, dtype=torch.bfloat16, device=dev)
     runner = ModelRunner(model, kv, cuda_graphs=False)
-    seq = Sequence.from_prompt(list(range(1, args.context + 1)))
-    seq.block_table = list(range(kv.num_blocks))
-    runner.forward(ScheduledBatch([seq], [args.context], is_prefill=True))
-    seq.n_cached = args.context
+    per = kv.num_blocks // b
+    seqs = [Sequence.from_prompt(list(range(1, args.context + 1))) for _ in range(b)]
+    for i, seq in enumerate(seqs):
+        seq.block_table = list(range(i * per, (i + 1) * per))
+    runner.forward(ScheduledBatch(seqs, [args.context] * b, is_prefill=True))
+    for seq in seqs:
+        seq.n_cached = args.context
 
     def eager_step() -> None:
-        seq.append(1)
-        runner.forward(ScheduledBatch([seq], [1], is_prefill=False)).argmax(-1)
-        seq.n_cached += 1
+        for seq in seqs:
+            seq.append(1)
+        runner.forward(ScheduledBatch(seqs, [1] * b, is_prefill=False)).argmax(-1)
+        for seq in seqs:
+            seq.n_cached += 1
 
     for _ in range(3):
         eager_step()
@@ -76,24 +84,32 @@ def main() -> None:
         per_kernel[evt.key][1] += us / args.steps
     total = sum(v[1] for v in per_kernel.values())
     launches = sum(v[0] for v in per_kernel.values())
-    print(f"== {args.preset} {args.weights}, context {args.context}: one eager decode step")
+    print(
+        f"== {args.preset} {args.weights}, batch {b}, context {args.context}: one eager decode step"
+    )
     print(f"{'kernel':60} {'per step':>8} {'us each':>8} {'us/step':>8} {'share':>6}")
     for name, (n, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1]):
         print(f"{name[:60]:60} {n:8.1f} {us / max(n, 1e-9):8.2f} {us:8.1f} {us / total:6.1%}")
     print(f"{'sum of kernel time':60} {launches:8.0f} {'':8} {total:8.1f}")
 
-    graphs = CudaGraphRunner.create(model, kv, prompt_buckets=())
+    graphs = CudaGraphRunner.create(model, kv, batch_sizes=(b,), prompt_buckets=())
     assert graphs is not None
-    decode = graphs.decode
-    token, pos = 1, seq.n_cached
-    decode.decode_greedy(token, pos, seq.block_table, 8)
+    fed = DeviceFedSteps(graphs.decode)
+    tables = [seq.block_table for seq in seqs]
+    pos = [seq.n_cached for seq in seqs]
     steps = 200
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    decode.decode_greedy(token, pos, seq.block_table, steps)
+    for timed in (False, True):  # a warm-up pass, then the timed one
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ticket = fed.start([1] * b, pos, tables)
+        for _ in range(steps - 1 if timed else 8):
+            nxt = fed.chain(tables)
+            fed.read(ticket)
+            ticket = nxt
+        fed.read(ticket)
     ms = (time.perf_counter() - t0) * 1e3 / steps
     print(
-        f"graph replay: {ms * 1e3:.1f} us/step ({1e3 / ms:.0f} tok/s); "
+        f"graph replay: {ms * 1e3:.1f} us/step ({b * 1e3 / ms:.0f} tok/s); "
         f"kernel sum {total:.1f} us; boundaries {ms * 1e3 - total:.1f} us over {launches:.0f} "
         f"launches ({(ms * 1e3 - total) / max(launches, 1):.2f} us each)"
     )

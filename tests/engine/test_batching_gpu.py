@@ -1,6 +1,13 @@
 """Batched decode on the GPU (bf16): every decode-graph bucket against eager, batched logits
 against the same sequences alone, and the step loop's batched greedy requests against each request
-alone, device-fed on the graphs (-m gpu)."""
+alone, device-fed on the graphs (-m gpu).
+
+A batch of rows runs other matmul kernels than one row (cuBLAS tiles instead of the GEMV), so a
+row's bf16 logits differ from its lone run's by rounding. Greedy picks are held to the lone run's
+wherever that rounding cannot flip them: a differing pick is allowed only where the lone run's two
+best logits lie within twice the largest difference between the two rows (a near-tie), and the
+batched pick is then the lone run's runner-up. A step-loop request may part from its lone run only
+at such a near-tie of the lone run's logits, recomputed teacher-forced."""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.model.conftest import prefill_then_decode
 from worker_orcd.bench import PRESETS, random_model, stand_in_tokenizer
 from worker_orcd.engine.cuda_graphs import CudaGraphRunner, decode_buckets
 from worker_orcd.engine.engine import Engine, EngineInfo
@@ -25,6 +33,9 @@ pytestmark = [
 
 DEV = torch.device("cuda")
 MAX_SEQS = 24
+# Two best logits closer than this (the logits are about 10 apart at their extremes after the
+# head's scaling) are a near-tie that bf16 rounding of another batch shape may flip.
+NEAR_TIE = 0.25
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -76,7 +87,18 @@ def test_every_decode_bucket_replays_like_eager_and_like_each_sequence_alone(pre
             for i in (0, n - 1):
                 alone = eager.forward(ScheduledBatch([seqs[i]], [1], is_prefill=False))
                 assert _rel(ref[i : i + 1], alone) < 2e-2
-                assert int(ref[i].argmax()) == int(alone[0].argmax())
+                _same_pick_unless_near_tie(ref[i].float(), alone[0].float(), (n, i))
+
+
+def _same_pick_unless_near_tie(got: torch.Tensor, alone: torch.Tensor, where: object) -> None:
+    """got's argmax is alone's, or alone's runner-up at a near-tie that got's rounding explains."""
+    pick, want = int(got.argmax()), int(alone.argmax())
+    if pick == want:
+        return
+    noise = float((got - alone).abs().max())
+    top2 = alone.topk(2)
+    gap = float(top2.values[0] - top2.values[1])
+    assert pick == int(top2.indices[1]) and gap <= 2 * noise, (where, pick, want, gap, noise)
 
 
 def _engine(preset: str, layers: int) -> Engine:
@@ -126,8 +148,27 @@ def test_step_loop_batches_equal_requests_alone(preset: str) -> None:
         params[3] = SamplingParams(max_tokens=12, temperature=0.9, seed=5)  # a host-fed row
         alone = [engine.generate(p, q) for p, q in zip(prompts, params, strict=True)]
         batched = engine.generate_batch(prompts, params)
-        for a, b in zip(batched, alone, strict=True):
-            assert a.token_ids == b.token_ids
+        parted = 0
+        for prompt, q, a, b in zip(prompts, params, batched, alone, strict=True):
+            if a.token_ids == b.token_ids:
+                continue
+            if q.temperature > 0:
+                # Its seeded draws are the lone run's, but on probabilities that differ by bf16
+                # rounding: a draw near a boundary may land on a neighbour. The CPU float32 tests
+                # hold seeded requests to their lone runs token for token.
+                assert len(a.token_ids) == len(b.token_ids)
+                continue
+            # the first differing token, at a near-tie of the lone run's logits there
+            assert len(a.token_ids) == len(b.token_ids)
+            pairs = zip(a.token_ids, b.token_ids, strict=True)
+            at = next(i for i, (x, y) in enumerate(pairs) if x != y)
+            logits = prefill_then_decode(engine, prompt, b.token_ids[:at])[-1].float()
+            top2 = logits.topk(2)
+            gap = float(top2.values[0] - top2.values[1])
+            assert int(top2.indices[0]) == b.token_ids[at], "the lone run is not greedy here"
+            assert a.token_ids[at] == int(top2.indices[1]) and gap < NEAR_TIE, (at, gap)
+            parted += 1
+        assert parted <= 2, f"{parted} of {len(prompts)} requests parted from their lone runs"
         stats = engine.stats()
         assert stats.kv_blocks_used == 0 and stats.step_seqs > stats.steps
     finally:

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One GPU machine without network, from a plain checkout: install the carried wheels (.whl/, the
+# project's dependencies the image lacks), then run the named steps, each under its own time limit,
+# logs under $OUT. Steps: tests (the GPU suite), tests-server (the server suite on the GPU image),
+# streams-PRESET[-q] (bench --streams 1 8 32 64, quantized with -q), serve-phi3 (serve_load at 16 and
+# 64 clients on a random bf16 Phi-3 file).
+#
+#   OUT=out benchmarks/gpu_session.sh tests streams-phi3-mini streams-qwen2.5-0.5b-q
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export WORKER_ORCD_CACHE=${WORKER_ORCD_CACHE:-$PWD/.cache}
+PY=${PYTHON:-python3}
+if [ -d .whl ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+LIMIT=${LIMIT:-420}
+summary="$OUT/summary.txt"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
+  git log -1 --format='commit %h %s' 2>/dev/null | cut -c1-100; } | tee "$summary"
+run() {  # name, command...
+    local name=$1; shift
+    local t0=$SECONDS
+    timeout "$LIMIT" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc $rc, $((SECONDS - t0)) s" | tee -a "$summary"
+    tail -n 25 "$OUT/$name.log" | tee -a "$summary"
+}
+for step in "$@"; do
+    case $step in
+    tests) run tests $PY -m pytest -q -m gpu tests --ignore=tests/server -p no:cacheprovider \
+        --timeout 240 -ra ;;
+    tests-server) run tests-server $PY -m pytest -q tests/server -p no:cacheprovider -x ;;
+    streams-*)
+        preset=${step#streams-}; q=()
+        if [[ $preset == *-q ]]; then preset=${preset%-q}; q=(--weights quantized); fi
+        run "$step" $PY -m worker_orcd.cli bench --preset "$preset" "${q[@]}" \
+            --streams 1 8 32 64 --prompt-tokens 128 --gen-tokens 128 ;;
+    serve-phi3)
+        run serve-phi3 $PY -m benchmarks.serve_load --spawn --model /tmp/phi3-mini-bf16.gguf \
+            --random phi3-mini --clients 16 64 --rounds 2 --fixed --prompt-tokens 128 \
+            --gen-tokens 128 --serve-args "--device cuda --max-num-seqs 64 --kv-cache-tokens 65536" \
+            --json "$OUT/serve_load_phi3.json" ;;
+    *) echo "unknown step $step" | tee -a "$summary" ;;
+    esac
+done

@@ -13,6 +13,7 @@ two models' Q4_K_M mixes, each batch's best config and its time against the defa
 
     PYTHONPATH=. python benchmarks/quant_kernels.py --batched [--types Q4_K,Q6_K] [--out DIR]
     PYTHONPATH=. python benchmarks/quant_kernels.py --batched --tune [--types Q4_K] [--out DIR]
+        [--rows 8,32,64] [--model phi3]
 """
 
 from __future__ import annotations
@@ -136,16 +137,16 @@ def tune_configs(qtype: Q, m: int) -> list[BatchedConfig]:
     return cfgs
 
 
-def tune(types: list[Q]) -> list[dict]:
+def tune(types: list[Q], batches: tuple[int, ...] = ROWS, model: str = "") -> list[dict]:
     rows = []
     shapes = dict(SHAPES)
     for qtype, name in MIX:
-        if qtype not in types:
+        if qtype not in types or not name.startswith(model):
             continue
         n, k = shapes[name]
         size = nbytes(qtype, n, k)
         planes = to_planes(random_blocks(qtype, n, k, device="cuda"), qtype, n, k)
-        for m in ROWS:
+        for m in batches:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             default = batched_config(qtype, n, k, m)
@@ -170,7 +171,13 @@ def tune(types: list[Q]) -> list[dict]:
     return rows
 
 
-def run(out_dir: str, types: str = "", tune_only: bool = False) -> int:
+def run(
+    out_dir: str,
+    types: str = "",
+    tune_only: bool = False,
+    batches: tuple[int, ...] = ROWS,
+    model: str = "",
+) -> int:
     chosen = [t for t in SUPPORTED if not types or t.name in types.split(",")]
     info = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -180,7 +187,7 @@ def run(out_dir: str, types: str = "", tune_only: bool = False) -> int:
     copy_gbs = copy_bandwidth_gbs(torch.device("cuda"))
     logger.info("copy bandwidth: %.0f GB/s (read + written)", copy_gbs)
     if tune_only:
-        rows = tune(chosen)
+        rows = tune(chosen, batches, model)
         with open(os.path.join(out_dir, "quant_batched_tune.json"), "w") as f:
             json.dump({**info, "copy_gbs": copy_gbs, "tune": rows}, f, indent=1)
         logger.info("\n%-5s %-13s %3s %10s %10s %6s  best config", "type", "weight", "B",

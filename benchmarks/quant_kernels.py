@@ -293,13 +293,18 @@ def main() -> int:
                     help="2-64 rows: small-batch kernels, dequantize + cuBLAS, GEMV")  # fmt: skip
     ap.add_argument("--tune", action="store_true",
                     help="with --batched: sweep the small-batch launch configs")  # fmt: skip
+    ap.add_argument("--rows", default="", help="with --tune: these batch sizes, e.g. 8,32,64")
+    ap.add_argument("--model", default="", help="with --tune: one model's weights (phi3, qwen)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     torch.manual_seed(0)
     if args.batched:
         import quant_batched  # this script's directory is on sys.path
 
-        return quant_batched.run(args.out, args.types, tune_only=args.tune)
+        batches = tuple(int(b) for b in args.rows.split(",")) if args.rows else quant_batched.ROWS
+        return quant_batched.run(
+            args.out, args.types, tune_only=args.tune, batches=batches, model=args.model
+        )
     import triton
 
     info = {

@@ -142,24 +142,24 @@ class BatchedConfig:
             raise ValueError(f"{self}: {qtype.name} steps are {allowed} tiles of 32")
 
 
-# Programs along N and x's rows under which the default splits K (about one wave of an H200's
-# 132 SMs).
-_BATCHED_PROGRAMS = 128
+# Programs (along N, x's rows and K) up to which the default splits K: the H100 sweep of the Phi-3
+# Q4_K_M weights at 8, 32 and 64 rows (QUANT.md) ran fastest with 2-5 programs per SM.
+_BATCHED_PROGRAMS = 600
 
 
 def batched_config(qtype: GGMLQuantizationType, n: int, k: int, m: int) -> BatchedConfig:
-    """Launch shape of the small-batch kernels for x [m, k] and an [n, k] weight. Starting points
-    to be replaced from the sweep (`benchmarks/quant_kernels.py --batched --tune`, QUANT.md):
-    all of x in one program up to 64 rows (each weight tile is then read once), 64 output rows
-    per program on tall weights (the MMA's M on Hopper's tensor cores), 32 on short ones, and K
-    split in up to 4 where fewer programs than about one wave would run, keeping at least two
-    steps of 4 tiles of 32 per split."""
+    """Launch shape of the small-batch kernels for x [m, k] and an [n, k] weight, from the H100
+    sweep (`benchmarks/quant_kernels.py --batched --tune`, QUANT.md): all of x in one program up
+    to 64 rows (each weight tile is then read once), 64 output rows per program from 2048 rows
+    (32 on Qwen's short weights), and K split in up to 4 while the programs stay within
+    _BATCHED_PROGRAMS, keeping at least 16 units of 32 per split. Splitting more than one wave
+    took 25-60% off Phi-3's weights at 8 rows (the walk along K is latency-bound)."""
     block_b = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = 64 if n >= 4096 else 32
+    block_n = 64 if n >= 2048 else 32
     programs = ceil_div(n, block_n) * ceil_div(m, block_b)
     units = k // 32
     split = 1
-    while split < 4 and programs * split < _BATCHED_PROGRAMS and units >= 16 * split:
+    while split < 4 and programs * split * 2 <= _BATCHED_PROGRAMS and units >= 16 * split * 2:
         split *= 2
     return BatchedConfig(block_n, block_b, split_k=split)
 

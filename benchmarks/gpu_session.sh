@@ -30,7 +30,7 @@ run() {  # name, command...
 }
 for step in "$@"; do
     case $step in
-    tests) run tests $PY -m pytest -q -m gpu tests --ignore=tests/server -p no:cacheprovider \
+    tests) run tests $PY -m pytest -q -m gpu tests --ignore=tests/server -p no:cacheprovider -n 4 \
         --timeout 240 -ra ;;
     tests-server) run tests-server $PY -m pytest -q tests/server -p no:cacheprovider -x ;;
     streams-*)

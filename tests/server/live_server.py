@@ -201,8 +201,9 @@ class BackgroundStream:
                     self.events.append(event)
                     self._changed.notify_all()
 
-    def wait_for(self, name: str, count: int = 1, timeout: float = 60.0) -> SseEvent:
-        """The `count`-th event called `name`, waiting for it to arrive."""
+    def wait_for(self, name: str | None, count: int = 1, timeout: float = 60.0) -> SseEvent:
+        """The `count`-th event called `name`, waiting for it to arrive (None: the `count`-th
+        unnamed one, as OpenAI's data-only frames are)."""
         with self._changed:
             seen: list[SseEvent] = []
 

@@ -36,6 +36,9 @@ FLAGS = ("--data-parallel-size", "2", "--worker-id", "dp-test", "--max-context",
 FLAGS += ("--weights", "dequantized")  # as the reference engine: results independent of batching
 FLAGS += ("--max-tokens-out", "64")
 COUNTING = "Count: 1, 2, 3,"  # a greedy continuation that runs to max_tokens
+# A chat whose greedy reply runs to max_tokens ("1,2,3,...,24,2"). COUNTING as a chat is answered
+# "1, 2, 3" and EOS; sampled (OpenAI's default temperature is 1) often in one token or two.
+CHAT_COUNTING = [{"role": "user", "content": "Count from 1 to 500, separated by commas."}]
 
 
 @pytest.fixture(scope="module")
@@ -168,16 +171,16 @@ def test_cancel_and_a_client_that_leaves_reach_the_replica_running_the_job(
     cancel = front.wait_for_log("cancel", 30, job_id=gone)
     assert cancel["reason"] == "CLIENT_DISCONNECTED" and cancel["replica"] == owner_of(front, gone)
 
-    # An OpenAI stream's id is the replica's: the front learns it from the first chunk.
-    body = {"messages": [{"role": "user", "content": COUNTING}], "max_tokens": 64, "stream": True}
+    # An OpenAI stream's id is the replica's: the front learns it from the first chunk. Greedy,
+    # and a reply that runs to max_tokens: the job is still running when the cancel comes.
+    body = {"messages": CHAT_COUNTING, "max_tokens": 64, "temperature": 0, "stream": True}
     chat = BackgroundStream(front.url, body, path="/v1/chat/completions")
-    deadline = time.monotonic() + 60
-    while len(chat.events) < 3:  # the role chunk and two pieces of text
-        assert time.monotonic() < deadline and not chat.done.is_set(), chat.events
-        time.sleep(0.01)
+    third = chat.wait_for(None, 3)  # the role chunk and two pieces of text
+    assert third.json()["choices"][0]["finish_reason"] is None, chat.events
     cid = chat.events[0].json()["id"]
     with front.client() as client:
-        assert client.post("/cancel", json={"job_id": cid}).json()["status"] == "cancelling"
+        answer = client.post("/cancel", json={"job_id": cid}).json()
+    assert answer["status"] == "cancelling", (answer, chat.join())
     events = chat.join()
     assert events[-1].data == "[DONE]" and events[-2].json()["error"]["code"] == "CANCELLED"
     cancels = [r for r in front.events("cancel") if r.get("job_id") == cid]

@@ -12,6 +12,7 @@ With --tune, instead: a sweep of the small-batch kernels' launch configs for the
 two models' Q4_K_M mixes, each batch's best config and its time against the default's.
 
     PYTHONPATH=. python benchmarks/quant_kernels.py --batched [--types Q4_K,Q6_K] [--out DIR]
+        [--rows 2,4,8] [--model phi3]
     PYTHONPATH=. python benchmarks/quant_kernels.py --batched --tune [--types Q4_K] [--out DIR]
         [--rows 8,32,64] [--model phi3]
 """
@@ -91,13 +92,16 @@ def _points(
                 yield qtype, name, n, k
 
 
-def sweep(types: list[Q], copy_gbs: float) -> list[dict]:
+def sweep(
+    types: list[Q], copy_gbs: float, batches: tuple[int, ...] = ROWS, model: str = ""
+) -> list[dict]:
     rows = []
-    for qtype, name, n, k in _points(types, SHAPES):
+    shapes = [(name, shape) for name, shape in SHAPES if name.startswith(model)]
+    for qtype, name, n, k in _points(types, shapes):
         size = nbytes(qtype, n, k)
         planes = to_planes(random_blocks(qtype, n, k, device="cuda"), qtype, n, k)
         scratch = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
-        for m in ROWS:
+        for m in batches:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             us = {
@@ -202,7 +206,7 @@ def run(
                 b["split_k"], b["tiles"], b["stages"],
             )  # fmt: skip
         return 0
-    rows = sweep(chosen, copy_gbs)
+    rows = sweep(chosen, copy_gbs, batches, model)
     with open(os.path.join(out_dir, "quant_batched.json"), "w") as f:
         json.dump({**info, "copy_gbs": copy_gbs, "batched": rows}, f, indent=1)
     logger.info(

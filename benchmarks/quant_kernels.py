@@ -293,8 +293,8 @@ def main() -> int:
                     help="2-64 rows: small-batch kernels, dequantize + cuBLAS, GEMV")  # fmt: skip
     ap.add_argument("--tune", action="store_true",
                     help="with --batched: sweep the small-batch launch configs")  # fmt: skip
-    ap.add_argument("--rows", default="", help="with --tune: these batch sizes, e.g. 8,32,64")
-    ap.add_argument("--model", default="", help="with --tune: one model's weights (phi3, qwen)")
+    ap.add_argument("--rows", default="", help="with --batched: these batch sizes, e.g. 8,32,64")
+    ap.add_argument("--model", default="", help="with --batched: one model's weights (phi3, qwen)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     torch.manual_seed(0)

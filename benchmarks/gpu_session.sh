@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # One GPU machine without network, from a plain checkout: install the carried wheels (.whl/, the
 # project's dependencies the image lacks), then run the named steps, each under its own time limit,
-# logs under $OUT. Steps: tests (the GPU suite), tests-server (the server suite on the GPU image),
-# streams-PRESET[-q] (bench --streams 1 8 32 64, quantized with -q), serve-phi3 (serve_load at 16 and
-# 64 clients on a random bf16 Phi-3 file).
+# logs under $OUT. Steps: tests (the GPU suite), streams-PRESET[-q] (bench --streams 1 8 32 64,
+# quantized with -q).
 #
 #   OUT=out benchmarks/gpu_session.sh tests streams-phi3-mini streams-qwen2.5-0.5b-q
 set -uo pipefail
@@ -18,8 +17,8 @@ if [ -d .whl ]; then
 fi
 LIMIT=${LIMIT:-420}
 summary="$OUT/summary.txt"
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
-  git log -1 --format='commit %h %s' 2>/dev/null | cut -c1-100; } | tee "$summary"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; } \
+    | tee "$summary"
 run() {  # name, command...
     local name=$1; shift
     local t0=$SECONDS
@@ -32,17 +31,11 @@ for step in "$@"; do
     case $step in
     tests) run tests $PY -m pytest -q -m gpu tests --ignore=tests/server -p no:cacheprovider -n 4 \
         --timeout 240 -ra ;;
-    tests-server) run tests-server $PY -m pytest -q tests/server -p no:cacheprovider -x ;;
     streams-*)
         preset=${step#streams-}; q=()
         if [[ $preset == *-q ]]; then preset=${preset%-q}; q=(--weights quantized); fi
         run "$step" $PY -m worker_orcd.cli bench --preset "$preset" "${q[@]}" \
             --streams 1 8 32 64 --prompt-tokens 128 --gen-tokens 128 ;;
-    serve-phi3)
-        run serve-phi3 $PY -m benchmarks.serve_load --spawn --model /tmp/phi3-mini-bf16.gguf \
-            --random phi3-mini --clients 16 64 --rounds 2 --fixed --prompt-tokens 128 \
-            --gen-tokens 128 --serve-args "--device cuda --max-num-seqs 64 --kv-cache-tokens 65536" \
-            --json "$OUT/serve_load_phi3.json" ;;
     *) echo "unknown step $step" | tee -a "$summary" ;;
     esac
 done

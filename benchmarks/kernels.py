@@ -2,9 +2,10 @@
 
 Prefill attention: Triton (paged cache) against torch sdpa on contiguous q/k/v; decode attention
 (flash-decoding) at long contexts as GB/s of K/V read; the small per-layer kernels of a decode step
-(microseconds inside a CUDA graph); GEMV block shapes with longer K steps.
+(microseconds inside a CUDA graph); GEMV block shapes with longer K steps; the few-row kernel
+(a batch of decodes, `gemv_rows`) against cuBLAS over a sweep of its tile shapes.
 
-    PYTHONPATH=. python benchmarks/kernels.py [prefill] [decode] [sweep] [small]
+    PYTHONPATH=. python benchmarks/kernels.py [prefill] [decode] [sweep] [small] [rows]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from benchmarks.ceilings import graph_time_us
 from worker_orcd.benchtools import cuda_time_ms
 from worker_orcd.kernels.attention import AttentionMetadata
-from worker_orcd.kernels.triton import activation, attention, gemv, norm, rope
+from worker_orcd.kernels.triton import activation, attention, gemv, gemv_rows, norm, rope
 
 logger = logging.getLogger("benchmarks.kernels")
 DEV = torch.device("cuda")
@@ -209,6 +210,50 @@ def gemv_blocks() -> list[str]:
     return lines
 
 
+ROWS_CONFIGS = [
+    (bn, bk, 4, st)
+    for bn in (16, 32, 64)
+    for bk in (64, 128, 256)
+    for st in (3, 4)
+    if bn * bk <= 8192
+]
+
+
+def rows_sweep() -> list[str]:
+    """x [B, K] @ W^T for B = 4, 8, 16 at every decode weight shape: cuBLAS, the few-row kernel's
+    default tile and the best of ROWS_CONFIGS (us per call in a graph over weights that overflow
+    L2; GB/s of weight read)."""
+    lines = []
+    for n, k in [(9216, 3072), (3072, 3072), (16384, 3072), (3072, 8192), (32064, 3072),
+                 (1152, 896), (896, 896), (9728, 896), (896, 4864)]:  # fmt: skip
+        copies = max(2, -(-512 * 2**20 // (n * k * 2)))
+        ws = [torch.randn(n, k, device=DEV, dtype=BF16) * 0.05 for _ in range(copies)]
+        gb = n * k * 2 / 1e3
+        for rows in (4, 8, 16):
+            x = torch.randn(rows, k, device=DEV, dtype=BF16)
+            out = torch.empty(rows, n, device=DEV, dtype=BF16)
+            cublas = graph_time_us([lambda x=x, w=w: F.linear(x, w) for w in ws])
+            default = gemv_rows.pick_config(n, k, rows)
+            times = {}
+            for cfg in [default, *ROWS_CONFIGS]:
+                if cfg in times:
+                    continue
+                times[cfg] = graph_time_us(
+                    [
+                        lambda x=x, w=w, c=cfg, o=out: gemv_rows.launch(x, w, config=c, out=o)
+                        for w in ws
+                    ]  # fmt: skip
+                )
+            best = min(times, key=times.get)
+            lines.append(
+                f"rows {n}x{k} B={rows}: cublas {cublas:6.1f} us ({gb / cublas:4.0f} GB/s)  "
+                f"default {default} {times[default]:6.1f} ({gb / times[default]:4.0f})  "
+                f"best {best} {times[best]:6.1f} ({gb / times[best]:4.0f})"
+            )
+            logger.info(lines[-1])
+    return lines
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     parts = sys.argv[1:] or ["prefill", "decode", "sweep", "small"]
@@ -217,6 +262,7 @@ def main() -> int:
         "decode": decode_attention,
         "sweep": decode_attention_sweep,
         "small": small_kernels,
+        "rows": rows_sweep,
     }
     lines = [line for part in parts for line in table[part]()]
     print("\n".join(lines))

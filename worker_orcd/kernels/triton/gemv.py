@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels import split_qkv
-from worker_orcd.kernels.triton import activation, norm, pdl, rope
+from worker_orcd.kernels.triton import activation, gemv_rows, norm, pdl, rope
 
 logger = logging.getLogger(__name__)
 
@@ -369,14 +369,15 @@ def norm_qkv_rope_store(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rotated q [T, H, D], x + residual): the norm, the qkv projection, the rotary embedding and
     the KV-cache write in one kernel for a decode row (the norm inside only for rows up to
-    NORM_MAX_K); otherwise the norm + projection, then `rope_store_kv`."""
+    NORM_MAX_K), the norm kernel and one kernel for the rest for a batch of decode rows
+    (`gemv_rows`); otherwise the norm + projection, then `rope_store_kv`."""
     rows, k = x.shape
     n = weight.shape[0]
     _, n_kv, d = k_cache.shape
     n_heads = n // d - 2 * n_kv
     fused = (
         0 < rows
-        and use_gemv(rows, n, k)
+        and (use_gemv(rows, n, k) or gemv_rows.fits(rows, n, k))
         and cos_sin.shape[1] == d  # every dim rotates (no partial rotary)
         and d % 2 == 0
         and x.dtype == weight.dtype == k_cache.dtype
@@ -390,6 +391,12 @@ def norm_qkv_rope_store(
         qkv, summed = add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
         q, kk, v = split_qkv(qkv, k_cache)
         q = rope.rope_store_kv(q, kk, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+        return q, summed
+    if not use_gemv(rows, n, k):  # a batch of decode rows: the norm kernel, then one launch
+        src, summed = norm.add_rms_norm(x, residual, norm_weight, eps)
+        q = gemv_rows.qkv_rope_launch(
+            src, weight, bias, positions, cos_sin, k_cache, v_cache, slot_mapping
+        )
         return q, summed
     in_kernel = k <= NORM_MAX_K and norm_weight.dtype == x.dtype  # the norm inside
     if in_kernel:
@@ -443,18 +450,23 @@ def silu_and_mul_linear(
     One kernel for decode-sized inputs (the MLP's down projection reads gate and up directly).
     """
     rows, n, k = gate_up.shape[0], weight.shape[0], weight.shape[1]
-    if not use_gemv(rows, n, k) or gate_up.stride(-1) != 1 or rows == 0:
+    if gate_up.stride(-1) != 1 or weight.stride(-1) != 1 or rows == 0:
         return torch.nn.functional.linear(activation.silu_and_mul(gate_up), weight, bias)
-    return gemv(gate_up, weight, bias, silu_mul=True)
+    if use_gemv(rows, n, k):
+        return gemv(gate_up, weight, bias, silu_mul=True)
+    return linear(activation.silu_and_mul(gate_up), weight, bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear with the GEMV kernel for decode-sized inputs; x is [..., K]."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if not use_gemv(rows, weight.shape[0], k) or weight.stride(-1) != 1 or rows == 0:
+    n = weight.shape[0]
+    gemv_fits = use_gemv(rows, n, k)
+    if not (gemv_fits or gemv_rows.fits(rows, n, k)) or weight.stride(-1) != 1 or rows == 0:
         return torch.nn.functional.linear(x, weight, bias)
     x2 = x.reshape(rows, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return gemv(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    y = gemv(x2, weight, bias) if gemv_fits else gemv_rows.launch(x2, weight, bias)
+    return y.reshape(*x.shape[:-1], n)

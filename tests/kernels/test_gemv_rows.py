@@ -67,7 +67,14 @@ LINEAR_SHAPES = {
     ],  # fmt: skip
     "cpu": [(37, 300), (64, 96)],
 }
-ROWS = {"cuda": [2, 7, 16], "cpu": [2, 5]}
+ROWS = {"cuda": [2, 7, 16, 33, 64], "cpu": [2, 5, 33, 64]}
+
+
+def rows_for(device: str) -> list[int]:
+    """Row counts to test: those the kernels take (2..MAX_ROWS)."""
+    from worker_orcd.kernels.triton import gemv_rows
+
+    return [r for r in ROWS[device] if r <= gemv_rows.MAX_ROWS]
 
 
 @pytest.mark.parametrize("device", [GPU, INTERPRETED])
@@ -77,7 +84,7 @@ def test_linear_rows(device: str) -> None:
     gemv, gemv_rows = _gemv(device)
     g = torch.Generator(device=device).manual_seed(0)
     for n, k in LINEAR_SHAPES[device]:
-        for rows in ROWS[device]:
+        for rows in rows_for(device):
             x = torch.randn(rows, k, device=device, dtype=BF16, generator=g)
             w = (torch.randn(n, k, device=device, generator=g) * 0.05).to(BF16)
             b = torch.randn(n, device=device, generator=g).to(BF16)
@@ -115,7 +122,7 @@ def test_silu_and_mul_linear_rows(device: str) -> None:
     g = torch.Generator(device=device).manual_seed(1)
     shapes = [(3072, 8192), (896, 4864), (100, 1001)] if device == "cuda" else [(40, 72)]
     for n, inter in shapes:
-        for rows in ROWS[device]:
+        for rows in rows_for(device):
             gate_up = (torch.randn(rows, 2 * inter, device=device, generator=g) * 3).to(BF16)
             w = (torch.randn(n, inter, device=device, generator=g) * 0.05).to(BF16)
             ref = silu_and_mul_linear_ref(gate_up.float(), w.float())
@@ -133,7 +140,7 @@ def test_add_rms_norm_linear_rows(device: str, residual: bool) -> None:
         [(9728, 896), (1152, 896), (16384, 3072), (300, 1000)] if device == "cuda" else [(48, 200)]
     )
     for n, k in shapes:
-        for rows in ROWS[device]:
+        for rows in rows_for(device):
             x = (torch.randn(rows, k, device=device, generator=g) * 3).to(BF16)
             r = torch.randn(rows, k, device=device, generator=g).to(BF16) if residual else None
             nw = (1 + 0.1 * torch.randn(k, device=device, generator=g)).to(BF16)
@@ -163,17 +170,20 @@ def test_norm_qkv_rope_store_rows(device: str, residual: bool) -> None:
     for h, hk, d, k in QKV_SHAPES[device]:
         n = (h + 2 * hk) * d
         cos_sin = cos_sin_cache.setdefault(d, rope_cos_sin_cache(d, 4096, 1e6, device=device))
-        for rows in ROWS[device]:
+        for rows in rows_for(device):
             x = (torch.randn(rows, k, device=device, generator=g) * 3).to(BF16)
             r = torch.randn(rows, k, device=device, generator=g).to(BF16) if residual else None
             nw = (1 + 0.1 * torch.randn(k, device=device, generator=g)).to(BF16)
             w = (torch.randn(n, k, device=device, generator=g) * 0.05).to(BF16)
             b = torch.randn(n, device=device, generator=g).to(BF16)
             positions = torch.randint(0, 4096, (rows,), device=device, generator=g)
-            ref_slots = torch.randperm(40, device=device, generator=g)[:rows]
+            n_slots = 2 * rows + 8  # a cache with rows to spare
+            ref_slots = torch.randperm(n_slots, device=device, generator=g)[:rows]
             slots = ref_slots.clone()
             slots[-1] = -1  # the last row is padding (the reference writes it where it was)
-            caches = [torch.randn(40, hk, d, device=device, generator=g).to(BF16) for _ in range(2)]
+            caches = [
+                torch.randn(n_slots, hk, d, device=device, generator=g).to(BF16) for _ in range(2)
+            ]
             ours, ref = [c.clone() for c in caches], [c.clone() for c in caches]
             q, s = gemv.norm_qkv_rope_store(x, r, nw, 1e-6, w, b, positions, cos_sin, *ours, slots)
             q_ref, s_ref = norm_qkv_rope_store_ref(
@@ -182,7 +192,7 @@ def test_norm_qkv_rope_store_rows(device: str, residual: bool) -> None:
             assert_summed(s, s_ref, device)
             assert rel_err(q, q_ref) < TOL, (h, hk, d, k, rows)
             written = slots[:-1]
-            others = torch.ones(40, dtype=torch.bool, device=device)
+            others = torch.ones(n_slots, dtype=torch.bool, device=device)
             others[written] = False
             for c, c_ref, c0 in zip(ours, ref, caches, strict=True):
                 assert rel_err(c[written], c_ref[written]) < TOL

@@ -13,7 +13,9 @@ those. Prompts are random common words (about one token each; the server reports
 Requests are greedy (temperature 0) unless --temperature says otherwise.
 
 Reported per N: output tok/s (output tokens of all requests / wall time from the first request
-sent to the last one done), time to first token p50/p99 (request sent -> first text piece),
+sent to the last one done), time to first token p50/p99 (request sent -> first text piece; and
+"engine", the server's own submission -> first token from /execute's end event, which leaves out
+HTTP, tokenization and the client),
 inter-token latency p50/p99 (gaps between successive text pieces of a stream), errors, and from
 the server's /metrics the mean sequences per forward pass and the preemptions during the run.
 Before each measured run an unmeasured burst of N short requests warms the server up (--no-warmup
@@ -76,6 +78,7 @@ class Result:
     sent: float
     first: float | None = None
     pieces: list[float] = field(default_factory=list)  # arrival time of each text piece
+    engine_first_ms: float | None = None  # the server's own submit -> first token (/execute)
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None
@@ -95,6 +98,8 @@ class Report:
     output_tok_s: float
     ttft_p50_ms: float
     ttft_p99_ms: float
+    engine_ttft_p50_ms: float  # inside the server: the job's submission -> its first token
+    engine_ttft_p99_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
     batch_seqs_mean: float
@@ -195,6 +200,7 @@ def _execute_frame(r: Result, name: str | None, data: dict[str, Any], now: float
         r.prompt_tokens = data["prompt_tokens"]
     elif name == "end":
         r.output_tokens = data["tokens_out"]
+        r.engine_first_ms = data.get("first_token_ms")
     elif name == "error":
         r.error = data.get("code", "error")
 
@@ -278,6 +284,7 @@ def summarize(
         if r.error is not None:
             kinds[r.error] = kinds.get(r.error, 0) + 1
     ttft = [(r.first - r.sent) * 1e3 for r in ok if r.first is not None]
+    engine_ttft = [r.engine_first_ms for r in ok if r.engine_first_ms is not None]
     itl = [(b - a) * 1e3 for r in ok for a, b in zip(r.pieces, r.pieces[1:], strict=False)]
     out_tokens = sum(r.output_tokens for r in ok)
 
@@ -297,6 +304,8 @@ def summarize(
         output_tok_s=out_tokens / wall if wall > 0 else math.nan,
         ttft_p50_ms=percentile(ttft, 50),
         ttft_p99_ms=percentile(ttft, 99),
+        engine_ttft_p50_ms=percentile(engine_ttft, 50),
+        engine_ttft_p99_ms=percentile(engine_ttft, 99),
         itl_p50_ms=percentile(itl, 50),
         itl_p99_ms=percentile(itl, 99),
         batch_seqs_mean=delta("worker_orcd_batch_sequences_sum") / steps if steps else math.nan,
@@ -307,7 +316,8 @@ def summarize(
 def format_table(reports: list[Report]) -> str:
     head = (
         f"{'clients':>7} {'reqs':>5} {'err':>4} {'prompt':>6} {'out tok':>8} {'wall s':>7} "
-        f"{'out tok/s':>9} {'TTFT p50':>9} {'p99 ms':>8} {'ITL p50':>8} {'p99 ms':>7} "
+        f"{'out tok/s':>9} {'TTFT p50':>9} {'p99 ms':>8} {'engine p50':>10} {'p99 ms':>7} "
+        f"{'ITL p50':>8} {'p99 ms':>7} "
         f"{'seqs/step':>9} {'preempt':>7}"
     )
     lines = [head]
@@ -315,7 +325,8 @@ def format_table(reports: list[Report]) -> str:
         lines.append(
             f"{r.clients:>7} {r.requests:>5} {r.errors:>4} {r.prompt_tokens_mean:>6.0f} "
             f"{r.output_tokens:>8} {r.wall_s:>7.2f} {r.output_tok_s:>9.1f} "
-            f"{r.ttft_p50_ms:>9.1f} {r.ttft_p99_ms:>8.1f} {r.itl_p50_ms:>8.1f} "
+            f"{r.ttft_p50_ms:>9.1f} {r.ttft_p99_ms:>8.1f} {r.engine_ttft_p50_ms:>10.1f} "
+            f"{r.engine_ttft_p99_ms:>7.1f} {r.itl_p50_ms:>8.1f} "
             f"{r.itl_p99_ms:>7.1f} {r.batch_seqs_mean:>9.2f} {r.preemptions:>7}"
         )
         if r.error_kinds:

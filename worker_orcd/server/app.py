@@ -21,7 +21,13 @@ from worker_orcd.server.schemas import (
     RequestValidationError,
     parse_execute,
 )
-from worker_orcd.server.worker import Worker, http_status, job_events, read_json, watch_disconnect
+from worker_orcd.server.worker import (
+    Worker,
+    http_status,
+    job_event_batches,
+    read_json,
+    watch_disconnect,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +79,8 @@ def create_app(worker: Worker) -> FastAPI:
 async def execute_stream(worker: Worker, job: Job, request: Request) -> AsyncIterator[bytes]:
     watcher = asyncio.create_task(watch_disconnect(request, lambda: worker.cancel_on_exit(job)))
     try:
-        async for event in job_events(job):
-            yield execute_frame(worker, job, event)
+        async for batch in job_event_batches(job):
+            yield b"".join(execute_frame(worker, job, event) for event in batch)
     finally:
         watcher.cancel()
         worker.cancel_on_exit(job)

@@ -139,9 +139,25 @@ class Job:
     submitted_at: float = field(default_factory=time.monotonic)
     pieces: int = 0  # Token events so far (engine thread)
     timer: asyncio.TimerHandle | None = None
+    # Events from the engine's thread not yet on the queue; non-empty iff a flush is scheduled.
+    _handover: list[JobEvent] = field(default_factory=list)
+    _handover_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def emit(self, event: JobEvent) -> None:
-        self.call(self.events.put_nowait, event)
+        """Put `event` on the queue from the engine's thread. Events emitted while the loop has
+        not yet taken the earlier ones go over with them: one wake-up of the loop for all, so a
+        loop that falls behind under many streams catches up instead of falling further."""
+        with self._handover_lock:
+            self._handover.append(event)
+            first = len(self._handover) == 1
+        if first:
+            self.call(self._take_handover)
+
+    def _take_handover(self) -> None:
+        with self._handover_lock:
+            events, self._handover = self._handover, []
+        for event in events:
+            self.events.put_nowait(event)
 
     def call(self, fn: Callable[..., object], *args: object) -> bool:
         """Run fn(*args) on the job's loop, from any thread; False when the loop is closed."""

@@ -20,7 +20,14 @@ from worker_orcd.engine.types import GenerationOutput, StopReason
 from worker_orcd.server import sse
 from worker_orcd.server.jobs import Failed, Finished, Job, Started, Token
 from worker_orcd.server.schemas import FieldError, OpenAIRequest, parse_openai
-from worker_orcd.server.worker import Worker, http_status, job_events, read_json, watch_disconnect
+from worker_orcd.server.worker import (
+    Worker,
+    http_status,
+    job_event_batches,
+    job_events,
+    read_json,
+    watch_disconnect,
+)
 
 _FINISH_REASON = {
     StopReason.EOS: "stop",
@@ -163,22 +170,32 @@ async def _stream(
         return sse.data_only({**reply.envelope(chunk=True), "choices": [choice], **extra})
 
     try:
-        async for event in job_events(job):
-            if isinstance(event, Started) and reply.chat:
-                yield chunk("", role=True)
-            elif isinstance(event, Token):
-                yield chunk(event.text)
-            elif isinstance(event, Finished):
-                out = event.output
-                yield chunk(None if reply.chat else "", _FINISH_REASON[out.stop_reason])
-                if req.include_usage:
-                    yield sse.data_only(
-                        {**reply.envelope(chunk=True), "choices": [], "usage": _usage(out)}
+        async for batch in job_event_batches(job):  # the events waiting: one send
+            frames: list[bytes] = []
+            for event in batch:
+                if isinstance(event, Started) and reply.chat:
+                    frames.append(chunk("", role=True))
+                elif isinstance(event, Token):
+                    frames.append(chunk(event.text))
+                elif isinstance(event, Finished):
+                    out = event.output
+                    frames.append(
+                        chunk(None if reply.chat else "", _FINISH_REASON[out.stop_reason])
                     )
-            elif isinstance(event, Failed):
-                yield sse.data_only(
-                    error_body(event.code, event.message, http_status(event.code), [])
-                )
+                    if req.include_usage:
+                        frames.append(
+                            sse.data_only(
+                                {**reply.envelope(chunk=True), "choices": [], "usage": _usage(out)}
+                            )
+                        )
+                elif isinstance(event, Failed):
+                    frames.append(
+                        sse.data_only(
+                            error_body(event.code, event.message, http_status(event.code), [])
+                        )
+                    )
+            if frames:
+                yield b"".join(frames)
         yield sse.OPENAI_DONE
     finally:
         watcher.cancel()

@@ -213,10 +213,20 @@ class Worker:
 
 async def job_events(job: Job) -> AsyncIterator[JobEvent]:
     """The job's events up to and including its one terminal event."""
+    async for batch in job_event_batches(job):
+        for event in batch:
+            yield event
+
+
+async def job_event_batches(job: Job) -> AsyncIterator[list[JobEvent]]:
+    """The job's events as they come, each time all those already waiting (a stream writes them
+    in one send), up to and including its one terminal event."""
     while True:
-        event = await job.events.get()
-        yield event
-        if isinstance(event, (Finished, Failed)):
+        batch = [await job.events.get()]
+        while not isinstance(batch[-1], (Finished, Failed)) and not job.events.empty():
+            batch.append(job.events.get_nowait())
+        yield batch
+        if isinstance(batch[-1], (Finished, Failed)):
             return
 
 

@@ -24,8 +24,9 @@ from worker_orcd.kernels.triton import pdl
 
 logger = logging.getLogger(__name__)
 
-# Rows of x up to which these kernels replace cuBLAS and the separate norm / RoPE / SwiGLU launches
-# (a batch of decodes); WORKER_ORCD_ROWS_MAX overrides it for measurements (0 turns them off).
+# Rows of x up to which these kernels replace cuBLAS (and the qkv projection's RoPE launch): a
+# batch of decodes. At 32 rows they measured no faster than cuBLAS and at 64 slower (H100,
+# BENCHMARKS.md). WORKER_ORCD_ROWS_MAX overrides it for measurements (0 turns them off).
 MAX_ROWS = int(os.environ.get("WORKER_ORCD_ROWS_MAX", "16"))
 
 

@@ -34,6 +34,7 @@ import asyncio
 import json
 import logging
 import math
+import multiprocessing
 import os
 import queue
 import random
@@ -238,31 +239,127 @@ async def _metrics(client: httpx.AsyncClient) -> dict[str, float]:
 async def run_level(
     url: str, n: int, args: argparse.Namespace, rng: random.Random, seeds: list[int]
 ) -> Report:
+    warm = [] if args.no_warmup else workloads(n, args, rng)
+    warm = [Workload(w.prompt, w.prompt_words, min(8, w.gen_tokens)) for w in warm]
+    warm_seeds = [_next(seeds) for _ in warm]
+    plans = [workloads(args.rounds, args, rng) for _ in range(n)]
+    plan_seeds = [[_next(seeds) for _ in plan] for plan in plans]
+    procs = max(1, min(args.processes, n))
+    if procs == 1:
+        async with _client(url, n, args) as client:
+            await _warm_up(client, warm, warm_seeds, args)
+            before = await _metrics(client)
+            t0 = time.perf_counter()
+            per_client = await _drive(client, plans, plan_seeds, args, t0 + args.time_limit)
+            wall = time.perf_counter() - t0
+            after = await _metrics(client)
+        results = [r for rs in per_client for r in rs]
+    else:
+        results, before, after, wall = await _run_processes(
+            url, procs, warm, warm_seeds, plans, plan_seeds, args
+        )
+    return summarize(n, args.endpoint, results, wall, before, after)
+
+
+def _client(url: str, n: int, args: argparse.Namespace) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     timeout = httpx.Timeout(args.request_timeout, connect=30.0)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
-        if not args.no_warmup:
-            warm = workloads(n, args, rng)
-            warm = [Workload(w.prompt, w.prompt_words, min(8, w.gen_tokens)) for w in warm]
-            await asyncio.gather(*(one_request(client, w, args, _next(seeds)) for w in warm))
-        before = await _metrics(client)
-        plans = [workloads(args.rounds, args, rng) for _ in range(n)]
-        t0 = time.perf_counter()
-        deadline = t0 + args.time_limit
+    return httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout)
 
-        async def client_task(plan: list[Workload]) -> list[Result]:
-            out = []
-            for w in plan:
-                if time.perf_counter() >= deadline:
-                    break
-                out.append(await one_request(client, w, args, _next(seeds)))
-            return out
 
-        per_client = await asyncio.gather(*(client_task(p) for p in plans))
-        wall = time.perf_counter() - t0
-        after = await _metrics(client)
-    results = [r for rs in per_client for r in rs]
-    return summarize(n, args.endpoint, results, wall, before, after)
+async def _warm_up(
+    client: httpx.AsyncClient, warm: list[Workload], seeds: list[int], args: argparse.Namespace
+) -> None:
+    pairs = zip(warm, seeds, strict=True)
+    await asyncio.gather(*(one_request(client, w, args, s) for w, s in pairs))
+
+
+async def _drive(
+    client: httpx.AsyncClient,
+    plans: list[list[Workload]],
+    seeds: list[list[int]],
+    args: argparse.Namespace,
+    deadline: float,
+) -> list[list[Result]]:
+    """Each plan is one client: its requests one after the other, none started past deadline."""
+
+    async def client_task(plan: list[Workload], plan_seeds: list[int]) -> list[Result]:
+        out = []
+        for w, seed in zip(plan, plan_seeds, strict=True):
+            if time.perf_counter() >= deadline:
+                break
+            out.append(await one_request(client, w, args, seed))
+        return out
+
+    return await asyncio.gather(*(client_task(p, s) for p, s in zip(plans, seeds, strict=True)))
+
+
+async def _run_processes(
+    url: str,
+    procs: int,
+    warm: list[Workload],
+    warm_seeds: list[int],
+    plans: list[list[Workload]],
+    plan_seeds: list[list[int]],
+    args: argparse.Namespace,
+) -> tuple[list[Result], dict[str, float], dict[str, float], float]:
+    """The clients split over `procs` processes (one asyncio loop each, so no one loop bounds
+    the figures): each warms up its share, then all start together; wall time runs from the
+    first request sent to the last one done, on the machine's monotonic clock."""
+    ctx = multiprocessing.get_context("spawn")
+    ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
+    children = []
+    for i in range(procs):
+        share = slice(i, None, procs)
+        child = ctx.Process(
+            target=_child,
+            args=(url, warm[share], warm_seeds[share], plans[share], plan_seeds[share], args),
+            kwargs={"ready": ready, "start": start, "results": results},
+            daemon=True,
+        )
+        child.start()
+        children.append(child)
+    try:
+        for _ in children:
+            await asyncio.to_thread(ready.get, True, args.request_timeout)
+        async with _client(url, 1, args) as client:
+            before = await _metrics(client)
+            start.set()
+            out: list[Result] = []
+            for _ in children:
+                out.extend(await asyncio.to_thread(results.get, True, args.time_limit + 600))
+            after = await _metrics(client)
+    finally:
+        for child in children:
+            child.join(timeout=10)
+            if child.is_alive():
+                child.kill()
+    wall = max((r.done for r in out), default=0.0) - min((r.sent for r in out), default=0.0)
+    return out, before, after, wall
+
+
+def _child(
+    url: str,
+    warm: list[Workload],
+    warm_seeds: list[int],
+    plans: list[list[Workload]],
+    plan_seeds: list[list[int]],
+    args: argparse.Namespace,
+    *,
+    ready: Any,
+    start: Any,
+    results: Any,
+) -> None:
+    async def run() -> list[Result]:
+        async with _client(url, len(plans), args) as client:
+            await _warm_up(client, warm, warm_seeds, args)
+            ready.put(True)
+            await asyncio.to_thread(start.wait)
+            deadline = time.perf_counter() + args.time_limit
+            per_client = await _drive(client, plans, plan_seeds, args, deadline)
+        return [r for rs in per_client for r in rs]
+
+    results.put(asyncio.run(run()))
 
 
 def _next(seeds: list[int]) -> int:
@@ -444,6 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per client count")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--no-warmup", action="store_true")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="client processes the clients are split over (default 1: one asyncio loop)",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the reports here")
     return p
 

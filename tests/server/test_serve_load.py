@@ -29,9 +29,14 @@ def test_percentile_is_numpys_linear_percentile() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("endpoint", ["execute", "openai"])
-def test_load_run_counts_what_the_server_counts(server: LiveServer, endpoint: str) -> None:
+@pytest.mark.parametrize(("endpoint", "processes"), [("execute", 1), ("openai", 1), ("execute", 2)])
+def test_load_run_counts_what_the_server_counts(
+    server: LiveServer, endpoint: str, processes: int
+) -> None:
+    """Every request counted once, whether the clients run in this process or are split over
+    client processes."""
     argv = ["--url", server.url, "--endpoint", endpoint, "--rounds", "2", "--no-warmup"]
+    argv += ["--processes", str(processes)]
     args = serve_load.build_parser().parse_args(
         [*argv, "--prompt-tokens", "8", "--gen-tokens", "4"]
     )

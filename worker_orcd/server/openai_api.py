@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from worker_orcd.engine.types import GenerationOutput, StopReason
 from worker_orcd.server import sse
-from worker_orcd.server.jobs import Failed, Finished, Job, Started, Token
+from worker_orcd.server.jobs import Failed, Finished, Job, JobEvent, Started, Token
 from worker_orcd.server.schemas import FieldError, OpenAIRequest, parse_openai
 from worker_orcd.server.worker import (
     Worker,
@@ -169,33 +169,25 @@ async def _stream(
         choice = reply.choice(text, finish_reason, role=role, chunk=True)
         return sse.data_only({**reply.envelope(chunk=True), "choices": [choice], **extra})
 
+    def frames(event: JobEvent) -> list[bytes]:
+        if isinstance(event, Started):
+            return [chunk("", role=True)] if reply.chat else []
+        if isinstance(event, Token):
+            return [chunk(event.text)]
+        if isinstance(event, Finished):
+            out = event.output
+            last = [chunk(None if reply.chat else "", _FINISH_REASON[out.stop_reason])]
+            if req.include_usage:
+                usage = {**reply.envelope(chunk=True), "choices": [], "usage": _usage(out)}
+                last.append(sse.data_only(usage))
+            return last
+        return [sse.data_only(error_body(event.code, event.message, http_status(event.code), []))]
+
     try:
         async for batch in job_event_batches(job):  # the events waiting: one send
-            frames: list[bytes] = []
-            for event in batch:
-                if isinstance(event, Started) and reply.chat:
-                    frames.append(chunk("", role=True))
-                elif isinstance(event, Token):
-                    frames.append(chunk(event.text))
-                elif isinstance(event, Finished):
-                    out = event.output
-                    frames.append(
-                        chunk(None if reply.chat else "", _FINISH_REASON[out.stop_reason])
-                    )
-                    if req.include_usage:
-                        frames.append(
-                            sse.data_only(
-                                {**reply.envelope(chunk=True), "choices": [], "usage": _usage(out)}
-                            )
-                        )
-                elif isinstance(event, Failed):
-                    frames.append(
-                        sse.data_only(
-                            error_body(event.code, event.message, http_status(event.code), [])
-                        )
-                    )
-            if frames:
-                yield b"".join(frames)
+            body = b"".join(frame for event in batch for frame in frames(event))
+            if body:
+                yield body
         yield sse.OPENAI_DONE
     finally:
         watcher.cancel()

@@ -447,13 +447,12 @@ def silu_and_mul_linear(
 ) -> torch.Tensor:
     """linear(silu_and_mul(gate_up), weight, bias); gate_up [T, 2I], weight [N, I] -> [T, N].
 
-    One kernel for decode-sized inputs (the MLP's down projection reads gate and up directly).
+    One kernel for a decode row (the MLP's down projection reads gate and up directly).
     """
     rows, n, k = gate_up.shape[0], weight.shape[0], weight.shape[1]
-    if gate_up.stride(-1) != 1 or weight.stride(-1) != 1 or rows == 0:
-        return torch.nn.functional.linear(activation.silu_and_mul(gate_up), weight, bias)
-    if use_gemv(rows, n, k):
+    if 0 < rows and use_gemv(rows, n, k) and gate_up.stride(-1) == 1 and weight.stride(-1) == 1:
         return gemv(gate_up, weight, bias, silu_mul=True)
+    # `linear` picks the few-row kernel or cuBLAS (and takes empty or strided weights to torch)
     return linear(activation.silu_and_mul(gate_up), weight, bias)
 
 

@@ -129,6 +129,18 @@ def test_silu_and_mul_linear_rows(device: str) -> None:
             assert rel_err(gemv.silu_and_mul_linear(gate_up, w), ref) < TOL, (n, inter, rows)
 
 
+def _norm_proj_inputs(
+    rows: int, k: int, n: int, residual: bool, device: str, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual (or None), norm weight, weight [n, k] and bias of a norm + projection."""
+    x = (torch.randn(rows, k, device=device, generator=g) * 3).to(BF16)
+    r = torch.randn(rows, k, device=device, generator=g).to(BF16) if residual else None
+    nw = (1 + 0.1 * torch.randn(k, device=device, generator=g)).to(BF16)
+    w = (torch.randn(n, k, device=device, generator=g) * 0.05).to(BF16)
+    b = torch.randn(n, device=device, generator=g).to(BF16)
+    return x, r, nw, w, b
+
+
 @pytest.mark.parametrize("device", [GPU, INTERPRETED])
 @pytest.mark.parametrize("residual", [False, True])
 def test_add_rms_norm_linear_rows(device: str, residual: bool) -> None:
@@ -141,11 +153,7 @@ def test_add_rms_norm_linear_rows(device: str, residual: bool) -> None:
     )
     for n, k in shapes:
         for rows in rows_for(device):
-            x = (torch.randn(rows, k, device=device, generator=g) * 3).to(BF16)
-            r = torch.randn(rows, k, device=device, generator=g).to(BF16) if residual else None
-            nw = (1 + 0.1 * torch.randn(k, device=device, generator=g)).to(BF16)
-            w = (torch.randn(n, k, device=device, generator=g) * 0.05).to(BF16)
-            b = torch.randn(n, device=device, generator=g).to(BF16)
+            x, r, nw, w, b = _norm_proj_inputs(rows, k, n, residual, device, g)
             y, s = gemv.add_rms_norm_linear(x, r, nw, 1e-6, w, b)
             y_ref, s_ref = add_rms_norm_linear_ref(x, r, nw, 1e-6, w, b)
             assert_summed(s, s_ref, device)
@@ -171,11 +179,7 @@ def test_norm_qkv_rope_store_rows(device: str, residual: bool) -> None:
         n = (h + 2 * hk) * d
         cos_sin = cos_sin_cache.setdefault(d, rope_cos_sin_cache(d, 4096, 1e6, device=device))
         for rows in rows_for(device):
-            x = (torch.randn(rows, k, device=device, generator=g) * 3).to(BF16)
-            r = torch.randn(rows, k, device=device, generator=g).to(BF16) if residual else None
-            nw = (1 + 0.1 * torch.randn(k, device=device, generator=g)).to(BF16)
-            w = (torch.randn(n, k, device=device, generator=g) * 0.05).to(BF16)
-            b = torch.randn(n, device=device, generator=g).to(BF16)
+            x, r, nw, w, b = _norm_proj_inputs(rows, k, n, residual, device, g)
             positions = torch.randint(0, 4096, (rows,), device=device, generator=g)
             n_slots = 2 * rows + 8  # a cache with rows to spare
             ref_slots = torch.randperm(n_slots, device=device, generator=g)[:rows]

@@ -2,11 +2,14 @@
 against dequantize + cuBLAS and the GEMV kernel over the same rows, per type, shape and batch.
 
 For every quant type, every decode weight shape of Qwen2.5-0.5B and Phi-3-mini (K-quants only where
-rows are whole super-blocks) and B in (2, 4, 8, 16, 32, 64): the median time of each path
-(triton.testing.do_bench, which clears L2 before every run), GB/s of the weight's quantized bytes
-and their share of the copy bandwidth measured in the same run, and how the small-batch kernel
-compares with the better of the other two; a table at the end and JSON under --out. x and y are
-bf16, weights random GGUF blocks made on the GPU (speed does not depend on the values).
+rows are whole super-blocks) and B in (2, 4, 8, 16, 32, 64): the time of each path per call, from
+the replay of a CUDA graph that calls it once for each of enough copies of the weight to overflow
+L2, as a decode step meets its weights (`do_bench`, used before 2026-12-06, timed each call alone
+and read 10-20% high where the host's launch was slower than the kernel); GB/s of the weight's
+quantized bytes and their share of the copy bandwidth measured in the same run, and how the
+small-batch kernel compares with the better of the other two; a table at the end and JSON under
+--out. x and y are bf16, weights random GGUF blocks made on the GPU (speed does not depend on the
+values).
 
 With --tune, instead: a sweep of the small-batch kernels' launch configs for the weights of the
 two models' Q4_K_M mixes, each batch's best config and its time against the default's.
@@ -29,7 +32,6 @@ from functools import partial
 
 import torch
 import triton
-import triton.testing
 
 from worker_orcd.benchtools import copy_bandwidth_gbs
 from worker_orcd.kernels.quant.formats import (
@@ -64,16 +66,25 @@ MIX = [
     (Q.Q8_0, "qwen.lm_head"),
 ]  # fmt: skip
 ROWS = (2, 4, 8, 16, 32, 64)
-WARMUP_MS, REP_MS = 5, 20  # per do_bench call: ~30 ms with its estimate and L2 clears
+L2_FLUSH_BYTES = 200 << 20  # weight bytes a timed graph walks through (H100/H200 L2: 50-60 MB)
 
 
-def bench_us(fn: Callable[[], object]) -> float:
-    """Median microseconds of fn(), or inf where it fails (reported, not fatal)."""
+def graph_us(fn: Callable[[dict], object], weights: list[dict]) -> float:
+    """Microseconds per call of a CUDA graph calling fn(planes) once for each weight copy, or inf
+    where it fails (reported, not fatal)."""
+    from quant_kernels import graph_us as replay_us  # this script's directory is on sys.path
+
     try:
-        return triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median") * 1e3
+        return replay_us([partial(fn, p) for p in weights])
     except Exception:  # noqa: BLE001 - one failing path keeps the others' numbers
         logger.exception("timing failed")
         return math.inf
+
+
+def weight_copies(planes: dict, size: int) -> list[dict]:
+    """planes and clones of it: enough copies to overflow L2 (at most 256)."""
+    copies = max(1, min(256, math.ceil(L2_FLUSH_BYTES / size)))
+    return [planes] + [{a: t.clone() for a, t in planes.items()} for _ in range(copies - 1)]
 
 
 def _dense(
@@ -100,14 +111,16 @@ def sweep(
     for qtype, name, n, k in _points(types, shapes):
         size = nbytes(qtype, n, k)
         planes = to_planes(random_blocks(qtype, n, k, device="cuda"), qtype, n, k)
+        weights = weight_copies(planes, size)
         scratch = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
         for m in batches:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            shape = dict(qtype=qtype, n=n, k=k)  # each call: fn(planes)
             us = {
-                "batched": bench_us(partial(quant_batched, x, planes, qtype, n, k, out=y)),
-                "dense": bench_us(partial(_dense, x, planes, qtype, n, k, scratch, y)),
-                "gemv": bench_us(partial(quant_gemv, x, planes, qtype, n, k, out=y)),
+                "batched": graph_us(partial(quant_batched, x, **shape, out=y), weights),
+                "dense": graph_us(partial(_dense, x, **shape, w=scratch, y=y), weights),
+                "gemv": graph_us(partial(quant_gemv, x, **shape, out=y), weights),
             }
             other = min(us["dense"], us["gemv"])
             row = {
@@ -124,7 +137,7 @@ def sweep(
                 qtype.name, name, n, k, m, us["batched"], row["batched_gbs"],
                 100 * row["batched_gbs"] / copy_gbs, us["dense"], us["gemv"], row["speedup"],
             )  # fmt: skip
-        del planes, scratch
+        del planes, weights, scratch
         torch.cuda.empty_cache()
     return rows
 
@@ -150,15 +163,16 @@ def tune(types: list[Q], batches: tuple[int, ...] = ROWS, model: str = "") -> li
         n, k = shapes[name]
         size = nbytes(qtype, n, k)
         planes = to_planes(random_blocks(qtype, n, k, device="cuda"), qtype, n, k)
+        weights = weight_copies(planes, size)
         for m in batches:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             default = batched_config(qtype, n, k, m)
-            timed = [(bench_us(partial(quant_batched, x, planes, qtype, n, k, out=y)), default)]
+            fn = partial(quant_batched, x, qtype=qtype, n=n, k=k, out=y)  # each call: fn(planes)
+            timed = [(graph_us(fn, weights), default)]
             for cfg in tune_configs(qtype, m):
                 if cfg != default:
-                    fn = partial(quant_batched, x, planes, qtype, n, k, out=y, config=cfg)
-                    timed.append((bench_us(fn), cfg))
+                    timed.append((graph_us(partial(fn, config=cfg), weights), cfg))
             best_us, best = min(timed, key=lambda t: t[0])
             rows.append({
                 "qtype": qtype.name, "name": name, "n": n, "k": k, "m": m, "mb": size / 1e6,
@@ -170,7 +184,7 @@ def tune(types: list[Q], batches: tuple[int, ...] = ROWS, model: str = "") -> li
                 "tune %-5s %-13s B=%2d default %8.2f us | best %8.2f us %5.0f GB/s %s",
                 qtype.name, name, m, timed[0][0], best_us, size / best_us / 1e3, best,
             )  # fmt: skip
-        del planes
+        del planes, weights
         torch.cuda.empty_cache()
     return rows
 

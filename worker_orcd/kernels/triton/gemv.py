@@ -375,9 +375,10 @@ def norm_qkv_rope_store(
     n = weight.shape[0]
     _, n_kv, d = k_cache.shape
     n_heads = n // d - 2 * n_kv
+    one_row = use_gemv(rows, n, k)
     fused = (
         0 < rows
-        and (use_gemv(rows, n, k) or gemv_rows.fits(rows, n, k))
+        and (one_row or gemv_rows.fits(rows, n, k))
         and cos_sin.shape[1] == d  # every dim rotates (no partial rotary)
         and d % 2 == 0
         and x.dtype == weight.dtype == k_cache.dtype
@@ -392,7 +393,7 @@ def norm_qkv_rope_store(
         q, kk, v = split_qkv(qkv, k_cache)
         q = rope.rope_store_kv(q, kk, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
         return q, summed
-    if not use_gemv(rows, n, k):  # a batch of decode rows: the norm kernel, then one launch
+    if not one_row:  # a batch of decode rows: the norm kernel, then one launch
         src, summed = norm.add_rms_norm(x, residual, norm_weight, eps)
         q = gemv_rows.qkv_rope_launch(
             src, weight, bias, positions, cos_sin, k_cache, v_cache, slot_mapping

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from functools import partial
 
+import quant_kernels as qk  # this script's directory is on sys.path
 import torch
 import triton
 
@@ -66,25 +66,12 @@ MIX = [
     (Q.Q8_0, "qwen.lm_head"),
 ]  # fmt: skip
 ROWS = (2, 4, 8, 16, 32, 64)
-L2_FLUSH_BYTES = 200 << 20  # weight bytes a timed graph walks through (H100/H200 L2: 50-60 MB)
 
 
 def graph_us(fn: Callable[[dict], object], weights: list[dict]) -> float:
-    """Microseconds per call of a CUDA graph calling fn(planes) once for each weight copy, or inf
-    where it fails (reported, not fatal)."""
-    from quant_kernels import graph_us as replay_us  # this script's directory is on sys.path
-
-    try:
-        return replay_us([partial(fn, p) for p in weights])
-    except Exception:  # noqa: BLE001 - one failing path keeps the others' numbers
-        logger.exception("timing failed")
-        return math.inf
-
-
-def weight_copies(planes: dict, size: int) -> list[dict]:
-    """planes and clones of it: enough copies to overflow L2 (at most 256)."""
-    copies = max(1, min(256, math.ceil(L2_FLUSH_BYTES / size)))
-    return [planes] + [{a: t.clone() for a, t in planes.items()} for _ in range(copies - 1)]
+    """Microseconds per call of a CUDA graph calling fn(planes) once for each weight copy
+    (`quant_kernels.weight_copies`), or inf where it fails (reported, not fatal)."""
+    return qk.timed_or_inf([partial(fn, p) for p in weights])
 
 
 def _dense(
@@ -111,7 +98,7 @@ def sweep(
     for qtype, name, n, k in _points(types, shapes):
         size = nbytes(qtype, n, k)
         planes = to_planes(random_blocks(qtype, n, k, device="cuda"), qtype, n, k)
-        weights = weight_copies(planes, size)
+        weights = qk.weight_copies(planes, size, most=256)
         scratch = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
         for m in batches:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
@@ -163,7 +150,7 @@ def tune(types: list[Q], batches: tuple[int, ...] = ROWS, model: str = "") -> li
         n, k = shapes[name]
         size = nbytes(qtype, n, k)
         planes = to_planes(random_blocks(qtype, n, k, device="cuda"), qtype, n, k)
-        weights = weight_copies(planes, size)
+        weights = qk.weight_copies(planes, size, most=256)
         for m in batches:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)

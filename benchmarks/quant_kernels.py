@@ -141,12 +141,22 @@ def _cfg(c: GemvConfig) -> list:
             int(c.prequant)]  # fmt: skip
 
 
-def _timed_or_none(calls: list[Callable[[], object]]) -> float:
+def timed_or_inf(calls: list[Callable[[], object]]) -> float:
+    """graph_us(calls), or inf where it fails: a config that fails to build is reported, not
+    fatal."""
     try:
         return graph_us(calls)
-    except Exception:  # noqa: BLE001 - a config that fails to build is reported, not fatal
+    except Exception:  # noqa: BLE001
         logger.exception("config failed")
         return math.inf
+
+
+def weight_copies(planes: dict, size: int, most: int = 2048) -> list[dict]:
+    """planes and clones of it, up to `most` in all: enough that a graph calling a kernel once on
+    each reads L2_FLUSH_BYTES of weights, so every call meets its weight in memory, not in L2, as
+    a decode step does."""
+    copies = max(1, min(most, math.ceil(L2_FLUSH_BYTES / size)))
+    return [planes] + [{a: t.clone() for a, t in planes.items()} for _ in range(copies - 1)]
 
 
 def gemv_rows(entries: list, quick: bool, prequant: bool = False) -> dict[tuple, dict]:
@@ -156,9 +166,8 @@ def gemv_rows(entries: list, quick: bool, prequant: bool = False) -> dict[tuple,
         if key in results:
             continue
         size = nbytes(qtype, n, k)
-        copies = max(1, min(2048, math.ceil(L2_FLUSH_BYTES / size)))
         planes = to_planes(random_blocks(qtype, n, k, device="cuda"), qtype, n, k)
-        weights = [planes] + [{a: t.clone() for a, t in planes.items()} for _ in range(copies - 1)]
+        weights = weight_copies(planes, size)
         x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
         y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
         float_cfg = gemv_config(qtype, n, k, int8_x=False)
@@ -171,12 +180,12 @@ def gemv_rows(entries: list, quick: bool, prequant: bool = False) -> dict[tuple,
         timed = []
         for cfg in configs:
             calls = [partial(quant_gemv, x, p, qtype, n, k, out=y, config=cfg) for p in weights]
-            timed.append((_timed_or_none(calls), cfg))
+            timed.append((timed_or_inf(calls), cfg))
         float_us = timed[0][0]
         best_us, best = min(timed[1:], key=lambda t: t[0])
         default_us = timed[1][0]
         results[key] = {
-            "qtype": qtype.name, "n": n, "k": k, "mb": size / 1e6, "copies": copies,
+            "qtype": qtype.name, "n": n, "k": k, "mb": size / 1e6, "copies": len(weights),
             "float": _cfg(float_cfg), "float_us": float_us,
             "default": _cfg(default), "default_us": default_us,
             "best": _cfg(best), "best_us": best_us,

@@ -21,6 +21,24 @@ a = 2**b * scale and c = -(a + min) per row (Q4_K/Q5_K), or c = -1.5 a for the f
 fixed zero point (Q6_K: q - 32 of 6 bits; Q8_0: q + 128 of 8 bits; Q4_0/Q5_0: q - 8 / q - 16).
 Besides the product's own rounding this rounds c once, ~2**-24 of the largest weight of the block.
 
+K-quants on bf16 x (`PACKED`, the decode path): compiled plainly, the step above costs about seven
+instructions a weight, a byte extracted, shifted and masked for every weight, and that count, not
+the bytes, bounds these kernels at 8-64 rows. With PACKED the Q4_K/Q5_K/Q6_K kernels instead hand
+one 32-bit word of quant bytes (four weights of a row) to a PTX block that makes two weights per
+lop3 (two nibbles under the exponent of bf16 128.0 in the two 16-bit lanes: bf16(128 + q),
+exact), widens each lane to float32 with a shift or a mask, and computes w = a (128 + q) + c' in
+float32 (c' = c - 128 a), rounded to bf16 in pairs: the same weights as above, about three
+instructions each (`_nibbles`, `_q6_weights`). For those words to be four adjacent bytes, the
+tile's columns are put in the order of the MMA's A operand (a thread holds columns 2t, 2t + 1,
+2t + 8 and 2t + 9 of each 16), and x^T's rows in the same order (`_mma_order`): the product is
+unchanged. Triton's interpreter runs the same reordering with the weights made elementwise, so the
+CPU tests check it.
+
+Every per-row load of a scale is a 4-byte word (Q4_K/Q5_K's d and dmin pair, Q6_K's eight scales
+of a half as two words, an f16 d read through the word holding it: `_f16_at`) so that the
+pipeline prefetches it with the quants: a 2-byte load stays in the loop and its latency is paid on
+every step.
+
 Rounding: the dequantized weight is rounded to x's dtype as the dequantize + cuBLAS path rounds
 its scratch weight, then multiplied exactly and summed in float32; float32 x multiplies in IEEE
 float32 (`F32_DOT`, no TF32). Triton's interpreter multiplies bf16 operands wrongly, so under it
@@ -100,11 +118,23 @@ def _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk):
     tl.store(ptr, acc, mask=(rows < N)[:, None] & xmask[None, :])
 
 
+@triton.jit
+def _f16_at(ptr, idx, WORDS: tl.constexpr):
+    """Float32 of the f16 at flat index idx (int64 [BN]) of a plane. WORDS: ptr is the plane read
+    as int32 and the f16 is taken from the word that holds it, a 4-byte load the pipeline
+    prefetches with the quants (a 2-byte one it leaves in the loop, waited for there)."""
+    if WORDS:
+        w = tl.load(ptr + idx // 2)
+        w = w >> (16 * (idx % 2)).to(tl.int32)
+        return (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return tl.load(ptr + idx).to(tl.float32)
+
+
 @_kernel
 def mm_q8_0_kernel(
     x_ptr, d_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk, SPLIT_UNITS,
-    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr,
-    F32_DOT: tl.constexpr, PDL: tl.constexpr,
+    D_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr,
+    STAGES: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # qs u8 [N, K] (the int8 quants' bytes), d f16 [N, K / 32]; unit = block; w = d * q with
     # q + 128 = byte ^ 0x80 as 8 bits of f
@@ -118,7 +148,7 @@ def mm_q8_0_kernel(
         for i in tl.static_range(STEP):
             blk = tl.minimum(b0 + i, hi - 1)  # past the range: a valid block times x = 0
             q = tl.load(qs_row[:, None] + blk * 32 + ll[None, :]).to(tl.int32)
-            a = 256.0 * tl.load(d_ptr + r64 * nb + blk).to(tl.float32)
+            a = 256.0 * _f16_at(d_ptr, r64 * nb + blk, D_WORDS)
             w = _w(((q << 15) & 0x7F8000) ^ 0x400000, a, -1.5 * a)
             xt = _xt(x_ptr, stride_xm, xr, xmask & (xr * 0 + b0 + i < hi), blk * 32 + ll)
             acc = _mma(acc, w, xt, F32_DOT)
@@ -128,8 +158,8 @@ def mm_q8_0_kernel(
 @_kernel
 def _mm_q4_q5_0(
     x_ptr, d_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk, SPLIT_UNITS,
-    HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr,
-    STAGES: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
+    HAS_QH: tl.constexpr, D_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    STEP: tl.constexpr, STAGES: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # qs u8 [N, K / 2]: byte l of a block holds elements l (low nibble) and 16 + l (high), two
     # tiles of 16; Q5_0's re-laid qh word (formats) has element e's fifth bit at bit
@@ -145,7 +175,7 @@ def _mm_q4_q5_0(
         for i in tl.static_range(STEP):
             blk = tl.minimum(b0 + i, hi - 1)  # past the range: a valid block times x = 0
             q = tl.load(qs_row[:, None] + blk * 16 + ll[None, :]).to(tl.int32)  # [BN, 16]
-            d = tl.load(d_ptr + r64 * nb + blk).to(tl.float32)
+            d = _f16_at(d_ptr, r64 * nb + blk, D_WORDS)
             if HAS_QH:
                 h = tl.load(qh_ptr + r64 * nb + blk)[:, None]  # [BN, 1] int32
                 a = 32.0 * d
@@ -160,6 +190,171 @@ def _mm_q4_q5_0(
             acc = _mma(acc, _w(b_lo, a, -1.5 * a), _xt(x_ptr, stride_xm, xr, xm, col), F32_DOT)
             acc = _mma(acc, _w(b_hi, a, -1.5 * a), _xt(x_ptr, stride_xm, xr, xm, col + 16), F32_DOT)
     _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)
+
+
+def _nibbles_ptx(fifth_bit: bool) -> str:
+    """PTX for `_nibbles`: one word of quant bytes (four weights of a row of the tile) to their
+    low- and high-nibble weights as bf16 pairs. A lop3 puts two nibbles (of bytes 0 and 2, or 1
+    and 3) under the exponent of bf16 128.0, so each 16-bit lane holds bf16(128 + q) exactly (the
+    fifth bit, rotated out of the qh word, at bit 4 of the lane); a shift or a mask makes each
+    lane the float32 128 + q; w = a (128 + q) + c' in float32 (c' = c - 128 a, exact enough: its
+    rounding is ~2**-24 of 128 a); then a round-to-nearest pair to bf16, as the float path
+    rounds."""
+    q, h = "$4", "$5"
+    first = 6 if fifth_bit else 5  # operands after the words: [2c,] a_lo, c_lo, a_hi, c_hi
+    n = f"${first}"  # 2c: the qh bit of the low nibbles' sub-block
+    scales = first + 4 if fifth_bit else first
+    lines = [".reg .b32 s0, s1, t0, t1, x0, x1, r, f0, f1, f2, f3;"]
+    for half in (0, 1):
+        a = [f"${scales + 8 * half + i}" for i in range(4)]
+        c = [f"${scales + 8 * half + 4 + i}" for i in range(4)]
+        lines += [f"shr.b32 s0, {q}, {4 * half};", f"shr.b32 s1, {q}, {4 * half + 8};"]
+        if fifth_bit:  # bit 2c + half of bytes 0, 2 (1, 3) to bit 4 of each lane, by a rotate
+            for x, base in (("x0", 4 - half), ("x1", 28 - half)):
+                lines += [
+                    f"mov.b32 r, {base};", f"sub.u32 r, r, {n};",
+                    f"shf.l.wrap.b32 {x}, {h}, {h}, r;",
+                    f"lop3.b32 {x}, {x}, 0x00100010, 0x43004300, 0xEA;",
+                ]  # fmt: skip
+            magic = ("x0", "x1")
+        else:
+            magic = ("0x43004300", "0x43004300")
+        lines += [
+            f"lop3.b32 t0, s0, 0x000F000F, {magic[0]}, 0xEA;",
+            f"lop3.b32 t1, s1, 0x000F000F, {magic[1]}, 0xEA;",
+            "shl.b32 f0, t0, 16;", "and.b32 f2, t0, 0xFFFF0000;",
+            "shl.b32 f1, t1, 16;", "and.b32 f3, t1, 0xFFFF0000;",
+        ]  # fmt: skip
+        lines += [f"fma.rn.f32 f{i}, f{i}, {a[i]}, {c[i]};" for i in range(4)]
+        lines += [
+            f"cvt.rn.bf16x2.f32 ${2 * half}, f1, f0;",
+            f"cvt.rn.bf16x2.f32 ${2 * half + 1}, f3, f2;",
+        ]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+NIBBLES_Q4 = tl.constexpr(_nibbles_ptx(False))
+NIBBLES_Q5 = tl.constexpr(_nibbles_ptx(True))
+
+
+@triton.jit
+def _nibbles(
+    q, h, n2, a_lo, c_lo, a_hi, c_hi, BLOCK_N: tl.constexpr, HAS_QH: tl.constexpr,
+    ASM: tl.constexpr,
+):  # fmt: skip
+    """bf16 weights (low nibbles, high nibbles) of a [BLOCK_N, 32] tile of quant bytes q (u8),
+    w = a q + c per row (a, c float32 [BLOCK_N]); with HAS_QH the fifth bits are bit n2 (low
+    nibbles) and n2 + 1 (high) of h (u8 [BLOCK_N, 32]). ASM: four weights per PTX block
+    (`_nibbles_ptx`), about three instructions a weight where the float path takes seven;
+    otherwise (Triton's interpreter) the same values elementwise."""
+    shape: tl.constexpr = (BLOCK_N, 32)
+    c_lo = c_lo - 128.0 * a_lo
+    c_hi = c_hi - 128.0 * a_hi
+    if ASM:
+        args = [
+            tl.broadcast_to(a_lo[:, None], shape), tl.broadcast_to(c_lo[:, None], shape),
+            tl.broadcast_to(a_hi[:, None], shape), tl.broadcast_to(c_hi[:, None], shape),
+        ]  # fmt: skip
+        if HAS_QH:
+            n = tl.zeros(shape, tl.int32) + n2
+            w_lo, w_hi = tl.inline_asm_elementwise(
+                NIBBLES_Q5, "=r,=r,=r,=r" + ",r" * 22, [q, h, n] + args,
+                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
+            )  # fmt: skip
+        else:
+            w_lo, w_hi = tl.inline_asm_elementwise(
+                NIBBLES_Q4, "=r,=r,=r,=r" + ",r" * 17, [q] + args,
+                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
+            )  # fmt: skip
+    else:
+        q = q.to(tl.int32)
+        lo = 128 + (q & 15)
+        hi = 128 + ((q >> 4) & 15)
+        if HAS_QH:
+            h = h.to(tl.int32)
+            lo += ((h >> n2) & 1) << 4
+            hi += ((h >> (n2 + 1)) & 1) << 4
+        w_lo = (lo.to(tl.float32) * a_lo[:, None] + c_lo[:, None]).to(tl.bfloat16)
+        w_hi = (hi.to(tl.float32) * a_hi[:, None] + c_hi[:, None]).to(tl.bfloat16)
+    return w_lo, w_hi
+
+
+def _q6_ptx(f: int) -> str:
+    """PTX for `_q6_weights` of group f: one word of ql bytes and one of qh bytes (four weights)
+    to bf16 pairs, as `_nibbles_ptx` does with a 4-bit nibble (low for f < 2, high otherwise)
+    and qh's bits 2f, 2f + 1 rotated to bits 4-5 of each lane."""
+    nib = 4 * (f // 2)
+    lines = [
+        ".reg .b32 s0, s1, t0, t1, x0, x1, f0, f1, f2, f3;",
+        f"shr.b32 s0, $2, {nib};", f"shr.b32 s1, $2, {nib + 8};",
+        f"shf.l.wrap.b32 x0, $3, $3, {(4 - 2 * f) % 32};",
+        "lop3.b32 x0, x0, 0x00300030, 0x43004300, 0xEA;",
+        f"shf.l.wrap.b32 x1, $3, $3, {(28 - 2 * f) % 32};",
+        "lop3.b32 x1, x1, 0x00300030, 0x43004300, 0xEA;",
+        "lop3.b32 t0, s0, 0x000F000F, x0, 0xEA;", "lop3.b32 t1, s1, 0x000F000F, x1, 0xEA;",
+        "shl.b32 f0, t0, 16;", "and.b32 f2, t0, 0xFFFF0000;",
+        "shl.b32 f1, t1, 16;", "and.b32 f3, t1, 0xFFFF0000;",
+    ]  # fmt: skip
+    lines += [f"fma.rn.f32 f{i}, f{i}, ${4 + i}, ${8 + i};" for i in range(4)]
+    lines += ["cvt.rn.bf16x2.f32 $0, f1, f0;", "cvt.rn.bf16x2.f32 $1, f3, f2;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+Q6_F0 = tl.constexpr(_q6_ptx(0))
+Q6_F1 = tl.constexpr(_q6_ptx(1))
+Q6_F2 = tl.constexpr(_q6_ptx(2))
+Q6_F3 = tl.constexpr(_q6_ptx(3))
+
+
+@triton.jit
+def _q6_scale(sw0, sw1, J: tl.constexpr):
+    """Float32 [BN] of a half's scale J (0..7): byte J of its two int32 words, sign-extended."""
+    if J < 4:
+        sc = (sw0 << (24 - 8 * J)) >> 24
+    else:
+        sc = (sw1 << (24 - 8 * (J - 4))) >> 24
+    return sc.to(tl.float32)
+
+
+@triton.jit
+def _q6_weights(q, qh, a, F: tl.constexpr, ASM: tl.constexpr):
+    """bf16 weights of Q6_K group F from tiles of ql bytes q and qh bytes qh (u8, one shape):
+    six bits, the nibble of q (low for F < 2, high otherwise) under bits 2F, 2F + 1 of qh; w =
+    a (q6 - 32), a float32 of the same shape. ASM: four weights per PTX block (`_q6_ptx`; a
+    word's four share their a); otherwise (Triton's interpreter) the same values elementwise."""
+    c = -160.0 * a  # w = a (128 + q6) + c
+    if ASM:
+        args = [q, qh, a, c]
+        cons: tl.constexpr = "=r,=r" + ",r" * 10
+        if F == 0:
+            w = tl.inline_asm_elementwise(Q6_F0, cons, args, tl.bfloat16, True, 4)
+        elif F == 1:
+            w = tl.inline_asm_elementwise(Q6_F1, cons, args, tl.bfloat16, True, 4)
+        elif F == 2:
+            w = tl.inline_asm_elementwise(Q6_F2, cons, args, tl.bfloat16, True, 4)
+        else:
+            w = tl.inline_asm_elementwise(Q6_F3, cons, args, tl.bfloat16, True, 4)
+    else:
+        q6 = ((q.to(tl.int32) >> (4 * (F // 2))) & 15) | (((qh.to(tl.int32) >> (2 * F)) & 3) << 4)
+        w = ((128 + q6).to(tl.float32) * a + c).to(tl.bfloat16)
+    return w
+
+
+@triton.jit
+def _mma_order(t, BLOCK_N: tl.constexpr, COLS: tl.constexpr):
+    """t [BLOCK_N, COLS] (COLS 16 or 32) with its columns reordered: column 16 b + 8 h + 2 t + l
+    holds column 16 b + 4 t + 2 h + l, so that a thread's A-operand columns of each 16 (2t,
+    2t + 1, 2t + 8, 2t + 9) are four adjacent bytes of the row (4t .. 4t + 3): one word for the
+    PTX that turns them into weights."""
+    t = tl.permute(tl.reshape(t, (BLOCK_N, COLS // 16, 4, 2, 2)), (0, 1, 3, 2, 4))
+    return tl.reshape(t, (BLOCK_N, COLS))
+
+
+@triton.jit
+def _mma_order_xt(xt, BLOCK_B: tl.constexpr, COLS: tl.constexpr):
+    """x^T tile [COLS, BLOCK_B] with its rows in `_mma_order`'s column order."""
+    xt = tl.permute(tl.reshape(xt, (COLS // 16, 4, 2, 2, BLOCK_B)), (0, 2, 1, 3, 4))
+    return tl.reshape(xt, (COLS, BLOCK_B))
 
 
 @triton.jit
@@ -183,13 +378,16 @@ def _k4_scales_mins(w0, w1, w2, c):
 def _mm_q4_q5_k(
     x_ptr, dm_ptr, sc_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
     SPLIT_UNITS,
-    HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr,
-    STAGES: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
+    HAS_QH: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr, F32_DOT: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
-    # Unit u = chunk c = u % 4 of super-block u // 4 (STEP chunks per step, dividing 4): qs bytes
-    # 32c..32c+31 hold sub-block 2c in their low nibbles (elements 64c + l) and 2c + 1 in their
-    # high nibbles (64c + 32 + l); Q5_K's qh byte l has the fifth bit of element l of sub-block
-    # j at bit j. sc int32 [N, ns * 3] (the 12 scale bytes of each super-block), dm f16 [N, ns, 2].
+    # Unit u = chunk c = u % 4 of super-block u // 4 (STEP chunks per step, dividing 4, so a step
+    # stays in one super-block): qs bytes 32c..32c+31 hold sub-block 2c in their low nibbles
+    # (elements 64c + l) and 2c + 1 in their high nibbles (64c + 32 + l); Q5_K's qh byte l has the
+    # fifth bit of element l of sub-block j at bit j. sc int32 [N, ns * 3] (the 12 scale bytes of
+    # each super-block), dm int32 [N, ns] (d in the low half, dmin in the high half, f16 each):
+    # every per-row load is a word, so the pipeline prefetches it with the quants.
     pdl.prologue(PDL)
     ns = K // 256
     rows, r64, xr, xmask, lo, hi = _tile(M, N, 4 * ns, SPLIT_UNITS, BLOCK_N, BLOCK_B)
@@ -198,28 +396,40 @@ def _mm_q4_q5_k(
     qh_row = qh_ptr + tl.multiple_of(r64 * (K // 8), 32)
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
     for u0 in tl.range(lo, hi, STEP, num_stages=STAGES):
-        if HAS_QH and STEP == 4:  # a step is a whole super-block: its fifth bits once
-            h_sb = tl.load(qh_row[:, None] + (u0 // 4) * 32 + ll[None, :]).to(tl.int32)
+        sb = u0 // 4
+        sbi = r64 * ns + sb
+        w0 = tl.load(sc_ptr + sbi * 3)
+        w1 = tl.load(sc_ptr + sbi * 3 + 1)
+        w2 = tl.load(sc_ptr + sbi * 3 + 2)
+        dm = tl.load(dm_ptr + sbi)
+        d = (dm & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = (dm >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        if HAS_QH:
+            h8 = tl.load(qh_row[:, None] + sb * 32 + ll[None, :])
+            h = h8.to(tl.int32)
+        else:
+            h8 = None
         for i in tl.static_range(STEP):
             u = u0 + i
-            sb = u // 4
             if STEP == 4:  # chunk i of the step's super-block
                 c = i
             else:
                 c = u % 4
-            q = tl.load(qs_row[:, None] + u * 32 + ll[None, :]).to(tl.int32)  # [BN, 32]
-            sbi = r64 * ns + sb
-            sc_lo, mn_lo, sc_hi, mn_hi = _k4_scales_mins(
-                tl.load(sc_ptr + sbi * 3), tl.load(sc_ptr + sbi * 3 + 1),
-                tl.load(sc_ptr + sbi * 3 + 2), c,
-            )  # fmt: skip
-            d = tl.load(dm_ptr + sbi * 2).to(tl.float32)
-            dmin = tl.load(dm_ptr + sbi * 2 + 1).to(tl.float32)
-            if HAS_QH:  # 5 bits: nibble at mantissa bits 18-21, the fifth bit at 22
-                if STEP == 4:
-                    h = h_sb
+            q8 = tl.load(qs_row[:, None] + u * 32 + ll[None, :])  # [BN, 32] u8
+            q = q8.to(tl.int32)
+            sc_lo, mn_lo, sc_hi, mn_hi = _k4_scales_mins(w0, w1, w2, c)
+            if PACKED:
+                a_lo = d * sc_lo
+                a_hi = d * sc_hi
+                if HAS_QH:
+                    hp = _mma_order(h8, BLOCK_N, 32)
                 else:
-                    h = tl.load(qh_row[:, None] + sb * 32 + ll[None, :]).to(tl.int32)
+                    hp = None
+                w_lo, w_hi = _nibbles(
+                    _mma_order(q8, BLOCK_N, 32), hp, 2 * c, a_lo, -(dmin * mn_lo), a_hi,
+                    -(dmin * mn_hi), BLOCK_N, HAS_QH, ASM,
+                )  # fmt: skip
+            elif HAS_QH:  # 5 bits: nibble at mantissa bits 18-21, the fifth bit at 22
                 b_lo = ((q << 18) & 0x3C0000) | ((h << (22 - 2 * c)) & 0x400000)
                 b_hi = ((q << 14) & 0x3C0000) | ((h << (21 - 2 * c)) & 0x400000)
                 unit = 32.0
@@ -227,13 +437,19 @@ def _mm_q4_q5_k(
                 b_lo = (q << 19) & 0x780000
                 b_hi = (q << 15) & 0x780000
                 unit = 16.0
-            a_lo = unit * d * sc_lo
-            a_hi = unit * d * sc_hi
-            w_lo = _w(b_lo, a_lo, -(a_lo + dmin * mn_lo))
-            w_hi = _w(b_hi, a_hi, -(a_hi + dmin * mn_hi))
+            if not PACKED:
+                a_lo = unit * d * sc_lo
+                a_hi = unit * d * sc_hi
+                w_lo = _w(b_lo, a_lo, -(a_lo + dmin * mn_lo))
+                w_hi = _w(b_hi, a_hi, -(a_hi + dmin * mn_hi))
             col = u * 64 + ll
-            acc = _mma(acc, w_lo, _xt(x_ptr, stride_xm, xr, xmask, col), F32_DOT)
-            acc = _mma(acc, w_hi, _xt(x_ptr, stride_xm, xr, xmask, col + 32), F32_DOT)
+            xt_lo = _xt(x_ptr, stride_xm, xr, xmask, col)
+            xt_hi = _xt(x_ptr, stride_xm, xr, xmask, col + 32)
+            if PACKED:  # x's columns in the weight tiles' order
+                xt_lo = _mma_order_xt(xt_lo, BLOCK_B, 32)
+                xt_hi = _mma_order_xt(xt_hi, BLOCK_B, 32)
+            acc = _mma(acc, w_lo, xt_lo, F32_DOT)
+            acc = _mma(acc, w_hi, xt_hi, F32_DOT)
     _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)
 
 
@@ -241,39 +457,63 @@ def _mm_q4_q5_k(
 def mm_q6_k_kernel(
     x_ptr, d_ptr, sc_ptr, qh_ptr, ql_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
     SPLIT_UNITS,
-    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr,
-    F32_DOT: tl.constexpr, PDL: tl.constexpr,
+    D_WORDS: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr, F32_DOT: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     # Unit = half h of 128 elements (STEP halves per step): bytes a = ql[64h + l], b =
     # ql[64h + 32 + l] and qh[32h + l] (l < 32) give group f (elements 128h + 32f + l) as the low
     # (f < 2) or high nibble of a (f even) or b (f odd), with bits 2f..2f+1 of qh above it; each
-    # group is two tiles of 16 (sub-blocks with scales 8h + 2f and 8h + 2f + 1 of the row).
+    # group is two tiles of 16 (sub-blocks with scales 8h + 2f and 8h + 2f + 1 of the row). sc
+    # int32 [N, K / 64]: a half's eight int8 scales are words 2h and 2h + 1.
     pdl.prologue(PDL)
     ns = K // 256
     rows, r64, xr, xmask, lo, hi = _tile(M, N, 2 * ns, SPLIT_UNITS, BLOCK_N, BLOCK_B)
     ll = tl.arange(0, 16)
     ql_row = ql_ptr + tl.multiple_of(r64 * (K // 2), 128)
     qh_row = qh_ptr + tl.multiple_of(r64 * (K // 4), 64)
-    sc_row = sc_ptr + tl.multiple_of(r64 * (K // 16), 16)
+    sc_row = sc_ptr + r64 * (K // 64)
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
     for h0 in tl.range(lo, hi, STEP, num_stages=STAGES):
         for i in tl.static_range(STEP):
             half = h0 + i
-            d = tl.load(d_ptr + r64 * ns + half // 2).to(tl.float32)
-            for t in tl.static_range(2):
-                col = half * 64 + t * 16 + ll[None, :]
-                qa = tl.load(ql_row[:, None] + col).to(tl.int32)  # [BN, 16]
-                qb = tl.load(ql_row[:, None] + col + 32).to(tl.int32)
-                qh = tl.load(qh_row[:, None] + half * 32 + t * 16 + ll[None, :]).to(tl.int32)
+            d = _f16_at(d_ptr, r64 * ns + half // 2, D_WORDS)
+            sw0 = tl.load(sc_row + 2 * half)
+            sw1 = tl.load(sc_row + 2 * half + 1)
+            if PACKED:  # [BN, 32] tiles of both sub-blocks of a group, a word of four at a time
+                l32 = tl.arange(0, 32)
+                qa = _mma_order(tl.load(ql_row[:, None] + half * 64 + l32[None, :]), BLOCK_N, 32)
+                qb = tl.load(ql_row[:, None] + half * 64 + 32 + l32[None, :])
+                qb = _mma_order(qb, BLOCK_N, 32)
+                qh = _mma_order(tl.load(qh_row[:, None] + half * 32 + l32[None, :]), BLOCK_N, 32)
                 for f in tl.static_range(4):
                     if f % 2 == 0:
                         q = qa
                     else:
                         q = qb
-                    # 6 bits at mantissa bits 17-22: the nibble at 17-20, qh's two bits at 21-22
-                    bits = (q << (17 - 4 * (f // 2))) & 0x1E0000
-                    bits = bits | ((qh << (21 - 2 * f)) & 0x600000)
-                    a = 64.0 * d * tl.load(sc_row + half * 8 + 2 * f + t).to(tl.float32)
-                    xt = _xt(x_ptr, stride_xm, xr, xmask, half * 128 + f * 32 + t * 16 + ll)
-                    acc = _mma(acc, _w(bits, a, -1.5 * a), xt, F32_DOT)
+                    a = tl.where(
+                        l32[None, :] < 16, (d * _q6_scale(sw0, sw1, 2 * f))[:, None],
+                        (d * _q6_scale(sw0, sw1, 2 * f + 1))[:, None],
+                    )  # fmt: skip
+                    xt = _xt(x_ptr, stride_xm, xr, xmask, half * 128 + f * 32 + l32)
+                    xt = _mma_order_xt(xt, BLOCK_B, 32)
+                    acc = _mma(acc, _q6_weights(q, qh, a, f, ASM), xt, F32_DOT)
+            else:  # [BN, 16] tiles, one scale each
+                for t in tl.static_range(2):
+                    col = half * 64 + t * 16 + ll[None, :]
+                    qa = tl.load(ql_row[:, None] + col).to(tl.int32)  # [BN, 16]
+                    qb = tl.load(ql_row[:, None] + col + 32).to(tl.int32)
+                    qh = tl.load(qh_row[:, None] + half * 32 + t * 16 + ll[None, :]).to(tl.int32)
+                    for f in tl.static_range(4):
+                        if f % 2 == 0:
+                            q = qa
+                        else:
+                            q = qb
+                        # 6 bits at mantissa bits 17-22: the nibble at 17-20, qh's two bits at
+                        # 21-22
+                        bits = (q << (17 - 4 * (f // 2))) & 0x1E0000
+                        bits = bits | ((qh << (21 - 2 * f)) & 0x600000)
+                        a = 64.0 * d * _q6_scale(sw0, sw1, 2 * f + t)
+                        xt = _xt(x_ptr, stride_xm, xr, xmask, half * 128 + f * 32 + t * 16 + ll)
+                        acc = _mma(acc, _w(bits, a, -1.5 * a), xt, F32_DOT)
     _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)

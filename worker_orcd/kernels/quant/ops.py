@@ -369,20 +369,28 @@ def quant_gemv(
 def _batched_args(
     planes: dict[str, torch.Tensor], qtype: GGMLQuantizationType
 ) -> tuple[object, list[torch.Tensor], dict[str, object]]:
-    """(small-batch kernel, plane args, constexpr flags) for `qtype`."""
+    """(small-batch kernel, plane args, constexpr flags) for `qtype`. Per-row scale planes go as
+    int32 words where they can, so the kernels' pipeline prefetches them (`_f16_at`)."""
     p = planes
+    d, d_flags = p.get("d"), {}
+    if d is not None:
+        words = d.is_contiguous() and d.numel() % 2 == 0
+        d_flags = {"D_WORDS": words}
+        d = d.reshape(-1).view(torch.int32) if words else d
     if qtype == Q.Q8_0:
-        return _bt.mm_q8_0_kernel, [p["d"], p["qs"].view(torch.uint8)], {}
+        return _bt.mm_q8_0_kernel, [d, p["qs"].view(torch.uint8)], d_flags
     if qtype == Q.Q4_0:
-        return _bt._mm_q4_q5_0, [p["d"], p["d"], p["qs"]], {"HAS_QH": False}
+        return _bt._mm_q4_q5_0, [d, d, p["qs"]], {"HAS_QH": False, **d_flags}
     if qtype == Q.Q5_0:
-        return _bt._mm_q4_q5_0, [p["d"], p["qh"], p["qs"]], {"HAS_QH": True}
+        return _bt._mm_q4_q5_0, [d, p["qh"], p["qs"]], {"HAS_QH": True, **d_flags}
     if qtype in (Q.Q4_K, Q.Q5_K):
         has_qh = qtype == Q.Q5_K
-        args = [p["dm"], p["scales"].view(torch.int32), p["qh"] if has_qh else p["qs"], p["qs"]]
+        sc = p["scales"].view(torch.int32)
+        args = [p["dm"].view(torch.int32), sc, p["qh"] if has_qh else p["qs"], p["qs"]]
         return _bt._mm_q4_q5_k, args, {"HAS_QH": has_qh}
     if qtype == Q.Q6_K:
-        return _bt.mm_q6_k_kernel, [p["d"], p["scales"], p["qh"], p["ql"]], {}
+        args = [d, p["scales"].view(torch.int32), p["qh"], p["ql"]]
+        return _bt.mm_q6_k_kernel, args, d_flags
     raise ValueError(f"no quantized kernel for {qtype.name}")
 
 
@@ -417,6 +425,9 @@ def quant_batched(
     flags["STEP"] = step
     # float32 x in IEEE float32; Triton's interpreter (CPU tensors) cannot multiply bf16 operands
     flags["F32_DOT"] = x.dtype == torch.float32 or x.device.type != "cuda"
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # bf16 x: weights made a word of quants at a time
+        flags["PACKED"] = x.dtype == torch.bfloat16
+        flags["ASM"] = x.device.type == "cuda"
     flags.update(pdl.launch(x, m))
     units = k // _UNIT_BATCHED[qtype]
     per = triton.cdiv(triton.cdiv(units, cfg.split_k), step) * step  # whole steps per split

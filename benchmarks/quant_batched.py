@@ -133,11 +133,16 @@ def tune_configs(qtype: Q, m: int) -> list[BatchedConfig]:
     """Launch configs tried per weight and batch: rows per program and warps, K split, tiles per
     step (Q6_K: 4 or 8) and pipeline stages; x in one tile of the batch's size."""
     bb = batched_config(qtype, 4096, 4096, m).block_b
-    tiles = (4, 8) if qtype == Q.Q6_K else (2, 4, 8)
     shapes = [(32, 4), (64, 4), (64, 8), (128, 8), (128, 4), (16, 4)]
     cfgs = [BatchedConfig(bn, bb, w, split_k=s) for bn, w in shapes for s in (1, 2, 4)]
-    cfgs += [BatchedConfig(64, bb, 4, tiles=t) for t in tiles if t != 4]
-    cfgs += [BatchedConfig(64, bb, 4, stages=st) for st in (1, 3, 4)]
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # 8 tiles a step (a super-block), K split up to 8
+        cfgs += [BatchedConfig(64, bb, 4, split_k=s, tiles=8) for s in (1, 2, 4, 8)]
+        cfgs += [BatchedConfig(64, bb, 4, split_k=8, tiles=8, stages=st) for st in (3, 4)]
+        cfgs += [BatchedConfig(128, bb, 8, split_k=s, tiles=8) for s in (2, 4)]
+        cfgs += [BatchedConfig(64, bb, 4, split_k=8), BatchedConfig(64, bb, 4, tiles=8, stages=1)]
+    else:
+        cfgs += [BatchedConfig(64, bb, 4, tiles=t) for t in (2, 8)]
+        cfgs += [BatchedConfig(64, bb, 4, stages=st) for st in (1, 3, 4)]
     return cfgs
 
 

@@ -149,19 +149,26 @@ _BATCHED_PROGRAMS = 600
 
 def batched_config(qtype: GGMLQuantizationType, n: int, k: int, m: int) -> BatchedConfig:
     """Launch shape of the small-batch kernels for x [m, k] and an [n, k] weight, from the H100
-    sweep (`benchmarks/quant_kernels.py --batched --tune`, QUANT.md): all of x in one program up
+    sweeps (`benchmarks/quant_kernels.py --batched --tune`, QUANT.md): all of x in one program up
     to 64 rows (each weight tile is then read once), 64 output rows per program from 2048 rows
-    (32 on Qwen's short weights), and K split in up to 4 while the programs stay within
-    _BATCHED_PROGRAMS, keeping at least 8 units of 32 per split. Splitting more than one wave
-    took 25-60% off Phi-3's weights at 8 rows (the walk along K is latency-bound)."""
+    (32 on Qwen's short weights), and K split in up to 4 (K-quants: 8) while the programs stay
+    within _BATCHED_PROGRAMS and each split keeps at least two steps. K-quants take 8 tiles of
+    32 a step, a whole super-block. Splitting more than one wave took 25-60% off Phi-3's weights
+    at 8 rows (the walk along K is latency-bound)."""
     block_b = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = 64 if n >= 2048 else 32
     programs = ceil_div(n, block_n) * ceil_div(m, block_b)
     units = k // 32
+    k_quant = qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+    tiles, most = (8, 8) if k_quant else (4, 4)
     split = 1
-    while split < 4 and programs * split * 2 <= _BATCHED_PROGRAMS and units >= 16 * split:
+    while (
+        split < most
+        and programs * split * 2 <= _BATCHED_PROGRAMS
+        and units >= 2 * tiles * split * 2  # each split at least two steps
+    ):
         split *= 2
-    return BatchedConfig(block_n, block_b, split_k=split)
+    return BatchedConfig(block_n, block_b, split_k=split, tiles=tiles)
 
 
 class RoundedX(NamedTuple):

@@ -111,11 +111,26 @@ def _mma(acc, w, xt, F32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk):
-    """acc [BLOCK_N, BLOCK_B] into y[xr, rows] (of this split's partials when split)."""
-    y_split = y_ptr + tl.program_id(1) * stride_yk
-    ptr = y_split + xr.to(tl.int64)[None, :] * stride_ym + rows[:, None]
-    tl.store(ptr, acc, mask=(rows < N)[:, None] & xmask[None, :])
+def _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_B] into y[xr, rows]. With the K split in SPLITS, into this split's
+    partials ws [SPLITS, M, N] (float32) instead; the last program of the tile to arrive (an
+    acq_rel counter per tile, re-armed to 0 by that program) sums them in split order, so the
+    result does not depend on which arrives last, and writes y: no summing launch."""
+    mask = (rows < N)[:, None] & xmask[None, :]
+    cell = xr.to(tl.int64)[None, :] * N + rows[:, None]  # in one split's [M, N]
+    if SPLITS == 1:
+        tl.store(y_ptr + xr.to(tl.int64)[None, :] * stride_ym + rows[:, None], acc, mask=mask)
+    else:
+        tl.store(ws_ptr + tl.program_id(1) * M * N + cell, acc, mask=mask)
+        lock = lock_ptr + tl.program_id(0)
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+            total = tl.zeros_like(acc)
+            for s in tl.static_range(SPLITS):
+                part = ws_ptr + s * M * N + cell
+                total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
+            ptr = y_ptr + xr.to(tl.int64)[None, :] * stride_ym + rows[:, None]
+            tl.store(ptr, total, mask=mask)
+            tl.atomic_xchg(lock, 0)
 
 
 @triton.jit
@@ -132,9 +147,9 @@ def _f16_at(ptr, idx, WORDS: tl.constexpr):
 
 @_kernel
 def mm_q8_0_kernel(
-    x_ptr, d_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk, SPLIT_UNITS,
+    x_ptr, d_ptr, qs_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, SPLIT_UNITS,
     D_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr,
-    STAGES: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
+    STAGES: tl.constexpr, F32_DOT: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # qs u8 [N, K] (the int8 quants' bytes), d f16 [N, K / 32]; unit = block; w = d * q with
     # q + 128 = byte ^ 0x80 as 8 bits of f
@@ -152,14 +167,16 @@ def mm_q8_0_kernel(
             w = _w(((q << 15) & 0x7F8000) ^ 0x400000, a, -1.5 * a)
             xt = _xt(x_ptr, stride_xm, xr, xmask & (xr * 0 + b0 + i < hi), blk * 32 + ll)
             acc = _mma(acc, w, xt, F32_DOT)
-    _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)
+    _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)
 
 
 @_kernel
 def _mm_q4_q5_0(
-    x_ptr, d_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk, SPLIT_UNITS,
+    x_ptr, d_ptr, qh_ptr, qs_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym,
+    SPLIT_UNITS,
     HAS_QH: tl.constexpr, D_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-    STEP: tl.constexpr, STAGES: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
+    STEP: tl.constexpr, STAGES: tl.constexpr, F32_DOT: tl.constexpr, SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     # qs u8 [N, K / 2]: byte l of a block holds elements l (low nibble) and 16 + l (high), two
     # tiles of 16; Q5_0's re-laid qh word (formats) has element e's fifth bit at bit
@@ -189,7 +206,7 @@ def _mm_q4_q5_0(
             col = blk * 32 + ll
             acc = _mma(acc, _w(b_lo, a, -1.5 * a), _xt(x_ptr, stride_xm, xr, xm, col), F32_DOT)
             acc = _mma(acc, _w(b_hi, a, -1.5 * a), _xt(x_ptr, stride_xm, xr, xm, col + 16), F32_DOT)
-    _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)
+    _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)
 
 
 def _nibbles_ptx(fifth_bit: bool) -> str:
@@ -376,11 +393,11 @@ def _k4_scales_mins(w0, w1, w2, c):
 
 @_kernel
 def _mm_q4_q5_k(
-    x_ptr, dm_ptr, sc_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
+    x_ptr, dm_ptr, sc_ptr, qh_ptr, qs_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym,
     SPLIT_UNITS,
     HAS_QH: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr, F32_DOT: tl.constexpr,
-    PDL: tl.constexpr,
+    SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # Unit u = chunk c = u % 4 of super-block u // 4 (STEP chunks per step, dividing 4, so a step
     # stays in one super-block): qs bytes 32c..32c+31 hold sub-block 2c in their low nibbles
@@ -450,16 +467,16 @@ def _mm_q4_q5_k(
                 xt_hi = _mma_order_xt(xt_hi, BLOCK_B, 32)
             acc = _mma(acc, w_lo, xt_lo, F32_DOT)
             acc = _mma(acc, w_hi, xt_hi, F32_DOT)
-    _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)
+    _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)
 
 
 @_kernel
 def mm_q6_k_kernel(
-    x_ptr, d_ptr, sc_ptr, qh_ptr, ql_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
+    x_ptr, d_ptr, sc_ptr, qh_ptr, ql_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym,
     SPLIT_UNITS,
     D_WORDS: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr, F32_DOT: tl.constexpr,
-    PDL: tl.constexpr,
+    SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # Unit = half h of 128 elements (STEP halves per step): bytes a = ql[64h + l], b =
     # ql[64h + 32 + l] and qh[32h + l] (l < 32) give group f (elements 128h + 32f + l) as the low
@@ -516,4 +533,4 @@ def mm_q6_k_kernel(
                         a = 64.0 * d * _q6_scale(sw0, sw1, 2 * f + t)
                         xt = _xt(x_ptr, stride_xm, xr, xmask, half * 128 + f * 32 + t * 16 + ll)
                         acc = _mma(acc, _w(bits, a, -1.5 * a), xt, F32_DOT)
-    _store(y_ptr, acc, rows, N, xr, xmask, stride_ym, stride_yk)
+    _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)

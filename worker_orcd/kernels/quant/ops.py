@@ -36,7 +36,7 @@ try:  # Triton is optional: without it (CPU-only installs) only the references r
     from worker_orcd.kernels.quant import dequant as _dq
     from worker_orcd.kernels.quant import gemv as _gv
     from worker_orcd.kernels.quant import gemv_i8 as _gi
-    from worker_orcd.kernels.triton import pdl
+    from worker_orcd.kernels.triton import arrivals, pdl
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
@@ -126,7 +126,7 @@ class BatchedConfig:
     block_n: int  # output rows per program (the MMA's M): 16, 32, 64 or 128
     block_b: int  # rows of x per program (the MMA's N), rows past M masked: 16, 32 or 64
     num_warps: int = 4
-    split_k: int = 1  # programs along K; > 1 adds float32 partials and a summing launch
+    split_k: int = 1  # programs along K; > 1 adds float32 partials, summed by the last
     tiles: int = 4  # [block_n, 32] weight tiles per unrolled step along K
     stages: int = 2  # software-pipeline stages of the walk along K
 
@@ -442,17 +442,14 @@ def quant_batched(
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_b), split)
     launch = dict(
         BLOCK_N=cfg.block_n, BLOCK_B=cfg.block_b, STAGES=cfg.stages, num_warps=cfg.num_warps,
-        **flags,
+        SPLITS=split, **flags,
     )  # fmt: skip
     if split == 1:
-        kernel[grid](x, *args, out, m, n, k, x.stride(0), out.stride(0), 0, per, **launch)
+        kernel[grid](x, *args, out, out, out, m, n, k, x.stride(0), out.stride(0), per, **launch)
         return out
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device)  # [S, M, N] partials
-    kernel[grid](x, *args, ws, m, n, k, x.stride(0), n, m * n, per, **launch)
-    block = 1024
-    _gv.splitk_sum_kernel[(triton.cdiv(m * n, block),)](
-        ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4, **pdl.launch(out, m)
-    )
+    lock = arrivals.counters(x.device, grid[0])  # one per output tile: the last split sums
+    kernel[grid](x, *args, out, ws, lock, m, n, k, x.stride(0), out.stride(0), per, **launch)
     return out
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels.attention import AttentionMetadata
-from worker_orcd.kernels.triton import pdl
+from worker_orcd.kernels.triton import arrivals, pdl
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def decode_attention(
     out = torch.empty((n_tokens, n_heads, d), dtype=q.dtype, device=q.device)
     window = sliding_window or 0
     fused_merge = fused_merge and splits > 1
-    lock = _arrival_counters(q.device, n_seqs * n_kv) if fused_merge else ml
+    lock = arrivals.counters(q.device, n_seqs * n_kv) if fused_merge else ml
     _decode_split_kernel[(n_seqs, n_kv, splits)](
         q,
         k_cache,
@@ -301,16 +301,6 @@ def decode_attention(
 
 
 # device -> zeroed int32 counters; never freed, since captured graphs keep their addresses.
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    held = _COUNTERS.setdefault(device, [])
-    if not held or held[-1].numel() < n:
-        held.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
-    return held[-1]
-
-
 @triton.jit
 def _prefill_block(
     q,

@@ -358,20 +358,20 @@ def _q6_weights(q, qh, a, F: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _mma_order(t, BLOCK_N: tl.constexpr, COLS: tl.constexpr):
-    """t [BLOCK_N, COLS] (COLS 16 or 32) with its columns reordered: column 16 b + 8 h + 2 t + l
-    holds column 16 b + 4 t + 2 h + l, so that a thread's A-operand columns of each 16 (2t,
-    2t + 1, 2t + 8, 2t + 9) are four adjacent bytes of the row (4t .. 4t + 3): one word for the
-    PTX that turns them into weights."""
-    t = tl.permute(tl.reshape(t, (BLOCK_N, COLS // 16, 4, 2, 2)), (0, 1, 3, 2, 4))
-    return tl.reshape(t, (BLOCK_N, COLS))
+def _mma_order(t, BLOCK_N: tl.constexpr):
+    """t [BLOCK_N, 32] with its columns reordered: column 16 b + 8 h + 2 t + l holds column
+    16 b + 4 t + 2 h + l, so that a thread's A-operand columns of each 16 (2t, 2t + 1, 2t + 8,
+    2t + 9) are four adjacent bytes of the row (4t .. 4t + 3): one word for the PTX that turns
+    them into weights."""
+    t = tl.permute(tl.reshape(t, (BLOCK_N, 2, 4, 2, 2)), (0, 1, 3, 2, 4))
+    return tl.reshape(t, (BLOCK_N, 32))
 
 
 @triton.jit
-def _mma_order_xt(xt, BLOCK_B: tl.constexpr, COLS: tl.constexpr):
-    """x^T tile [COLS, BLOCK_B] with its rows in `_mma_order`'s column order."""
-    xt = tl.permute(tl.reshape(xt, (COLS // 16, 4, 2, 2, BLOCK_B)), (0, 2, 1, 3, 4))
-    return tl.reshape(xt, (COLS, BLOCK_B))
+def _mma_order_xt(xt, BLOCK_B: tl.constexpr):
+    """x^T tile [32, BLOCK_B] with its rows in `_mma_order`'s column order."""
+    xt = tl.permute(tl.reshape(xt, (2, 4, 2, 2, BLOCK_B)), (0, 2, 1, 3, 4))
+    return tl.reshape(xt, (32, BLOCK_B))
 
 
 @triton.jit
@@ -389,6 +389,25 @@ def _k4_scales_mins(w0, w1, w2, c):
     mn_lo = ((mnw >> sh) & 63).to(tl.float32)
     mn_hi = ((mnw >> (sh + 8)) & 63).to(tl.float32)
     return sc_lo, mn_lo, sc_hi, mn_hi
+
+
+@triton.jit
+def _k4_weights(q8, h8, c, d, dmin, sc_lo, mn_lo, sc_hi, mn_hi, HAS_QH: tl.constexpr):
+    """Float32 weights (low nibbles, high nibbles) of a [BN, 32] Q4_K/Q5_K tile of chunk c, one
+    weight at a time: q8 (u8) the quant bytes, h8 (u8) Q5_K's qh bytes (fifth bits 2c, 2c + 1)."""
+    q = q8.to(tl.int32)
+    if HAS_QH:  # 5 bits: nibble at mantissa bits 18-21, the fifth bit at 22
+        h = h8.to(tl.int32)
+        b_lo = ((q << 18) & 0x3C0000) | ((h << (22 - 2 * c)) & 0x400000)
+        b_hi = ((q << 14) & 0x3C0000) | ((h << (21 - 2 * c)) & 0x400000)
+        unit = 32.0
+    else:  # 4 bits at mantissa bits 19-22
+        b_lo = (q << 19) & 0x780000
+        b_hi = (q << 15) & 0x780000
+        unit = 16.0
+    a_lo = unit * d * sc_lo
+    a_hi = unit * d * sc_hi
+    return _w(b_lo, a_lo, -(a_lo + dmin * mn_lo)), _w(b_hi, a_hi, -(a_hi + dmin * mn_hi))
 
 
 @_kernel
@@ -423,7 +442,6 @@ def _mm_q4_q5_k(
         dmin = (dm >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         if HAS_QH:
             h8 = tl.load(qh_row[:, None] + sb * 32 + ll[None, :])
-            h = h8.to(tl.int32)
         else:
             h8 = None
         for i in tl.static_range(STEP):
@@ -433,38 +451,23 @@ def _mm_q4_q5_k(
             else:
                 c = u % 4
             q8 = tl.load(qs_row[:, None] + u * 32 + ll[None, :])  # [BN, 32] u8
-            q = q8.to(tl.int32)
             sc_lo, mn_lo, sc_hi, mn_hi = _k4_scales_mins(w0, w1, w2, c)
-            if PACKED:
-                a_lo = d * sc_lo
-                a_hi = d * sc_hi
-                if HAS_QH:
-                    hp = _mma_order(h8, BLOCK_N, 32)
-                else:
-                    hp = None
-                w_lo, w_hi = _nibbles(
-                    _mma_order(q8, BLOCK_N, 32), hp, 2 * c, a_lo, -(dmin * mn_lo), a_hi,
-                    -(dmin * mn_hi), BLOCK_N, HAS_QH, ASM,
-                )  # fmt: skip
-            elif HAS_QH:  # 5 bits: nibble at mantissa bits 18-21, the fifth bit at 22
-                b_lo = ((q << 18) & 0x3C0000) | ((h << (22 - 2 * c)) & 0x400000)
-                b_hi = ((q << 14) & 0x3C0000) | ((h << (21 - 2 * c)) & 0x400000)
-                unit = 32.0
-            else:  # 4 bits at mantissa bits 19-22
-                b_lo = (q << 19) & 0x780000
-                b_hi = (q << 15) & 0x780000
-                unit = 16.0
-            if not PACKED:
-                a_lo = unit * d * sc_lo
-                a_hi = unit * d * sc_hi
-                w_lo = _w(b_lo, a_lo, -(a_lo + dmin * mn_lo))
-                w_hi = _w(b_hi, a_hi, -(a_hi + dmin * mn_hi))
             col = u * 64 + ll
             xt_lo = _xt(x_ptr, stride_xm, xr, xmask, col)
             xt_hi = _xt(x_ptr, stride_xm, xr, xmask, col + 32)
-            if PACKED:  # x's columns in the weight tiles' order
-                xt_lo = _mma_order_xt(xt_lo, BLOCK_B, 32)
-                xt_hi = _mma_order_xt(xt_hi, BLOCK_B, 32)
+            if PACKED:  # a word of quants at a time, x's columns in the tiles' order
+                if HAS_QH:
+                    hp = _mma_order(h8, BLOCK_N)
+                else:
+                    hp = None
+                w_lo, w_hi = _nibbles(
+                    _mma_order(q8, BLOCK_N), hp, 2 * c, d * sc_lo, -(dmin * mn_lo), d * sc_hi,
+                    -(dmin * mn_hi), BLOCK_N, HAS_QH, ASM,
+                )  # fmt: skip
+                xt_lo = _mma_order_xt(xt_lo, BLOCK_B)
+                xt_hi = _mma_order_xt(xt_hi, BLOCK_B)
+            else:
+                w_lo, w_hi = _k4_weights(q8, h8, c, d, dmin, sc_lo, mn_lo, sc_hi, mn_hi, HAS_QH)
             acc = _mma(acc, w_lo, xt_lo, F32_DOT)
             acc = _mma(acc, w_hi, xt_hi, F32_DOT)
     _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)
@@ -499,10 +502,10 @@ def mm_q6_k_kernel(
             sw1 = tl.load(sc_row + 2 * half + 1)
             if PACKED:  # [BN, 32] tiles of both sub-blocks of a group, a word of four at a time
                 l32 = tl.arange(0, 32)
-                qa = _mma_order(tl.load(ql_row[:, None] + half * 64 + l32[None, :]), BLOCK_N, 32)
+                qa = _mma_order(tl.load(ql_row[:, None] + half * 64 + l32[None, :]), BLOCK_N)
                 qb = tl.load(ql_row[:, None] + half * 64 + 32 + l32[None, :])
-                qb = _mma_order(qb, BLOCK_N, 32)
-                qh = _mma_order(tl.load(qh_row[:, None] + half * 32 + l32[None, :]), BLOCK_N, 32)
+                qb = _mma_order(qb, BLOCK_N)
+                qh = _mma_order(tl.load(qh_row[:, None] + half * 32 + l32[None, :]), BLOCK_N)
                 for f in tl.static_range(4):
                     if f % 2 == 0:
                         q = qa
@@ -513,7 +516,7 @@ def mm_q6_k_kernel(
                         (d * _q6_scale(sw0, sw1, 2 * f + 1))[:, None],
                     )  # fmt: skip
                     xt = _xt(x_ptr, stride_xm, xr, xmask, half * 128 + f * 32 + l32)
-                    xt = _mma_order_xt(xt, BLOCK_B, 32)
+                    xt = _mma_order_xt(xt, BLOCK_B)
                     acc = _mma(acc, _q6_weights(q, qh, a, f, ASM), xt, F32_DOT)
             else:  # [BN, 16] tiles, one scale each
                 for t in tl.static_range(2):

@@ -117,10 +117,11 @@ def _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLIT
     acq_rel counter per tile, re-armed to 0 by that program) sums them in split order, so the
     result does not depend on which arrives last, and writes y: no summing launch."""
     mask = (rows < N)[:, None] & xmask[None, :]
-    cell = xr.to(tl.int64)[None, :] * N + rows[:, None]  # in one split's [M, N]
+    y = y_ptr + xr.to(tl.int64)[None, :] * stride_ym + rows[:, None]
     if SPLITS == 1:
-        tl.store(y_ptr + xr.to(tl.int64)[None, :] * stride_ym + rows[:, None], acc, mask=mask)
+        tl.store(y, acc, mask=mask)
     else:
+        cell = xr.to(tl.int64)[None, :] * N + rows[:, None]  # in one split's [M, N]
         tl.store(ws_ptr + tl.program_id(1) * M * N + cell, acc, mask=mask)
         lock = lock_ptr + tl.program_id(0)
         if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
@@ -128,8 +129,7 @@ def _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLIT
             for s in tl.static_range(SPLITS):
                 part = ws_ptr + s * M * N + cell
                 total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
-            ptr = y_ptr + xr.to(tl.int64)[None, :] * stride_ym + rows[:, None]
-            tl.store(ptr, total, mask=mask)
+            tl.store(y, total, mask=mask)
             tl.atomic_xchg(lock, 0)
 
 
@@ -139,10 +139,14 @@ def _f16_at(ptr, idx, WORDS: tl.constexpr):
     as int32 and the f16 is taken from the word that holds it, a 4-byte load the pipeline
     prefetches with the quants (a 2-byte one it leaves in the loop, waited for there)."""
     if WORDS:
-        w = tl.load(ptr + idx // 2)
-        w = w >> (16 * (idx % 2)).to(tl.int32)
-        return (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return _f16_bits(tl.load(ptr + idx // 2) >> (16 * (idx % 2)).to(tl.int32))
     return tl.load(ptr + idx).to(tl.float32)
+
+
+@triton.jit
+def _f16_bits(w):
+    """Float32 of the f16 in the low 16 bits of int32 w."""
+    return (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @_kernel
@@ -209,45 +213,65 @@ def _mm_q4_q5_0(
     _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)
 
 
+_MAGIC = "0x43004300"  # bf16 128.0 in each 16-bit lane: a nibble or-ed under it reads 128 + q
+_REGS = ".reg .b32 s0, s1, t0, t1, x0, x1, r, f0, f1, f2, f3;"
+
+
+def _rotate_ptx(x: str, h: str, amount: str, mask: str) -> list[str]:
+    """PTX lines leaving in x the magic with the bits `mask` of h rotated left by `amount` or-ed
+    in: high quant bits brought above the nibbles of their lanes."""
+    return [
+        f"shf.l.wrap.b32 {x}, {h}, {h}, {amount};",
+        f"lop3.b32 {x}, {x}, {mask}, {_MAGIC}, 0xEA;",
+    ]
+
+
+def _word_ptx(
+    q: str, shift: int, out: int, scales: int, high: list[str] | None = None
+) -> list[str]:
+    """PTX lines turning the word of quant bytes in operand q into four bf16 weights, operands
+    $out (elements 0, 1) and $out + 1 (2, 3). Each byte's nibble at bit `shift` goes under the
+    magic of a 16-bit lane (a lop3 for bytes 0 and 2, one for 1 and 3), with the high bits that
+    the lines `high` leave in x0 (bytes 0, 2) and x1 (1, 3); a shift or a mask widens each lane
+    to the float32 128 + q; w = a (128 + q) + c' with a and c' the operands $scales + i and
+    $scales + 4 + i; then a round-to-nearest pair to bf16, as the float path rounds."""
+    lines = [f"shr.b32 s0, {q}, {shift};", f"shr.b32 s1, {q}, {shift + 8};"]
+    magic = (_MAGIC, _MAGIC)
+    if high:
+        lines += high
+        magic = ("x0", "x1")
+    lines += [
+        f"lop3.b32 t0, s0, 0x000F000F, {magic[0]}, 0xEA;",
+        f"lop3.b32 t1, s1, 0x000F000F, {magic[1]}, 0xEA;",
+        "shl.b32 f0, t0, 16;", "and.b32 f2, t0, 0xFFFF0000;",
+        "shl.b32 f1, t1, 16;", "and.b32 f3, t1, 0xFFFF0000;",
+    ]  # fmt: skip
+    lines += [f"fma.rn.f32 f{i}, f{i}, ${scales + i}, ${scales + 4 + i};" for i in range(4)]
+    lines += [f"cvt.rn.bf16x2.f32 ${out}, f1, f0;", f"cvt.rn.bf16x2.f32 ${out + 1}, f3, f2;"]
+    return lines
+
+
+def _ptx(lines: list[str]) -> str:
+    return "{\n" + "\n".join([_REGS, *lines]) + "\n}"
+
+
 def _nibbles_ptx(fifth_bit: bool) -> str:
     """PTX for `_nibbles`: one word of quant bytes (four weights of a row of the tile) to their
-    low- and high-nibble weights as bf16 pairs. A lop3 puts two nibbles (of bytes 0 and 2, or 1
-    and 3) under the exponent of bf16 128.0, so each 16-bit lane holds bf16(128 + q) exactly (the
-    fifth bit, rotated out of the qh word, at bit 4 of the lane); a shift or a mask makes each
-    lane the float32 128 + q; w = a (128 + q) + c' in float32 (c' = c - 128 a, exact enough: its
-    rounding is ~2**-24 of 128 a); then a round-to-nearest pair to bf16, as the float path
-    rounds."""
-    q, h = "$4", "$5"
+    low- and high-nibble weights (`_word_ptx`); Q5_K's fifth bits, bit 2c (low) and 2c + 1 (high)
+    of the qh word, rotated to bit 4 of each lane. c' = c - 128 a is exact enough: its rounding
+    is ~2**-24 of 128 a."""
     first = 6 if fifth_bit else 5  # operands after the words: [2c,] a_lo, c_lo, a_hi, c_hi
     n = f"${first}"  # 2c: the qh bit of the low nibbles' sub-block
     scales = first + 4 if fifth_bit else first
-    lines = [".reg .b32 s0, s1, t0, t1, x0, x1, r, f0, f1, f2, f3;"]
+    lines = []
     for half in (0, 1):
-        a = [f"${scales + 8 * half + i}" for i in range(4)]
-        c = [f"${scales + 8 * half + 4 + i}" for i in range(4)]
-        lines += [f"shr.b32 s0, {q}, {4 * half};", f"shr.b32 s1, {q}, {4 * half + 8};"]
+        high = []
         if fifth_bit:  # bit 2c + half of bytes 0, 2 (1, 3) to bit 4 of each lane, by a rotate
             for x, base in (("x0", 4 - half), ("x1", 28 - half)):
-                lines += [
-                    f"mov.b32 r, {base};", f"sub.u32 r, r, {n};",
-                    f"shf.l.wrap.b32 {x}, {h}, {h}, r;",
-                    f"lop3.b32 {x}, {x}, 0x00100010, 0x43004300, 0xEA;",
-                ]  # fmt: skip
-            magic = ("x0", "x1")
-        else:
-            magic = ("0x43004300", "0x43004300")
-        lines += [
-            f"lop3.b32 t0, s0, 0x000F000F, {magic[0]}, 0xEA;",
-            f"lop3.b32 t1, s1, 0x000F000F, {magic[1]}, 0xEA;",
-            "shl.b32 f0, t0, 16;", "and.b32 f2, t0, 0xFFFF0000;",
-            "shl.b32 f1, t1, 16;", "and.b32 f3, t1, 0xFFFF0000;",
-        ]  # fmt: skip
-        lines += [f"fma.rn.f32 f{i}, f{i}, {a[i]}, {c[i]};" for i in range(4)]
-        lines += [
-            f"cvt.rn.bf16x2.f32 ${2 * half}, f1, f0;",
-            f"cvt.rn.bf16x2.f32 ${2 * half + 1}, f3, f2;",
-        ]
-    return "{\n" + "\n".join(lines) + "\n}"
+                high += [f"mov.b32 r, {base};", f"sub.u32 r, r, {n};"]
+                high += _rotate_ptx(x, "$5", "r", "0x00100010")
+        lines += _word_ptx("$4", 4 * half, 2 * half, scales + 8 * half, high)
+    return _ptx(lines)
 
 
 NIBBLES_Q4 = tl.constexpr(_nibbles_ptx(False))
@@ -298,23 +322,11 @@ def _nibbles(
 
 def _q6_ptx(f: int) -> str:
     """PTX for `_q6_weights` of group f: one word of ql bytes and one of qh bytes (four weights)
-    to bf16 pairs, as `_nibbles_ptx` does with a 4-bit nibble (low for f < 2, high otherwise)
-    and qh's bits 2f, 2f + 1 rotated to bits 4-5 of each lane."""
-    nib = 4 * (f // 2)
-    lines = [
-        ".reg .b32 s0, s1, t0, t1, x0, x1, f0, f1, f2, f3;",
-        f"shr.b32 s0, $2, {nib};", f"shr.b32 s1, $2, {nib + 8};",
-        f"shf.l.wrap.b32 x0, $3, $3, {(4 - 2 * f) % 32};",
-        "lop3.b32 x0, x0, 0x00300030, 0x43004300, 0xEA;",
-        f"shf.l.wrap.b32 x1, $3, $3, {(28 - 2 * f) % 32};",
-        "lop3.b32 x1, x1, 0x00300030, 0x43004300, 0xEA;",
-        "lop3.b32 t0, s0, 0x000F000F, x0, 0xEA;", "lop3.b32 t1, s1, 0x000F000F, x1, 0xEA;",
-        "shl.b32 f0, t0, 16;", "and.b32 f2, t0, 0xFFFF0000;",
-        "shl.b32 f1, t1, 16;", "and.b32 f3, t1, 0xFFFF0000;",
-    ]  # fmt: skip
-    lines += [f"fma.rn.f32 f{i}, f{i}, ${4 + i}, ${8 + i};" for i in range(4)]
-    lines += ["cvt.rn.bf16x2.f32 $0, f1, f0;", "cvt.rn.bf16x2.f32 $1, f3, f2;"]
-    return "{\n" + "\n".join(lines) + "\n}"
+    to bf16 pairs (`_word_ptx`): the nibble (low for f < 2, high otherwise) under qh's bits
+    2f, 2f + 1, rotated to bits 4-5 of each lane."""
+    high = _rotate_ptx("x0", "$3", str((4 - 2 * f) % 32), "0x00300030")
+    high += _rotate_ptx("x1", "$3", str((28 - 2 * f) % 32), "0x00300030")
+    return _ptx(_word_ptx("$2", 4 * (f // 2), 0, 4, high))
 
 
 Q6_F0 = tl.constexpr(_q6_ptx(0))
@@ -438,8 +450,8 @@ def _mm_q4_q5_k(
         w1 = tl.load(sc_ptr + sbi * 3 + 1)
         w2 = tl.load(sc_ptr + sbi * 3 + 2)
         dm = tl.load(dm_ptr + sbi)
-        d = (dm & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        dmin = (dm >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        d = _f16_bits(dm)
+        dmin = _f16_bits(dm >> 16)
         if HAS_QH:
             h8 = tl.load(qh_row[:, None] + sb * 32 + ll[None, :])
         else:

@@ -300,7 +300,6 @@ def decode_attention(
     return out
 
 
-# device -> zeroed int32 counters; never freed, since captured graphs keep their addresses.
 @triton.jit
 def _prefill_block(
     q,

@@ -5,7 +5,8 @@
         --prompt-tokens 128 --gen-tokens 128 --fixed --serve-args "--device cuda --max-context 512"
     python -m benchmarks.serve_load --spawn --model /tmp/phi3.gguf --random phi3-mini ...
 
-For each client count N: N clients (asyncio tasks sharing one httpx connection pool), each sending
+For each client count N: N clients (asyncio tasks sharing one pool of keep-alive connections,
+read by benchmarks/sse_client.py: httpx cost too much per event for one process), each sending
 --rounds requests one after the other, streaming (`/execute` SSE, or `/v1/completions` with
 `stream: true` under --endpoint openai). Request lengths are a seeded mix (prompt and output
 lengths uniform in [L/2, 3L/2] around --prompt-tokens / --gen-tokens) or, with --fixed, exactly
@@ -16,11 +17,15 @@ Reported per N: output tok/s (output tokens of all requests / wall time from the
 sent to the last one done), time to first token p50/p99 (request sent -> first text piece; and
 "engine", the server's own submission -> first token from /execute's end event, which leaves out
 HTTP, tokenization and the client),
-inter-token latency p50/p99 (gaps between successive text pieces of a stream), errors, and from
-the server's /metrics the mean sequences per forward pass and the preemptions during the run.
+inter-token latency p50/p99 (gaps between successive text pieces of a stream), errors (by kind: a
+status other than 200 as `HTTP 503`, the server's error code, `no terminal event` or `event after
+the terminal event` unless a stream ends with exactly one `end` / `error` or `[DONE]`, `timeout`, a
+connection closed early), and from the server's /metrics the mean sequences per forward pass and
+the preemptions during the run. Each piece is timed when its bytes are read.
 Before each measured run an unmeasured burst of N short requests warms the server up (--no-warmup
 skips it). Loopback only: the URL must be 127.0.0.1, ::1 or localhost. Each run is bounded:
---rounds requests per client, no new request after --time-limit seconds, --request-timeout each.
+--rounds requests per client, no new request after --time-limit seconds, --request-timeout seconds
+for each whole request.
 
 --spawn starts `worker-orcd serve --model FILE` on a free port of 127.0.0.1 (extra flags in
 --serve-args) and stops it at the end; --random PRESET first writes a random-weight GGUF of that
@@ -45,13 +50,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import httpx
+
+from benchmarks.sse_client import Pool, ProtocolError, SSEDecoder
 
 logger = logging.getLogger("benchmarks.serve_load")
 
@@ -142,50 +149,72 @@ def _body(w: Workload, endpoint: str, temperature: float, seed: int) -> dict[str
     return {"job_id": f"load-{seed}", **body}
 
 
-async def _sse(resp: httpx.Response) -> AsyncIterator[tuple[str | None, str]]:
-    """(event name, data) of each SSE frame."""
-    buf = ""
-    async for chunk in resp.aiter_text():
-        buf += chunk.replace("\r\n", "\n")
-        while "\n\n" in buf:
-            frame, buf = buf.split("\n\n", 1)
-            name, data = None, []
-            for line in frame.split("\n"):
-                key, _, value = line.partition(":")
-                value = value.removeprefix(" ")
-                if key == "event":
-                    name = value
-                elif key == "data":
-                    data.append(value)
-            if data:
-                yield name, "\n".join(data)
+def _request_body(w: Workload, endpoint: str, temperature: float, seed: int) -> bytes:
+    """_body as the bytes sent, serialized as httpx's `json=` does."""
+    body = _body(w, endpoint, temperature, seed)
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
-async def one_request(
-    client: httpx.AsyncClient, w: Workload, args: argparse.Namespace, seed: int
-) -> Result:
-    path = "/execute" if args.endpoint == "execute" else "/v1/completions"
+async def one_request(pool: Pool, w: Workload, args: argparse.Namespace, seed: int) -> Result:
     r = Result(sent=time.perf_counter())
     try:
-        body = _body(w, args.endpoint, args.temperature, seed)
-        async with client.stream("POST", path, json=body) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                r.error = f"HTTP {resp.status_code}"
-                return r
-            async for name, data in _sse(resp):
-                now = time.perf_counter()
-                if args.endpoint == "execute":
-                    _execute_frame(r, name, json.loads(data), now)
-                elif data != "[DONE]":
-                    _openai_frame(r, json.loads(data), now)
+        await asyncio.wait_for(_exchange(pool, w, args, seed, r), args.request_timeout)
         if r.error is None and r.output_tokens == 0 and not r.pieces:
             r.error = "no output"
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except asyncio.TimeoutError:
+        r.error = "timeout"
+    except (ProtocolError, StreamError) as exc:
+        r.error = str(exc)
+    except (OSError, json.JSONDecodeError) as exc:
         r.error = type(exc).__name__
     finally:
         r.done = time.perf_counter()
     return r
+
+
+async def _exchange(
+    pool: Pool, w: Workload, args: argparse.Namespace, seed: int, r: Result
+) -> None:
+    """One request on a pooled connection, its events recorded into r as they are read."""
+    path = "/execute" if args.endpoint == "execute" else "/v1/completions"
+    body = _request_body(w, args.endpoint, args.temperature, seed)
+    conn = await pool.acquire()
+    try:
+        status = await conn.request("POST", pool.prefix + path, body)
+        if status != 200:
+            await conn.read_body(_ignore)
+            r.error = f"HTTP {status}"
+            return
+        stream = _Stream(r, _execute_frame if args.endpoint == "execute" else _openai_frame)
+        await conn.read_body(stream.on_data)
+        if not stream.ended:
+            raise StreamError("no terminal event")
+    finally:
+        pool.release(conn)
+
+
+def _ignore(data: bytes, now: float) -> None:
+    pass
+
+
+class StreamError(Exception):
+    """A stream that is valid HTTP but not the events a stream must be; the message is its kind."""
+
+
+class _Stream:
+    """A response's SSE events into a Result: text pieces with the time their bytes were read,
+    and exactly one terminal event (`end` / `error`, or OpenAI's `[DONE]`), last."""
+
+    __slots__ = ("r", "frame", "events", "ended")
+
+    def __init__(self, r: Result, frame: Callable[[Result, str | None, str, float], bool]) -> None:
+        self.r, self.frame, self.events, self.ended = r, frame, SSEDecoder(), False
+
+    def on_data(self, data: bytes, now: float) -> None:
+        for name, payload in self.events.feed(data):
+            if self.ended:
+                raise StreamError("event after the terminal event")
+            self.ended = self.frame(self.r, name, payload, now)
 
 
 def _piece(r: Result, now: float) -> None:
@@ -194,7 +223,9 @@ def _piece(r: Result, now: float) -> None:
     r.pieces.append(now)
 
 
-def _execute_frame(r: Result, name: str | None, data: dict[str, Any], now: float) -> None:
+def _execute_frame(r: Result, name: str | None, payload: str, now: float) -> bool:
+    """Records one /execute event; True for the terminal one."""
+    data = json.loads(payload)
     if name == "token":
         _piece(r, now)
     elif name == "started":
@@ -202,20 +233,28 @@ def _execute_frame(r: Result, name: str | None, data: dict[str, Any], now: float
     elif name == "end":
         r.output_tokens = data["tokens_out"]
         r.engine_first_ms = data.get("first_token_ms")
+        return True
     elif name == "error":
         r.error = data.get("code", "error")
+        return True
+    return False
 
 
-def _openai_frame(r: Result, data: dict[str, Any], now: float) -> None:
+def _openai_frame(r: Result, name: str | None, payload: str, now: float) -> bool:
+    """Records one /v1/completions chunk; True for `[DONE]`."""
+    if payload == "[DONE]":
+        return True
+    data = json.loads(payload)
     if "error" in data:
         r.error = data["error"].get("code", "error")
-        return
+        return False
     if data.get("choices") and data["choices"][0].get("text"):
         _piece(r, now)
     usage = data.get("usage")
     if usage:
         r.prompt_tokens = usage["prompt_tokens"]
         r.output_tokens = usage["completion_tokens"]
+    return False
 
 
 _REPLICA_LABEL = re.compile(r'replica="[^"]*",?')
@@ -246,11 +285,11 @@ async def run_level(
     plan_seeds = [[_next(seeds) for _ in plan] for plan in plans]
     procs = max(1, min(args.processes, n))
     if procs == 1:
-        async with _client(url, n, args) as client:
-            await _warm_up(client, warm, warm_seeds, args)
+        async with _metrics_client(url) as client, Pool(url) as pool:
+            await _warm_up(pool, warm, warm_seeds, args)
             before = await _metrics(client)
             t0 = time.perf_counter()
-            per_client = await _drive(client, plans, plan_seeds, args, t0 + args.time_limit)
+            per_client = await _drive(pool, plans, plan_seeds, args, t0 + args.time_limit)
             wall = time.perf_counter() - t0
             after = await _metrics(client)
         results = [r for rs in per_client for r in rs]
@@ -261,21 +300,21 @@ async def run_level(
     return summarize(n, args.endpoint, results, wall, before, after)
 
 
-def _client(url: str, n: int, args: argparse.Namespace) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
-    timeout = httpx.Timeout(args.request_timeout, connect=30.0)
-    return httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout)
+def _metrics_client(url: str) -> httpx.AsyncClient:
+    """For /metrics, outside the timed part: the streams go through a Pool."""
+    return httpx.AsyncClient(base_url=url, timeout=30.0)
 
 
 async def _warm_up(
-    client: httpx.AsyncClient, warm: list[Workload], seeds: list[int], args: argparse.Namespace
+    pool: Pool, warm: list[Workload], seeds: list[int], args: argparse.Namespace
 ) -> None:
+    """The warm-up's connections stay open in the pool for the measured requests."""
     pairs = zip(warm, seeds, strict=True)
-    await asyncio.gather(*(one_request(client, w, args, s) for w, s in pairs))
+    await asyncio.gather(*(one_request(pool, w, args, s) for w, s in pairs))
 
 
 async def _drive(
-    client: httpx.AsyncClient,
+    pool: Pool,
     plans: list[list[Workload]],
     seeds: list[list[int]],
     args: argparse.Namespace,
@@ -288,7 +327,7 @@ async def _drive(
         for w, seed in zip(plan, plan_seeds, strict=True):
             if time.perf_counter() >= deadline:
                 break
-            out.append(await one_request(client, w, args, seed))
+            out.append(await one_request(pool, w, args, seed))
         return out
 
     return await asyncio.gather(*(client_task(p, s) for p, s in zip(plans, seeds, strict=True)))
@@ -322,7 +361,7 @@ async def _run_processes(
     try:
         for _ in children:
             await asyncio.to_thread(ready.get, True, args.request_timeout)
-        async with _client(url, 1, args) as client:
+        async with _metrics_client(url) as client:
             before = await _metrics(client)
             start.set()
             out: list[Result] = []
@@ -351,12 +390,12 @@ def _child(
     results: Any,
 ) -> None:
     async def run() -> list[Result]:
-        async with _client(url, len(plans), args) as client:
-            await _warm_up(client, warm, warm_seeds, args)
+        async with Pool(url) as pool:
+            await _warm_up(pool, warm, warm_seeds, args)
             ready.put(True)
             await asyncio.to_thread(start.wait)
             deadline = time.perf_counter() + args.time_limit
-            per_client = await _drive(client, plans, plan_seeds, args, deadline)
+            per_client = await _drive(pool, plans, plan_seeds, args, deadline)
         return [r for rs in per_client for r in rs]
 
     results.put(asyncio.run(run()))

@@ -6,8 +6,9 @@ at a fixed interval, so what serve_load reports against it is the HTTP stack and
         --fixed --prompt-tokens 128 --gen-tokens 128
 
 Each request gets `started`, `max_tokens` token events `--interval-ms` apart and `end`, framed as
-`worker-orcd serve` frames them (FastAPI + uvicorn, as the server). /health and /metrics answer
-what serve_load reads. Loopback only.
+`worker-orcd serve` frames them (FastAPI + uvicorn, as the server); /v1/completions (serve_load
+--endpoint openai) streams the same tokens as OpenAI chunks, then the usage chunk and `[DONE]`.
+/health and /metrics answer what serve_load reads. Loopback only.
 """
 
 from __future__ import annotations
@@ -40,6 +41,25 @@ def create_app(interval_s: float) -> FastAPI:
                 await asyncio.sleep(interval_s)
                 yield sse.event("token", {"t": " w", "i": i})
             yield sse.event("end", {"tokens_out": n, "first_token_ms": interval_s * 1e3})
+
+        return StreamingResponse(events(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+
+    @app.post("/v1/completions")
+    async def completions(body: dict[str, Any]) -> StreamingResponse:
+        n = int(body.get("max_tokens", 16))
+        envelope = {"id": "cmpl-floor", "object": "text_completion", "created": 0, "model": "floor"}
+
+        def chunk(text: str, finish_reason: str | None = None) -> bytes:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return sse.data_only({**envelope, "choices": [choice], "usage": None})
+
+        async def events() -> AsyncIterator[bytes]:
+            for _ in range(n):
+                await asyncio.sleep(interval_s)
+                yield chunk(" w")
+            usage = {"prompt_tokens": 0, "completion_tokens": n, "total_tokens": n}
+            yield chunk("", "length") + sse.data_only({**envelope, "choices": [], "usage": usage})
+            yield sse.OPENAI_DONE
 
         return StreamingResponse(events(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 

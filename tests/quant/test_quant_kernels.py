@@ -216,6 +216,7 @@ def test_interpreted_kernels(qtype: Q) -> None:
     bs = block_format(qtype).block_size
     for n, k, m, cfg in [
         (5, 3 * bs, 1, None),
+        (12, 6 * bs, 2, GemvConfig(4, 2, 4)),  # an even count of f16 scales: read as words
         (37, 5 * bs, 2, GemvConfig(8, 2, 4)),
         (37, 7 * bs, 2, GemvConfig(8, 1, 4, split_k=3)),
         (11, 9 * bs, 1, GemvConfig(16, 4, 4, split_k=2)),

@@ -36,6 +36,7 @@ import logging
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.quant.words import byte_at, f16_at, f16_bits
 from worker_orcd.kernels.triton import pdl
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def gemv_q8_0_i8_kernel(
     x_ptr, xdx_ptr, xs_ptr, d_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_yk,
     SPLIT_UNITS,
     BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
-    PREQ: tl.constexpr, PDL: tl.constexpr,
+    PREQ: tl.constexpr, D_WORDS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # qs int32 [N, K / 4]; tile [BLOCK_N rows, BLOCKS blocks, 8 words]
     pdl.prologue(PDL)
@@ -190,7 +191,7 @@ def gemv_q8_0_i8_kernel(
             xq, dx, _ = _quant_x(x_row, xoff, bmask[:, None], ASM)
             xw = _pack4(tl.reshape(xq, (BLOCKS, 8, 4)))[None]
         dot = tl.sum(_dp4a(q, xw, tl.zeros_like(q), True, ASM), axis=2)  # [BN, B]
-        d = tl.load(d_ptr + r64[:, None] * nb + bc[None, :]).to(tl.float32)
+        d = f16_at(d_ptr, r64[:, None] * nb + bc[None, :], D_WORDS)
         acc += d * dx[None, :] * dot.to(tl.float32)
     _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
 
@@ -200,7 +201,7 @@ def _gemv_q4_q5_0_i8(
     x_ptr, xdx_ptr, xs_ptr, d_ptr, qh_ptr, qs_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     stride_yk, SPLIT_UNITS,
     HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr,
-    STAGES: tl.constexpr, PREQ: tl.constexpr, PDL: tl.constexpr,
+    STAGES: tl.constexpr, PREQ: tl.constexpr, D_WORDS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # qs int32 [N, K / 8]: word t of a block holds elements 4t + i (low nibbles) and 16 + 4t + i
     # (high); Q5_0's qh word per block has their fifth bits at bits 8i + t and 8i + 4 + t.
@@ -244,7 +245,7 @@ def _gemv_q4_q5_0_i8(
             off = 16
         else:
             off = 8
-        d = tl.load(d_ptr + r64[:, None] * nb + bc[None, :]).to(tl.float32)
+        d = f16_at(d_ptr, r64[:, None] * nb + bc[None, :], D_WORDS)
         acc += d * dx[None, :] * (dot.to(tl.float32) - off * xs[None, :])
     _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
 
@@ -258,7 +259,8 @@ def _gemv_q4_q5_k_i8(
 ):  # fmt: skip
     # tile [BLOCK_N rows, 4 * SUPER chunks, 8 words]: chunk g = 4s + c of a step is 32 bytes of
     # qs, sub-blocks 2c (low nibbles) and 2c + 1 (high) of super-block s; sc int32 [N, ns * 3]
-    # (the 12 scale bytes), qh int32 [N, ns * 8], qs int32 [N, K / 8]
+    # (the 12 scale bytes), qh int32 [N, ns * 8], qs int32 [N, K / 8], dm int32 [N, ns] (d, dmin
+    # f16 each: every per-row load is a word, which the pipeline copies ahead with the quants)
     pdl.prologue(PDL)
     ns = K // 256
     pid_m, x_row, rows, rmask, r64, zr, lo_u, hi_u = _tile(
@@ -322,8 +324,9 @@ def _gemv_q4_q5_k_i8(
         sc_hi = ((scw >> (sh8 + 8)) & 63).to(tl.float32)
         mn_lo = ((mnw >> sh8) & 63).to(tl.float32)
         mn_hi = ((mnw >> (sh8 + 8)) & 63).to(tl.float32)
-        d = tl.load(dm_ptr + sbi * 2).to(tl.float32)
-        dmin = tl.load(dm_ptr + sbi * 2 + 1).to(tl.float32)
+        dm = tl.load(dm_ptr + sbi)  # d in the low half, dmin in the high half
+        d = f16_bits(dm)
+        dmin = f16_bits(dm >> 16)
         acc += d * (sc_lo * dx_lo[None, :] * dot_lo + sc_hi * (dx_hi * hi_unit)[None, :] * dot_hi)
         acc -= dmin * (mn_lo * xs_lo[None, :] + mn_hi * xs_hi[None, :])
     _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
@@ -334,12 +337,14 @@ def gemv_q6_k_i8_kernel(
     x_ptr, xdx_ptr, xs_ptr, d_ptr, sc_ptr, qh_ptr, ql_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     stride_yk, SPLIT_UNITS,
     BLOCK_N: tl.constexpr, HALVES: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
-    PREQ: tl.constexpr, PDL: tl.constexpr,
+    PREQ: tl.constexpr, D_WORDS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # tile [BLOCK_N rows, HALVES halves of 128, 2 (u), 4 (v)]: with t = 4u + v, words a = ql word
     # t and b = ql word 8 + t of the half, h = qh word t give in byte i the quants of elements
     # 32f + 4t + i for f = 0..3 (a low, b low, a high, b high; two bits each of h); sub-block
-    # (16 elements) 2f + u. ql int32 [N, K / 8], qh int32 [N, K / 16], scales int8 [N, K / 16].
+    # (16 elements) 2f + u. ql int32 [N, K / 8], qh int32 [N, K / 16], scales int32 [N, K / 64]
+    # (a half's eight int8 scales are words 2h and 2h + 1: sub-block 2f + u is byte 2 (f % 2) + u
+    # of word f // 2).
     pdl.prologue(PDL)
     nh = K // 128
     pid_m, x_row, rows, rmask, r64, zr, lo_u, hi_u = _tile(
@@ -361,7 +366,9 @@ def gemv_q6_k_i8_kernel(
         b = tl.load(qa + 8)
         h = tl.load(qh_row[:, None, None, None] + tl.multiple_of(hc * 8, 8)[:, None, None] + tt)
         zero = tl.zeros_like(a)
-        sbase = r64[:, None, None] * (K // 16) + (hc * 8)[None, :, None] + u[None, None, :]
+        sw = sc_ptr + r64[:, None] * (K // 64) + (hc * 2)[None, :]  # [BN, H]
+        sw0 = tl.load(sw)[:, :, None]
+        sw1 = tl.load(sw + 1)[:, :, None]
         tot = tl.zeros([BLOCK_N, HALVES, 2], dtype=tl.float32)
         for f in tl.static_range(4):
             if f == 0:
@@ -383,10 +390,13 @@ def gemv_q6_k_i8_kernel(
                 xw = _pack4(tl.reshape(xq, (HALVES, 2, 4, 4)))[None]  # [1, H, 2, 4]
                 xs = tl.sum(tl.reshape(xq, (HALVES, 2, 16)), axis=2).to(tl.float32)  # [H, 2]
             dot = tl.sum(_dp4a(q, xw, zero, False, ASM), axis=3)  # [BN, H, 2]
-            s = tl.load(sc_ptr + sbase + 2 * f).to(tl.float32)  # [BN, H, 2]
+            if f < 2:  # [BN, H, 2]
+                s = byte_at(sw0, 2 * (f % 2) + u[None, None, :])
+            else:
+                s = byte_at(sw1, 2 * (f % 2) + u[None, None, :])
             # quants are q - 32: sum (q - 32) xq = dot - 32 * sum xq
             tot += s * dx[None, :, None] * (dot.to(tl.float32) - 32 * xs[None])
-        d = tl.load(d_ptr + r64[:, None] * (K // 256) + (hc // 2)[None, :]).to(tl.float32)
+        d = f16_at(d_ptr, r64[:, None] * (K // 256) + (hc // 2)[None, :], D_WORDS)
         acc += d * tl.sum(tot, axis=2)
     _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
 

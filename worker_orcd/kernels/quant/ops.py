@@ -221,24 +221,36 @@ _UNIT_BATCHED = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q5_0: 32, Q.Q4_K: 64, Q.Q5_K: 64, Q.Q
 def _kernel_args_i8(
     planes: dict[str, torch.Tensor], qtype: GGMLQuantizationType
 ) -> tuple[object, list[torch.Tensor], dict[str, object], str]:
-    """Like _kernel_args, for the int8-activation kernels: quant planes viewed as int32 words."""
+    """Like _kernel_args, for the int8-activation kernels: quant planes, and the per-row scale
+    planes where they can be, viewed as int32 words (`words`)."""
     p = {name: t for name, t in planes.items()}
-    for name in ("qs", "ql") + (("qh",) if qtype != Q.Q5_0 else ()):
+    for name in ("qs", "ql", "scales", "dm") + (("qh",) if qtype != Q.Q5_0 else ()):
         if name in p:
             p[name] = p[name].view(torch.int32)
+    d, d_flags = _d_words(p.get("d"))
     if qtype == Q.Q8_0:
-        return _gi.gemv_q8_0_i8_kernel, [p["d"], p["qs"]], {}, "BLOCKS"
+        return _gi.gemv_q8_0_i8_kernel, [d, p["qs"]], d_flags, "BLOCKS"
     if qtype == Q.Q4_0:
-        return _gi._gemv_q4_q5_0_i8, [p["d"], p["d"], p["qs"]], {"HAS_QH": False}, "BLOCKS"
+        return _gi._gemv_q4_q5_0_i8, [d, d, p["qs"]], {"HAS_QH": False, **d_flags}, "BLOCKS"
     if qtype == Q.Q5_0:
-        return _gi._gemv_q4_q5_0_i8, [p["d"], p["qh"], p["qs"]], {"HAS_QH": True}, "BLOCKS"
+        return _gi._gemv_q4_q5_0_i8, [d, p["qh"], p["qs"]], {"HAS_QH": True, **d_flags}, "BLOCKS"
     if qtype in (Q.Q4_K, Q.Q5_K):
         has_qh = qtype == Q.Q5_K
-        args = [p["dm"], p["scales"].view(torch.int32), p["qh"] if has_qh else p["qs"], p["qs"]]
+        args = [p["dm"], p["scales"], p["qh"] if has_qh else p["qs"], p["qs"]]
         return _gi._gemv_q4_q5_k_i8, args, {"HAS_QH": has_qh}, "SUPER"
     if qtype == Q.Q6_K:
-        return _gi.gemv_q6_k_i8_kernel, [p["d"], p["scales"], p["qh"], p["ql"]], {}, "HALVES"
+        args = [d, p["scales"], p["qh"], p["ql"]]
+        return _gi.gemv_q6_k_i8_kernel, args, d_flags, "HALVES"
     raise ValueError(f"no quantized kernel for {qtype.name}")
+
+
+def _d_words(d: torch.Tensor | None) -> tuple[torch.Tensor | None, dict[str, object]]:
+    """An f16 scale plane as int32 words where it can be (contiguous, an even count), with the
+    kernels' D_WORDS flag; the words are read by `words.f16_at`."""
+    if d is None:
+        return None, {}
+    words = d.is_contiguous() and d.numel() % 2 == 0
+    return (d.reshape(-1).view(torch.int32) if words else d), {"D_WORDS": words}
 
 
 def _i8_warps(qtype: GGMLQuantizationType, cfg: GemvConfig) -> int:
@@ -377,13 +389,9 @@ def _batched_args(
     planes: dict[str, torch.Tensor], qtype: GGMLQuantizationType
 ) -> tuple[object, list[torch.Tensor], dict[str, object]]:
     """(small-batch kernel, plane args, constexpr flags) for `qtype`. Per-row scale planes go as
-    int32 words where they can, so the kernels' pipeline prefetches them (`_f16_at`)."""
+    int32 words where they can, so the kernels' pipeline prefetches them (`words`)."""
     p = planes
-    d, d_flags = p.get("d"), {}
-    if d is not None:
-        words = d.is_contiguous() and d.numel() % 2 == 0
-        d_flags = {"D_WORDS": words}
-        d = d.reshape(-1).view(torch.int32) if words else d
+    d, d_flags = _d_words(p.get("d"))
     if qtype == Q.Q8_0:
         return _bt.mm_q8_0_kernel, [d, p["qs"].view(torch.uint8)], d_flags
     if qtype == Q.Q4_0:

@@ -35,7 +35,7 @@ unchanged. Triton's interpreter runs the same reordering with the weights made e
 CPU tests check it.
 
 Every per-row load of a scale is a 4-byte word (Q4_K/Q5_K's d and dmin pair, Q6_K's eight scales
-of a half as two words, an f16 d read through the word holding it: `_f16_at`) so that the
+of a half as two words, an f16 d read through the word holding it: `words.f16_at`) so that the
 pipeline prefetches it with the quants: a 2-byte load stays in the loop and its latency is paid on
 every step.
 
@@ -56,6 +56,7 @@ import logging
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.quant.words import byte_at, f16_at, f16_bits
 from worker_orcd.kernels.triton import pdl
 
 logger = logging.getLogger(__name__)
@@ -133,22 +134,6 @@ def _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLIT
             tl.atomic_xchg(lock, 0)
 
 
-@triton.jit
-def _f16_at(ptr, idx, WORDS: tl.constexpr):
-    """Float32 of the f16 at flat index idx (int64 [BN]) of a plane. WORDS: ptr is the plane read
-    as int32 and the f16 is taken from the word that holds it, a 4-byte load the pipeline
-    prefetches with the quants (a 2-byte one it leaves in the loop, waited for there)."""
-    if WORDS:
-        return _f16_bits(tl.load(ptr + idx // 2) >> (16 * (idx % 2)).to(tl.int32))
-    return tl.load(ptr + idx).to(tl.float32)
-
-
-@triton.jit
-def _f16_bits(w):
-    """Float32 of the f16 in the low 16 bits of int32 w."""
-    return (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
 @_kernel
 def mm_q8_0_kernel(
     x_ptr, d_ptr, qs_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, SPLIT_UNITS,
@@ -167,7 +152,7 @@ def mm_q8_0_kernel(
         for i in tl.static_range(STEP):
             blk = tl.minimum(b0 + i, hi - 1)  # past the range: a valid block times x = 0
             q = tl.load(qs_row[:, None] + blk * 32 + ll[None, :]).to(tl.int32)
-            a = 256.0 * _f16_at(d_ptr, r64 * nb + blk, D_WORDS)
+            a = 256.0 * f16_at(d_ptr, r64 * nb + blk, D_WORDS)
             w = _w(((q << 15) & 0x7F8000) ^ 0x400000, a, -1.5 * a)
             xt = _xt(x_ptr, stride_xm, xr, xmask & (xr * 0 + b0 + i < hi), blk * 32 + ll)
             acc = _mma(acc, w, xt, F32_DOT)
@@ -196,7 +181,7 @@ def _mm_q4_q5_0(
         for i in tl.static_range(STEP):
             blk = tl.minimum(b0 + i, hi - 1)  # past the range: a valid block times x = 0
             q = tl.load(qs_row[:, None] + blk * 16 + ll[None, :]).to(tl.int32)  # [BN, 16]
-            d = _f16_at(d_ptr, r64 * nb + blk, D_WORDS)
+            d = f16_at(d_ptr, r64 * nb + blk, D_WORDS)
             if HAS_QH:
                 h = tl.load(qh_ptr + r64 * nb + blk)[:, None]  # [BN, 1] int32
                 a = 32.0 * d
@@ -320,53 +305,76 @@ def _nibbles(
     return w_lo, w_hi
 
 
-def _q6_ptx(f: int) -> str:
-    """PTX for `_q6_weights` of group f: one word of ql bytes and one of qh bytes (four weights)
-    to bf16 pairs (`_word_ptx`): the nibble (low for f < 2, high otherwise) under qh's bits
-    2f, 2f + 1, rotated to bits 4-5 of each lane."""
-    high = _rotate_ptx("x0", "$3", str((4 - 2 * f) % 32), "0x00300030")
-    high += _rotate_ptx("x1", "$3", str((28 - 2 * f) % 32), "0x00300030")
-    return _ptx(_word_ptx("$2", 4 * (f // 2), 0, 4, high))
+def _q6_ptx(g: int) -> str:
+    """PTX for `_q6_weights` of groups g and g + 2 (g = 0, 1): one word of ql bytes (operand $4)
+    and one of qh bytes ($5), four weights of each group (`_word_ptx`): group f is the low
+    (f < 2) or high nibble under qh's bits 2f, 2f + 1, rotated to bits 4-5 of each lane."""
+    lines = []
+    for i, f in enumerate((g, g + 2)):
+        high = _rotate_ptx("x0", "$5", str((4 - 2 * f) % 32), "0x00300030")
+        high += _rotate_ptx("x1", "$5", str((28 - 2 * f) % 32), "0x00300030")
+        lines += _word_ptx("$4", 4 * (f // 2), 2 * i, 6 + 8 * i, high)
+    return _ptx(lines)
 
 
-Q6_F0 = tl.constexpr(_q6_ptx(0))
-Q6_F1 = tl.constexpr(_q6_ptx(1))
-Q6_F2 = tl.constexpr(_q6_ptx(2))
-Q6_F3 = tl.constexpr(_q6_ptx(3))
+Q6_G0 = tl.constexpr(_q6_ptx(0))
+Q6_G1 = tl.constexpr(_q6_ptx(1))
 
 
 @triton.jit
 def _q6_scale(sw0, sw1, J: tl.constexpr):
     """Float32 [BN] of a half's scale J (0..7): byte J of its two int32 words, sign-extended."""
     if J < 4:
-        sc = (sw0 << (24 - 8 * J)) >> 24
+        sc = byte_at(sw0, J)
     else:
-        sc = (sw1 << (24 - 8 * (J - 4))) >> 24
-    return sc.to(tl.float32)
+        sc = byte_at(sw1, J - 4)
+    return sc
 
 
 @triton.jit
-def _q6_weights(q, qh, a, F: tl.constexpr, ASM: tl.constexpr):
-    """bf16 weights of Q6_K group F from tiles of ql bytes q and qh bytes qh (u8, one shape):
-    six bits, the nibble of q (low for F < 2, high otherwise) under bits 2F, 2F + 1 of qh; w =
-    a (q6 - 32), a float32 of the same shape. ASM: four weights per PTX block (`_q6_ptx`; a
-    word's four share their a); otherwise (Triton's interpreter) the same values elementwise."""
-    c = -160.0 * a  # w = a (128 + q6) + c
+def _halves(v0, v1, BLOCK_N: tl.constexpr):
+    """[BLOCK_N, 32]: v0 [BLOCK_N] in the first 16 columns, v1 in the rest. Built by a join and a
+    broadcast: a tl.where on the column index gives the same tile, but Triton then cannot give it
+    the MMA operand's layout, and the weights made from it reach the MMA through shared memory."""
+    t = tl.broadcast_to(tl.join(v0, v1)[:, :, None], (BLOCK_N, 2, 16))
+    return tl.reshape(t, (BLOCK_N, 32))
+
+
+@triton.jit
+def _q6_weights(q, qh, sw0, sw1, G: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+    """bf16 weights, before d, of Q6_K groups G and G + 2 of a half from [BLOCK_N, 32] tiles of ql
+    bytes q and qh bytes qh (u8): six bits, the nibble of q (low for group G, high for G + 2)
+    under bits 2f, 2f + 1 of qh; w = a (q6 - 32) with a the scale of the sub-block (2f for the
+    first 16 columns, 2f + 1 for the rest; sw0, sw1 the half's scale words). ASM: four weights
+    of each group per PTX block (`_q6_ptx`; a word's four share their a); otherwise (Triton's
+    interpreter) the same values elementwise."""
+    a0_lo = _q6_scale(sw0, sw1, 2 * G)
+    a1_lo = _q6_scale(sw0, sw1, 2 * G + 1)
+    a0_hi = _q6_scale(sw0, sw1, 2 * G + 4)
+    a1_hi = _q6_scale(sw0, sw1, 2 * G + 5)
+    a_lo = _halves(a0_lo, a1_lo, BLOCK_N)
+    a_hi = _halves(a0_hi, a1_hi, BLOCK_N)
+    c_lo = _halves(-160.0 * a0_lo, -160.0 * a1_lo, BLOCK_N)  # w = a (128 + q6) + c
+    c_hi = _halves(-160.0 * a0_hi, -160.0 * a1_hi, BLOCK_N)
     if ASM:
-        args = [q, qh, a, c]
-        cons: tl.constexpr = "=r,=r" + ",r" * 10
-        if F == 0:
-            w = tl.inline_asm_elementwise(Q6_F0, cons, args, tl.bfloat16, True, 4)
-        elif F == 1:
-            w = tl.inline_asm_elementwise(Q6_F1, cons, args, tl.bfloat16, True, 4)
-        elif F == 2:
-            w = tl.inline_asm_elementwise(Q6_F2, cons, args, tl.bfloat16, True, 4)
+        args = [q, qh, a_lo, c_lo, a_hi, c_hi]
+        cons: tl.constexpr = "=r,=r,=r,=r" + ",r" * 18
+        if G == 0:
+            w_lo, w_hi = tl.inline_asm_elementwise(
+                Q6_G0, cons, args, (tl.bfloat16, tl.bfloat16), True, 4
+            )
         else:
-            w = tl.inline_asm_elementwise(Q6_F3, cons, args, tl.bfloat16, True, 4)
+            w_lo, w_hi = tl.inline_asm_elementwise(
+                Q6_G1, cons, args, (tl.bfloat16, tl.bfloat16), True, 4
+            )
     else:
-        q6 = ((q.to(tl.int32) >> (4 * (F // 2))) & 15) | (((qh.to(tl.int32) >> (2 * F)) & 3) << 4)
-        w = ((128 + q6).to(tl.float32) * a + c).to(tl.bfloat16)
-    return w
+        q = q.to(tl.int32)
+        qh = qh.to(tl.int32)
+        q6_lo = (q & 15) | (((qh >> (2 * G)) & 3) << 4)
+        q6_hi = ((q >> 4) & 15) | (((qh >> (2 * G + 4)) & 3) << 4)
+        w_lo = ((128 + q6_lo).to(tl.float32) * a_lo + c_lo).to(tl.bfloat16)
+        w_hi = ((128 + q6_hi).to(tl.float32) * a_hi + c_hi).to(tl.bfloat16)
+    return w_lo, w_hi
 
 
 @triton.jit
@@ -380,10 +388,9 @@ def _mma_order(t, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _mma_order_xt(xt, BLOCK_B: tl.constexpr):
-    """x^T tile [32, BLOCK_B] with its rows in `_mma_order`'s column order."""
-    xt = tl.permute(tl.reshape(xt, (2, 4, 2, 2, BLOCK_B)), (0, 2, 1, 3, 4))
-    return tl.reshape(xt, (32, BLOCK_B))
+def _perm32(p):
+    """Source column of position p (0..31) in `_mma_order`."""
+    return (p // 16) * 16 + ((p // 2) % 4) * 4 + ((p // 8) % 2) * 2 + p % 2
 
 
 @triton.jit
@@ -450,8 +457,8 @@ def _mm_q4_q5_k(
         w1 = tl.load(sc_ptr + sbi * 3 + 1)
         w2 = tl.load(sc_ptr + sbi * 3 + 2)
         dm = tl.load(dm_ptr + sbi)
-        d = _f16_bits(dm)
-        dmin = _f16_bits(dm >> 16)
+        d = f16_bits(dm)
+        dmin = f16_bits(dm >> 16)
         if HAS_QH:
             h8 = tl.load(qh_row[:, None] + sb * 32 + ll[None, :])
         else:
@@ -476,8 +483,9 @@ def _mm_q4_q5_k(
                     _mma_order(q8, BLOCK_N), hp, 2 * c, d * sc_lo, -(dmin * mn_lo), d * sc_hi,
                     -(dmin * mn_hi), BLOCK_N, HAS_QH, ASM,
                 )  # fmt: skip
-                xt_lo = _mma_order_xt(xt_lo, BLOCK_B)
-                xt_hi = _mma_order_xt(xt_hi, BLOCK_B)
+                colp = u * 64 + _perm32(ll)
+                xt_lo = _xt(x_ptr, stride_xm, xr, xmask, colp)
+                xt_hi = _xt(x_ptr, stride_xm, xr, xmask, colp + 32)
             else:
                 w_lo, w_hi = _k4_weights(q8, h8, c, d, dmin, sc_lo, mn_lo, sc_hi, mn_hi, HAS_QH)
             acc = _mma(acc, w_lo, xt_lo, F32_DOT)
@@ -493,11 +501,14 @@ def mm_q6_k_kernel(
     BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr, F32_DOT: tl.constexpr,
     SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # Unit = half h of 128 elements (STEP halves per step): bytes a = ql[64h + l], b =
-    # ql[64h + 32 + l] and qh[32h + l] (l < 32) give group f (elements 128h + 32f + l) as the low
-    # (f < 2) or high nibble of a (f even) or b (f odd), with bits 2f..2f+1 of qh above it; each
-    # group is two tiles of 16 (sub-blocks with scales 8h + 2f and 8h + 2f + 1 of the row). sc
-    # int32 [N, K / 64]: a half's eight int8 scales are words 2h and 2h + 1.
+    # Unit = half h of 128 elements (STEP halves per step, one or two: a step stays in one
+    # super-block): bytes a = ql[64h + l], b = ql[64h + 32 + l] and qh[32h + l] (l < 32) give
+    # group f (elements 128h + 32f + l) as the low (f < 2) or high nibble of a (f even) or b
+    # (f odd), with bits 2f..2f+1 of qh above it; each group is two tiles of 16 (sub-blocks with
+    # scales 8h + 2f and 8h + 2f + 1 of the row). sc int32 [N, K / 64]: a half's eight int8
+    # scales are words 2h and 2h + 1. The weights are made without d (w / d = scale (q6 - 32));
+    # a step's products are scaled by its super-block's d after the MMAs, so that d's f16 (taken
+    # from the word holding it by a shift that varies along K) stays out of the MMA operand.
     pdl.prologue(PDL)
     ns = K // 256
     rows, r64, xr, xmask, lo, hi = _tile(M, N, 2 * ns, SPLIT_UNITS, BLOCK_N, BLOCK_B)
@@ -507,29 +518,24 @@ def mm_q6_k_kernel(
     sc_row = sc_ptr + r64 * (K // 64)
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
     for h0 in tl.range(lo, hi, STEP, num_stages=STAGES):
+        part = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)  # the step's products / d
         for i in tl.static_range(STEP):
             half = h0 + i
-            d = _f16_at(d_ptr, r64 * ns + half // 2, D_WORDS)
             sw0 = tl.load(sc_row + 2 * half)
             sw1 = tl.load(sc_row + 2 * half + 1)
             if PACKED:  # [BN, 32] tiles of both sub-blocks of a group, a word of four at a time
                 l32 = tl.arange(0, 32)
-                qa = _mma_order(tl.load(ql_row[:, None] + half * 64 + l32[None, :]), BLOCK_N)
-                qb = tl.load(ql_row[:, None] + half * 64 + 32 + l32[None, :])
-                qb = _mma_order(qb, BLOCK_N)
                 qh = _mma_order(tl.load(qh_row[:, None] + half * 32 + l32[None, :]), BLOCK_N)
-                for f in tl.static_range(4):
-                    if f % 2 == 0:
-                        q = qa
-                    else:
-                        q = qb
-                    a = tl.where(
-                        l32[None, :] < 16, (d * _q6_scale(sw0, sw1, 2 * f))[:, None],
-                        (d * _q6_scale(sw0, sw1, 2 * f + 1))[:, None],
-                    )  # fmt: skip
-                    xt = _xt(x_ptr, stride_xm, xr, xmask, half * 128 + f * 32 + l32)
-                    xt = _mma_order_xt(xt, BLOCK_B)
-                    acc = _mma(acc, _q6_weights(q, qh, a, f, ASM), xt, F32_DOT)
+                for g in tl.static_range(2):  # ql bytes a (g = 0) or b: groups g and g + 2
+                    q = tl.load(ql_row[:, None] + half * 64 + g * 32 + l32[None, :])
+                    w_lo, w_hi = _q6_weights(_mma_order(q, BLOCK_N), qh, sw0, sw1, g, BLOCK_N, ASM)
+                    for j in tl.static_range(2):
+                        col = half * 128 + (g + 2 * j) * 32 + _perm32(l32)
+                        xt = _xt(x_ptr, stride_xm, xr, xmask, col)
+                        if j == 0:
+                            part = _mma(part, w_lo, xt, F32_DOT)
+                        else:
+                            part = _mma(part, w_hi, xt, F32_DOT)
             else:  # [BN, 16] tiles, one scale each
                 for t in tl.static_range(2):
                     col = half * 64 + t * 16 + ll[None, :]
@@ -545,7 +551,8 @@ def mm_q6_k_kernel(
                         # 21-22
                         bits = (q << (17 - 4 * (f // 2))) & 0x1E0000
                         bits = bits | ((qh << (21 - 2 * f)) & 0x600000)
-                        a = 64.0 * d * _q6_scale(sw0, sw1, 2 * f + t)
+                        a = 64.0 * _q6_scale(sw0, sw1, 2 * f + t)
                         xt = _xt(x_ptr, stride_xm, xr, xmask, half * 128 + f * 32 + t * 16 + ll)
-                        acc = _mma(acc, _w(bits, a, -1.5 * a), xt, F32_DOT)
+                        part = _mma(part, _w(bits, a, -1.5 * a), xt, F32_DOT)
+        acc += part * f16_at(d_ptr, r64 * ns + h0 // 2, D_WORDS)[:, None]
     _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)

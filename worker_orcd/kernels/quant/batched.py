@@ -42,7 +42,10 @@ every step.
 Rounding: the dequantized weight is rounded to x's dtype as the dequantize + cuBLAS path rounds
 its scratch weight, then multiplied exactly and summed in float32; float32 x multiplies in IEEE
 float32 (`F32_DOT`, no TF32). Triton's interpreter multiplies bf16 operands wrongly, so under it
-`F32_DOT` is on for every dtype: the weight is still rounded to x's dtype first.
+`F32_DOT` is on for every dtype: the weight is still rounded to x's dtype first. Q6_K is the
+exception: its weights are rounded before d (scale (q6 - 32)), and d, one per super-block, scales
+a step's float32 products after the MMAs (`mm_q6_k_kernel`), so each weight is still rounded
+once, to the same relative precision.
 
 Rows past N read row N - 1 (valid memory, no masks on weight loads) and are not stored; blocks
 past a split's range (32-element types, whose unit count a step need not divide) read the split's

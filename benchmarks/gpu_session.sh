@@ -2,9 +2,12 @@
 # One GPU machine without network, from a plain checkout: install the carried wheels (.whl/, the
 # project's dependencies the image lacks), then run the named steps, each under its own time limit,
 # logs under $OUT. Steps: tests (the GPU suite), streams-PRESET[-q] (bench --streams 1 8 32 64,
-# quantized with -q).
+# quantized with -q), tune-MODEL (the small-batch kernels' launch sweep for phi3 or qwen at 8, 32
+# and 64 rows), serve-PRESET (serve_load from one client process, 16 and 64 streaming clients,
+# against a spawned server on a random bf16 GGUF of that preset written to /tmp).
 #
 #   OUT=out benchmarks/gpu_session.sh tests streams-phi3-mini streams-qwen2.5-0.5b-q
+#   OUT=out benchmarks/gpu_session.sh tune-phi3 serve-phi3-mini
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -36,6 +39,15 @@ for step in "$@"; do
         if [[ $preset == *-q ]]; then preset=${preset%-q}; q=(--weights quantized); fi
         run "$step" $PY -m worker_orcd.cli bench --preset "$preset" "${q[@]}" \
             --streams 1 8 32 64 --prompt-tokens 128 --gen-tokens 128 ;;
+    tune-*)
+        run "$step" $PY benchmarks/quant_kernels.py --batched --tune --types Q4_K,Q5_K,Q6_K \
+            --model "${step#tune-}" --rows 8,32,64 --out "$OUT" ;;
+    serve-*)
+        preset=${step#serve-}
+        run "$step" $PY -m benchmarks.serve_load --spawn --model "/tmp/$preset-bf16.gguf" \
+            --random "$preset" --clients 16 64 64 --rounds 4 --fixed --prompt-tokens 128 \
+            --gen-tokens 128 --serve-args "--device cuda --max-num-seqs 64 --kv-cache-tokens 65536" \
+            --json "$OUT/$step.json" ;;
     *) echo "unknown step $step" | tee -a "$summary" ;;
     esac
 done

@@ -142,9 +142,11 @@ class BatchedConfig:
             raise ValueError(f"{self}: {qtype.name} steps are {allowed} tiles of 32")
 
 
-# Programs (along N, x's rows and K) up to which the default splits K: the H100 sweep of the Phi-3
-# Q4_K_M weights at 8, 32 and 64 rows (QUANT.md) ran fastest with 2-5 programs per SM.
+# Programs (along N, x's rows and K) up to which the default splits K: the H100 sweeps of the
+# Phi-3 Q4_K_M weights (QUANT.md) ran fastest with 2-5 programs per SM at 32 and 64 rows, and
+# with 7-9 at up to 16 rows, where a K-quant split may also be as short as one step.
 _BATCHED_PROGRAMS = 600
+_BATCHED_PROGRAMS_FEW = 1200
 
 
 def batched_config(qtype: GGMLQuantizationType, n: int, k: int, m: int) -> BatchedConfig:
@@ -152,21 +154,22 @@ def batched_config(qtype: GGMLQuantizationType, n: int, k: int, m: int) -> Batch
     sweeps (`benchmarks/quant_kernels.py --batched --tune`, QUANT.md): all of x in one program up
     to 64 rows (each weight tile is then read once), 64 output rows per program from 2048 rows
     (32 on Qwen's short weights), and K split in up to 4 (K-quants: 8) while the programs stay
-    within _BATCHED_PROGRAMS and each split keeps at least two steps. K-quants take 8 tiles of
-    32 a step, a whole super-block. Splitting more than one wave took 25-60% off Phi-3's weights
-    at 8 rows (the walk along K is latency-bound)."""
+    within _BATCHED_PROGRAMS (_BATCHED_PROGRAMS_FEW up to 16 rows) and each split keeps at least
+    two steps (K-quants up to 16 rows: one). K-quants take 8 tiles of 32 a step, a whole
+    super-block. The walk along K is latency-bound at few rows: at 8 rows, splitting up to about
+    eight programs an SM took 12-28% off Phi-3's qkv, gate_up and output head (second sweep of
+    2026-12-06)."""
     block_b = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = 64 if n >= 2048 else 32
     programs = ceil_div(n, block_n) * ceil_div(m, block_b)
     units = k // 32
     k_quant = qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K)
     tiles, most = (8, 8) if k_quant else (4, 4)
+    few = block_b == 16
+    cap = _BATCHED_PROGRAMS_FEW if few else _BATCHED_PROGRAMS
+    steps = 1 if few and k_quant else 2  # the fewest steps a split may keep
     split = 1
-    while (
-        split < most
-        and programs * split * 2 <= _BATCHED_PROGRAMS
-        and units >= 2 * tiles * split * 2  # each split at least two steps
-    ):
+    while split < most and programs * split * 2 <= cap and units >= steps * tiles * split * 2:
         split *= 2
     return BatchedConfig(block_n, block_b, split_k=split, tiles=tiles)
 

@@ -187,9 +187,9 @@ class DecodeGraphs:
         if self.banned_ids is not None:
             # On a copy: the logits stay what the eager pass returns (the sampler masks them).
             pick = logits.index_fill(1, self.banned_ids, float("-inf"))
-        next_ids = torch.argmax(pick, dim=-1)  # [n]
-        # Advance the inputs for a back-to-back greedy replay; the host overwrites them otherwise.
-        decode_step.advance(next_ids, ids, pos)
+        # The greedy pick ([n]), and the inputs advanced for a back-to-back greedy replay (the
+        # host overwrites them otherwise).
+        next_ids = decode_step.argmax_advance(pick, ids, pos)
         return logits, next_ids
 
     def batch_size_for(self, n: int) -> int | None:

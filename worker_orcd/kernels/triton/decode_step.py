@@ -1,5 +1,5 @@
 """Small kernels around a captured decode step: its per-token inputs from positions and block
-tables, and advancing the inputs after the greedy pick. One launch each instead of a dozen torch
+tables, and the greedy pick that advances the inputs. A launch or two instead of a dozen torch
 ops (a launch costs about as much as the work of any of them)."""
 
 from __future__ import annotations
@@ -48,16 +48,80 @@ def slots_and_context_lens(
     )
 
 
+# Logits per program of the greedy pick's first pass.
+_ARGMAX_BLOCK = 2048
+
+
 @triton.jit
-def _advance_kernel(next_ptr, ids_ptr, pos_ptr, PDL: tl.constexpr):
+def _argmax_part_kernel(
+    logits_ptr, val_ptr, idx_ptr, V, stride_l, CHUNKS, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    """The largest logit of one chunk of a row and its first index (NaN counts as the largest,
+    as in torch.argmax)."""
     pdl.prologue(PDL)
     row = tl.program_id(0)
-    tl.store(ids_ptr + row, tl.load(next_ptr + row))
+    chunk = tl.program_id(1)
+    i = chunk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(logits_ptr + row.to(tl.int64) * stride_l + i, mask=i < V, other=float("-inf"))
+    x = tl.where(x != x, float("inf"), x)
+    best = tl.max(x, axis=0)
+    first = tl.min(tl.where(x == best, i, V), axis=0)
+    tl.store(val_ptr + row * CHUNKS + chunk, best)
+    tl.store(idx_ptr + row * CHUNKS + chunk, first)
+
+
+@triton.jit
+def _argmax_advance_kernel(
+    val_ptr,
+    idx_ptr,
+    next_ptr,
+    ids_ptr,
+    pos_ptr,
+    V,
+    CHUNKS,
+    BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The row's argmax from its chunks' (first ties win), written as the next id and as the
+    graph's next input; the position advances."""
+    pdl.prologue(PDL)
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)
+    vals = tl.load(val_ptr + row * CHUNKS + c, mask=c < CHUNKS, other=float("-inf"))
+    idxs = tl.load(idx_ptr + row * CHUNKS + c, mask=c < CHUNKS, other=V)
+    best = tl.max(vals, axis=0)
+    pick = tl.min(tl.where(vals == best, idxs, V), axis=0)
+    pick = tl.where(pick < V, pick, 0).to(tl.int64)  # every logit -inf: index 0, as torch
+    tl.store(next_ptr + row, pick)
+    tl.store(ids_ptr + row, pick)
     tl.store(pos_ptr + row, tl.load(pos_ptr + row) + 1)
 
 
-def advance(next_ids: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor) -> None:
-    """token_ids = next_ids; positions += 1 (all [B] int64)."""
-    _advance_kernel[(next_ids.shape[0],)](
-        next_ids, token_ids, positions, num_warps=1, **pdl.launch(next_ids, next_ids.shape[0])
+def argmax_advance(
+    logits: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """next_ids = argmax(logits [B, V], -1) as torch computes it; token_ids = next_ids;
+    positions += 1. Two launches where torch's reduction alone takes several microseconds."""
+    n, v = logits.shape
+    assert logits.stride(1) == 1
+    chunks = triton.cdiv(v, _ARGMAX_BLOCK)
+    vals = torch.empty((n, chunks), dtype=torch.float32, device=logits.device)
+    idxs = torch.empty((n, chunks), dtype=torch.int32, device=logits.device)
+    next_ids = torch.empty(n, dtype=torch.int64, device=logits.device)
+    flags = pdl.launch(logits, n)
+    _argmax_part_kernel[(n, chunks)](
+        logits, vals, idxs, v, logits.stride(0), chunks, BLOCK=_ARGMAX_BLOCK, **flags, num_warps=4
     )
+    _argmax_advance_kernel[(n,)](
+        vals,
+        idxs,
+        next_ids,
+        token_ids,
+        positions,
+        v,
+        chunks,
+        BLOCK_C=triton.next_power_of_2(chunks),
+        **flags,
+        num_warps=1,
+    )
+    return next_ids

@@ -99,10 +99,11 @@ class SelfAttention(nn.Module):
             )
             out = attn.attend(q, meta)  # [T, H, D]
         else:
-            qkv, residual = _norm_linear(norm, proj, hidden, residual)  # [T, (H + 2 Hk) D]
+            # [T, (H + 2 Hk) D] without the bias, which the RoPE kernel adds as it reads q, k, v
+            qkv, residual = _norm_linear(norm, proj, hidden, residual, add_bias=False)
             q, k, v = kernels.split_qkv(qkv, attn.k_cache)  # [T, H, D], [T, Hk, D] x 2
             # RoPE is applied inside, fused with the KV-cache write.
-            out = attn(q, k, v, meta, positions=positions, cos_sin=cos_sin)  # [T, H, D]
+            out = attn(q, k, v, meta, positions=positions, cos_sin=cos_sin, bias=proj.bias)
         out = self.o_proj(out.reshape(n, self.n_heads * self.head_dim))  # [T, D], partial
         return self.parallel.all_reduce(out), residual
 
@@ -166,16 +167,22 @@ class DecoderLayer(nn.Module):
 
 
 def _norm_linear(
-    norm: RMSNorm, proj: Linear, x: torch.Tensor, residual: torch.Tensor | None
+    norm: RMSNorm,
+    proj: Linear,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    *,
+    add_bias: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(proj(norm(x + residual)), x + residual); without a residual (the first layer), no add."""
+    """(proj(norm(x + residual)), x + residual); without a residual (the first layer), no add.
+    `add_bias=False` leaves proj's bias to the caller."""
     if proj.quantized is None:
         return kernels.add_rms_norm_linear(
-            x, residual, norm.weight, norm.eps, proj.weight, proj.bias
+            x, residual, norm.weight, norm.eps, proj.weight, proj.bias if add_bias else None
         )
     rounded = _rounded_x_for(proj, x.shape[0], x.device)
     normed, summed = kernels.add_rms_norm(x, residual, norm.weight, norm.eps, rounded)
-    return proj(normed, rounded), summed
+    return proj(normed, rounded, add_bias=add_bias), summed
 
 
 def _rounded_x_for(proj: Linear, rows: int, device: torch.device) -> RoundedX | None:

@@ -54,7 +54,11 @@ def test_silu_and_mul(n: int, inter: int) -> None:
 
 def _qkv(n: int, h: int, hk: int, d: int) -> tuple[torch.Tensor, ...]:
     """q, k, v as views into one fused projection output, as the model makes them."""
-    qkv = torch.randn(n, (h + 2 * hk) * d, device=DEV, dtype=BF16)
+    return _split(torch.randn(n, (h + 2 * hk) * d, device=DEV, dtype=BF16), h, hk, d)
+
+
+def _split(qkv: torch.Tensor, h: int, hk: int, d: int) -> tuple[torch.Tensor, ...]:
+    n = qkv.shape[0]
     q = qkv[:, : h * d].view(n, h, d)
     k = qkv[:, h * d : (h + hk) * d].view(n, hk, d)
     v = qkv[:, (h + hk) * d :].view(n, hk, d)
@@ -84,6 +88,19 @@ def test_rope_and_rope_store_kv(n: int, h: int, hk: int, d: int, rope_dim: int) 
     q_fused = rope.rope_store_kv(q, k, v, pos, cs, kc, vc, slots)
     assert rel_err(q_fused, q_fused_ref) < 1e-2
     assert rel_err(kc, kc_ref) < 1e-2 and torch.equal(vc, vc_ref)
+
+    # The qkv projection's bias added inside (the quantized path leaves it to this kernel):
+    # bit for bit the separate bf16 add, then the same rotation.
+    bias = torch.randn((h + 2 * hk) * d, device=DEV, dtype=BF16)
+    kc_b, vc_b = kc.clone(), vc.clone()
+    kc_b_ref, vc_b_ref = kc.clone(), vc.clone()
+    q_b_ref = rope_store_kv_ref(q, k, v, pos, cs, kc_b_ref, vc_b_ref, slots, bias)
+    q_b = rope.rope_store_kv(q, k, v, pos, cs, kc_b, vc_b, slots, bias)
+    assert rel_err(q_b, q_b_ref) < 1e-2 and rel_err(kc_b, kc_b_ref) < 1e-2
+    assert torch.equal(vc_b, vc_b_ref)  # v is only biased and stored
+    qkv = torch.cat([x.reshape(n, -1) for x in (q, k, v)], dim=1) + bias
+    q_sep = rope.rope_store_kv(*_split(qkv, h, hk, d), pos, cs, kc.clone(), vc.clone(), slots)
+    assert torch.equal(q_b, q_sep)
 
     kc2, vc2 = kc.clone(), vc.clone()
     k2, v2 = torch.randn_like(k_ref), torch.randn_like(k_ref)

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AttentionMetadata",
+    "add_qkv_bias",
     "add_rms_norm",
     "add_rms_norm_linear",
     "apply_rope",
@@ -55,11 +56,24 @@ def rope_store_kv_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """apply_rope then store_kv of the rotated k and v; returns the rotated q [T, H, D]."""
+    """apply_rope then store_kv of the rotated k and v; returns the rotated q [T, H, D]. `bias`
+    [(H + 2 Hk) D], the qkv projection's, is added to q, k and v first (in their dtype)."""
+    if bias is not None:
+        q, k, v = add_qkv_bias(q, k, v, bias)
     q, k = apply_rope_ref(q, k, positions, cos_sin)
     store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
     return q
+
+
+def add_qkv_bias(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [T, heads, D] plus their parts of the qkv projection's bias [(H + 2 Hk) D]."""
+    h, hk = q.shape[1], k.shape[1]
+    bq, bk, bv = bias.view(h + 2 * hk, -1).split((h, hk, hk))
+    return q + bq, k + bk, v + bv
 
 
 def add_rms_norm_linear_ref(
@@ -229,10 +243,12 @@ def rope_store_kv(
     k_cache: torch.Tensor,  # [S, Hk, D]
     v_cache: torch.Tensor,  # [S, Hk, D]
     slot_mapping: torch.Tensor,  # [T]
+    bias: torch.Tensor | None = None,  # [(H + 2 Hk) D]
 ) -> torch.Tensor:
-    """Rotate q and k, write the rotated k and v into the caches; returns the rotated q."""
+    """Rotate q and k (after adding the qkv projection's bias to q, k and v, if given), write the
+    rotated k and v into the caches; returns the rotated q."""
     return implementation("rope_store_kv", q.device)(
-        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping
+        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, bias
     )
 
 

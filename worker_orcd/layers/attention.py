@@ -34,16 +34,20 @@ class Attention(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         cos_sin: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hk, D] -> [T, H, D]. With cos_sin [P, R] and positions [T], q
-        and k are rotated here (un-rotated on input)."""
+        and k are rotated here (un-rotated on input). `bias` [(H + 2 Hk) D], the qkv
+        projection's, is added to q, k and v first."""
         self.check_bound()
         if cos_sin is not None:
             assert positions is not None, "rotary cos_sin given without positions"
             q = kernels.rope_store_kv(
-                q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping
+                q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping, bias
             )
         else:
+            if bias is not None:
+                q, k, v = kernels.add_qkv_bias(q, k, v, bias)
             kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return self.attend(q, meta)
 

@@ -87,7 +87,10 @@ def rope_store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    if bias is not None:
+        q, k, v = kernels.add_qkv_bias(q, k, v, bias)
     t, h, d = q.shape
     fits = (
         _heads(q) and _heads(k) and _heads(v) and k.shape == v.shape and k.shape[0] == t

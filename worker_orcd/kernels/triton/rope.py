@@ -18,21 +18,41 @@ logger = logging.getLogger(__name__)
 
 
 @triton.jit
-def _rotate_head(src, dst, cs_ptr, HALF, D, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rotate one head at `src` into `dst` with cos/sin row `cs_ptr`."""
+def _load_biased(src, b, i, mask, HAS_BIAS: tl.constexpr):
+    """x[i] in float32; with a bias, x + b rounded to x's dtype first, as the projection's output
+    plus its bias is when added apart (one torch add)."""
+    x = tl.load(src + i, mask=mask, other=0.0)
+    if HAS_BIAS:
+        x = (x.to(tl.float32) + tl.load(b + i, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _rotate_head(
+    src,
+    b,
+    dst,
+    cs_ptr,
+    HALF,
+    D,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """Rotate one head at `src` (plus its bias at `b`) into `dst` with cos/sin row `cs_ptr`."""
     i = tl.arange(0, BLOCK_HALF)
     hm = i < HALF
     cos = tl.load(cs_ptr + i, mask=hm, other=0.0)
     sin = tl.load(cs_ptr + HALF + i, mask=hm, other=0.0)
-    x1 = tl.load(src + i, mask=hm, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF + i, mask=hm, other=0.0).to(tl.float32)
+    x1 = _load_biased(src, b, i, hm, HAS_BIAS)
+    x2 = _load_biased(src, b, HALF + i, hm, HAS_BIAS)
     ty = dst.dtype.element_ty
     tl.store(dst + i, (x1 * cos - x2 * sin).to(ty), mask=hm)
     tl.store(dst + HALF + i, (x2 * cos + x1 * sin).to(ty), mask=hm)
     if 2 * HALF < D:  # partial rotary: the tail passes through
         j = 2 * HALF + tl.arange(0, BLOCK_D)
         jm = j < D
-        tl.store(dst + j, tl.load(src + j, mask=jm, other=0.0).to(ty), mask=jm)
+        tl.store(dst + j, _load_biased(src, b, j, jm, HAS_BIAS).to(ty), mask=jm)
 
 
 @triton.jit
@@ -47,6 +67,7 @@ def _rope_kernel(
     pos_ptr,  # [T]
     slot_ptr,  # [T]
     cs_ptr,  # [P, R]
+    b_ptr,  # [(H + 2 Hk) D] bias of q, k, v, or unused
     H,
     HK,
     D,
@@ -55,6 +76,7 @@ def _rope_kernel(
     stride_kt,
     stride_vt,
     STORE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
@@ -67,12 +89,14 @@ def _rope_kernel(
     if h < H:
         _rotate_head(
             q_ptr + t * stride_qt + h * D,
+            b_ptr + h * D,
             qo_ptr + (t * H + h) * D,
             cs,
             HALF,
             D,
             BLOCK_HALF,
             BLOCK_D,
+            HAS_BIAS,
         )
     else:
         hk = h - H
@@ -80,20 +104,33 @@ def _rope_kernel(
             slot = tl.load(slot_ptr + t).to(tl.int64)
             if slot >= 0:  # a negative slot marks a padding token: nothing is written
                 dst = kc_ptr + (slot * HK + hk) * D
-                _rotate_head(k_ptr + t * stride_kt + hk * D, dst, cs, HALF, D, BLOCK_HALF, BLOCK_D)
+                kb = b_ptr + h * D
+                _rotate_head(
+                    k_ptr + t * stride_kt + hk * D,
+                    kb,
+                    dst,
+                    cs,
+                    HALF,
+                    D,
+                    BLOCK_HALF,
+                    BLOCK_D,
+                    HAS_BIAS,
+                )
                 j = tl.arange(0, BLOCK_D)
                 jm = j < D
-                v = tl.load(v_ptr + t * stride_vt + hk * D + j, mask=jm, other=0.0)
+                v = _load_biased(v_ptr + t * stride_vt + hk * D, kb + HK * D, j, jm, HAS_BIAS)
                 tl.store(vc_ptr + (slot * HK + hk) * D + j, v.to(vc_ptr.dtype.element_ty), mask=jm)
         else:
             _rotate_head(
                 k_ptr + t * stride_kt + hk * D,
+                b_ptr + h * D,
                 ko_ptr + (t * HK + hk) * D,
                 cs,
                 HALF,
                 D,
                 BLOCK_HALF,
                 BLOCK_D,
+                HAS_BIAS,
             )
 
 
@@ -111,8 +148,10 @@ def _launch(
     qo: torch.Tensor,
     ko: torch.Tensor,
     caches: tuple[torch.Tensor, torch.Tensor] | None,
+    bias: torch.Tensor | None = None,
 ) -> None:
-    """Rotate q into qo and k into ko, or, with caches, rotated k and v into the caches at slots."""
+    """Rotate q into qo and k into ko, or, with caches, rotated k and v into the caches at slots;
+    `bias` [(H + 2 Hk) D] (q's, k's, v's) is added first."""
     n, n_heads, d = q.shape
     if not n:
         return
@@ -129,6 +168,7 @@ def _launch(
         positions,
         slots,
         cos_sin,
+        bias if bias is not None else cos_sin,
         n_heads,
         k.shape[1],
         d,
@@ -137,6 +177,7 @@ def _launch(
         k.stride(0),
         v.stride(0) if caches is not None else 0,
         STORE=caches is not None,
+        HAS_BIAS=bias is not None,
         BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_D=triton.next_power_of_2(d),
         **pdl.launch(q, n),
@@ -165,17 +206,20 @@ def rope_store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotate q and k; write rotated k and v [T, Hk, D] into the caches [S, Hk, D] at slot_mapping
-    (tokens with a negative slot are not written).
+    (tokens with a negative slot are not written). `bias` [(H + 2 Hk) D], the qkv projection's,
+    is added to q, k and v first.
 
     Returns the rotated q [T, H, D]. Equals apply_rope followed by store_kv, in one launch.
     """
     for x in (q, k, v):
         _check(x)
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert bias is None or bias.is_contiguous()
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _launch(q, k, v, positions, slot_mapping, cos_sin, qo, qo, (k_cache, v_cache))
+    _launch(q, k, v, positions, slot_mapping, cos_sin, qo, qo, (k_cache, v_cache), bias)
     return qo
 
 

@@ -4,10 +4,14 @@
 # logs under $OUT. Steps: tests (the GPU suite), streams-PRESET[-q] (bench --streams 1 8 32 64,
 # quantized with -q), tune-MODEL (the small-batch kernels' launch sweep for phi3 or qwen at 8, 32
 # and 64 rows), serve-PRESET (serve_load from one client process, 16 and 64 streaming clients,
-# against a spawned server on a random bf16 GGUF of that preset written to /tmp).
+# against a spawned server on a random bf16 GGUF of that preset written to /tmp). STREAMS sets the
+# stream counts (default 1 8 32 64). base-streams-PRESET[-q] runs the same bench on the package in
+# $BASE (default base/: another revision's, `git archive REV worker_orcd | tar -x -C base`, left
+# untracked so that it travels), for before/after rows on one machine.
 #
 #   OUT=out benchmarks/gpu_session.sh tests streams-phi3-mini streams-qwen2.5-0.5b-q
 #   OUT=out benchmarks/gpu_session.sh tune-phi3 serve-phi3-mini
+#   STREAMS="1 8" benchmarks/gpu_session.sh base-streams-qwen2.5-0.5b-q streams-qwen2.5-0.5b-q
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -34,11 +38,20 @@ for step in "$@"; do
     case $step in
     tests) run tests $PY -m pytest -q -m gpu tests --ignore=tests/server -p no:cacheprovider -n 4 \
         --timeout 240 -ra ;;
-    streams-*)
-        preset=${step#streams-}; q=()
+    streams-* | base-streams-*)
+        preset=${step#*streams-}; q=(); dir=$PWD
         if [[ $preset == *-q ]]; then preset=${preset%-q}; q=(--weights quantized); fi
-        run "$step" $PY -m worker_orcd.cli bench --preset "$preset" "${q[@]}" \
-            --streams 1 8 32 64 --prompt-tokens 128 --gen-tokens 128 ;;
+        if [[ $step == base-* ]]; then
+            dir=$(cd "${BASE:-base}" 2>/dev/null && pwd)
+            if [ ! -d "$dir/worker_orcd" ]; then
+                echo "== $step: no worker_orcd package in ${BASE:-base}" | tee -a "$summary"
+                continue
+            fi
+        fi
+        # -m puts the working directory first on the path: the package run is the one in $dir
+        run "$step" env -C "$dir" PYTHONPATH="$dir:$PYTHONPATH" $PY -m worker_orcd.cli bench \
+            --preset "$preset" "${q[@]}" --streams ${STREAMS:-1 8 32 64} --prompt-tokens 128 \
+            --gen-tokens 128 ;;
     tune-*)
         run "$step" $PY benchmarks/quant_kernels.py --batched --tune --types Q4_K,Q5_K,Q6_K \
             --model "${step#tune-}" --rows 8,32,64 --out "$OUT" ;;

@@ -176,13 +176,12 @@ def _norm_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(proj(norm(x + residual)), x + residual); without a residual (the first layer), no add.
     `add_bias=False` leaves proj's bias to the caller."""
+    bias = proj.bias if add_bias else None
     if proj.quantized is None:
-        return kernels.add_rms_norm_linear(
-            x, residual, norm.weight, norm.eps, proj.weight, proj.bias if add_bias else None
-        )
+        return kernels.add_rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight, bias)
     rounded = _rounded_x_for(proj, x.shape[0], x.device)
     normed, summed = kernels.add_rms_norm(x, residual, norm.weight, norm.eps, rounded)
-    return proj(normed, rounded, add_bias=add_bias), summed
+    return proj.quantized.matmul(normed, bias, rounded), summed
 
 
 def _rounded_x_for(proj: Linear, rows: int, device: torch.device) -> RoundedX | None:

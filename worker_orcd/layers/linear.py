@@ -107,16 +107,12 @@ class Linear(nn.Module):
             if p is not None and partition is not None:
                 p.partition = partition
 
-    def forward(
-        self, x: torch.Tensor, rounded: RoundedX | None = None, *, add_bias: bool = True
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rounded: RoundedX | None = None) -> torch.Tensor:
         """[T, in] -> [T, out]; `rounded`: x rounded to int8 by its producer, for a quantized
-        weight whose GEMV reads it (`PackedWeight.takes_rounded_x`); `add_bias=False` leaves the
-        bias to the caller (a kernel that reads the output anyway)."""
-        bias = self.bias if add_bias else None
+        weight whose GEMV reads it (`PackedWeight.takes_rounded_x`)."""
         if self.quantized is not None:
-            return self.quantized.matmul(x, bias, rounded)
-        return kernels.linear(x, self.weight, bias)
+            return self.quantized.matmul(x, self.bias, rounded)
+        return kernels.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"

@@ -179,6 +179,8 @@ def _norm_linear(
     bias = proj.bias if add_bias else None
     if proj.quantized is None:
         return kernels.add_rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight, bias)
+    if proj.quantized.fuses_norm(x.shape[0], x.device):  # the GEMVs normalize x themselves
+        return proj.quantized.norm_matmul(x, residual, norm.weight, norm.eps, bias)
     rounded = _rounded_x_for(proj, x.shape[0], x.device)
     normed, summed = kernels.add_rms_norm(x, residual, norm.weight, norm.eps, rounded)
     return proj.quantized.matmul(normed, bias, rounded), summed

@@ -35,6 +35,7 @@ from worker_orcd.kernels.quant import (
 from worker_orcd.kernels.quant.formats import Q, block_format
 from worker_orcd.kernels.quant.ops import (
     GemvConfig,
+    NormIn,
     RoundedX,
     gemv_config,
     int8_x_reference,
@@ -121,6 +122,45 @@ def check_producers(device: str, dims: list[int], rows: int) -> None:
         assert same(rounded, round_x_reference(act)), f"SwiGLU [{rows}, {d}]: rounding differs"
 
 
+def check_norm_in(qtype: Q, n: int, k: int, m: int, device: str, cfg: GemvConfig | None) -> None:
+    """A GEMV that normalizes its own input (`NormIn`) gives the bits of the add_rms_norm kernel
+    followed by the same GEMV, with and without a residual, and writes the same x + residual."""
+    from worker_orcd.kernels.triton import norm
+
+    planes = random_planes(qtype, n, k, device, seed=7 * n + k)
+    g = torch.Generator(device=device).manual_seed(n + m)
+    x, r = ((torch.randn(m, k, device=device, generator=g) * 2).to(torch.bfloat16) for _ in "xr")
+    w = torch.randn(k, device=device, generator=g).to(torch.bfloat16)
+    for residual in (r, None):
+        normed, summed_ref = norm.add_rms_norm(x, residual, w, 1e-6)
+        want = quant_gemv(normed, planes, qtype, n, k, config=cfg)
+        summed = None if residual is None else torch.full_like(x, float("nan"))
+        got = quant_gemv(x, planes, qtype, n, k, config=cfg, norm=NormIn(residual, w, 1e-6, summed))
+        assert torch.equal(got, want), f"{qtype.name} [{n}, {k}] {cfg}: normalized input differs"
+        if summed is not None:
+            assert torch.equal(summed, summed_ref)
+
+
+def check_packed_norm_in(device: str, k: int) -> None:
+    """A packed weight of two types whose GEMVs both normalize x (as Qwen's q/k and v parts):
+    `norm_matmul` equals the norm kernel, then `matmul`, bias included; x + residual once."""
+    from worker_orcd.kernels.triton import norm
+
+    parts = [(Q.Q5_0, 40), (Q.Q8_0, 24)]
+    packed = PackedWeight.pack(
+        [QuantizedWeight(q, n, k, random_planes(q, n, k, device, seed=n)) for q, n in parts]
+    )
+    dev = torch.device(device)
+    assert packed.fuses_norm(1, dev) and not packed.fuses_norm(64, dev)
+    g = torch.Generator(device=device).manual_seed(k)
+    x, r = (torch.randn(1, k, device=device, generator=g).to(torch.bfloat16) for _ in "xr")
+    w = torch.randn(k, device=device, generator=g).to(torch.bfloat16)
+    bias = torch.randn(packed.n, device=device, generator=g).to(torch.bfloat16)
+    normed, summed_ref = norm.add_rms_norm(x, r, w, 1e-6)
+    y, summed = packed.norm_matmul(x, r, w, 1e-6, bias)
+    assert torch.equal(y, packed.matmul(normed, bias)) and torch.equal(summed, summed_ref)
+
+
 def check_dequant(qtype: Q, n: int, k: int, device: str) -> None:
     planes = random_planes(qtype, n, k, device, seed=n + k)
     ref = dequantize_reference(planes, qtype, n, k)
@@ -189,6 +229,18 @@ def test_producers_round_x_like_quantize_x() -> None:
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0, Q.Q8_0], ids=lambda t: t.name)
+def test_gemv_normalizes_its_input(qtype: Q) -> None:
+    for n, k in [(1024, 896), (128, 896), (896, 896), (4864 * 2, 896), (37, 768)]:
+        for m in (1, 3):
+            check_norm_in(qtype, n, k, m, "cuda", None)
+    check_norm_in(qtype, 37, 768, 2, "cuda", GemvConfig(8, 2, 4, split_k=3))
+    if qtype == Q.Q5_0:
+        check_packed_norm_in("cuda", 896)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
 def test_dequant_and_embedding_rows(qtype: Q) -> None:
     for n, k in shapes_for(qtype, [(896, 896), (3072, 3072), (151936, 896)] + ODD):
@@ -235,3 +287,10 @@ def test_interpreted_kernels(qtype: Q) -> None:
 @needs_interpreter
 def test_interpreted_producers_round_x() -> None:
     check_producers("cpu", [96, 320], rows=2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0, Q.Q8_0], ids=lambda t: t.name)
+def test_interpreted_gemv_normalizes_its_input(qtype: Q) -> None:
+    check_norm_in(qtype, 5, 96, 1, "cpu", None)
+    check_norm_in(qtype, 37, 224, 2, "cpu", GemvConfig(8, 2, 4, split_k=3))

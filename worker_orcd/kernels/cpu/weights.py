@@ -120,6 +120,10 @@ class CpuPackedWeight:
         """The CPU kernels round x themselves (once per call): never."""
         return False
 
+    def fuses_norm(self, m: int, device: torch.device) -> bool:
+        """The norm before a CPU matmul is its own kernel: never inside."""
+        return False
+
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of a single-part weight (an embedding table), dequantized: [*ids, k]."""
         if len(self.parts) != 1:

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels.quant.words import byte_at, f16_at, f16_bits
-from worker_orcd.kernels.triton import pdl
+from worker_orcd.kernels.triton import norm_in, pdl
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,38 @@ def _quant_x(x_row, offs, mask, ASM: tl.constexpr):
     """x[offs] ([A, 32]) rounded as `_round_x` rounds it; masked elements count as 0."""
     xf = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
     return _round_x(xf, ASM)
+
+
+@triton.jit
+def _quant_x_in(
+    x_row, r_row, g_ptr, rstd, offs, mask,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """`_quant_x`, or with NORM the same rounding of rms_norm(x + residual) * g at offs."""
+    if NORM:
+        xf = norm_in.normed(x_row, r_row, g_ptr, offs, mask, rstd, HAS_RESIDUAL)
+    else:
+        xf = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    return _round_x(xf, ASM)
+
+
+@triton.jit
+def _norm_rstd(
+    x_row, r_ptr, s_ptr, pid_m, M, K, stride_rm, eps,
+    HAS_RESIDUAL: tl.constexpr, WRITE_SUM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """(residual row, 1 / rms of x + residual) for a program's activation row; the first program
+    of the row (first rows of the weight, first split) writes x + residual when WRITE_SUM."""
+    if WRITE_SUM:
+        first = (tl.program_id(0) < M) & (tl.program_id(1) == 0)
+    else:
+        first = tl.program_id(0) < 0
+    r_row = r_ptr + pid_m * stride_rm
+    cols = tl.arange(0, NORM_BLOCK)
+    rstd = norm_in.row_rstd(
+        x_row, r_row, s_ptr + pid_m * K, K, cols, eps, first, NORM_BLOCK, HAS_RESIDUAL
+    )
+    return r_row, rstd
 
 
 @triton.jit
@@ -167,13 +199,23 @@ def gemv_q8_0_i8_kernel(
     SPLIT_UNITS,
     BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
     PREQ: tl.constexpr, D_WORDS: tl.constexpr, PDL: tl.constexpr,
+    r_ptr=None, g_ptr=None, s_ptr=None, stride_rm=0, eps=0.0, NORM: tl.constexpr = False,
+    HAS_RESIDUAL: tl.constexpr = False, WRITE_SUM: tl.constexpr = False,
+    NORM_BLOCK: tl.constexpr = 1024,
 ):  # fmt: skip
-    # qs int32 [N, K / 4]; tile [BLOCK_N rows, BLOCKS blocks, 8 words]
+    # qs int32 [N, K / 4]; tile [BLOCK_N rows, BLOCKS blocks, 8 words]. With NORM the input is
+    # rms_norm(x + residual) * g (`ops.NormIn`), computed here (K <= NORM_BLOCK).
     pdl.prologue(PDL)
     nb = K // 32
     pid_m, x_row, rows, rmask, r64, zr, lo_u, hi_u = _tile(
         x_ptr, stride_xm, M, N, nb, SPLIT_UNITS, BLOCK_N
     )
+    r_row = x_row
+    rstd = 0.0
+    if NORM:
+        r_row, rstd = _norm_rstd(
+            x_row, r_ptr, s_ptr, pid_m, M, K, stride_rm, eps, HAS_RESIDUAL, WRITE_SUM, NORM_BLOCK
+        )
     b = tl.arange(0, BLOCKS)
     t = tl.arange(0, 8)
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 4), 8)  # rows of 32-byte blocks
@@ -188,7 +230,9 @@ def gemv_q8_0_i8_kernel(
             dx = tl.where(bmask, tl.load(xdx_ptr + pid_m * nb + bc), 0.0)
         else:
             xoff = (blk * 32)[:, None] + tl.arange(0, 32)[None, :]  # [B, 32]
-            xq, dx, _ = _quant_x(x_row, xoff, bmask[:, None], ASM)
+            xq, dx, _ = _quant_x_in(
+                x_row, r_row, g_ptr, rstd, xoff, bmask[:, None], NORM, HAS_RESIDUAL, ASM
+            )
             xw = _pack4(tl.reshape(xq, (BLOCKS, 8, 4)))[None]
         dot = tl.sum(_dp4a(q, xw, tl.zeros_like(q), True, ASM), axis=2)  # [BN, B]
         d = f16_at(d_ptr, r64[:, None] * nb + bc[None, :], D_WORDS)
@@ -202,14 +246,24 @@ def _gemv_q4_q5_0_i8(
     stride_yk, SPLIT_UNITS,
     HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr,
     STAGES: tl.constexpr, PREQ: tl.constexpr, D_WORDS: tl.constexpr, PDL: tl.constexpr,
+    r_ptr=None, g_ptr=None, s_ptr=None, stride_rm=0, eps=0.0, NORM: tl.constexpr = False,
+    HAS_RESIDUAL: tl.constexpr = False, WRITE_SUM: tl.constexpr = False,
+    NORM_BLOCK: tl.constexpr = 1024,
 ):  # fmt: skip
     # qs int32 [N, K / 8]: word t of a block holds elements 4t + i (low nibbles) and 16 + 4t + i
-    # (high); Q5_0's qh word per block has their fifth bits at bits 8i + t and 8i + 4 + t.
+    # (high); Q5_0's qh word per block has their fifth bits at bits 8i + t and 8i + 4 + t. NORM:
+    # as in gemv_q8_0_i8_kernel.
     pdl.prologue(PDL)
     nb = K // 32
     pid_m, x_row, rows, rmask, r64, zr, lo_u, hi_u = _tile(
         x_ptr, stride_xm, M, N, nb, SPLIT_UNITS, BLOCK_N
     )
+    r_row = x_row
+    rstd = 0.0
+    if NORM:
+        r_row, rstd = _norm_rstd(
+            x_row, r_ptr, s_ptr, pid_m, M, K, stride_rm, eps, HAS_RESIDUAL, WRITE_SUM, NORM_BLOCK
+        )
     b = tl.arange(0, BLOCKS)
     t = tl.arange(0, 4)
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 8), 4)  # rows of 16-byte blocks
@@ -233,7 +287,9 @@ def _gemv_q4_q5_0_i8(
             xs = tl.load(xsr) + tl.load(xsr + 1)
         else:
             xoff = (blk * 32)[:, None] + tl.arange(0, 32)[None, :]  # [B, 32]
-            xq, dx, _ = _quant_x(x_row, xoff, bmask[:, None], ASM)
+            xq, dx, _ = _quant_x_in(
+                x_row, r_row, g_ptr, rstd, xoff, bmask[:, None], NORM, HAS_RESIDUAL, ASM
+            )
             xs = tl.sum(xq, axis=1).to(tl.float32)
             xw = tl.permute(_pack4(tl.reshape(xq, (BLOCKS, 2, 4, 4))), (0, 2, 1))  # [B, 4, 2]
             xlo, xhi = tl.split(xw)

@@ -199,6 +199,34 @@ class RoundedX(NamedTuple):
                 raise ValueError(f"rounded x [{m}, {k}] needs contiguous {shape}, got {t.shape}")
 
 
+class NormIn(NamedTuple):
+    """The input of a GEMV given as rms_norm(x + residual) * weight, which its programs compute
+    from x and the residual (`fuses_norm`), rounded as the add_rms_norm kernel rounds."""
+
+    residual: torch.Tensor | None  # [M, K], or None (no add)
+    weight: torch.Tensor  # [K], the norm's
+    eps: float
+    summed: torch.Tensor | None  # [M, K]: x + residual is written here (by one launch of several)
+
+
+# Longest row a GEMV normalizes itself: every program reads and reduces the whole row.
+NORM_MAX_K = 1024
+
+
+def fuses_norm(qtype: GGMLQuantizationType, n: int, k: int, m: int, device: torch.device) -> bool:
+    """Whether `quant_matmul` of m rows can take its input as a `NormIn`: a GEMV that rounds x
+    itself (the 32-element types below 2048 rows or so: Qwen's 896-wide weights) over rows
+    short enough for every program to reduce."""
+    return (
+        device.type == "cuda" and HAS_TRITON and m <= GEMV_MAX_ROWS and k <= NORM_MAX_K
+        and qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0) and _in_kernel_int8(gemv_config(qtype, n, k))
+    )  # fmt: skip
+
+
+def _in_kernel_int8(cfg: GemvConfig) -> bool:
+    return cfg.int8_x and not cfg.prequant
+
+
 def takes_rounded_x(
     qtype: GGMLQuantizationType, n: int, k: int, m: int, device: torch.device
 ) -> bool:
@@ -334,10 +362,12 @@ def quant_gemv(
     out: torch.Tensor | None = None,
     config: GemvConfig | None = None,
     rounded: RoundedX | None = None,
+    norm: NormIn | None = None,
 ) -> torch.Tensor:
     """y = x W^T with W [n, k] in planes; x [M, k] (M small); out [M, n] may be a column slice.
     `rounded`: x already rounded (by the kernel that produced it), used where the config reads
-    x rounded once."""
+    x rounded once. `norm`: the input is rms_norm(x + residual) * weight, computed here (where
+    `fuses_norm`)."""
     check_shape(qtype, n, k)
     _check_x(x, k)
     if x.stride(1) != 1:
@@ -364,6 +394,22 @@ def quant_gemv(
         kernel, args, flags, tile_name = _kernel_args(planes, qtype)
         if qtype in (Q.Q4_K, Q.Q5_K):
             flags["ONE_PLUS"] = cfg.one_plus
+    norm_args = {}
+    if norm is not None:
+        if not (qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0) and k <= NORM_MAX_K and _in_kernel_int8(cfg)):
+            raise ValueError(f"a {qtype.name} GEMV [{n}, {k}] does not take its input normalized")
+        r = norm.residual
+        if r is not None and (r.shape != x.shape or r.stride(1) != 1):
+            raise ValueError(f"residual must be {tuple(x.shape)} with unit column stride")
+        s = norm.summed
+        if s is not None and (r is None or s.shape != x.shape or not s.is_contiguous()):
+            raise ValueError("x + residual needs a residual and a contiguous [M, K] output")
+        norm_args = dict(
+            r_ptr=r if r is not None else x, g_ptr=norm.weight, s_ptr=s if s is not None else x,
+            stride_rm=r.stride(0) if r is not None else 0, eps=norm.eps, NORM=True,
+            HAS_RESIDUAL=r is not None, WRITE_SUM=s is not None,
+            NORM_BLOCK=triton.next_power_of_2(k),
+        )  # fmt: skip
     flags.update(pdl.launch(x))
     units = k // _UNIT[qtype]
     # units per split: a whole number of tiles, so each split walks full steps but the last
@@ -373,13 +419,13 @@ def quant_gemv(
     if split == 1:
         kernel[grid](
             x, *args, out, m, n, k, x.stride(0), out.stride(0), 0, per,
-            BLOCK_N=cfg.block_n, num_warps=warps, **flags, **{tile_name: cfg.tile},
+            BLOCK_N=cfg.block_n, num_warps=warps, **flags, **{tile_name: cfg.tile}, **norm_args,
         )  # fmt: skip
         return out
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device)  # [S, M, N] partials
     kernel[grid](
         x, *args, ws, m, n, k, x.stride(0), n, m * n, per,
-        BLOCK_N=cfg.block_n, num_warps=warps, **flags, **{tile_name: cfg.tile},
+        BLOCK_N=cfg.block_n, num_warps=warps, **flags, **{tile_name: cfg.tile}, **norm_args,
     )  # fmt: skip
     block = 1024
     _gv.splitk_sum_kernel[(triton.cdiv(m * n, block),)](
@@ -551,12 +597,18 @@ def quant_matmul(
     *,
     out: torch.Tensor | None = None,
     rounded: RoundedX | None = None,
+    norm: NormIn | None = None,
 ) -> torch.Tensor:
     """y = x W^T for x [M, k]: fused GEMV for M <= GEMV_MAX_ROWS, the fused small-batch kernel
     up to BATCHED_MAX_ROWS, else dequantize + cuBLAS (`matmul_path`). `rounded`: x rounded by
-    its producer, for the GEMVs that read it (`takes_rounded_x`)."""
+    its producer, for the GEMVs that read it (`takes_rounded_x`); `norm`: the input normalized
+    by the GEMV (only where `fuses_norm`)."""
     _check_x(x, k)
     path = matmul_path(x.shape[0], x.device)
+    if norm is not None:
+        if path != "gemv":
+            raise ValueError(f"only the GEMV of up to {GEMV_MAX_ROWS} rows normalizes its input")
+        return quant_gemv(x, planes, qtype, n, k, out=out, norm=norm)
     if path == "reference":
         y = quant_matmul_reference(x, planes, qtype, n, k).to(x.dtype)
         if out is None:

@@ -20,9 +20,11 @@ from gguf import GGMLQuantizationType
 from worker_orcd.kernels.quant.formats import check_shape, planes_nbytes, to_planes
 from worker_orcd.kernels.quant.ops import (
     SCRATCH,
+    NormIn,
     RoundedX,
     dequantize_planes,
     dequantize_reference,
+    fuses_norm,
     matmul_path,
     quant_matmul,
     takes_rounded_x,
@@ -84,14 +86,20 @@ class QuantizedWeight:
         return QuantizedWeight(first.qtype, sum(w.n for w in weights), first.k, planes)
 
     def matmul(
-        self, x: torch.Tensor, out: torch.Tensor | None = None, rounded: RoundedX | None = None
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor | None = None,
+        rounded: RoundedX | None = None,
+        norm: NormIn | None = None,
     ) -> torch.Tensor:
         """x [..., k] -> [..., n] in x's dtype (float32 on CPU); `rounded`: x rounded by its
-        producer, read where `takes_rounded_x`."""
+        producer, read where `takes_rounded_x`; `norm`: x normalized here (`fuses_norm`)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.k)
         out2 = None if out is None else out.view(-1, self.n)
-        y = quant_matmul(x2, self.planes, self.qtype, self.n, self.k, out=out2, rounded=rounded)
+        y = quant_matmul(
+            x2, self.planes, self.qtype, self.n, self.k, out=out2, rounded=rounded, norm=norm
+        )
         return y.view(*lead, self.n)
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -172,6 +180,35 @@ class PackedWeight:
             isinstance(s, QuantizedWeight) and takes_rounded_x(s.qtype, s.n, s.k, m, device)
             for _, s in self.parts
         )
+
+    def fuses_norm(self, m: int, device: torch.device) -> bool:
+        """Whether `norm_matmul` of m rows normalizes its input inside the GEMVs (every part's
+        GEMV reads a short row and rounds it itself: Qwen's 896-wide weights at decode)."""
+        return all(
+            isinstance(s, QuantizedWeight) and fuses_norm(s.qtype, s.n, s.k, m, device)
+            for _, s in self.parts
+        )
+
+    def norm_matmul(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(matmul(rms_norm(x + residual) * norm_weight) + bias, x + residual) for x [M, k]
+        where `fuses_norm`: the add_rms_norm kernel's work done by the GEMVs (the first part's
+        launch writes x + residual), the same bits without its launch."""
+        m = x.shape[0]
+        summed = None if residual is None else torch.empty_like(x)
+        y = torch.empty((m, self.n), dtype=x.dtype, device=x.device)
+        for i, (row, s) in enumerate(self.parts):
+            norm = NormIn(residual, norm_weight, eps, summed if i == 0 else None)
+            s.matmul(x, out=y[:, row : row + s.n], norm=norm)
+        if bias is not None:
+            y += bias
+        return y, x if summed is None else summed
 
     def matmul(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, rounded: RoundedX | None = None

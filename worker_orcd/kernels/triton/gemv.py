@@ -15,40 +15,12 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels import split_qkv
-from worker_orcd.kernels.triton import activation, gemv_rows, norm, pdl, rope
+from worker_orcd.kernels.triton import activation, gemv_rows, norm, norm_in, pdl, rope
 
 logger = logging.getLogger(__name__)
 
 # Rows of x up to which the GEMV kernel beats cuBLAS (each extra row reads W again).
 MAX_ROWS = 1
-
-
-@triton.jit
-def _norm_in(x_row, r_row, kk, k_mask, HAS_RESIDUAL: tl.constexpr):
-    """One tile of x + residual, rounded to x's dtype as the add_rms_norm kernel rounds it."""
-    h = tl.load(x_row + kk, mask=k_mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(r_row + kk, mask=k_mask, other=0.0)
-        h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
-    return h
-
-
-@triton.jit
-def _row_rstd(
-    x_row, r_row, s_row, K, cols, eps, first,
-    BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-):  # fmt: skip
-    """1 / rms of x + residual over the whole (short) row, which every program reads; the `first`
-    program also writes x + residual to s_row (the next residual)."""
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + cols
-        h = _norm_in(x_row, r_row, kk, kk < K, HAS_RESIDUAL)
-        if HAS_RESIDUAL:
-            tl.store(s_row + kk, h, mask=kk < tl.where(first, K, 0))
-        hf = h.to(tl.float32)
-        ss += hf * hf
-    return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
 
 
 @triton.jit
@@ -59,11 +31,7 @@ def _gemv_x(
     """One tile of the input row as float32: x; with SILU_MUL, silu(gate) * up from [gate | up];
     with NORM, rms_norm(x + residual) given the row's 1 / rms."""
     if NORM:
-        # Rounded as the add_rms_norm kernel rounds, so the result is the same.
-        h = _norm_in(x_row, r_row, kk, k_mask, HAS_RESIDUAL)
-        normed = (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)
-        g = tl.load(g_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-        return (normed * g).to(h.dtype).to(tl.float32)
+        return norm_in.normed(x_row, r_row, g_ptr, kk, k_mask, rstd, HAS_RESIDUAL)
     x = tl.load(x_row + kk, mask=k_mask, other=0.0)
     if SILU_MUL:
         # Rounded as the separate silu_and_mul kernel rounds, so the result is the same.
@@ -124,7 +92,7 @@ def _gemv_kernel(
     r_row = r_ptr + m * stride_rm
     rstd = 0.0
     if NORM:
-        rstd = _row_rstd(
+        rstd = norm_in.row_rstd(
             x_row, r_row, s_ptr + m * K, K, cols, eps, pid_n == 0, BLOCK_K, HAS_RESIDUAL
         )
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -196,7 +164,9 @@ def _qkv_rope_kernel(
     rstd = 0.0
     if NORM:
         first = tl.program_id(0) == 0
-        rstd = _row_rstd(x_row, r_row, s_ptr + m * K, K, cols, eps, first, BLOCK_K, HAS_RESIDUAL)
+        rstd = norm_in.row_rstd(
+            x_row, r_row, s_ptr + m * K, K, cols, eps, first, BLOCK_K, HAS_RESIDUAL
+        )
     acc_a = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):

@@ -81,7 +81,12 @@ class SelfAttention(nn.Module):
         """(attention output [T, D], x + residual): `norm` (with the residual add), the qkv
         projection, RoPE with the KV-cache write, attention and the output projection."""
         n = hidden.shape[0]
-        attn, proj = self.attn, self.qkv_proj
+        attn, proj, o_proj = self.attn, self.qkv_proj, self.o_proj
+        # The o projection's input rounded to int8 by the decode attention, where its GEMV reads
+        # x rounded once (no rounding launch of its own); heads must be whole 32-element blocks.
+        rounded = None
+        if o_proj.quantized is not None and meta.is_decode and self.head_dim % 32 == 0:
+            rounded = _rounded_x_for(o_proj, n, hidden.device)
         if proj.quantized is None:  # one kernel up to the cache write, where one fits
             attn.check_bound()
             q, residual = kernels.norm_qkv_rope_store(
@@ -97,14 +102,16 @@ class SelfAttention(nn.Module):
                 attn.v_cache,
                 meta.slot_mapping,
             )
-            out = attn.attend(q, meta)  # [T, H, D]
+            out = attn.attend(q, meta, rounded)  # [T, H, D]
         else:
             # [T, (H + 2 Hk) D] without the bias, which the RoPE kernel adds as it reads q, k, v
             qkv, residual = _norm_linear(norm, proj, hidden, residual, add_bias=False)
             q, k, v = kernels.split_qkv(qkv, attn.k_cache)  # [T, H, D], [T, Hk, D] x 2
             # RoPE is applied inside, fused with the KV-cache write.
-            out = attn(q, k, v, meta, positions=positions, cos_sin=cos_sin, bias=proj.bias)
-        out = self.o_proj(out.reshape(n, self.n_heads * self.head_dim))  # [T, D], partial
+            out = attn(
+                q, k, v, meta, positions=positions, cos_sin=cos_sin, bias=proj.bias, rounded=rounded
+            )
+        out = o_proj(out.reshape(n, self.n_heads * self.head_dim), rounded)  # [T, D], partial
         return self.parallel.all_reduce(out), residual
 
 

@@ -163,6 +163,24 @@ def test_decode_attention(ctx: list[int], h: int, hk: int, d: int, window: int |
     one_split = decode_attention(q, kc, vc, meta, scale, window, splits=1)
     assert rel_err(one_split, ref) < 1e-2
     assert torch.equal(attention(q, kc, vc, meta, sliding_window=window), out)  # re-armed counters
+    if d % 32 == 0:  # the output also rounded for a quantized o projection, by every path
+        check_rounded_output(q, kc, vc, meta, scale, window)
+
+
+def check_rounded_output(q, kc, vc, meta, scale, window) -> None:
+    """The decode kernels' int8 rounding of their output equals `round_x_reference` of what they
+    stored, bit for bit: one split, split + merge kernel, merge by the last split."""
+    from worker_orcd.kernels.quant.ops import RoundedX, round_x_reference
+    from worker_orcd.kernels.triton.attention import decode_attention
+
+    t, h, d = q.shape
+    for kw in ({"splits": 1}, {"splits": 3}, {"splits": 4, "fused_merge": True}):
+        rounded = RoundedX.empty(t, h * d, q.device)
+        out = decode_attention(q, kc, vc, meta, scale, window, rounded=rounded, **kw)
+        assert torch.equal(out, decode_attention(q, kc, vc, meta, scale, window, **kw))
+        want = round_x_reference(out.reshape(t, h * d))
+        for got, ref_part in zip(rounded, want, strict=True):
+            assert torch.equal(got, ref_part), kw
 
 
 @pytest.mark.parametrize(("h", "hk", "d"), HEADS)

@@ -260,9 +260,12 @@ def attention(
     *,
     scale: float | None = None,
     sliding_window: int | None = None,
+    rounded: RoundedX | None = None,
 ) -> torch.Tensor:
+    """Causal attention of q [T, H, D] over the cached contexts -> [T, H, D]; `rounded`: also
+    written, the output rounded to int8 for the quantized o projection it feeds."""
     return implementation("attention", q.device)(
-        q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window
+        q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window, rounded=rounded
     )
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worker_orcd.kernels.quant.ops import RoundedX, round_x_reference
+
 # Query rows per step of the reference kernel: bounds the [Hk, G, rows, C] score tensor for long
 # prompts.
 _QUERY_CHUNK = 512
@@ -78,8 +80,10 @@ def attention_ref(
     *,
     scale: float | None = None,
     sliding_window: int | None = None,
+    rounded: RoundedX | None = None,
 ) -> torch.Tensor:
-    """Causal attention of q [T, H, D] over each sequence's cached context -> [T, H, D].
+    """Causal attention of q [T, H, D] over each sequence's cached context -> [T, H, D];
+    `rounded`: filled with the output [T, H D] rounded to int8 as the quantized GEMVs read it.
 
     Any number of query heads per KV head (H % Hk == 0; MHA is G = 1). With a sliding window W, a
     query at position p sees keys at positions p - W + 1 .. p (W keys including itself), as
@@ -110,6 +114,8 @@ def attention_ref(
             probs = torch.softmax(scores, dim=-1).to(values.dtype)
             o = torch.matmul(probs, values)  # [Hk, G, L, D]
             out[s:e] = o.permute(2, 0, 1, 3).reshape(rows, n_heads, head_dim)
+    if rounded is not None:
+        round_x_reference(out.reshape(n_tokens, -1), out=rounded)
     return out
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from worker_orcd import kernels
 from worker_orcd.kernels import AttentionMetadata
+from worker_orcd.kernels.quant.ops import RoundedX
 
 
 class Attention(nn.Module):
@@ -35,10 +36,11 @@ class Attention(nn.Module):
         positions: torch.Tensor | None = None,
         cos_sin: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        rounded: RoundedX | None = None,
     ) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hk, D] -> [T, H, D]. With cos_sin [P, R] and positions [T], q
         and k are rotated here (un-rotated on input). `bias` [(H + 2 Hk) D], the qkv
-        projection's, is added to q, k and v first."""
+        projection's, is added to q, k and v first. `rounded`: see `attend`."""
         self.check_bound()
         if cos_sin is not None:
             assert positions is not None, "rotary cos_sin given without positions"
@@ -49,7 +51,7 @@ class Attention(nn.Module):
             if bias is not None:
                 q, k, v = kernels.add_qkv_bias(q, k, v, bias)
             kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return self.attend(q, meta)
+        return self.attend(q, meta, rounded)
 
     def check_bound(self) -> None:
         if self.k_cache.numel() == 0:
@@ -57,8 +59,11 @@ class Attention(nn.Module):
                 "KV cache not bound: the model runner must bind caches before forward"
             )
 
-    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Rotated q [T, H, D] over the caches, this step's keys and values already written."""
+    def attend(
+        self, q: torch.Tensor, meta: AttentionMetadata, rounded: RoundedX | None = None
+    ) -> torch.Tensor:
+        """Rotated q [T, H, D] over the caches, this step's keys and values already written;
+        `rounded`: also written, the output rounded to int8 for a quantized o projection."""
         return kernels.attention(
             q,
             self.k_cache,
@@ -66,4 +71,5 @@ class Attention(nn.Module):
             meta,
             scale=self.scale,
             sliding_window=self.sliding_window,
+            rounded=rounded,
         )

@@ -139,10 +139,11 @@ def attention(
     *,
     scale: float | None = None,
     sliding_window: int | None = None,
+    rounded: RoundedX | None = None,
 ) -> torch.Tensor:
     t, h, d = q.shape
     hk = k_cache.shape[1]
-    fits = (
+    fits = rounded is None and (
         meta.max_query_len <= ATTENTION_MAX_ROWS and q.dtype == _F32 and q.is_contiguous()
         and k_cache.dtype == _F32 and k_cache.is_contiguous() and v_cache.dtype == _F32
         and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
@@ -158,7 +159,9 @@ def attention(
             s, e = meta.query_start[b], meta.query_start[b + 1]
             seqs.append((s, e, meta.context_lens[b], spec[0], spec[1]))
     if not fits:
-        return attention_ref(q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window)
+        return attention_ref(
+            q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window, rounded=rounded
+        )
     out = torch.empty_like(q)
     ops._qcpu.attention(
         q.data_ptr(), h, d, k_cache.data_ptr(), v_cache.data_ptr(), hk, seqs,

@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels.attention import AttentionMetadata
+from worker_orcd.kernels.quant.gemv_i8 import asm_dp4a, store_rounded
+from worker_orcd.kernels.quant.ops import RoundedX, round_x_reference
 from worker_orcd.kernels.triton import arrivals, pdl
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,26 @@ def _load_kv_block(cache_ptr, bt_row_ptr, p, p_mask, hk, HK, D, cols, d_mask, PA
 
 
 @triton.jit
+def _store_rounded_heads(
+    y, heads, h_mask, t, H, D, xw_ptr, xdx_ptr, xs_ptr,
+    BLOCK_D: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """y [R, BLOCK_D] float32, heads `heads` [R] of token t's output (as stored, in its dtype),
+    also written rounded to int8 per 32 elements as the o projection's GEMV reads x
+    (`store_rounded`, a RoundedX of [T, H D]): head h holds blocks h D / 32 .. (h + 1) D / 32."""
+    NB: tl.constexpr = BLOCK_D // 32
+    R: tl.constexpr = y.shape[0]
+    jj = tl.arange(0, NB)
+    blk = tl.reshape(heads[:, None] * (D // 32) + jj[None, :], (R * NB,))
+    bmask = tl.reshape(h_mask[:, None] & (jj < D // 32)[None, :], (R * NB,))
+    k = H * D
+    store_rounded(
+        tl.reshape(y, (R * NB, 32)), blk, bmask, xw_ptr + t * (k // 4), xdx_ptr + t * (k // 32),
+        xs_ptr + t * (k // 16), ASM,
+    )  # fmt: skip
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,  # [T, H, D] (token stride stride_qt)
     kc_ptr,  # [S, Hk, D]
@@ -60,6 +82,9 @@ def _decode_split_kernel(
     ml_ptr,  # [B, H, NUM_SPLITS, 2] float32: running max (log2 units), sum
     lock_ptr,  # [B, Hk] int32 arrival counters, zero between launches (FUSED_MERGE)
     o_ptr,  # [T, H, D] output (FUSED_MERGE)
+    xw_ptr,  # ROUND: the output rounded to int8 (RoundedX of [T, H D]: words, steps, sums)
+    xdx_ptr,
+    xs_ptr,
     qk_scale,  # softmax scale * log2(e)
     H,
     HK,
@@ -75,6 +100,8 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
+    ROUND: tl.constexpr,
+    ASM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.prologue(PDL)
@@ -118,13 +145,15 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
         m_i = m_new
     if NUM_SPLITS == 1:  # the whole context in this program: write the output directly
-        out = acc / l_i[:, None]
+        out = (acc / l_i[:, None]).to(o_ptr.dtype.element_ty)
         o_rows = (t * H + heads.to(tl.int64)) * D
         tl.store(
-            o_ptr + o_rows[:, None] + cols[None, :],
-            out.to(o_ptr.dtype.element_ty),
-            mask=g_mask[:, None] & d_mask[None, :],
+            o_ptr + o_rows[:, None] + cols[None, :], out, mask=g_mask[:, None] & d_mask[None, :]
         )
+        if ROUND:
+            _store_rounded_heads(
+                out.to(tl.float32), heads, g_mask, t, H, D, xw_ptr, xdx_ptr, xs_ptr, BLOCK_D, ASM
+            )
         return
     out_row = (b * H + heads).to(tl.int64) * NUM_SPLITS + split  # [BLOCK_G]
     tl.store(part_ptr + out_row[:, None] * BLOCK_D + cols[None, :], acc, mask=g_mask[:, None])
@@ -141,6 +170,9 @@ def _decode_split_kernel(
                     part_ptr,
                     ml_ptr,
                     o_ptr,
+                    xw_ptr,
+                    xdx_ptr,
+                    xs_ptr,
                     b,
                     hk * G + gi,
                     t,
@@ -150,6 +182,8 @@ def _decode_split_kernel(
                     NUM_SPLITS,
                     BLOCK_S,
                     BLOCK_D,
+                    ROUND,
+                    ASM,
                 )
             tl.atomic_xchg(lock, 0)
 
@@ -159,6 +193,9 @@ def _merge_head(
     part_ptr,
     ml_ptr,
     o_ptr,
+    xw_ptr,
+    xdx_ptr,
+    xs_ptr,
     b,
     h,
     t,
@@ -168,6 +205,8 @@ def _merge_head(
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROUND: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """Combine the partial softmax states of head h of sequence b into its output row."""
     s = tl.arange(0, BLOCK_S)
@@ -181,8 +220,14 @@ def _merge_head(
     part = tl.load(
         part_ptr + row[:, None] * BLOCK_D + cols[None, :], mask=s_mask[:, None], other=0.0
     )
-    out = tl.sum(part * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
-    tl.store(o_ptr + (t * H + h) * D + cols, out.to(o_ptr.dtype.element_ty), mask=cols < D)
+    out = (tl.sum(part * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)).to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + (t * H + h) * D + cols, out, mask=cols < D)
+    if ROUND:
+        one = tl.zeros((1,), dtype=tl.int32)
+        _store_rounded_heads(
+            out.to(tl.float32)[None, :], h + one, one == 0, t, H, D, xw_ptr, xdx_ptr, xs_ptr,
+            BLOCK_D, ASM,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -192,6 +237,9 @@ def _decode_merge_kernel(
     ctx_ptr,  # [B] int32
     qs_ptr,  # [B + 1] int32
     o_ptr,  # [T, H, D]
+    xw_ptr,  # ROUND: as in _decode_split_kernel
+    xdx_ptr,
+    xs_ptr,
     H,
     D,
     window,
@@ -199,6 +247,8 @@ def _decode_merge_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROUND: tl.constexpr,
+    ASM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.prologue(PDL)
@@ -211,7 +261,10 @@ def _decode_merge_kernel(
         lo = tl.maximum(ctx - window, 0)
     chunk = tl.cdiv(tl.cdiv(ctx - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
     n_active = tl.cdiv(ctx - lo, chunk)
-    _merge_head(part_ptr, ml_ptr, o_ptr, b, h, t, H, D, n_active, NUM_SPLITS, BLOCK_S, BLOCK_D)
+    _merge_head(
+        part_ptr, ml_ptr, o_ptr, xw_ptr, xdx_ptr, xs_ptr, b, h, t, H, D, n_active, NUM_SPLITS,
+        BLOCK_S, BLOCK_D, ROUND, ASM,
+    )  # fmt: skip
 
 
 def num_splits(n_seqs: int, n_kv_heads: int) -> int:
@@ -232,12 +285,21 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     fused_merge: bool = False,
+    rounded: RoundedX | None = None,
 ) -> torch.Tensor:
+    """One query token per sequence over its cached context -> [B, H, D]; `rounded`: also
+    written, the output [B, H D] rounded to int8 for the o projection's GEMV (`RoundedX`)."""
     n_tokens, n_heads, d = q.shape
     n_seqs = meta.num_seqs
     n_kv = k_cache.shape[1]
     group = n_heads // n_kv
     assert q.stride(2) == 1 and q.stride(1) == d and k_cache.is_contiguous()
+    if rounded is not None:
+        if d % 32:
+            raise ValueError(f"heads of {d} are not whole 32-element blocks to round")
+        rounded.check(n_tokens, n_heads * d)
+    round_flags = {"ROUND": rounded is not None, "ASM": asm_dp4a(q.device.type)}
+    xw, xdx, xs = rounded if rounded is not None else (q, q, q)
     if splits is None:
         # Short contexts: one program per (sequence, KV head), no merge launch. The host bound
         # max_context_len is frozen in a captured graph; DecodeGraphs captures both variants.
@@ -261,6 +323,9 @@ def decode_attention(
         ml,
         lock,
         out,
+        xw,
+        xdx,
+        xs,
         scale * _LOG2E,
         n_heads,
         n_kv,
@@ -276,6 +341,7 @@ def decode_attention(
         BLOCK_D=block_d,
         BLOCK_S=triton.next_power_of_2(splits),
         FUSED_MERGE=fused_merge,
+        **round_flags,
         **pdl.launch(q, n_tokens),
         num_warps=num_warps,
         num_stages=num_stages,
@@ -287,6 +353,9 @@ def decode_attention(
             meta.context_lens_t,
             meta.query_start_t,
             out,
+            xw,
+            xdx,
+            xs,
             n_heads,
             d,
             window,
@@ -294,6 +363,7 @@ def decode_attention(
             BLOCK_N=block_n,
             BLOCK_S=triton.next_power_of_2(splits),
             BLOCK_D=block_d,
+            **round_flags,
             **pdl.launch(out, n_tokens),
             num_warps=1,
         )
@@ -477,17 +547,23 @@ def attention(
     *,
     scale: float | None = None,
     sliding_window: int | None = None,
+    rounded: RoundedX | None = None,
 ) -> torch.Tensor:
-    """Causal attention of q over each sequence's cached context -> [T, H, D]."""
+    """Causal attention of q over each sequence's cached context -> [T, H, D]; `rounded`: also
+    written, the output rounded to int8 for the o projection (by the decode kernels themselves)."""
     n_heads, n_kv = q.shape[1], k_cache.shape[1]
     if n_heads % n_kv:
         raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv} KV heads")
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     if meta.is_decode:
-        return decode_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+        return decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, rounded=rounded)
     if _is_fresh_prompt(meta, sliding_window):
-        return fresh_prompt_attention(q, k_cache, v_cache, meta, scale)
-    return prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+        out = fresh_prompt_attention(q, k_cache, v_cache, meta, scale)
+    else:
+        out = prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+    if rounded is not None:
+        round_x_reference(out.reshape(out.shape[0], -1), out=rounded)
+    return out
 
 
 def _is_fresh_prompt(meta: AttentionMetadata, sliding_window: int | None) -> bool:

@@ -5,7 +5,7 @@ Prefill attention: Triton (paged cache) against torch sdpa on contiguous q/k/v; 
 (microseconds inside a CUDA graph); GEMV block shapes with longer K steps; the few-row kernel
 (a batch of decodes, `gemv_rows`) against cuBLAS over a sweep of its tile shapes.
 
-    PYTHONPATH=. python benchmarks/kernels.py [prefill] [decode] [sweep] [small] [rows]
+    PYTHONPATH=. python benchmarks/kernels.py [prefill] [decode] [sweep] [batch] [small] [rows]
 """
 
 from __future__ import annotations
@@ -152,6 +152,93 @@ def decode_attention_sweep() -> list[str]:
     return lines
 
 
+def _batch_meta(ctxs: list[int], n_blocks: int, page: int = 16) -> AttentionMetadata:
+    """Decode metadata of len(ctxs) sequences whose blocks are scattered over a pool of n_blocks."""
+    perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(0))
+    width = -(-max(ctxs) // page)
+    tables, used = torch.full((len(ctxs), width), -1, dtype=torch.int32), 0
+    for b, n in enumerate(ctxs):
+        need = -(-n // page)
+        tables[b, :need] = perm[used : used + need]
+        used += need
+    b_n = len(ctxs)
+    return AttentionMetadata(
+        slot_mapping=torch.zeros(b_n, dtype=torch.int64, device=DEV),
+        query_start=list(range(b_n + 1)),
+        context_lens=ctxs,
+        kv_slots=[],
+        query_start_t=torch.arange(b_n + 1, dtype=torch.int32, device=DEV),
+        context_lens_t=torch.tensor(ctxs, dtype=torch.int32, device=DEV),
+        block_tables=tables.to(DEV),
+        block_size=page,
+        max_query_len=1,
+        max_context_len=max(ctxs),
+    )
+
+
+def decode_batch_sweep() -> list[str]:
+    """Flash-decoding of a batch of decodes at the streams workload's contexts (129-256 keys,
+    scattered pages): split count, key block, warps, stages, and (one query head per KV head)
+    products on the CUDA cores instead of padded tensor-core tiles. us per layer, graph-timed."""
+    lines = []
+    gen = torch.Generator().manual_seed(1)
+    for name, (h, hk, d, _, _) in MODELS.items():
+        for b_n in (8, 32):
+            ctxs = torch.randint(129, 257, (b_n,), generator=gen).tolist()
+            nbytes = 2 * sum(ctxs) * hk * d * 2
+            n_blocks = sum(-(-n // 16) for n in ctxs) + 8
+            layers = max(4, -(-256 * 2**20 // (n_blocks * 16 * hk * d * 4)))
+            caches = [
+                tuple(torch.randn(n_blocks * 16, hk, d, device=DEV, dtype=BF16) for _ in range(2))
+                for _ in range(layers)
+            ]
+            q = torch.randn(b_n, h, d, device=DEV, dtype=BF16)
+            meta = _batch_meta(ctxs, n_blocks)
+            ref = attention.decode_attention(q, *caches[0], meta, 0.1).float()
+            res = []
+            for mma in (True, False) if h == hk else (True,):
+                for splits in (1, 2, 4):
+                    for block_n, warps, stages in (
+                        (64, 4, 3), (64, 4, 2), (64, 4, 1), (32, 4, 2), (32, 2, 2), (16, 2, 2),
+                        (64, 8, 2), (128, 8, 2),
+                    ):  # fmt: skip
+                        kw = dict(
+                            splits=splits, block_n=block_n, num_warps=warps, num_stages=stages,
+                            mma=mma,
+                        )  # fmt: skip
+                        try:
+                            out = attention.decode_attention(q, *caches[0], meta, 0.1, **kw)
+                            err = (out.float() - ref).abs().max().item()
+                            us = graph_time_us(
+                                [
+                                    lambda kc=kc, vc=vc, kw=kw, q=q, m=meta: (
+                                        attention.decode_attention(q, kc, vc, m, 0.1, **kw)
+                                    )
+                                    for kc, vc in caches
+                                ]
+                            )
+                        except Exception as exc:  # noqa: BLE001 - a config that does not compile
+                            logger.info("%s B=%d %s: %s", name, b_n, kw, exc)
+                            continue
+                        cfg = f"{'mma' if mma else 'fma'}/s{splits}/n{block_n}/w{warps}/st{stages}"
+                        res.append((us, cfg, err))
+            default = graph_time_us(
+                [lambda kc=kc, vc=vc, q=q, m=meta: attention.decode_attention(q, kc, vc, m, 0.1)
+                 for kc, vc in caches]
+            )  # fmt: skip
+            res.sort()
+            best = ", ".join(
+                f"{cfg} {us:.1f}us {nbytes / us / 1e3:.0f}GB/s err {err:.1e}"
+                for us, cfg, err in res[:6]
+            )
+            lines.append(
+                f"decode batch {name} B={b_n} keys {sum(ctxs)}: default {default:.1f}us "
+                f"{nbytes / default / 1e3:.0f}GB/s; best {best}"
+            )
+            logger.info(lines[-1])
+    return lines
+
+
 def small_kernels() -> list[str]:
     return [line for name, dims in MODELS.items() for line in _small_kernels(name, *dims)]
 
@@ -261,6 +348,7 @@ def main() -> int:
         "prefill": prefill_attention,
         "decode": decode_attention,
         "sweep": decode_attention_sweep,
+        "batch": decode_batch_sweep,
         "small": small_kernels,
         "rows": rows_sweep,
     }

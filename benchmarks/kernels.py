@@ -298,10 +298,16 @@ def gemv_blocks() -> list[str]:
 
 
 ROWS_CONFIGS = [
-    (bn, bk, 4, st)
+    (bn, bk, 4, st, 1)
     for bn in (16, 32, 64)
     for bk in (64, 128, 256)
     for st in (3, 4)
+    if bn * bk <= 8192
+] + [
+    (bn, bk, 4, 4, sp)
+    for bn in (16, 32, 64)
+    for bk in (128, 256)
+    for sp in (2, 3, 4)
     if bn * bk <= 8192
 ]
 

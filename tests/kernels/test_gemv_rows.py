@@ -100,6 +100,35 @@ def test_linear_rows(device: str) -> None:
             assert rel_err(gemv.linear(x.view(rows, 1, k), w, b).view(rows, n), ref) < TOL
 
 
+@pytest.mark.parametrize("device", [GPU, INTERPRETED])
+def test_linear_rows_split_k(device: str) -> None:
+    """K split over 2 and 3 programs per column tile, summed by the last to finish: the same
+    product (and bias, added once), the same bits on a second run, and the arrival counters back
+    at zero for the next launch (a replayed graph relies on it)."""
+    from worker_orcd.kernels.triton import arrivals
+
+    _, gemv_rows = _gemv(device)
+    g = torch.Generator(device=device).manual_seed(5)
+    for n, k in LINEAR_SHAPES[device]:
+        for rows in rows_for(device):
+            x = torch.randn(rows, k, device=device, dtype=BF16, generator=g)
+            w = (torch.randn(n, k, device=device, generator=g) * 0.05).to(BF16)
+            b = torch.randn(n, device=device, generator=g).to(BF16)
+            ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+            block_n, block_k, warps, stages, _ = gemv_rows.pick_config(n, k, rows)
+            block_k = min(block_k, 64 if device == "cpu" else block_k)
+            for splits in (2, 3):
+                cfg = (block_n, block_k, warps, stages, splits)
+                out = torch.full((rows, n + 3), float("nan"), device=device, dtype=BF16)
+                gemv_rows.launch(x, w, b, config=cfg, out=out[:, :n])
+                assert rel_err(out[:, :n], ref) < TOL, (n, k, rows, splits)
+                assert torch.isnan(out[:, n:]).all()
+                again = gemv_rows.launch(x, w, b, config=cfg)
+                assert torch.equal(again, out[:, :n]), (n, k, rows, splits)
+                tiles = -(-n // block_n)
+                assert not arrivals.counters(x.device, tiles)[:tiles].any()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_rows_as_accurate_as_cublas() -> None:

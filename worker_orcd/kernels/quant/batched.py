@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels.quant.words import byte_at, f16_at, f16_bits
-from worker_orcd.kernels.triton import pdl
+from worker_orcd.kernels.triton import arrivals, pdl
 
 logger = logging.getLogger(__name__)
 
@@ -114,29 +114,6 @@ def _mma(acc, w, xt, F32_DOT: tl.constexpr):
     return acc
 
 
-@triton.jit
-def _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_B] into y[xr, rows]. With the K split in SPLITS, into this split's
-    partials ws [SPLITS, M, N] (float32) instead; the last program of the tile to arrive (an
-    acq_rel counter per tile, re-armed to 0 by that program) sums them in split order, so the
-    result does not depend on which arrives last, and writes y: no summing launch."""
-    mask = (rows < N)[:, None] & xmask[None, :]
-    y = y_ptr + xr.to(tl.int64)[None, :] * stride_ym + rows[:, None]
-    if SPLITS == 1:
-        tl.store(y, acc, mask=mask)
-    else:
-        cell = xr.to(tl.int64)[None, :] * N + rows[:, None]  # in one split's [M, N]
-        tl.store(ws_ptr + tl.program_id(1) * M * N + cell, acc, mask=mask)
-        lock = lock_ptr + tl.program_id(0)
-        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
-            total = tl.zeros_like(acc)
-            for s in tl.static_range(SPLITS):
-                part = ws_ptr + s * M * N + cell
-                total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(y, total, mask=mask)
-            tl.atomic_xchg(lock, 0)
-
-
 @_kernel
 def mm_q8_0_kernel(
     x_ptr, d_ptr, qs_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, SPLIT_UNITS,
@@ -159,7 +136,7 @@ def mm_q8_0_kernel(
             w = _w(((q << 15) & 0x7F8000) ^ 0x400000, a, -1.5 * a)
             xt = _xt(x_ptr, stride_xm, xr, xmask & (xr * 0 + b0 + i < hi), blk * 32 + ll)
             acc = _mma(acc, w, xt, F32_DOT)
-    _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)
+    arrivals.store_split(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)
 
 
 @_kernel
@@ -198,7 +175,7 @@ def _mm_q4_q5_0(
             col = blk * 32 + ll
             acc = _mma(acc, _w(b_lo, a, -1.5 * a), _xt(x_ptr, stride_xm, xr, xm, col), F32_DOT)
             acc = _mma(acc, _w(b_hi, a, -1.5 * a), _xt(x_ptr, stride_xm, xr, xm, col + 16), F32_DOT)
-    _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)
+    arrivals.store_split(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)
 
 
 _MAGIC = "0x43004300"  # bf16 128.0 in each 16-bit lane: a nibble or-ed under it reads 128 + q
@@ -506,7 +483,7 @@ def _mm_q4_q5_k(
                 xt_hi = _xt(x_ptr, stride_xm, xr, xmask, u * 64 + 32 + ll)
             acc = _mma(acc, w_lo, xt_lo, F32_DOT)
             acc = _mma(acc, w_hi, xt_hi, F32_DOT)
-    _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)
+    arrivals.store_split(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)
 
 
 @_kernel
@@ -571,4 +548,4 @@ def mm_q6_k_kernel(
                         xt = _xt(x_ptr, stride_xm, xr, xmask, half * 128 + f * 32 + t * 16 + ll)
                         part = _mma(part, _w(bits, a, -1.5 * a), xt, F32_DOT)
         acc += part * f16_at(d_ptr, r64 * ns + h0 // 2, D_WORDS)[:, None]
-    _store(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)
+    arrivals.store_split(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)

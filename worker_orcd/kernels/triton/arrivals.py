@@ -9,6 +9,8 @@ predecessor before touching memory: `pdl`), so one buffer per device serves them
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
@@ -20,3 +22,29 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
     if not held or held[-1].numel() < n:
         held.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
     return held[-1]
+
+
+@triton.jit
+def store_split(
+    y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS: tl.constexpr
+):  # fmt: skip
+    """acc [BLOCK_N, BLOCK_B] into y[xr, rows] (rounded to y's dtype), for a program of output
+    tile program_id(0) and K split program_id(1). With the K split in SPLITS, into this split's
+    partials ws [SPLITS, M, N] (float32) instead; the last program of the tile to arrive (a
+    counter per tile, `lock_ptr` + program_id(0)) sums them in split order, so the result does
+    not depend on which arrives last, and writes y: no summing launch."""
+    mask = (rows < N)[:, None] & xmask[None, :]
+    y = y_ptr + xr.to(tl.int64)[None, :] * stride_ym + rows[:, None]
+    if SPLITS == 1:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        cell = xr.to(tl.int64)[None, :] * N + rows[:, None]  # in one split's [M, N]
+        tl.store(ws_ptr + tl.program_id(1) * M * N + cell, acc, mask=mask)
+        lock = lock_ptr + tl.program_id(0)
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+            total = tl.zeros_like(acc)
+            for s in tl.static_range(SPLITS):
+                part = ws_ptr + s * M * N + cell
+                total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(y, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock, 0)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.triton import pdl
+from worker_orcd.kernels.triton import arrivals, pdl
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,12 @@ def _rows_kernel(
     w_ptr,  # [N, K]
     b_ptr,  # [N] or unused
     y_ptr,  # [M, N]
+    ws_ptr,  # SPLITS > 1: [SPLITS, M, N] float32 partials
+    lock_ptr,  # SPLITS > 1: a zeroed arrival counter per column tile
     M,
     N,
     K,
+    K_SPLIT,  # K per split, whole BLOCK_K tiles
     stride_xm,
     stride_wn,
     stride_ym,
@@ -63,6 +66,7 @@ def _rows_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_B: tl.constexpr,
     STAGES: tl.constexpr,
+    SPLITS: tl.constexpr,
     F32_DOT: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -74,21 +78,23 @@ def _rows_kernel(
     ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + bb[:, None] * stride_xm
+    lo = tl.program_id(1) * K_SPLIT
+    hi = tl.minimum(K, lo + K_SPLIT)
     pdl.prologue(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    for k0 in tl.range(lo, hi, BLOCK_K, num_stages=STAGES):
         kk = k0 + ks
         w = tl.load(
             w_rows + kk[None, :],
-            mask=n_mask[:, None] & (kk < K)[None, :],
+            mask=n_mask[:, None] & (kk < hi)[None, :],
             other=0.0,
             eviction_policy="evict_first",
         )
-        acc = _dot(acc, w, _x_tile(x_rows, b_mask, K, kk), F32_DOT)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    y = y_ptr + bb[None, :] * stride_ym + cols[:, None]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & b_mask[None, :])
+        acc = _dot(acc, w, _x_tile(x_rows, b_mask, hi, kk), F32_DOT)
+    if HAS_BIAS:  # once: by the first split
+        bias = tl.load(b_ptr + cols, mask=n_mask & (tl.program_id(1) == 0), other=0.0)
+        acc += bias.to(tl.float32)[:, None]
+    arrivals.store_split(y_ptr, ws_ptr, lock_ptr, acc, cols, M, N, bb, b_mask, stride_ym, SPLITS)
 
 
 @triton.jit
@@ -177,15 +183,15 @@ def block_b(rows: int) -> int:
     return max(16, triton.next_power_of_2(rows))
 
 
-def pick_config(n: int, k: int, rows: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, stages) for x [rows, k] @ W[n, k]^T, from the H100 sweep of
-    `benchmarks/kernels.py rows` (BENCHMARKS.md): tall weights 64 columns a program, Qwen's small
-    square ones 16, the rest 32 with longer K steps; 4 tiles in flight."""
+def pick_config(n: int, k: int, rows: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, stages, K splits) for x [rows, k] @ W[n, k]^T, from the H100
+    sweep of `benchmarks/kernels.py rows` (BENCHMARKS.md): tall weights 64 columns a program,
+    Qwen's small square ones 16, the rest 32 with longer K steps; 4 tiles in flight."""
     if n >= 8192:
-        return 64, 128, 4, 4
+        return 64, 128, 4, 4, 1
     if n <= 1536 and k <= 1024:
-        return 16, 128, 4, 4
-    return 32, 256, 4, 4
+        return 16, 128, 4, 4, 1
+    return 32, 256, 4, 4, 1
 
 
 def fits(rows: int, n: int, k: int) -> bool:
@@ -199,24 +205,38 @@ def launch(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple[int, int, int, int, int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ weight[N, K]^T + bias for a few rows of x."""
+    """x [M, K] @ weight[N, K]^T + bias for a few rows of x. With K split (the config's last
+    field), each split's program writes float32 partials and the last of a column tile to
+    finish sums them in split order (`arrivals.store_split`): one launch, the same result
+    whatever the order the programs finish in."""
     m = x.shape[0]
     n, k = weight.shape
     assert x.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps, stages = config or pick_config(n, k, m)
-    _rows_kernel[(triton.cdiv(n, block_n),)](
+    block_n, block_k, num_warps, stages, splits = config or pick_config(n, k, m)
+    per = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # whole tiles per split
+    splits = triton.cdiv(k, per)
+    tiles = triton.cdiv(n, block_n)
+    if splits > 1:
+        ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+        lock = arrivals.counters(x.device, tiles)
+    else:
+        ws = lock = out
+    _rows_kernel[(tiles, splits)](
         x,
         weight,
         bias if bias is not None else weight,
         out,
+        ws,
+        lock,
         m,
         n,
         k,
+        per,
         x.stride(0),
         weight.stride(0),
         out.stride(0),
@@ -225,6 +245,7 @@ def launch(
         BLOCK_K=block_k,
         BLOCK_B=block_b(m),
         STAGES=stages,
+        SPLITS=splits,
         F32_DOT=_f32_dot(weight),
         num_warps=num_warps,
         **pdl.launch(x, m),

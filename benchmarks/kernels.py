@@ -6,11 +6,15 @@ Prefill attention: Triton (paged cache) against torch sdpa on contiguous q/k/v; 
 (a batch of decodes, `gemv_rows`) against cuBLAS over a sweep of its tile shapes.
 
     PYTHONPATH=. python benchmarks/kernels.py [prefill] [decode] [sweep] [batch] [small] [rows]
+
+`rows` sweeps the decode weight shapes at 4, 8 and 16 rows; SWEEP_SHAPES ("NxK,...") and
+SWEEP_ROWS ("8,16") narrow it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import torch
@@ -317,12 +321,16 @@ def rows_sweep() -> list[str]:
     default tile and the best of ROWS_CONFIGS (us per call in a graph over weights that overflow
     L2; GB/s of weight read)."""
     lines = []
-    for n, k in [(9216, 3072), (3072, 3072), (16384, 3072), (3072, 8192), (32064, 3072),
-                 (1152, 896), (896, 896), (9728, 896), (896, 4864)]:  # fmt: skip
+    shapes = [(9216, 3072), (3072, 3072), (16384, 3072), (3072, 8192), (32064, 3072),
+              (1152, 896), (896, 896), (9728, 896), (896, 4864)]  # fmt: skip
+    only = os.environ.get("SWEEP_SHAPES")  # e.g. "3072x3072,3072x8192"
+    if only:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in only.split(",")]
+    for n, k in shapes:
         copies = max(2, -(-512 * 2**20 // (n * k * 2)))
         ws = [torch.randn(n, k, device=DEV, dtype=BF16) * 0.05 for _ in range(copies)]
         gb = n * k * 2 / 1e3
-        for rows in (4, 8, 16):
+        for rows in [int(r) for r in os.environ.get("SWEEP_ROWS", "4,8,16").split(",")]:
             x = torch.randn(rows, k, device=DEV, dtype=BF16)
             out = torch.empty(rows, n, device=DEV, dtype=BF16)
             cublas = graph_time_us([lambda x=x, w=w: F.linear(x, w) for w in ws])

@@ -7,7 +7,8 @@
 # against a spawned server on a random bf16 GGUF of that preset written to /tmp). STREAMS sets the
 # stream counts (default 1 8 32 64). base-streams-PRESET[-q] runs the same bench on the package in
 # $BASE (default base/: another revision's, `git archive REV worker_orcd | tar -x -C base`, left
-# untracked so that it travels), for before/after rows on one machine.
+# untracked so that it travels), for before/after rows on one machine. kernels-PART runs
+# `benchmarks/kernels.py PART` (batch: the decode attention sweep; rows: the few-row kernels').
 #
 #   OUT=out benchmarks/gpu_session.sh tests streams-phi3-mini streams-qwen2.5-0.5b-q
 #   OUT=out benchmarks/gpu_session.sh tune-phi3 serve-phi3-mini
@@ -52,6 +53,7 @@ for step in "$@"; do
         run "$step" env -C "$dir" PYTHONPATH="$dir:$PYTHONPATH" $PY -m worker_orcd.cli bench \
             --preset "$preset" "${q[@]}" --streams ${STREAMS:-1 8 32 64} --prompt-tokens 128 \
             --gen-tokens 128 ;;
+    kernels-*) run "$step" $PY benchmarks/kernels.py ${step#kernels-} ;;
     tune-*)
         run "$step" $PY benchmarks/quant_kernels.py --batched --tune --types Q4_K,Q5_K,Q6_K \
             --model "${step#tune-}" --rows 8,32,64 --out "$OUT" ;;

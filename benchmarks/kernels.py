@@ -203,8 +203,7 @@ def decode_batch_sweep() -> list[str]:
             for mma in (True, False) if h == hk else (True,):
                 for splits in (1, 2, 4):
                     for block_n, warps, stages in (
-                        (64, 4, 3), (64, 4, 2), (64, 4, 1), (32, 4, 2), (32, 2, 2), (16, 2, 2),
-                        (64, 8, 2), (128, 8, 2),
+                        (64, 4, 3), (64, 4, 1), (32, 4, 1), (32, 2, 2), (128, 8, 1),
                     ):  # fmt: skip
                         kw = dict(
                             splits=splits, block_n=block_n, num_warps=warps, num_stages=stages,

@@ -182,8 +182,7 @@ def _batch_meta(ctxs: list[int], n_blocks: int, page: int = 16) -> AttentionMeta
 
 def decode_batch_sweep() -> list[str]:
     """Flash-decoding of a batch of decodes at the streams workload's contexts (129-256 keys,
-    scattered pages): split count, key block, warps, stages, and (one query head per KV head)
-    products on the CUDA cores instead of padded tensor-core tiles. us per layer, graph-timed."""
+    scattered pages): split count, key block, warps, stages. us per layer, graph-timed."""
     lines = []
     gen = torch.Generator().manual_seed(1)
     for name, (h, hk, d, _, _) in MODELS.items():
@@ -200,31 +199,27 @@ def decode_batch_sweep() -> list[str]:
             meta = _batch_meta(ctxs, n_blocks)
             ref = attention.decode_attention(q, *caches[0], meta, 0.1).float()
             res = []
-            for mma in (True, False) if h == hk else (True,):
-                for splits in (1, 2, 4):
-                    for block_n, warps, stages in (
-                        (64, 4, 3), (64, 4, 1), (32, 4, 1), (32, 2, 2), (128, 8, 1),
-                    ):  # fmt: skip
-                        kw = dict(
-                            splits=splits, block_n=block_n, num_warps=warps, num_stages=stages,
-                            mma=mma,
-                        )  # fmt: skip
-                        try:
-                            out = attention.decode_attention(q, *caches[0], meta, 0.1, **kw)
-                            err = (out.float() - ref).abs().max().item()
-                            us = graph_time_us(
-                                [
-                                    lambda kc=kc, vc=vc, kw=kw, q=q, m=meta: (
-                                        attention.decode_attention(q, kc, vc, m, 0.1, **kw)
-                                    )
-                                    for kc, vc in caches
-                                ]
-                            )
-                        except Exception as exc:  # noqa: BLE001 - a config that does not compile
-                            logger.info("%s B=%d %s: %s", name, b_n, kw, exc)
-                            continue
-                        cfg = f"{'mma' if mma else 'fma'}/s{splits}/n{block_n}/w{warps}/st{stages}"
-                        res.append((us, cfg, err))
+            for splits in (1, 2, 4):
+                for block_n, warps, stages in (
+                    (64, 4, 3), (64, 4, 1), (32, 4, 1), (32, 2, 2), (128, 8, 1),
+                ):  # fmt: skip
+                    kw = dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+                    try:
+                        out = attention.decode_attention(q, *caches[0], meta, 0.1, **kw)
+                        err = (out.float() - ref).abs().max().item()
+                        us = graph_time_us(
+                            [
+                                lambda kc=kc, vc=vc, kw=kw, q=q, m=meta: attention.decode_attention(
+                                    q, kc, vc, m, 0.1, **kw
+                                )
+                                for kc, vc in caches
+                            ]
+                        )
+                    except Exception as exc:  # noqa: BLE001 - a config that does not compile
+                        logger.info("%s B=%d %s: %s", name, b_n, kw, exc)
+                        continue
+                    cfg = f"s{splits}/n{block_n}/w{warps}/st{stages}"
+                    res.append((us, cfg, err))
             default = graph_time_us(
                 [lambda kc=kc, vc=vc, q=q, m=meta: attention.decode_attention(q, kc, vc, m, 0.1)
                  for kc, vc in caches]

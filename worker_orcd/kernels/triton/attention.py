@@ -103,7 +103,6 @@ def _decode_split_kernel(
     ROUND: tl.constexpr,
     ASM: tl.constexpr,
     PDL: tl.constexpr,
-    MMA: tl.constexpr = True,
 ):
     pdl.prologue(PDL)
     b = tl.program_id(0)
@@ -137,20 +136,13 @@ def _decode_split_kernel(
         p_mask = p < end
         k = _load_kv_block(kc_ptr, bt_row, p, p_mask, hk, HK, D, cols, d_mask, PAGE)
         v = _load_kv_block(vc_ptr, bt_row, p, p_mask, hk, HK, D, cols, d_mask, PAGE)
-        if MMA:  # tensor cores: BLOCK_G >= 16 query rows, padded
-            s = tl.dot(q, tl.trans(k))  # [BLOCK_G, BLOCK_N]
-        else:  # a few query heads per KV head (MHA): products summed on the CUDA cores
-            s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-        s = tl.where(p_mask[None, :], s * qk_scale, float("-inf"))
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N]
+        s = tl.where(p_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         prob = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(prob, axis=1)
-        if MMA:
-            pv = tl.dot(prob.to(v.dtype), v)
-        else:
-            pv = tl.sum(prob[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
         m_i = m_new
     if NUM_SPLITS == 1:  # the whole context in this program: write the output directly
         out = (acc / l_i[:, None]).to(o_ptr.dtype.element_ty)
@@ -294,7 +286,6 @@ def decode_attention(
     num_stages: int = 3,
     fused_merge: bool = False,
     rounded: RoundedX | None = None,
-    mma: bool = True,
 ) -> torch.Tensor:
     """One query token per sequence over its cached context -> [B, H, D]; `rounded`: also
     written, the output [B, H D] rounded to int8 for the o projection's GEMV (`RoundedX`)."""
@@ -345,12 +336,11 @@ def decode_attention(
         G=group,
         NUM_SPLITS=splits,
         PAGE=meta.block_size,
-        BLOCK_G=max(16 if mma else 1, triton.next_power_of_2(group)),
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         BLOCK_S=triton.next_power_of_2(splits),
         FUSED_MERGE=fused_merge,
-        MMA=mma,
         **round_flags,
         **pdl.launch(q, n_tokens),
         num_warps=num_warps,

@@ -1,12 +1,13 @@
 """y = x @ W^T for a few rows of x (a batch of decode tokens): each weight tile is read once for
-all rows and multiplied on the tensor cores, with no split-K reduction and, for the qkv
+all rows and multiplied on the tensor cores, with no split-K reduction launch and, for the qkv
 projection, the rotary embedding and the KV-cache write in the epilogue.
 
 cuBLAS reads the weights of a skinny product close to the copy bandwidth, but splits K for the
 short-and-wide shapes and adds a reduction launch, and the qkv projection's output makes one more
 round trip through the rotary kernel. These kernels take 2 to MAX_ROWS rows of x: every program
 owns BLOCK_N output columns and all rows of x (padded to BLOCK_B >= 16, the smallest `tl.dot`) and
-walks K in BLOCK_K tiles of the weight, STAGES of them in flight. The inputs come from the norm and
+walks K (or its share of a K split, summed by the last program of the column tile to finish) in
+BLOCK_K tiles of the weight, STAGES of them in flight. The inputs come from the norm and
 SwiGLU kernels: computing them inside (as the batch-1 GEMV does) puts a synchronous load of x on
 every step of the walk and measured 1.4-5x slower than the separate launch (BENCHMARKS.md).
 """
@@ -184,13 +185,17 @@ def block_b(rows: int) -> int:
 
 
 def pick_config(n: int, k: int, rows: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, stages, K splits) for x [rows, k] @ W[n, k]^T, from the H100
-    sweep of `benchmarks/kernels.py rows` (BENCHMARKS.md): tall weights 64 columns a program,
-    Qwen's small square ones 16, the rest 32 with longer K steps; 4 tiles in flight."""
+    """(BLOCK_N, BLOCK_K, num_warps, stages, K splits) for x [rows, k] @ W[n, k]^T, from the
+    sweeps of `benchmarks/kernels.py rows` (BENCHMARKS.md): tall weights 64 columns a program,
+    Qwen's small square ones 16, the rest 32; 4 tiles in flight. Phi-3's o and down (3,072
+    columns: 96 tiles for 132 multiprocessors) split K in 4 (H200, 8 rows: 8.6 -> 8.0 and
+    19.0 -> 15.8 us)."""
     if n >= 8192:
         return 64, 128, 4, 4, 1
     if n <= 1536 and k <= 1024:
         return 16, 128, 4, 4, 1
+    if n >= 2048 and k >= 3072:
+        return 32, 128, 4, 4, 4
     return 32, 256, 4, 4, 1
 
 
@@ -293,7 +298,7 @@ def qkv_rope_launch(
         D=d,
         HAS_BIAS=bias is not None,
         BLOCK_P=block_p,
-        BLOCK_K=256 if k > 1024 else 128,
+        BLOCK_K=128,  # H200, Phi-3 at 8 rows: 2,904 -> 2,971 tok/s end to end against 256
         BLOCK_B=block_b(m),
         STAGES=4,
         F32_DOT=_f32_dot(weight),

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.triton import pdl
+from worker_orcd.kernels.triton import norm_in, pdl
 
 logger = logging.getLogger(__name__)
 
@@ -20,11 +20,8 @@ logger = logging.getLogger(__name__)
 @triton.jit
 def _load_biased(src, b, i, mask, HAS_BIAS: tl.constexpr):
     """x[i] in float32; with a bias, x + b rounded to x's dtype first, as the projection's output
-    plus its bias is when added apart (one torch add)."""
-    x = tl.load(src + i, mask=mask, other=0.0)
-    if HAS_BIAS:
-        x = (x.to(tl.float32) + tl.load(b + i, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
-    return x.to(tl.float32)
+    plus its bias is when added apart (one torch add): the residual add of `norm_in`."""
+    return norm_in.norm_in(src, b, i, mask, HAS_BIAS).to(tl.float32)
 
 
 @triton.jit

@@ -218,13 +218,15 @@ def fuses_norm(qtype: GGMLQuantizationType, n: int, k: int, m: int, device: torc
     itself (the 32-element types below 2048 rows or so: Qwen's 896-wide weights) over rows
     short enough for every program to reduce."""
     return (
-        device.type == "cuda" and HAS_TRITON and m <= GEMV_MAX_ROWS and k <= NORM_MAX_K
-        and qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0) and _in_kernel_int8(gemv_config(qtype, n, k))
+        device.type == "cuda" and HAS_TRITON and m <= GEMV_MAX_ROWS
+        and _normalizes(qtype, k, gemv_config(qtype, n, k))
     )  # fmt: skip
 
 
-def _in_kernel_int8(cfg: GemvConfig) -> bool:
-    return cfg.int8_x and not cfg.prequant
+def _normalizes(qtype: GGMLQuantizationType, k: int, cfg: GemvConfig) -> bool:
+    """Whether the GEMV launched with `cfg` can normalize its input: a 32-element type whose
+    kernel rounds x itself, over a row short enough for every program to reduce."""
+    return qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0) and k <= NORM_MAX_K and cfg.int8_x and not cfg.prequant
 
 
 def takes_rounded_x(
@@ -396,7 +398,7 @@ def quant_gemv(
             flags["ONE_PLUS"] = cfg.one_plus
     norm_args = {}
     if norm is not None:
-        if not (qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0) and k <= NORM_MAX_K and _in_kernel_int8(cfg)):
+        if not _normalizes(qtype, k, cfg):
             raise ValueError(f"a {qtype.name} GEMV [{n}, {k}] does not take its input normalized")
         r = norm.residual
         if r is not None and (r.shape != x.shape or r.stride(1) != 1):

@@ -80,7 +80,12 @@ def rows_for(device: str) -> list[int]:
 @pytest.mark.parametrize("device", [GPU, INTERPRETED])
 def test_linear_rows(device: str) -> None:
     """x [rows, K] @ W^T (+ b) for 2..16 rows: every column against the float64 product, nothing
-    written past N, and `linear` routes these row counts to the kernel."""
+    written past N, and `linear` routes these row counts to the kernel. Also with K split over 2
+    and 3 programs per column tile, summed by the last to finish: the same product (the bias
+    added once), the same bits on a second run, and the arrival counters back at zero for the
+    next launch (a replayed graph relies on it)."""
+    from worker_orcd.kernels.triton import arrivals
+
     gemv, gemv_rows = _gemv(device)
     g = torch.Generator(device=device).manual_seed(0)
     for n, k in LINEAR_SHAPES[device]:
@@ -88,45 +93,24 @@ def test_linear_rows(device: str) -> None:
             x = torch.randn(rows, k, device=device, dtype=BF16, generator=g)
             w = (torch.randn(n, k, device=device, generator=g) * 0.05).to(BF16)
             b = torch.randn(n, device=device, generator=g).to(BF16)
-            for bias in (None, b):
-                ref = torch.nn.functional.linear(
-                    x.double(), w.double(), None if bias is None else bias.double()
-                )
-                out = torch.full((rows, n + 3), float("nan"), device=device, dtype=BF16)
-                gemv_rows.launch(x, w, bias, out=out[:, :n])
-                assert rel_err(out[:, :n], ref) < TOL, (n, k, rows)
-                assert torch.isnan(out[:, n:]).all()
-            assert gemv_rows.fits(rows, n, k)
-            assert rel_err(gemv.linear(x.view(rows, 1, k), w, b).view(rows, n), ref) < TOL
-
-
-@pytest.mark.parametrize("device", [GPU, INTERPRETED])
-def test_linear_rows_split_k(device: str) -> None:
-    """K split over 2 and 3 programs per column tile, summed by the last to finish: the same
-    product (and bias, added once), the same bits on a second run, and the arrival counters back
-    at zero for the next launch (a replayed graph relies on it)."""
-    from worker_orcd.kernels.triton import arrivals
-
-    _, gemv_rows = _gemv(device)
-    g = torch.Generator(device=device).manual_seed(5)
-    for n, k in LINEAR_SHAPES[device]:
-        for rows in rows_for(device):
-            x = torch.randn(rows, k, device=device, dtype=BF16, generator=g)
-            w = (torch.randn(n, k, device=device, generator=g) * 0.05).to(BF16)
-            b = torch.randn(n, device=device, generator=g).to(BF16)
-            ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
             block_n, block_k, warps, stages, _ = gemv_rows.pick_config(n, k, rows)
             block_k = min(block_k, 64 if device == "cpu" else block_k)
-            for splits in (2, 3):
-                cfg = (block_n, block_k, warps, stages, splits)
-                out = torch.full((rows, n + 3), float("nan"), device=device, dtype=BF16)
-                gemv_rows.launch(x, w, b, config=cfg, out=out[:, :n])
-                assert rel_err(out[:, :n], ref) < TOL, (n, k, rows, splits)
-                assert torch.isnan(out[:, n:]).all()
-                again = gemv_rows.launch(x, w, b, config=cfg)
-                assert torch.equal(again, out[:, :n]), (n, k, rows, splits)
+            split_configs = [(block_n, block_k, warps, stages, s) for s in (2, 3)]
+            for cfg in (None, *split_configs):
+                for bias in (None, b):
+                    ref = torch.nn.functional.linear(
+                        x.double(), w.double(), None if bias is None else bias.double()
+                    )
+                    out = torch.full((rows, n + 3), float("nan"), device=device, dtype=BF16)
+                    gemv_rows.launch(x, w, bias, config=cfg, out=out[:, :n])
+                    assert rel_err(out[:, :n], ref) < TOL, (n, k, rows, cfg)
+                    assert torch.isnan(out[:, n:]).all()
+                    again = gemv_rows.launch(x, w, bias, config=cfg)
+                    assert torch.equal(again, out[:, :n]), (n, k, rows, cfg)
                 tiles = -(-n // block_n)
                 assert not arrivals.counters(x.device, tiles)[:tiles].any()
+            assert gemv_rows.fits(rows, n, k)
+            assert rel_err(gemv.linear(x.view(rows, 1, k), w, b).view(rows, n), ref) < TOL
 
 
 @pytest.mark.gpu

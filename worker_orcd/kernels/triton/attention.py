@@ -4,10 +4,11 @@ Decode (one query token per sequence) is flash-decoding: the context of each (se
 split into NUM_SPLITS ranges that run on separate programs, each writing a partial softmax state
 (max, sum, weighted values); a second kernel merges them. (The merge can also run in the program of
 the last split to finish, saving a launch, but that serialises the merge of a KV head's query heads
-and measured slower on an H200: benchmarks/NOTES.md.) All query heads that share a KV head are
-handled by one program, so GQA reads each cached key and value once. The split count depends only
-on the batch shape, and the range each split covers is computed on the device from the context
-length, so one captured CUDA graph serves every context length.
+and measured slower on an H200; with one query head per KV head, Phi-3's, it was slower too, on an
+H100: benchmarks/NOTES.md.) All query heads that share a KV head are handled by one program, so
+GQA reads each cached key and value once. The split count depends only on the batch shape, and the
+range each split covers is computed on the device from the context length, so one captured CUDA
+graph serves every context length; splits that start past a short context return at once.
 
 Prefill (any query length, causal, after any cached prefix) is a flash-attention loop per block of
 query rows and query head. Both honour a sliding window W: a query at position p sees keys
@@ -116,6 +117,8 @@ def _decode_split_kernel(
     chunk = tl.cdiv(tl.cdiv(ctx - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, ctx)
+    if start >= end:  # a split past a short context: the merge reads only the n_active before it
+        return
 
     g = tl.arange(0, BLOCK_G)
     g_mask = g < G
@@ -160,11 +163,11 @@ def _decode_split_kernel(
     tl.store(ml_ptr + out_row * 2, m_i, mask=g_mask)
     tl.store(ml_ptr + out_row * 2 + 1, l_i, mask=g_mask)
     if FUSED_MERGE:
-        # The last split of this (sequence, KV head) to arrive merges all of them, then re-arms
-        # the counter; acq_rel orders the other splits' stores before its loads.
+        # The last active split of this (sequence, KV head) to arrive merges all of them, then
+        # re-arms the counter; acq_rel orders the other splits' stores before its loads.
         lock = lock_ptr + b * HK + hk
-        if tl.atomic_add(lock, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            n_active = tl.cdiv(ctx - lo, chunk)
+        n_active = tl.cdiv(ctx - lo, chunk)
+        if tl.atomic_add(lock, 1, sem="acq_rel") == n_active - 1:
             for gi in range(G):
                 _merge_head(
                     part_ptr,
@@ -212,14 +215,16 @@ def _merge_head(
     s = tl.arange(0, BLOCK_S)
     s_mask = s < n_active
     row = (b * H + h).to(tl.int64) * NUM_SPLITS + s  # [BLOCK_S]
-    m = tl.load(ml_ptr + row * 2, mask=s_mask, other=float("-inf"))
-    l_s = tl.load(ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
+    # .cg: in the program of the last split to arrive these are other programs' stores (L2)
+    m = tl.load(ml_ptr + row * 2, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+    l_s = tl.load(ml_ptr + row * 2 + 1, mask=s_mask, other=0.0, cache_modifier=".cg")
     m_all = tl.max(m, axis=0)
     w = tl.where(s_mask, tl.exp2(m - m_all), 0.0)
     cols = tl.arange(0, BLOCK_D)
     part = tl.load(
-        part_ptr + row[:, None] * BLOCK_D + cols[None, :], mask=s_mask[:, None], other=0.0
-    )
+        part_ptr + row[:, None] * BLOCK_D + cols[None, :], mask=s_mask[:, None], other=0.0,
+        cache_modifier=".cg",
+    )  # fmt: skip
     out = (tl.sum(part * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)).to(o_ptr.dtype.element_ty)
     tl.store(o_ptr + (t * H + h) * D + cols, out, mask=cols < D)
     if ROUND:
@@ -288,7 +293,9 @@ def decode_attention(
     rounded: RoundedX | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its cached context -> [B, H, D]; `rounded`: also
-    written, the output [B, H D] rounded to int8 for the o projection's GEMV (`RoundedX`)."""
+    written, the output [B, H D] rounded to int8 for the o projection's GEMV (`RoundedX`).
+    `fused_merge`: the last split to finish merges, no merge launch (slower wherever measured:
+    the module's docstring)."""
     n_tokens, n_heads, d = q.shape
     n_seqs = meta.num_seqs
     n_kv = k_cache.shape[1]

@@ -105,10 +105,12 @@ def _decode_split_kernel(
     ASM: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.prologue(PDL)
     b = tl.program_id(0)
     hk = tl.program_id(1)
     split = tl.program_id(2)
+    # The step's lengths are written before its first layer (a host copy, or the decode graph's
+    # first kernel), never by the kernel this one follows: read before the PDL wait, so that the
+    # wait is followed by the loads of q and the block table, not by a chain through these.
     ctx = tl.load(ctx_ptr + b)
     t = tl.load(qs_ptr + b).to(tl.int64)
     lo = 0
@@ -119,6 +121,7 @@ def _decode_split_kernel(
     end = tl.minimum(start + chunk, ctx)
     if start >= end:  # a split past a short context: the merge reads only the n_active before it
         return
+    pdl.prologue(PDL)
 
     g = tl.arange(0, BLOCK_G)
     g_mask = g < G
@@ -256,11 +259,11 @@ def _decode_merge_kernel(
     ASM: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.prologue(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
-    ctx = tl.load(ctx_ptr + b)
+    ctx = tl.load(ctx_ptr + b)  # before the wait, as in _decode_split_kernel
     t = tl.load(qs_ptr + b).to(tl.int64)
+    pdl.prologue(PDL)
     lo = 0
     if window > 0:
         lo = tl.maximum(ctx - window, 0)

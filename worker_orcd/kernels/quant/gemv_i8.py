@@ -116,19 +116,24 @@ def _quant_x_in(
 @triton.jit
 def _norm_rstd(
     x_row, r_ptr, s_ptr, pid_m, M, K, stride_rm, eps,
-    HAS_RESIDUAL: tl.constexpr, WRITE_SUM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_SUM: tl.constexpr,
+    NORM_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """(residual row, 1 / rms of x + residual) for a program's activation row; the first program
-    of the row (first rows of the weight, first split) writes x + residual when WRITE_SUM."""
-    if WRITE_SUM:
-        first = (tl.program_id(0) < M) & (tl.program_id(1) == 0)
-    else:
-        first = tl.program_id(0) < 0
-    r_row = r_ptr + pid_m * stride_rm
-    cols = tl.arange(0, NORM_BLOCK)
-    rstd = norm_in.row_rstd(
-        x_row, r_row, s_ptr + pid_m * K, K, cols, eps, first, NORM_BLOCK, HAS_RESIDUAL
-    )
+    """With NORM, (residual row, 1 / rms of x + residual) for a program's activation row, the
+    first program of the row (first rows of the weight, first split) writing x + residual when
+    WRITE_SUM; without, (x_row, 0.0), unused."""
+    r_row = x_row
+    rstd = 0.0
+    if NORM:
+        if WRITE_SUM:
+            first = (tl.program_id(0) < M) & (tl.program_id(1) == 0)
+        else:
+            first = tl.program_id(0) < 0
+        r_row = r_ptr + pid_m * stride_rm
+        cols = tl.arange(0, NORM_BLOCK)
+        rstd = norm_in.row_rstd(
+            x_row, r_row, s_ptr + pid_m * K, K, cols, eps, first, NORM_BLOCK, HAS_RESIDUAL
+        )
     return r_row, rstd
 
 
@@ -210,12 +215,9 @@ def gemv_q8_0_i8_kernel(
     pid_m, x_row, rows, rmask, r64, zr, lo_u, hi_u = _tile(
         x_ptr, stride_xm, M, N, nb, SPLIT_UNITS, BLOCK_N
     )
-    r_row = x_row
-    rstd = 0.0
-    if NORM:
-        r_row, rstd = _norm_rstd(
-            x_row, r_ptr, s_ptr, pid_m, M, K, stride_rm, eps, HAS_RESIDUAL, WRITE_SUM, NORM_BLOCK
-        )
+    r_row, rstd = _norm_rstd(
+        x_row, r_ptr, s_ptr, pid_m, M, K, stride_rm, eps, NORM, HAS_RESIDUAL, WRITE_SUM, NORM_BLOCK
+    )
     b = tl.arange(0, BLOCKS)
     t = tl.arange(0, 8)
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 4), 8)  # rows of 32-byte blocks
@@ -258,12 +260,9 @@ def _gemv_q4_q5_0_i8(
     pid_m, x_row, rows, rmask, r64, zr, lo_u, hi_u = _tile(
         x_ptr, stride_xm, M, N, nb, SPLIT_UNITS, BLOCK_N
     )
-    r_row = x_row
-    rstd = 0.0
-    if NORM:
-        r_row, rstd = _norm_rstd(
-            x_row, r_ptr, s_ptr, pid_m, M, K, stride_rm, eps, HAS_RESIDUAL, WRITE_SUM, NORM_BLOCK
-        )
+    r_row, rstd = _norm_rstd(
+        x_row, r_ptr, s_ptr, pid_m, M, K, stride_rm, eps, NORM, HAS_RESIDUAL, WRITE_SUM, NORM_BLOCK
+    )
     b = tl.arange(0, BLOCKS)
     t = tl.arange(0, 4)
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 8), 4)  # rows of 16-byte blocks

@@ -414,9 +414,7 @@ def quant_gemv(
         )  # fmt: skip
     flags.update(pdl.launch(x))
     units = k // _UNIT[qtype]
-    # units per split: a whole number of tiles, so each split walks full steps but the last
-    per = triton.cdiv(triton.cdiv(units, cfg.split_k), cfg.tile) * cfg.tile
-    split = triton.cdiv(units, per)
+    per, split = arrivals.split_len(units, cfg.split_k, cfg.tile)
     grid = (m * triton.cdiv(n, cfg.block_n), split)
     if split == 1:
         kernel[grid](
@@ -496,18 +494,13 @@ def quant_batched(
         flags["ASM"] = x.device.type == "cuda"
     flags.update(pdl.launch(x, m))
     units = k // _UNIT_BATCHED[qtype]
-    per = triton.cdiv(triton.cdiv(units, cfg.split_k), step) * step  # whole steps per split
-    split = triton.cdiv(units, per)
+    per, split = arrivals.split_len(units, cfg.split_k, step)
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_b), split)
     launch = dict(
         BLOCK_N=cfg.block_n, BLOCK_B=cfg.block_b, STAGES=cfg.stages, num_warps=cfg.num_warps,
         SPLITS=split, **flags,
     )  # fmt: skip
-    if split == 1:
-        kernel[grid](x, *args, out, out, out, m, n, k, x.stride(0), out.stride(0), per, **launch)
-        return out
-    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device)  # [S, M, N] partials
-    lock = arrivals.counters(x.device, grid[0])  # one per output tile: the last split sums
+    ws, lock = arrivals.partials(out, split, grid[0])  # a counter per output tile
     kernel[grid](x, *args, out, ws, lock, m, n, k, x.stride(0), out.stride(0), per, **launch)
     return out
 

@@ -3,7 +3,8 @@ finish do the group's final step (merge split attention, sum split-K partials) i
 second launch. A kernel bumps a counter with an acq_rel atomic and the program that sees the
 group's last count re-arms it to zero, so a CUDA graph replays with them ready. Kernels of one
 stream run one after another (launched as programmatic dependents they still wait for their
-predecessor before touching memory: `pdl`), so one buffer per device serves them all.
+predecessor before touching memory: `pdl`), so one buffer per device serves them all. Also the
+host side of a K split: its lengths (`split_len`) and its partials and counters (`partials`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,25 @@ import triton
 import triton.language as tl
 
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def split_len(total: int, splits: int, step: int) -> tuple[int, int]:
+    """(length of each split, splits used) for `total` (K, or units of it) split `splits` ways in
+    whole `step`s, so that every split but the last walks full steps; fewer splits where the
+    steps run out."""
+    per = triton.cdiv(triton.cdiv(total, splits), step) * step
+    return per, triton.cdiv(total, per)
+
+
+def partials(out: torch.Tensor, splits: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 partials [splits, M, N], arrival counters of `tiles` output tiles) for a launch
+    writing out [M, N] with K split and summed by the last split (`store_split`); with no split,
+    out for both (the kernel never touches them)."""
+    if splits == 1:
+        return out, out
+    m, n = out.shape
+    ws = torch.empty((splits, m, n), dtype=torch.float32, device=out.device)
+    return ws, counters(out.device, tiles)
 
 
 def counters(device: torch.device, n: int) -> torch.Tensor:

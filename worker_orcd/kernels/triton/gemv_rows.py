@@ -223,14 +223,9 @@ def launch(
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps, stages, splits = config or pick_config(n, k, m)
-    per = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # whole tiles per split
-    splits = triton.cdiv(k, per)
+    per, splits = arrivals.split_len(k, splits, block_k)
     tiles = triton.cdiv(n, block_n)
-    if splits > 1:
-        ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-        lock = arrivals.counters(x.device, tiles)
-    else:
-        ws = lock = out
+    ws, lock = arrivals.partials(out, splits, tiles)
     _rows_kernel[(tiles, splits)](
         x,
         weight,

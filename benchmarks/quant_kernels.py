@@ -14,7 +14,7 @@ Weights are random blocks made on the GPU (speed does not depend on the values).
 With --batched, instead: 2-64 rows of x, the fused small-batch kernels against dequantize + cuBLAS
 and the GEMV over the same rows (quant_batched.py).
 
-    PYTHONPATH=. python benchmarks/quant_kernels.py [--out DIR] [--quick]
+    PYTHONPATH=. python benchmarks/quant_kernels.py [--out DIR] [--quick] [--prequant --repeats 5]
     PYTHONPATH=. python benchmarks/quant_kernels.py --batched [--tune] [--types ...] [--out DIR]
 """
 
@@ -69,15 +69,18 @@ L2_FLUSH_BYTES = 200 << 20
 def sweep(qtype: Q, prequant: bool = False) -> list[GemvConfig]:
     """int8-activation launch configs tried per shape: (rows, tile, warps, split_k) x stages; with
     `prequant`, x rounded once by its own launch (no stages: they never helped) and fewer rows per
-    program, which no longer re-round x."""
+    program, which no longer re-round x, and for the K-quants fewer warps than `_i8_warps` would
+    leave and 16 super-blocks a step (where the 2026-12-07 Q4_K defaults came from)."""
     if prequant:
         if qtype in (Q.Q4_K, Q.Q5_K):
             shapes = [(8, 4, 4, 1), (4, 4, 4, 1), (2, 4, 4, 1), (16, 4, 4, 1), (8, 2, 4, 1),
                       (8, 4, 4, 2), (4, 4, 4, 2), (4, 2, 4, 1), (4, 8, 4, 1), (2, 8, 4, 1),
-                      (4, 4, 4, 4), (2, 4, 4, 4)]  # fmt: skip
+                      (4, 4, 4, 4), (2, 4, 4, 4), (4, 2, 1, 1), (4, 4, 1, 1), (8, 4, 2, 1),
+                      (2, 16, 4, 1), (4, 16, 4, 1), (2, 16, 2, 1)]  # fmt: skip
         elif qtype == Q.Q6_K:
             shapes = [(8, 8, 4, 1), (4, 8, 4, 1), (8, 4, 4, 1), (8, 8, 4, 2), (4, 4, 4, 1),
-                      (16, 8, 4, 1), (2, 8, 4, 1), (4, 8, 4, 2), (4, 8, 4, 4)]  # fmt: skip
+                      (16, 8, 4, 1), (2, 8, 4, 1), (4, 8, 4, 2), (4, 8, 4, 4), (2, 16, 4, 1),
+                      (4, 16, 4, 1), (4, 8, 1, 1)]  # fmt: skip
         else:
             shapes = [(8, 16, 4, 1), (4, 16, 4, 1), (4, 32, 4, 1), (2, 32, 4, 1), (16, 16, 4, 1),
                       (2, 16, 4, 1), (8, 8, 4, 1)]  # fmt: skip
@@ -159,7 +162,11 @@ def weight_copies(planes: dict, size: int, most: int = 2048) -> list[dict]:
     return [planes] + [{a: t.clone() for a, t in planes.items()} for _ in range(copies - 1)]
 
 
-def gemv_rows(entries: list, quick: bool, prequant: bool = False) -> dict[tuple, dict]:
+def gemv_rows(
+    entries: list, quick: bool, prequant: bool = False, repeats: int = 1
+) -> dict[tuple, dict]:
+    """Per weight shape, every config timed `repeats` times, the configs interleaved within each
+    round (so that a drift of the card's clocks meets all of them), and the median kept."""
     results: dict[tuple, dict] = {}
     for _, qtype, (n, k), _ in entries:
         key = (qtype.name, n, k)
@@ -177,10 +184,12 @@ def gemv_rows(entries: list, quick: bool, prequant: bool = False) -> dict[tuple,
             configs += [c for c in sweep(qtype, prequant=True) if c != default]
         elif not quick:
             configs += [c for c in sweep(qtype) if c != default]
-        timed = []
-        for cfg in configs:
-            calls = [partial(quant_gemv, x, p, qtype, n, k, out=y, config=cfg) for p in weights]
-            timed.append((timed_or_inf(calls), cfg))
+        runs: list[list[float]] = [[] for _ in configs]
+        for _ in range(repeats):
+            for cfg, us in zip(configs, runs, strict=True):
+                calls = [partial(quant_gemv, x, p, qtype, n, k, out=y, config=cfg) for p in weights]
+                us.append(timed_or_inf(calls))
+        timed = [(statistics.median(us), cfg) for us, cfg in zip(runs, configs, strict=True)]
         float_us = timed[0][0]
         best_us, best = min(timed[1:], key=lambda t: t[0])
         default_us = timed[1][0]
@@ -189,7 +198,7 @@ def gemv_rows(entries: list, quick: bool, prequant: bool = False) -> dict[tuple,
             "float": _cfg(float_cfg), "float_us": float_us,
             "default": _cfg(default), "default_us": default_us,
             "best": _cfg(best), "best_us": best_us,
-            "all": [[*_cfg(c), us] for us, c in timed],
+            "all": [[*_cfg(c), us] for us, c in timed], "runs": runs,
         }  # fmt: skip
         logger.info(
             "gemv %-5s [%6d, %5d] %8.2f MB  float %7.2f us | default %s %7.2f us %6.0f GB/s | "
@@ -304,6 +313,8 @@ def main() -> int:
                     help="with --batched: sweep the small-batch launch configs")  # fmt: skip
     ap.add_argument("--rows", default="", help="with --batched: these batch sizes, e.g. 8,32,64")
     ap.add_argument("--model", default="", help="with --batched: one model's weights (phi3, qwen)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="GEMV sweep: time each config N times, interleaved; median")  # fmt: skip
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     torch.manual_seed(0)
@@ -326,7 +337,7 @@ def main() -> int:
     entries = PHI3 + QWEN + EXTRA
     if args.types:
         entries = [e for e in entries if e[1].name in args.types.split(",")]
-    gemv = gemv_rows(entries, args.quick, args.prequant)
+    gemv = gemv_rows(entries, args.quick, args.prequant, args.repeats)
     tokens = {}
     if not args.types:
         tokens = {

@@ -70,7 +70,8 @@ def sweep(qtype: Q, prequant: bool = False) -> list[GemvConfig]:
     """int8-activation launch configs tried per shape: (rows, tile, warps, split_k) x stages; with
     `prequant`, x rounded once by its own launch (no stages: they never helped) and fewer rows per
     program, which no longer re-round x, and for the K-quants fewer warps than `_i8_warps` would
-    leave and 16 super-blocks a step (where the 2026-12-07 Q4_K defaults came from)."""
+    leave and 16 super-blocks a step (the shapes that a repeated probe found for the 2026-12-07
+    Q4_K defaults)."""
     if prequant:
         if qtype in (Q.Q4_K, Q.Q5_K):
             shapes = [(8, 4, 4, 1), (4, 4, 4, 1), (2, 4, 4, 1), (16, 4, 4, 1), (8, 2, 4, 1),

@@ -69,7 +69,7 @@ def gemv_config(qtype: GGMLQuantizationType, n: int, k: int, *, int8_x: bool = T
     Below 2048 rows, and for the 32-element types but Q8_0's tall output head, the extra launch
     costs more than it saves, so each program rounds x itself (H200 sweep): 4-8 rows, K split in
     four below 2048 rows, 16-32 blocks per step; Q6_K under 2048 rows stays on the float kernel.
-    Q4_K from 2048 rows (H100, repeated timings, +8.5% at one Phi-3 Q4_K_M stream): one warp of
+    Q4_K from 2048 rows (H100, repeated timings, +8.4% at one Phi-3 Q4_K_M stream): one warp of
     4 rows x 2 super-blocks from 16384 rows, else 2 rows x 16 super-blocks for K >= 8192 and
     for 2048-8191 rows (Phi-3's gate_up, down and o); Q5_K keeps the shapes it was swept at.
     A split of K is rounded to whole tiles, so for K = 896 it collapses to none. With

@@ -5,7 +5,8 @@ Prefill attention: Triton (paged cache) against torch sdpa on contiguous q/k/v; 
 (microseconds inside a CUDA graph); GEMV block shapes with longer K steps; the few-row kernel
 (a batch of decodes, `gemv_rows`) against cuBLAS over a sweep of its tile shapes.
 
-    PYTHONPATH=. python benchmarks/kernels.py [prefill] [decode] [sweep] [batch] [small] [rows]
+    PYTHONPATH=. python benchmarks/kernels.py [prefill] [decode] [sweep] [batch] [stages] [small]
+        [rows]
 
 `rows` sweeps the decode weight shapes at 4, 8 and 16 rows; SWEEP_SHAPES ("NxK,...") and
 SWEEP_ROWS ("8,16") narrow it.
@@ -182,11 +183,14 @@ def _batch_meta(ctxs: list[int], n_blocks: int, page: int = 16) -> AttentionMeta
 
 def decode_batch_sweep() -> list[str]:
     """Flash-decoding of a batch of decodes at the streams workload's contexts (129-256 keys,
-    scattered pages): split count, key block, warps, stages. us per layer, graph-timed."""
+    scattered pages): split count, key block, warps, stages. us per layer, graph-timed.
+    SWEEP_BATCHES ("1,8") and SWEEP_SPLITS ("4,16,64") replace the default 8, 32 and 1, 2, 4."""
     lines = []
     gen = torch.Generator().manual_seed(1)
+    batches = [int(b) for b in os.environ.get("SWEEP_BATCHES", "8,32").split(",")]
+    split_counts = [int(s) for s in os.environ.get("SWEEP_SPLITS", "1,2,4").split(",")]
     for name, (h, hk, d, _, _) in MODELS.items():
-        for b_n in (8, 32):
+        for b_n in batches:
             ctxs = torch.randint(129, 257, (b_n,), generator=gen).tolist()
             nbytes = 2 * sum(ctxs) * hk * d * 2
             n_blocks = sum(-(-n // 16) for n in ctxs) + 8
@@ -199,9 +203,10 @@ def decode_batch_sweep() -> list[str]:
             meta = _batch_meta(ctxs, n_blocks)
             ref = attention.decode_attention(q, *caches[0], meta, 0.1).float()
             res = []
-            for splits in (1, 2, 4):
+            for splits in split_counts:
                 for block_n, warps, stages in (
-                    (64, 4, 3), (64, 4, 1), (32, 4, 1), (32, 2, 2), (128, 8, 1),
+                    (64, 4, 3), (64, 4, 1), (32, 4, 1), (32, 2, 2), (128, 8, 1), (16, 4, 1),
+                    (16, 2, 1), (32, 2, 1),
                 ):  # fmt: skip
                     kw = dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
                     try:
@@ -234,6 +239,49 @@ def decode_batch_sweep() -> list[str]:
                 f"{nbytes / default / 1e3:.0f}GB/s; best {best}"
             )
             logger.info(lines[-1])
+    return lines
+
+
+def decode_stages() -> list[str]:
+    """The decode attention's default launch (splits from the batch shape, 64-key blocks, 4 warps)
+    at 1, 2 and 3 pipeline stages, for 1, 8 and 32 sequences at the streams workload's contexts
+    (129-256 keys) and at 4,000 keys: us per layer, graph-timed, scattered pages."""
+    lines = []
+    gen = torch.Generator().manual_seed(2)
+    for name, (h, hk, d, _, _) in MODELS.items():
+        for b_n in (1, 8, 32):
+            for long in (False, True):
+                if long and b_n == 32:
+                    continue
+                lo, hi = (3900, 4100) if long else (129, 257)
+                ctxs = torch.randint(lo, hi, (b_n,), generator=gen).tolist()
+                nbytes = 2 * sum(ctxs) * hk * d * 2
+                n_blocks = sum(-(-n // 16) for n in ctxs) + 8
+                layers = max(2, -(-256 * 2**20 // (n_blocks * 16 * hk * d * 4)))
+                caches = [
+                    tuple(torch.randn(n_blocks * 16, hk, d, device=DEV, dtype=BF16) for _ in "kv")
+                    for _ in range(layers)
+                ]
+                q = torch.randn(b_n, h, d, device=DEV, dtype=BF16)
+                meta = _batch_meta(ctxs, n_blocks)
+                meta.max_context_len = 4096  # as the decode graph for any context is captured
+                res = []
+                for stages in (3, 2, 1):
+                    us = graph_time_us(
+                        [
+                            lambda kc=kc, vc=vc, st=stages, q=q, m=meta: attention.decode_attention(
+                                q, kc, vc, m, 0.1, num_stages=st
+                            )
+                            for kc, vc in caches
+                        ]
+                    )
+                    res.append(f"st{stages} {us:6.1f}us {nbytes / us / 1e3:5.0f}GB/s")
+                lines.append(
+                    f"decode stages {name} B={b_n} keys {sum(ctxs)} splits "
+                    f"{attention.num_splits(b_n, hk)}: " + ", ".join(res)
+                )
+                logger.info(lines[-1])
+                del caches
     return lines
 
 
@@ -357,6 +405,7 @@ def main() -> int:
         "decode": decode_attention,
         "sweep": decode_attention_sweep,
         "batch": decode_batch_sweep,
+        "stages": decode_stages,
         "small": small_kernels,
         "rows": rows_sweep,
     }

@@ -14,7 +14,8 @@ Weights are random blocks made on the GPU (speed does not depend on the values).
 With --batched, instead: 2-64 rows of x, the fused small-batch kernels against dequantize + cuBLAS
 and the GEMV over the same rows (quant_batched.py).
 
-    PYTHONPATH=. python benchmarks/quant_kernels.py [--out DIR] [--quick] [--prequant --repeats 5]
+    PYTHONPATH=. python benchmarks/quant_kernels.py [--out DIR] [--quick] [--prequant [--rounded]
+        --repeats 5]
     PYTHONPATH=. python benchmarks/quant_kernels.py --batched [--tune] [--types ...] [--out DIR]
 """
 
@@ -40,6 +41,7 @@ from worker_orcd.kernels.quant.ops import (
     gemv_config,
     quant_gemv,
     quant_matmul_fused_q4_k,
+    quantize_x,
 )
 
 logger = logging.getLogger("benchmarks.quant_kernels")
@@ -78,10 +80,14 @@ def sweep(qtype: Q, prequant: bool = False) -> list[GemvConfig]:
                       (8, 4, 4, 2), (4, 4, 4, 2), (4, 2, 4, 1), (4, 8, 4, 1), (2, 8, 4, 1),
                       (4, 4, 4, 4), (2, 4, 4, 4), (4, 2, 1, 1), (4, 4, 1, 1), (8, 4, 2, 1),
                       (2, 16, 4, 1), (4, 16, 4, 1), (2, 16, 2, 1)]  # fmt: skip
+            if qtype == Q.Q5_K:
+                shapes += [(8, 4, 1, 1), (8, 2, 1, 1), (8, 2, 2, 1), (4, 8, 1, 1), (4, 8, 2, 1),
+                           (2, 16, 1, 1), (2, 8, 2, 1), (16, 2, 2, 1)]  # fmt: skip
         elif qtype == Q.Q6_K:
             shapes = [(8, 8, 4, 1), (4, 8, 4, 1), (8, 4, 4, 1), (8, 8, 4, 2), (4, 4, 4, 1),
                       (16, 8, 4, 1), (2, 8, 4, 1), (4, 8, 4, 2), (4, 8, 4, 4), (2, 16, 4, 1),
-                      (4, 16, 4, 1), (4, 8, 1, 1)]  # fmt: skip
+                      (4, 16, 4, 1), (4, 8, 1, 1), (2, 32, 4, 1), (2, 32, 2, 1), (4, 16, 2, 1),
+                      (8, 8, 2, 1), (8, 16, 4, 1)]  # fmt: skip
         else:
             shapes = [(8, 16, 4, 1), (4, 16, 4, 1), (4, 32, 4, 1), (2, 32, 4, 1), (16, 16, 4, 1),
                       (2, 16, 4, 1), (8, 8, 4, 1)]  # fmt: skip
@@ -96,7 +102,8 @@ def sweep(qtype: Q, prequant: bool = False) -> list[GemvConfig]:
                   (16, 2, 4, 4)]  # fmt: skip
     else:
         shapes = [(8, 16, 4, 1), (16, 16, 4, 1), (32, 16, 4, 1), (4, 16, 4, 1), (8, 32, 4, 1),
-                  (16, 8, 4, 1), (4, 32, 4, 1), (2, 32, 4, 1)]  # fmt: skip
+                  (16, 8, 4, 1), (4, 32, 4, 1), (2, 32, 4, 1), (8, 16, 2, 1), (16, 16, 2, 1),
+                  (8, 16, 1, 1), (16, 8, 2, 1), (8, 8, 1, 1)]  # fmt: skip
     stages = (1, 2, 4) if qtype in (Q.Q4_K, Q.Q5_K) else (1, 3)
     return [GemvConfig(*c, stages=st) for c in shapes for st in stages]
 
@@ -164,10 +171,13 @@ def weight_copies(planes: dict, size: int, most: int = 2048) -> list[dict]:
 
 
 def gemv_rows(
-    entries: list, quick: bool, prequant: bool = False, repeats: int = 1
+    entries: list, quick: bool, prequant: bool = False, repeats: int = 1, rounded: bool = False
 ) -> dict[tuple, dict]:
     """Per weight shape, every config timed `repeats` times, the configs interleaved within each
-    round (so that a drift of the card's clocks meets all of them), and the median kept."""
+    round (so that a drift of the card's clocks meets all of them), and the median kept. With
+    `rounded`, the configs that read x rounded once get it rounded before the timed calls, as
+    the kernel producing x (norm, attention, SwiGLU) rounds it in the model; else each call
+    rounds it by its own launch."""
     results: dict[tuple, dict] = {}
     for _, qtype, (n, k), _ in entries:
         key = (qtype.name, n, k)
@@ -178,6 +188,7 @@ def gemv_rows(
         weights = weight_copies(planes, size)
         x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
         y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+        x_rounded = quantize_x(x) if rounded else None
         float_cfg = gemv_config(qtype, n, k, int8_x=False)
         default = gemv_config(qtype, n, k)
         configs = [float_cfg, default]
@@ -188,7 +199,11 @@ def gemv_rows(
         runs: list[list[float]] = [[] for _ in configs]
         for _ in range(repeats):
             for cfg, us in zip(configs, runs, strict=True):
-                calls = [partial(quant_gemv, x, p, qtype, n, k, out=y, config=cfg) for p in weights]
+                r = x_rounded if cfg.prequant else None
+                calls = [
+                    partial(quant_gemv, x, p, qtype, n, k, out=y, config=cfg, rounded=r)
+                    for p in weights
+                ]
                 us.append(timed_or_inf(calls))
         timed = [(statistics.median(us), cfg) for us, cfg in zip(runs, configs, strict=True)]
         float_us = timed[0][0]
@@ -314,6 +329,8 @@ def main() -> int:
                     help="with --batched: sweep the small-batch launch configs")  # fmt: skip
     ap.add_argument("--rows", default="", help="with --batched: these batch sizes, e.g. 8,32,64")
     ap.add_argument("--model", default="", help="with --batched: one model's weights (phi3, qwen)")
+    ap.add_argument("--rounded", action="store_true",
+                    help="GEMV sweep: x rounded before timing, as in a model")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=1,
                     help="GEMV sweep: time each config N times, interleaved; median")  # fmt: skip
     args = ap.parse_args()
@@ -338,7 +355,7 @@ def main() -> int:
     entries = PHI3 + QWEN + EXTRA
     if args.types:
         entries = [e for e in entries if e[1].name in args.types.split(",")]
-    gemv = gemv_rows(entries, args.quick, args.prequant, args.repeats)
+    gemv = gemv_rows(entries, args.quick, args.prequant, args.repeats, args.rounded)
     tokens = {}
     if not args.types:
         tokens = {

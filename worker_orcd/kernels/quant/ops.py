@@ -66,16 +66,21 @@ def gemv_config(qtype: GGMLQuantizationType, n: int, k: int, *, int8_x: bool = T
     """Launch shape, from the sweeps in benchmarks/quant_kernels.py (benchmarks/QUANT.md):
     int8-activation kernels. From 2048 rows on, K-quant weights read x rounded once by its own
     launch (`prequant`, H100 sweep): no K split, 2-8 rows and 0.5-2 KB of quants per row and step.
-    Below 2048 rows, and for the 32-element types but Q8_0's tall output head, the extra launch
-    costs more than it saves, so each program rounds x itself (H200 sweep): 4-8 rows, K split in
-    four below 2048 rows, 16-32 blocks per step; Q6_K under 2048 rows stays on the float kernel.
+    Below 2048 rows (Q5_K), and for the 32-element types but Q8_0's tall output head, the extra
+    launch costs more than it saves, so each program rounds x itself (H200 sweep): 4-8 rows, K
+    split in four below 2048 rows, 16-32 blocks per step.
     Q4_K from 2048 rows (H100, repeated timings, +8.4% at one Phi-3 Q4_K_M stream): one warp of
     4 rows x 2 super-blocks from 16384 rows, else 2 rows x 16 super-blocks for K >= 8192 and
     for 2048-8191 rows (Phi-3's gate_up, down and o); Q5_K keeps the shapes it was swept at.
+    Q4_K and Q6_K under 2048 rows (Qwen's down, whose x the SwiGLU kernel rounds): x rounded
+    once, 2 rows a program, no K split, 4,096 weights a row and step (H100, repeated timings with x
+    rounded by its producer: 5.0 -> 4.0 and 6.4 -> 4.7 us, +5% at one Qwen Q4_K_M stream).
     A split of K is rounded to whole tiles, so for K = 896 it collapses to none. With
     int8_x=False, the float kernels' own table."""
-    if not int8_x or (qtype == Q.Q6_K and n < 2048):
+    if not int8_x:
         return _float_gemv_config(qtype, n, k)
+    if n < 2048 and qtype in (Q.Q4_K, Q.Q6_K):
+        return GemvConfig(2, 16 if qtype == Q.Q4_K else 32, 4, prequant=True)
     if qtype in (Q.Q4_K, Q.Q5_K):
         q4 = qtype == Q.Q4_K
         if n < 2048:

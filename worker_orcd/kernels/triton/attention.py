@@ -291,14 +291,15 @@ def decode_attention(
     splits: int | None = None,
     block_n: int = 64,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 2,
     fused_merge: bool = False,
     rounded: RoundedX | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its cached context -> [B, H, D]; `rounded`: also
     written, the output [B, H D] rounded to int8 for the o projection's GEMV (`RoundedX`).
     `fused_merge`: the last split to finish merges, no merge launch (slower wherever measured:
-    the module's docstring)."""
+    the module's docstring). Two pipeline stages: 2-6% faster than three at 1-32 sequences of
+    129-256 and of 4,000 keys, and never slower (H100, `benchmarks/kernels.py stages`)."""
     n_tokens, n_heads, d = q.shape
     n_seqs = meta.num_seqs
     n_kv = k_cache.shape[1]

@@ -181,6 +181,21 @@ def _batch_meta(ctxs: list[int], n_blocks: int, page: int = 16) -> AttentionMeta
     )
 
 
+def _batch_inputs(
+    ctxs: list[int], h: int, hk: int, d: int, min_layers: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, AttentionMetadata, int]:
+    """A decode step of len(ctxs) sequences on scattered pages: (per-layer K/V caches, enough
+    layers (at least min_layers) that their graph overflows L2, q, metadata, K/V bytes read)."""
+    n_blocks = sum(-(-n // 16) for n in ctxs) + 8
+    layers = max(min_layers, -(-256 * 2**20 // (n_blocks * 16 * hk * d * 4)))
+    caches = [
+        tuple(torch.randn(n_blocks * 16, hk, d, device=DEV, dtype=BF16) for _ in "kv")
+        for _ in range(layers)
+    ]
+    q = torch.randn(len(ctxs), h, d, device=DEV, dtype=BF16)
+    return caches, q, _batch_meta(ctxs, n_blocks), 2 * sum(ctxs) * hk * d * 2
+
+
 def decode_batch_sweep() -> list[str]:
     """Flash-decoding of a batch of decodes at the streams workload's contexts (129-256 keys,
     scattered pages): split count, key block, warps, stages. us per layer, graph-timed.
@@ -192,15 +207,7 @@ def decode_batch_sweep() -> list[str]:
     for name, (h, hk, d, _, _) in MODELS.items():
         for b_n in batches:
             ctxs = torch.randint(129, 257, (b_n,), generator=gen).tolist()
-            nbytes = 2 * sum(ctxs) * hk * d * 2
-            n_blocks = sum(-(-n // 16) for n in ctxs) + 8
-            layers = max(4, -(-256 * 2**20 // (n_blocks * 16 * hk * d * 4)))
-            caches = [
-                tuple(torch.randn(n_blocks * 16, hk, d, device=DEV, dtype=BF16) for _ in range(2))
-                for _ in range(layers)
-            ]
-            q = torch.randn(b_n, h, d, device=DEV, dtype=BF16)
-            meta = _batch_meta(ctxs, n_blocks)
+            caches, q, meta, nbytes = _batch_inputs(ctxs, h, hk, d, min_layers=4)
             ref = attention.decode_attention(q, *caches[0], meta, 0.1).float()
             res = []
             for splits in split_counts:
@@ -255,15 +262,7 @@ def decode_stages() -> list[str]:
                     continue
                 lo, hi = (3900, 4100) if long else (129, 257)
                 ctxs = torch.randint(lo, hi, (b_n,), generator=gen).tolist()
-                nbytes = 2 * sum(ctxs) * hk * d * 2
-                n_blocks = sum(-(-n // 16) for n in ctxs) + 8
-                layers = max(2, -(-256 * 2**20 // (n_blocks * 16 * hk * d * 4)))
-                caches = [
-                    tuple(torch.randn(n_blocks * 16, hk, d, device=DEV, dtype=BF16) for _ in "kv")
-                    for _ in range(layers)
-                ]
-                q = torch.randn(b_n, h, d, device=DEV, dtype=BF16)
-                meta = _batch_meta(ctxs, n_blocks)
+                caches, q, meta, nbytes = _batch_inputs(ctxs, h, hk, d, min_layers=2)
                 meta.max_context_len = 4096  # as the decode graph for any context is captured
                 res = []
                 for stages in (3, 2, 1):

@@ -39,10 +39,13 @@ def _rms_norm_kernel(
     ASM: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    # The weight is no kernel's output: read before the wait, its latency under the predecessor's
+    # tail (programmatic launch), not after the row's reduction.
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    pdl.prologue(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -51,7 +54,6 @@ def _rms_norm_kernel(
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
     normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = (normed * w).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * D + cols, y, mask=mask)
     if ROUND:  # D % 32 == 0; blocks past D are zeros and not stored

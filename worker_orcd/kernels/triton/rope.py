@@ -25,22 +25,30 @@ def _load_biased(src, b, i, mask, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _cos_sin(cs_ptr, HALF, BLOCK_HALF: tl.constexpr):
+    """The cos and sin halves [BLOCK_HALF] of the cache row at `cs_ptr`."""
+    i = tl.arange(0, BLOCK_HALF)
+    hm = i < HALF
+    return tl.load(cs_ptr + i, mask=hm, other=0.0), tl.load(cs_ptr + HALF + i, mask=hm, other=0.0)
+
+
+@triton.jit
 def _rotate_head(
     src,
     b,
     dst,
-    cs_ptr,
+    cos,
+    sin,
     HALF,
     D,
     BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
-    """Rotate one head at `src` (plus its bias at `b`) into `dst` with cos/sin row `cs_ptr`."""
+    """Rotate one head at `src` (plus its bias at `b`) into `dst` with the position's `cos`, `sin`
+    ([BLOCK_HALF] each, `_cos_sin`)."""
     i = tl.arange(0, BLOCK_HALF)
     hm = i < HALF
-    cos = tl.load(cs_ptr + i, mask=hm, other=0.0)
-    sin = tl.load(cs_ptr + HALF + i, mask=hm, other=0.0)
     x1 = _load_biased(src, b, i, hm, HAS_BIAS)
     x2 = _load_biased(src, b, HALF + i, hm, HAS_BIAS)
     ty = dst.dtype.element_ty
@@ -78,17 +86,25 @@ def _rope_kernel(
     BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    # Positions and slots are written before the step's first layer (a host copy, or the decode
+    # graph's first kernel), never by the projection this kernel follows: they and the cos/sin row
+    # they select are read before the PDL wait, which then leaves one round trip (q, k, v) to wait.
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    cs = cs_ptr + pos * (2 * HALF)
+    cos, sin = _cos_sin(cs_ptr + pos * (2 * HALF), HALF, BLOCK_HALF)
+    if STORE:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+    else:
+        slot = t
+    pdl.prologue(PDL)
     if h < H:
         _rotate_head(
             q_ptr + t * stride_qt + h * D,
             b_ptr + h * D,
             qo_ptr + (t * H + h) * D,
-            cs,
+            cos,
+            sin,
             HALF,
             D,
             BLOCK_HALF,
@@ -98,7 +114,6 @@ def _rope_kernel(
     else:
         hk = h - H
         if STORE:
-            slot = tl.load(slot_ptr + t).to(tl.int64)
             if slot >= 0:  # a negative slot marks a padding token: nothing is written
                 dst = kc_ptr + (slot * HK + hk) * D
                 kb = b_ptr + h * D
@@ -106,7 +121,8 @@ def _rope_kernel(
                     k_ptr + t * stride_kt + hk * D,
                     kb,
                     dst,
-                    cs,
+                    cos,
+                    sin,
                     HALF,
                     D,
                     BLOCK_HALF,
@@ -122,7 +138,8 @@ def _rope_kernel(
                 k_ptr + t * stride_kt + hk * D,
                 b_ptr + h * D,
                 ko_ptr + (t * HK + hk) * D,
-                cs,
+                cos,
+                sin,
                 HALF,
                 D,
                 BLOCK_HALF,

@@ -158,6 +158,15 @@ def _qkv_rope_kernel(
     all_rows = rows_a >= 0
     wa = _gemv_w(wa_rows, K, cols, all_rows)  # weights first: see _gemv_kernel
     wb = _gemv_w(wb_rows, K, cols, all_rows)
+    # The epilogue's inputs are no earlier kernel's output either (positions and slots are
+    # written before the step's first layer): read here, not after the K walk.
+    pos = tl.load(pos_ptr + m).to(tl.int64)
+    cos = tl.load(cs_ptr + pos * D + j)
+    sin = tl.load(cs_ptr + pos * D + HALF + j)
+    slot = tl.load(slot_ptr + m).to(tl.int64)
+    if HAS_BIAS:
+        bias_a = tl.load(b_ptr + rows_a).to(tl.float32)
+        bias_b = tl.load(b_ptr + rows_b).to(tl.float32)
     pdl.prologue(PDL)
     x_row = x_ptr + m * stride_xm
     r_row = r_ptr + m * stride_rm
@@ -180,23 +189,19 @@ def _qkv_rope_kernel(
     ya = tl.sum(acc_a, axis=1)
     yb = tl.sum(acc_b, axis=1)
     if HAS_BIAS:
-        ya += tl.load(b_ptr + rows_a).to(tl.float32)
-        yb += tl.load(b_ptr + rows_b).to(tl.float32)
+        ya += bias_a
+        yb += bias_b
     # rounded as the projection's output is before the rotary kernel reads it
     ty = x_ptr.dtype.element_ty
     ya = ya.to(ty).to(tl.float32)
     yb = yb.to(ty).to(tl.float32)
     if head < H + HK:  # q or k: rotate the pair
-        pos = tl.load(pos_ptr + m).to(tl.int64)
-        cos = tl.load(cs_ptr + pos * D + j)
-        sin = tl.load(cs_ptr + pos * D + HALF + j)
         ya, yb = ya * cos - yb * sin, yb * cos + ya * sin
     if head < H:
         q_row = qo_ptr + (m.to(tl.int64) * H + head) * D
         tl.store(q_row + j, ya.to(qo_ptr.dtype.element_ty))
         tl.store(q_row + HALF + j, yb.to(qo_ptr.dtype.element_ty))
     else:
-        slot = tl.load(slot_ptr + m).to(tl.int64)
         if slot >= 0:  # a negative slot marks a padding token: nothing is written
             if head < H + HK:
                 dst = kc_ptr + (slot * HK + head - H) * D

@@ -139,6 +139,16 @@ def _qkv_rope_rows_kernel(
     ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + wrows.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + bb[:, None] * stride_xm
+    # The epilogue's inputs are no earlier kernel's output (positions and slots are written
+    # before the step's first layer): read before the wait, not after the K walk.
+    j = j0 + tl.arange(0, BLOCK_P)
+    pos = tl.load(pos_ptr + bb, mask=b_mask, other=0).to(tl.int64)
+    cs = cs_ptr + pos[None, :] * D + j[:, None]
+    cos = tl.load(cs, mask=b_mask[None, :], other=0.0)
+    sin = tl.load(cs + HALF, mask=b_mask[None, :], other=0.0)
+    slot = tl.load(slot_ptr + bb, mask=b_mask, other=-1).to(tl.int64)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + wrows).to(tl.float32)
     pdl.prologue(PDL)
     acc = tl.zeros((2 * BLOCK_P, BLOCK_B), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
@@ -146,26 +156,20 @@ def _qkv_rope_rows_kernel(
         w = tl.load(w_rows + kk[None, :], mask=(kk < K)[None, :], other=0.0)
         acc = _dot(acc, w, _x_tile(x_rows, b_mask, K, kk), F32_DOT)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + wrows).to(tl.float32)[:, None]
+        acc += bias[:, None]
     # [2P, B] -> the j halves ya and the j + D/2 halves yb, each [P, B]
     ya, yb = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_P, BLOCK_B)), (1, 2, 0)))
     # rounded as the projection's output is before the rotary kernel reads it
     ty = x_ptr.dtype.element_ty
     ya = ya.to(ty).to(tl.float32)
     yb = yb.to(ty).to(tl.float32)
-    j = j0 + tl.arange(0, BLOCK_P)
     if head < H + HK:  # q or k: rotate the pairs
-        pos = tl.load(pos_ptr + bb, mask=b_mask, other=0).to(tl.int64)
-        cs = cs_ptr + pos[None, :] * D + j[:, None]
-        cos = tl.load(cs, mask=b_mask[None, :], other=0.0)
-        sin = tl.load(cs + HALF, mask=b_mask[None, :], other=0.0)
         ya, yb = ya * cos - yb * sin, yb * cos + ya * sin
     if head < H:
         q = qo_ptr + (bb.to(tl.int64)[None, :] * H + head) * D + j[:, None]
         tl.store(q, ya.to(qo_ptr.dtype.element_ty), mask=b_mask[None, :])
         tl.store(q + HALF, yb.to(qo_ptr.dtype.element_ty), mask=b_mask[None, :])
     else:
-        slot = tl.load(slot_ptr + bb, mask=b_mask, other=-1).to(tl.int64)
         ok = (slot >= 0)[None, :]  # a negative slot marks a padding token: nothing is written
         if head < H + HK:
             dst = kc_ptr + (slot[None, :] * HK + head - H) * D + j[:, None]

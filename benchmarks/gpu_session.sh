@@ -34,10 +34,13 @@ run() {  # name, command...
     local rc=$?
     echo "== $name: rc $rc, $((SECONDS - t0)) s" | tee -a "$summary"
     tail -n 25 "$OUT/$name.log" | tee -a "$summary"
+    grep -E "^(FAILED|ERROR)|\] (FAILED|ERROR) " "$OUT/$name.log" | head -n 20 | tee -a "$summary"
 }
 for step in "$@"; do
     case $step in
-    tests) run tests $PY -m pytest -q -m gpu tests --ignore=tests/server -p no:cacheprovider -n 4 \
+    # -v: each result with its test's name as it ends, so a run stopped by its limit still names
+    # what failed (-q prints a bare F and the names only in the final summary)
+    tests) run tests $PY -m pytest -v -m gpu tests --ignore=tests/server -p no:cacheprovider -n 4 \
         --timeout 240 -ra ;;
     streams-* | base-streams-*)
         preset=${step#*streams-}; q=(); dir=$PWD

@@ -9,8 +9,8 @@ than running them; replaying a captured graph costs one launch. Two kinds are ca
   are skipped; the logits themselves are left as the eager pass returns them). It then advances
   its own inputs (next id = argmax, position + 1), so greedy decoding can replay it back to back
   with no host work between steps (`GreedySteps`, `decode_greedy`).
-  Each batch size has two graphs: contexts up to SHORT_CONTEXT keys, attended without splitting,
-  and any context.
+  Each batch size has a graph per bound on the context: up to SHORT_CONTEXT keys (attended
+  without splitting), up to MID_CONTEXT (a few splits) and any context.
 - prompt: a whole fresh prompt, padded up to a bucket length (16, 32, ... 4096 tokens, and the
   sliding window if the model has one). Padding goes after the prompt, so causal attention keeps
   real tokens from seeing it.
@@ -108,14 +108,15 @@ def _warm_and_capture(
     return graph, out
 
 
-GraphKey = tuple[int, bool]  # (batch size, short context)
+GraphKey = tuple[int, int]  # (batch size, bound on the context it was captured for)
 
 
 class DecodeGraphs:
     """Captured decode steps, sharing static buffers sized for the largest batch.
 
-    Two per batch size: one for contexts up to SHORT_CONTEXT keys (attention in one program per
-    KV head, no merge launch) and one for any context (split over programs, then merged).
+    One per batch size and bound on the context: up to SHORT_CONTEXT keys (attention in one
+    program per KV head, no merge launch), up to MID_CONTEXT (at most MID_SPLITS splits) and any
+    context (split over programs by the batch shape, then merged).
     """
 
     def __init__(
@@ -149,21 +150,23 @@ class DecodeGraphs:
         self._graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[GraphKey, tuple[torch.Tensor, ...]] = {}
         self.batch_sizes = sorted(batch_sizes)
-        from worker_orcd.kernels.triton.attention import SHORT_CONTEXT
+        from worker_orcd.kernels.triton.attention import MID_CONTEXT, SHORT_CONTEXT
 
-        self.short_context = SHORT_CONTEXT if SHORT_CONTEXT < kv.num_slots else 0
+        # The bounds on the context a graph is captured for, ascending; the last holds any.
+        self.context_bounds = [c for c in (SHORT_CONTEXT, MID_CONTEXT) if c < kv.num_slots]
+        self.context_bounds.append(kv.num_slots)
         pool = None
         for n in reversed(self.batch_sizes):
-            for short in (False, True) if self.short_context else (False,):
+            for bound in self.context_bounds:
                 self.block_tables.fill_(-1)  # warm-up and capture write nothing to the cache
                 self.positions.zero_()
-                key = (n, short)
+                key = (n, bound)
                 self._graphs[key], self._outputs[key] = _warm_and_capture(
-                    lambda n=n, short=short: self._step(n, short), dev, pool
+                    lambda n=n, bound=bound: self._step(n, bound), dev, pool
                 )
                 pool = self._graphs[key].pool()
 
-    def _step(self, n: int, short: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, n: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
         from worker_orcd.kernels.triton import decode_step
 
         bs = self.kv.block_size
@@ -179,7 +182,7 @@ class DecodeGraphs:
             block_tables=tables,
             block_size=bs,
             max_query_len=1,
-            max_context_len=self.short_context if short else self.kv.num_slots,
+            max_context_len=bound,
         )
         hidden = self.model(ids, pos, meta)  # [n, D]
         logits = self.model.compute_logits(hidden)  # [n, V] float32
@@ -199,7 +202,9 @@ class DecodeGraphs:
 
     def key(self, size: int, max_context: int) -> GraphKey:
         """The graph for a step whose longest context (keys, this token included) is given."""
-        return size, 0 < max_context <= self.short_context
+        return size, next(
+            (c for c in self.context_bounds if max_context <= c), self.context_bounds[-1]
+        )
 
     @torch.inference_mode()
     def load_inputs(

@@ -38,6 +38,11 @@ _TARGET_PROGRAMS = 512
 _MAX_SPLITS = 64
 # Longest context (keys) decoded without splitting: a single program per KV head loops over it.
 SHORT_CONTEXT = 128
+# Longest context split at most MID_SPLITS ways: beyond the short contexts, a few hundred keys
+# fill only a few 64-key splits, and the rest of the batch shape's splits (up to 64 for one
+# sequence of Qwen's two KV heads) are programs that exit at once and partials the merge reads.
+MID_CONTEXT = 256
+MID_SPLITS = 4
 
 
 @triton.jit
@@ -275,9 +280,16 @@ def _decode_merge_kernel(
     )  # fmt: skip
 
 
-def num_splits(n_seqs: int, n_kv_heads: int) -> int:
-    """Context splits per (sequence, KV head) of a decode step; depends on the batch shape only."""
-    return max(1, min(_MAX_SPLITS, triton.cdiv(_TARGET_PROGRAMS, n_seqs * n_kv_heads)))
+def num_splits(n_seqs: int, n_kv_heads: int, max_context: int | None = None) -> int:
+    """Context splits per (sequence, KV head) of a decode step: from the batch shape, and from
+    the host bound on the context (one for SHORT_CONTEXT keys, at most MID_SPLITS up to
+    MID_CONTEXT). The bound, not the context, is what a captured graph freezes."""
+    if max_context is not None and max_context <= SHORT_CONTEXT:
+        return 1
+    splits = max(1, min(_MAX_SPLITS, triton.cdiv(_TARGET_PROGRAMS, n_seqs * n_kv_heads)))
+    if max_context is not None and max_context <= MID_CONTEXT:
+        splits = min(splits, MID_SPLITS)
+    return splits
 
 
 def decode_attention(
@@ -312,10 +324,10 @@ def decode_attention(
     round_flags = {"ROUND": rounded is not None, "ASM": asm_dp4a(q.device.type)}
     xw, xdx, xs = rounded if rounded is not None else (q, q, q)
     if splits is None:
-        # Short contexts: one program per (sequence, KV head), no merge launch. The host bound
-        # max_context_len is frozen in a captured graph; DecodeGraphs captures both variants.
-        short = meta.max_context_len <= SHORT_CONTEXT
-        splits = 1 if short else num_splits(n_seqs, n_kv)
+        # Short contexts: one program per (sequence, KV head), no merge launch; a few hundred
+        # keys: a few splits. The host bound max_context_len is frozen in a captured graph;
+        # DecodeGraphs captures one graph per bound (SHORT_CONTEXT, MID_CONTEXT, any).
+        splits = num_splits(n_seqs, n_kv, meta.max_context_len)
     block_d = triton.next_power_of_2(d)
     part = torch.empty((n_seqs, n_heads, splits, block_d), dtype=torch.float32, device=q.device)
     ml = torch.empty((n_seqs, n_heads, splits, 2), dtype=torch.float32, device=q.device)

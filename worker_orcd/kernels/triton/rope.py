@@ -93,10 +93,8 @@ def _rope_kernel(
     # they select are read before the PDL wait, which then leaves one round trip (q, k, v) to wait.
     pos = tl.load(pos_ptr + t).to(tl.int64)
     cos, sin = _cos_sin(cs_ptr + pos * (2 * HALF), HALF, BLOCK_HALF)
-    if STORE:
+    if STORE:  # a constexpr branch: slot exists, and is used, only where the caches are written
         slot = tl.load(slot_ptr + t).to(tl.int64)
-    else:
-        slot = t
     pdl.prologue(PDL)
     if h < H:
         _rotate_head(

@@ -147,7 +147,7 @@ HEADS = [(14, 2, 64), (32, 32, 96), (8, 2, 128), (4, 4, 128)]
 
 
 @pytest.mark.parametrize(("h", "hk", "d"), HEADS)
-@pytest.mark.parametrize("ctx", [[1], [37], [200, 129, 256], [100, 4001], [3000, 5, 777]])
+@pytest.mark.parametrize("ctx", [[1], [37], [200], [200, 129, 256], [100, 4001], [3000, 5, 777]])
 @pytest.mark.parametrize("window", [None, 50])
 def test_decode_attention(ctx: list[int], h: int, hk: int, d: int, window: int | None) -> None:
     from worker_orcd.kernels.triton.attention import attention, decode_attention

@@ -10,7 +10,7 @@ than running them; replaying a captured graph costs one launch. Two kinds are ca
   its own inputs (next id = argmax, position + 1), so greedy decoding can replay it back to back
   with no host work between steps (`GreedySteps`, `decode_greedy`).
   Each batch size has a graph per bound on the context: up to SHORT_CONTEXT keys (attended
-  without splitting), up to MID_CONTEXT (a few splits) and any context.
+  without splitting), for one sequence up to MID_CONTEXT (a few splits), and any context.
 - prompt: a whole fresh prompt, padded up to a bucket length (16, 32, ... 4096 tokens, and the
   sliding window if the model has one). Padding goes after the prompt, so causal attention keeps
   real tokens from seeing it.
@@ -115,8 +115,8 @@ class DecodeGraphs:
     """Captured decode steps, sharing static buffers sized for the largest batch.
 
     One per batch size and bound on the context: up to SHORT_CONTEXT keys (attention in one
-    program per KV head, no merge launch), up to MID_CONTEXT (at most MID_SPLITS splits) and any
-    context (split over programs by the batch shape, then merged).
+    program per KV head, no merge launch), up to MID_CONTEXT for batch size 1 (at most MID_SPLITS
+    splits) and any context (split over programs by the batch shape, then merged).
     """
 
     def __init__(
@@ -153,11 +153,15 @@ class DecodeGraphs:
         from worker_orcd.kernels.triton.attention import MID_CONTEXT, SHORT_CONTEXT
 
         # The bounds on the context a graph is captured for, ascending; the last holds any.
-        self.context_bounds = [c for c in (SHORT_CONTEXT, MID_CONTEXT) if c < kv.num_slots]
-        self.context_bounds.append(kv.num_slots)
+        # MID_CONTEXT changes the attention's splits for one sequence only.
+        bounds = [c for c in (SHORT_CONTEXT, MID_CONTEXT) if c < kv.num_slots]
+        self._bounds = {
+            n: [c for c in bounds if n == 1 or c != MID_CONTEXT] + [kv.num_slots]
+            for n in self.batch_sizes
+        }
         pool = None
         for n in reversed(self.batch_sizes):
-            for bound in self.context_bounds:
+            for bound in self._bounds[n]:
                 self.block_tables.fill_(-1)  # warm-up and capture write nothing to the cache
                 self.positions.zero_()
                 key = (n, bound)
@@ -202,9 +206,8 @@ class DecodeGraphs:
 
     def key(self, size: int, max_context: int) -> GraphKey:
         """The graph for a step whose longest context (keys, this token included) is given."""
-        return size, next(
-            (c for c in self.context_bounds if max_context <= c), self.context_bounds[-1]
-        )
+        bounds = self._bounds[size]
+        return size, next((c for c in bounds if max_context <= c), bounds[-1])
 
     @torch.inference_mode()
     def load_inputs(

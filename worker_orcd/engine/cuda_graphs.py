@@ -150,13 +150,11 @@ class DecodeGraphs:
         self._graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[GraphKey, tuple[torch.Tensor, ...]] = {}
         self.batch_sizes = sorted(batch_sizes)
-        from worker_orcd.kernels.triton.attention import MID_CONTEXT, SHORT_CONTEXT
+        from worker_orcd.kernels.triton.attention import split_bounds
 
         # The bounds on the context a graph is captured for, ascending; the last holds any.
-        # MID_CONTEXT changes the attention's splits for one sequence only.
-        bounds = [c for c in (SHORT_CONTEXT, MID_CONTEXT) if c < kv.num_slots]
         self._bounds = {
-            n: [c for c in bounds if n == 1 or c != MID_CONTEXT] + [kv.num_slots]
+            n: [c for c in split_bounds(n) if c < kv.num_slots] + [kv.num_slots]
             for n in self.batch_sizes
         }
         pool = None

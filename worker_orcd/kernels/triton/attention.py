@@ -281,15 +281,25 @@ def _decode_merge_kernel(
     )  # fmt: skip
 
 
+_BOUND_SPLITS = {SHORT_CONTEXT: 1, MID_CONTEXT: MID_SPLITS}
+
+
+def split_bounds(n_seqs: int) -> tuple[int, ...]:
+    """The host bounds on the context (keys), ascending, up to which `num_splits` caps a step of
+    n_seqs sequences: SHORT_CONTEXT (one split) and, for one sequence, MID_CONTEXT (MID_SPLITS).
+    A captured decode step needs a graph per bound, and one for any context."""
+    return (SHORT_CONTEXT, MID_CONTEXT) if n_seqs == 1 else (SHORT_CONTEXT,)
+
+
 def num_splits(n_seqs: int, n_kv_heads: int, max_context: int | None = None) -> int:
-    """Context splits per (sequence, KV head) of a decode step: from the batch shape, and from
-    the host bound on the context (one for SHORT_CONTEXT keys; for one sequence, at most
-    MID_SPLITS up to MID_CONTEXT). The bound, not the context, is what a captured graph freezes."""
-    if max_context is not None and max_context <= SHORT_CONTEXT:
-        return 1
+    """Context splits per (sequence, KV head) of a decode step: from the batch shape, capped by
+    the first of `split_bounds` that holds the host bound on the context. The bound, not the
+    context, is what a captured graph freezes."""
     splits = max(1, min(_MAX_SPLITS, triton.cdiv(_TARGET_PROGRAMS, n_seqs * n_kv_heads)))
-    if n_seqs == 1 and max_context is not None and max_context <= MID_CONTEXT:
-        splits = min(splits, MID_SPLITS)
+    if max_context is not None:
+        bound = next((c for c in split_bounds(n_seqs) if max_context <= c), None)
+        if bound is not None:
+            splits = min(splits, _BOUND_SPLITS[bound])
     return splits
 
 
@@ -327,7 +337,7 @@ def decode_attention(
     if splits is None:
         # Short contexts: one program per (sequence, KV head), no merge launch; a few hundred
         # keys of one sequence: a few splits. The host bound max_context_len is frozen in a
-        # captured graph; DecodeGraphs captures one graph per bound that changes the splits.
+        # captured graph; DecodeGraphs captures one graph per `split_bounds` entry.
         splits = num_splits(n_seqs, n_kv, meta.max_context_len)
     block_d = triton.next_power_of_2(d)
     part = torch.empty((n_seqs, n_heads, splits, block_d), dtype=torch.float32, device=q.device)

@@ -190,6 +190,8 @@ def test_gemv_real_and_odd_shapes(qtype: Q) -> None:
                     GemvConfig(8, 4, 4, split_k=2, stages=3),
                     GemvConfig(8, 4, 4, split_k=2, prequant=True),
                     GemvConfig(16, 2, 4, prequant=True),
+                    GemvConfig(8, 4, 4, split_k=2, early=True),
+                    GemvConfig(16, 2, 4, prequant=True, early=True),
                     GemvConfig(4, 2, 4, split_k=4, int8_x=False),
                     GemvConfig(8, 4, 4, split_k=3, one_plus=True, int8_x=False),
                     GemvConfig(2, 8, 8, one_plus=True, int8_x=False)):  # fmt: skip
@@ -276,6 +278,8 @@ def test_interpreted_kernels(qtype: Q) -> None:
         (11, 9 * bs, 3, GemvConfig(4, 4, 4, prequant=True)),
         (11, 12 * bs, 3, GemvConfig(2, 16, 4, prequant=True)),  # a step past the row's end
         (7, 19 * bs, 2, GemvConfig(2, 32, 4, prequant=True)),  # ... at Qwen's K = 4864 (K-quants)
+        (37, 7 * bs, 2, GemvConfig(8, 1, 4, split_k=3, early=True)),  # first step before the wait
+        (11, 12 * bs, 3, GemvConfig(2, 16, 4, prequant=True, early=True)),
         (37, 5 * bs, 2, GemvConfig(8, 2, 4, int8_x=False)),
         (37, 7 * bs, 2, GemvConfig(8, 1, 4, split_k=3, int8_x=False)),
         (11, 9 * bs, 3, GemvConfig(4, 2, 4, split_k=2, one_plus=True, int8_x=False)),

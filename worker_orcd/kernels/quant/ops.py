@@ -17,7 +17,7 @@ The references go back to GGUF bytes (`formats.from_planes`) and use the dequant
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -60,6 +60,7 @@ class GemvConfig:
     int8_x: bool = True  # x rounded to int8 per 32 elements, dp4a kernels (`gemv_i8`); else float
     stages: int = 1  # int8 kernels: software-pipeline stages of the walk along K
     prequant: bool = False  # int8 kernels: x rounded once by its own launch, not in every program
+    early: bool = False  # int8 kernels: the first step's weights read before the PDL wait
 
 
 def gemv_config(qtype: GGMLQuantizationType, n: int, k: int, *, int8_x: bool = True) -> GemvConfig:
@@ -75,10 +76,18 @@ def gemv_config(qtype: GGMLQuantizationType, n: int, k: int, *, int8_x: bool = T
     Q4_K and Q6_K under 2048 rows (Qwen's down, whose x the SwiGLU kernel rounds): x rounded
     once, 2 rows a program, no K split, 4,096 weights a row and step (H100, repeated timings with x
     rounded by its producer: 5.0 -> 4.0 and 6.4 -> 4.7 us, +5% at one Qwen Q4_K_M stream).
-    A split of K is rounded to whole tiles, so for K = 896 it collapses to none. With
-    int8_x=False, the float kernels' own table."""
+    A split of K is rounded to whole tiles, so for K = 896 it collapses to none. `early` where
+    a program walks few steps along K: under 2048 rows or columns (Qwen2.5-0.5B's every weight;
+    H100, one Q4_K_M stream: Qwen +5.7%, and Phi-3 -2.5% with it on its 3072-8192 columns), but
+    not for Q5_K, which Qwen's file lacks and no run has measured with it. With int8_x=False, the
+    float kernels' own table."""
     if not int8_x:
         return _float_gemv_config(qtype, n, k)
+    early = qtype != Q.Q5_K and (n < 2048 or k < 2048)
+    return replace(_i8_gemv_config(qtype, n, k), early=early)
+
+
+def _i8_gemv_config(qtype: GGMLQuantizationType, n: int, k: int) -> GemvConfig:
     if n < 2048 and qtype in (Q.Q4_K, Q.Q6_K):
         return GemvConfig(2, 16 if qtype == Q.Q4_K else 32, 4, prequant=True)
     if qtype in (Q.Q4_K, Q.Q5_K):
@@ -395,6 +404,7 @@ def quant_gemv(
         flags["ASM"] = _gi.asm_dp4a(x.device.type)
         flags["STAGES"] = cfg.stages
         flags["PREQ"] = cfg.prequant
+        flags["EARLY"] = cfg.early
         warps = _i8_warps(qtype, cfg)
         if cfg.prequant:
             x, xdx, xsum = rounded if rounded is not None else quantize_x(x)

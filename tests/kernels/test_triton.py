@@ -359,11 +359,12 @@ def test_silu_and_mul_linear(n: int, inter: int) -> None:
 
 
 def test_register_all_routes_the_fused_entry_points() -> None:
-    from worker_orcd.kernels.triton import gemv, register_all, rope
+    from worker_orcd.kernels.triton import attention, gemv, register_all, rope
 
     register_all()
     dev = torch.device(DEV)
     assert kernels.implementation("rope_store_kv", dev) is rope.rope_store_kv
+    assert kernels.implementation("rope_store_attend", dev) is attention.rope_store_attend
     assert kernels.implementation("silu_and_mul_linear", dev) is gemv.silu_and_mul_linear
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "register",
     "rms_norm",
     "rope_cos_sin_cache",
+    "rope_store_attend",
     "rope_store_kv",
     "silu_and_mul",
     "silu_and_mul_linear",
@@ -65,6 +66,29 @@ def rope_store_kv_ref(
     q, k = apply_rope_ref(q, k, positions, cos_sin)
     store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
     return q
+
+
+def rope_store_attend_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    bias: torch.Tensor | None = None,
+    rounded: RoundedX | None = None,
+) -> torch.Tensor:
+    """`rope_store_kv` at meta's slots, then `attention` of the rotated q (each through its own
+    dispatch)."""
+    q = rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping, bias)
+    return attention(
+        q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window, rounded=rounded
+    )
 
 
 def add_qkv_bias(
@@ -134,6 +158,7 @@ REFERENCE: dict[str, Callable[..., object]] = {
     "apply_rope": apply_rope_ref,
     "store_kv": store_kv_ref,
     "rope_store_kv": rope_store_kv_ref,
+    "rope_store_attend": rope_store_attend_ref,
     "attention": attention_ref,
     "silu_and_mul": silu_and_mul_ref,
     "silu_and_mul_linear": silu_and_mul_linear_ref,
@@ -266,6 +291,39 @@ def attention(
     written, the output rounded to int8 for the quantized o projection it feeds."""
     return implementation("attention", q.device)(
         q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window, rounded=rounded
+    )
+
+
+def rope_store_attend(
+    q: torch.Tensor,  # [T, H, D], before RoPE
+    k: torch.Tensor,  # [T, Hk, D], before RoPE
+    v: torch.Tensor,  # [T, Hk, D]
+    positions: torch.Tensor,  # [T]
+    cos_sin: torch.Tensor,  # [P, R]
+    k_cache: torch.Tensor,  # [S, Hk, D]
+    v_cache: torch.Tensor,  # [S, Hk, D]
+    meta: AttentionMetadata,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    bias: torch.Tensor | None = None,  # [(H + 2 Hk) D]
+    rounded: RoundedX | None = None,
+) -> torch.Tensor:
+    """`rope_store_kv` (this step's k and v into the caches at meta's slots) then `attention` of
+    the rotated q -> [T, H, D]; `rounded` as in `attention`."""
+    return implementation("rope_store_attend", q.device)(
+        q,
+        k,
+        v,
+        positions,
+        cos_sin,
+        k_cache,
+        v_cache,
+        meta,
+        scale=scale,
+        sliding_window=sliding_window,
+        bias=bias,
+        rounded=rounded,
     )
 
 

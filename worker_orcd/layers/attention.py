@@ -44,8 +44,19 @@ class Attention(nn.Module):
         self.check_bound()
         if cos_sin is not None:
             assert positions is not None, "rotary cos_sin given without positions"
-            q = kernels.rope_store_kv(
-                q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping, bias
+            return kernels.rope_store_attend(
+                q,
+                k,
+                v,
+                positions,
+                cos_sin,
+                self.k_cache,
+                self.v_cache,
+                meta,
+                scale=self.scale,
+                sliding_window=self.sliding_window,
+                bias=bias,
+                rounded=rounded,
             )
         else:
             if bias is not None:

@@ -32,6 +32,7 @@ def register_all() -> None:
     # Fused entry points, where the dispatch table has them.
     fused = {
         "rope_store_kv": rope.rope_store_kv,
+        "rope_store_attend": attention.rope_store_attend,
         "silu_and_mul_linear": gemv.silu_and_mul_linear,
         "add_rms_norm_linear": gemv.add_rms_norm_linear,
         "norm_qkv_rope_store": gemv.norm_qkv_rope_store,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ import triton.language as tl
 from worker_orcd.kernels.attention import AttentionMetadata
 from worker_orcd.kernels.quant.gemv_i8 import asm_dp4a, store_rounded
 from worker_orcd.kernels.quant.ops import RoundedX, round_x_reference
-from worker_orcd.kernels.triton import arrivals, pdl
+from worker_orcd.kernels.triton import arrivals, norm_in, pdl, rope
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,32 @@ def _store_rounded_heads(
 
 
 @triton.jit
+def _rotation(pos_ptr, cs_ptr, t, cols, d_mask, HALF):
+    """NEOX RoPE of token t per head column cols [BLOCK_D]: (the column each pairs with, cos, sin,
+    whether it is in the first half). Columns past the rotary dims 2 HALF pair with themselves
+    at cos 1, sin 0: they pass through."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    first = cols < HALF
+    rotary = cols < 2 * HALF
+    i = tl.where(first, cols, cols - HALF)
+    row = cs_ptr + pos * (2 * HALF)
+    cos = tl.load(row + i, mask=rotary & d_mask, other=1.0)
+    sin = tl.load(row + HALF + i, mask=rotary & d_mask, other=0.0)
+    partner = tl.where(first, cols + HALF, tl.where(rotary, cols - HALF, cols))
+    return partner, cos, sin, first
+
+
+@triton.jit
+def _rotated(row, b_row, cols, partner, cos, sin, first, mask, HAS_BIAS: tl.constexpr):
+    """Columns cols of the head(s) at `row` (plus the bias at `b_row`, rounded to x's dtype
+    first) rotated as the RoPE kernel rotates them, in float32: x1 cos - x2 sin in the first
+    half, x2 cos + x1 sin in the second."""
+    x = norm_in.norm_in(row, b_row, cols, mask, HAS_BIAS).to(tl.float32)
+    xp = norm_in.norm_in(row, b_row, partner, mask, HAS_BIAS).to(tl.float32)
+    return tl.where(first, x * cos - xp * sin, x * cos + xp * sin)
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,  # [T, H, D] (token stride stride_qt)
     kc_ptr,  # [S, Hk, D]
@@ -92,11 +119,20 @@ def _decode_split_kernel(
     xw_ptr,  # ROUND: the output rounded to int8 (RoundedX of [T, H D]: words, steps, sums)
     xdx_ptr,
     xs_ptr,
+    kn_ptr,  # ROPE: this step's k [T, Hk, D] before RoPE (token stride stride_kt)
+    vn_ptr,  # ROPE: this step's v [T, Hk, D] (token stride stride_vt)
+    pos_ptr,  # ROPE: positions [T]
+    slot_ptr,  # ROPE: cache slots [T]
+    cs_ptr,  # ROPE: cos/sin cache [P, 2 HALF]
+    bias_ptr,  # ROPE and HAS_BIAS: the qkv bias [(H + 2 Hk) D]
     qk_scale,  # softmax scale * log2(e)
     H,
     HK,
     D,
+    HALF,
     stride_qt,
+    stride_kt,
+    stride_vt,
     stride_bt,
     window,  # 0: none
     G: tl.constexpr,
@@ -108,6 +144,8 @@ def _decode_split_kernel(
     BLOCK_S: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
     ROUND: tl.constexpr,
+    ROPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     ASM: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -127,25 +165,52 @@ def _decode_split_kernel(
     end = tl.minimum(start + chunk, ctx)
     if start >= end:  # a split past a short context: the merge reads only the n_active before it
         return
-    pdl.prologue(PDL)
-
     g = tl.arange(0, BLOCK_G)
     g_mask = g < G
     cols = tl.arange(0, BLOCK_D)
     d_mask = cols < D
     heads = hk * G + g
-    q = tl.load(
-        q_ptr + t * stride_qt + heads[:, None] * D + cols[None, :],
-        mask=g_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )  # [BLOCK_G, BLOCK_D]
+    qm = g_mask[:, None] & d_mask[None, :]
+    q_rows = q_ptr + t * stride_qt + heads[:, None] * D
+    if ROPE:
+        # Positions, slots, the cos/sin row and the bias are written before the step's first layer
+        # (or are weights): read before the wait, like the lengths.
+        partner, cos, sin, first = _rotation(pos_ptr, cs_ptr, t, cols, d_mask, HALF)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        pdl.prologue(PDL)
+        q_bias = bias_ptr + heads[:, None] * D
+        q = _rotated(q_rows, q_bias, cols, partner, cos, sin, first, qm, HAS_BIAS)
+        q = q.to(q_ptr.dtype.element_ty)  # [BLOCK_G, BLOCK_D], as the RoPE kernel stores it
+        # This token's key and value sit at position ctx - 1, in the last split's range: that
+        # split uses them from here and writes them into the caches (a negative slot: padding).
+        last = end == ctx
+        km = cols < tl.where(last, D, 0)
+        kv_bias = bias_ptr + (H + hk) * D
+        k_row = kn_ptr + t * stride_kt + hk * D
+        k_new = _rotated(k_row, kv_bias, cols, partner, cos, sin, first, km, HAS_BIAS)
+        k_new = k_new.to(kc_ptr.dtype.element_ty)
+        v_row = vn_ptr + t * stride_vt + hk * D
+        v_new = norm_in.norm_in(v_row, kv_bias + HK * D, cols, km, HAS_BIAS)
+        v_new = v_new.to(vc_ptr.dtype.element_ty)
+        if last & (slot >= 0):
+            tl.store(kc_ptr + (slot * HK + hk) * D + cols, k_new, mask=d_mask)
+            tl.store(vc_ptr + (slot * HK + hk) * D + cols, v_new, mask=d_mask)
+    else:
+        pdl.prologue(PDL)
+        q = tl.load(q_rows + cols[None, :], mask=qm, other=0.0)  # [BLOCK_G, BLOCK_D]
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    for n0 in range(start, end, BLOCK_N):
+    # ROPE: the last split's cached keys end before ctx - 1, whose key and value are this step's
+    # own (the caches' copy may not be written yet): folded in after the loop, not patched into
+    # the tiles, which would take the tensor-core operands through registers.
+    hi = end
+    if ROPE:
+        hi = tl.where(last, ctx - 1, end)
+    for n0 in range(start, hi, BLOCK_N):
         p = n0 + tl.arange(0, BLOCK_N)
-        p_mask = p < end
+        p_mask = p < hi
         k = _load_kv_block(kc_ptr, bt_row, p, p_mask, hk, HK, D, cols, d_mask, PAGE)
         v = _load_kv_block(vc_ptr, bt_row, p, p_mask, hk, HK, D, cols, d_mask, PAGE)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N]
@@ -156,6 +221,16 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(prob, axis=1)
         acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
         m_i = m_new
+    if ROPE:
+        if last:
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            p_v = p_new.to(v_new.dtype).to(tl.float32)  # rounded as the loop's probabilities
+            acc = acc * alpha[:, None] + p_v[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
     if NUM_SPLITS == 1:  # the whole context in this program: write the output directly
         out = (acc / l_i[:, None]).to(o_ptr.dtype.element_ty)
         o_rows = (t * H + heads.to(tl.int64)) * D
@@ -281,6 +356,20 @@ def _decode_merge_kernel(
     )  # fmt: skip
 
 
+class FreshKV(NamedTuple):
+    """This decode step's keys and values as the qkv projection gives them, for the attention to
+    rotate and store (`decode_attention(fresh=...)`): k, v [T, Hk, D] (heads packed, any token
+    stride), positions [T], the cos/sin cache [P, R], the cache slots [T] (negative: padding,
+    not written) and the qkv bias [(H + 2 Hk) D] or None."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
+    slots: torch.Tensor
+    bias: torch.Tensor | None
+
+
 _BOUND_SPLITS = {SHORT_CONTEXT: 1, MID_CONTEXT: MID_SPLITS}
 
 
@@ -317,9 +406,13 @@ def decode_attention(
     num_stages: int = 2,
     fused_merge: bool = False,
     rounded: RoundedX | None = None,
+    fresh: FreshKV | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its cached context -> [B, H, D]; `rounded`: also
     written, the output [B, H D] rounded to int8 for the o projection's GEMV (`RoundedX`).
+    `fresh`: q and this step's k, v come from the qkv projection before RoPE; the kernel rotates
+    them (after adding the bias), writes k and v into the caches and attends, as `rope_store_kv`
+    and then this function would, with one launch fewer.
     `fused_merge`: the last split to finish merges, no merge launch (slower wherever measured:
     the module's docstring). Two pipeline stages: 2-6% faster than three at 1-32 sequences of
     129-256 and of 4,000 keys, and never slower (H100, `benchmarks/kernels.py stages`)."""
@@ -346,6 +439,13 @@ def decode_attention(
     window = sliding_window or 0
     fused_merge = fused_merge and splits > 1
     lock = arrivals.counters(q.device, n_seqs * n_kv) if fused_merge else ml
+    if fresh is not None:
+        k_new, v_new, positions, cos_sin, slots, bias = fresh
+        assert k_new.stride(2) == 1 and k_new.stride(1) == d and v_new.stride(1) == d
+        rope_args = (k_new, v_new, positions, slots, cos_sin, bias if bias is not None else q)
+        half, strides = cos_sin.shape[1] // 2, (k_new.stride(0), v_new.stride(0))
+    else:
+        rope_args, half, strides = (q, q, q, q, q, q), 0, (0, 0)
     _decode_split_kernel[(n_seqs, n_kv, splits)](
         q,
         k_cache,
@@ -360,11 +460,14 @@ def decode_attention(
         xw,
         xdx,
         xs,
+        *rope_args,
         scale * _LOG2E,
         n_heads,
         n_kv,
         d,
+        half,
         q.stride(0),
+        *strides,
         meta.block_tables.stride(0),
         window,
         G=group,
@@ -375,6 +478,8 @@ def decode_attention(
         BLOCK_D=block_d,
         BLOCK_S=triton.next_power_of_2(splits),
         FUSED_MERGE=fused_merge,
+        ROPE=fresh is not None,
+        HAS_BIAS=fresh is not None and fresh.bias is not None,
         **round_flags,
         **pdl.launch(q, n_tokens),
         num_warps=num_warps,
@@ -598,6 +703,46 @@ def attention(
     if rounded is not None:
         round_x_reference(out.reshape(out.shape[0], -1), out=rounded)
     return out
+
+
+def rope_store_attend(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hk, D]
+    v: torch.Tensor,  # [T, Hk, D]
+    positions: torch.Tensor,  # [T]
+    cos_sin: torch.Tensor,  # [P, R]
+    k_cache: torch.Tensor,  # [S, Hk, D]
+    v_cache: torch.Tensor,  # [S, Hk, D]
+    meta: AttentionMetadata,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    bias: torch.Tensor | None = None,
+    rounded: RoundedX | None = None,
+) -> torch.Tensor:
+    """`rope_store_kv` then `attention`: a decode step of several sequences in the attention
+    kernel alone (it rotates q and this step's k, writes k and v into the caches and attends;
+    `FreshKV`), any other step in the two launches. One sequence keeps the two: its attention
+    has few programs, on the step's critical path, and the rotation and the fold of its own key
+    made it longer than the RoPE launch it saves (H100, Q4_K_M-style: -1% at one stream on
+    Qwen2.5-0.5B and Phi-3, +1.3-1.4% at eight; benchmarks/NOTES.md v12)."""
+    if not meta.is_decode or meta.num_seqs == 1:
+        q = rope.rope_store_kv(
+            q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping, bias
+        )
+        return attention(
+            q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window, rounded=rounded
+        )
+    n_heads, n_kv = q.shape[1], k_cache.shape[1]
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv} KV heads")
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert bias is None or bias.is_contiguous()
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    fresh = FreshKV(k, v, positions, cos_sin, meta.slot_mapping, bias)
+    return decode_attention(
+        q, k_cache, v_cache, meta, scale, sliding_window, rounded=rounded, fresh=fresh
+    )
 
 
 def _is_fresh_prompt(meta: AttentionMetadata, sliding_window: int | None) -> bool:

@@ -8,7 +8,10 @@ and measured slower on an H200; with one query head per KV head, Phi-3's, it was
 H100: benchmarks/NOTES.md.) All query heads that share a KV head are handled by one program, so
 GQA reads each cached key and value once. The split count depends only on the batch shape, and the
 range each split covers is computed on the device from the context length, so one captured CUDA
-graph serves every context length; splits that start past a short context return at once.
+graph serves every context length; splits that start past a short context return at once. For a
+decode step of several sequences the kernel can also take q and this step's k, v as the qkv
+projection gives them: it rotates them, writes k and v into the caches and attends
+(`rope_store_attend`), one launch instead of two.
 
 Prefill (any query length, causal, after any cached prefix) is a flash-attention loop per block of
 query rows and query head. Both honour a sliding window W: a query at position p sees keys

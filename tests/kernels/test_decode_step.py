@@ -6,22 +6,11 @@ otherwise."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
-CUDA = torch.cuda.is_available() and HAS_TRITON
+from tests.kernels.conftest import GPU, INTERPRETED
 
-GPU = pytest.param(
-    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
-)
-INTERPRETED = pytest.param(
-    "cpu", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 and Triton")
-)
 VOCABS = {"cuda": [151936, 32064, 2049, 7], "cpu": [5000, 2048, 7]}
 
 

@@ -6,12 +6,10 @@ otherwise."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
+from tests.kernels.conftest import CUDA, GPU, INTERPRETED, rel_err
 from worker_orcd.kernels import (
     add_rms_norm_linear_ref,
     norm_qkv_rope_store_ref,
@@ -19,24 +17,8 @@ from worker_orcd.kernels import (
 from worker_orcd.kernels.activation import silu_and_mul_linear_ref
 from worker_orcd.kernels.rope import rope_cos_sin_cache
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
-CUDA = torch.cuda.is_available() and HAS_TRITON
-
 BF16 = torch.bfloat16
 TOL = 1e-2  # bf16 operands, float32 sums: the unfused path's tolerance (test_triton.py)
-
-GPU = pytest.param(
-    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
-)
-INTERPRETED = pytest.param(
-    "cpu", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 and Triton")
-)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(out).any(), "NaN in output"
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def assert_summed(s: torch.Tensor, s_ref: torch.Tensor, device: str) -> None:

@@ -5,25 +5,13 @@ under Triton's interpreter (TRITON_INTERPRET=1), skipped otherwise."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
+from tests.kernels.conftest import GPU, INTERPRETED, rel_err
 from worker_orcd.kernels.attention import AttentionMetadata, attention_ref
 from worker_orcd.kernels.rope import rope_cos_sin_cache
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
-CUDA = torch.cuda.is_available() and HAS_TRITON
-
-GPU = pytest.param(
-    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
-)
-INTERPRETED = pytest.param(
-    "cpu", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 and Triton")
-)
 # (query heads, KV heads, head dim, rotary dims): Qwen2.5's GQA, Phi-3's MHA, a partial rotary
 HEADS = {
     "cuda": [(14, 2, 64, 64), (32, 32, 96, 96), (4, 4, 96, 64)],
@@ -33,11 +21,6 @@ CONTEXTS = {
     "cuda": [[1], [37], [200], [200, 129, 256], [3000, 5, 777]],
     "cpu": [[1], [37], [150, 5]],
 }
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(out).any(), "NaN in output"
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def _decode_batch(ctx_lens: list[int], h: int, hk: int, d: int, device: str, dtype, page=16):
@@ -113,12 +96,12 @@ def test_rope_store_attend_equals_the_two_launches(
                 )
                 # v is only biased and stored; k is rotated as the RoPE kernel rotates it
                 assert torch.equal(vc, vc_ref), case
-                assert _rel(kc, kc_ref) < 1e-3, case
-                assert _rel(got, want) < 2e-3, case
-                assert _rel(got, full) < 1e-2, case
+                assert rel_err(kc, kc_ref) < 1e-3, case
+                assert rel_err(got, want) < 2e-3, case
+                assert rel_err(got, full) < 1e-2, case
                 if rounded is not None:
                     plain = decode_attention(q_rot, kc, vc, meta, scale, window, **kw)
-                    assert _rel(plain, got) < 2e-3, case
+                    assert rel_err(plain, got) < 2e-3, case
 
 
 @pytest.mark.parametrize("device", [GPU, INTERPRETED])

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tests.kernels.conftest import rel_err
 from worker_orcd import kernels
 from worker_orcd.kernels import rope_store_kv_ref
 from worker_orcd.kernels.activation import silu_and_mul_linear_ref, silu_and_mul_ref
@@ -21,11 +22,6 @@ pytestmark = [
 
 DEV = "cuda"
 BF16 = torch.bfloat16
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(out).any(), "NaN in output"
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("d", [64, 96, 896, 3072, 3001])

@@ -78,9 +78,9 @@ def gemv_config(qtype: GGMLQuantizationType, n: int, k: int, *, int8_x: bool = T
     rounded by its producer: 5.0 -> 4.0 and 6.4 -> 4.7 us, +5% at one Qwen Q4_K_M stream).
     A split of K is rounded to whole tiles, so for K = 896 it collapses to none. `early` where
     a program walks few steps along K: under 2048 rows or columns (Qwen2.5-0.5B's every weight;
-    H100, one Q4_K_M stream: Qwen +5.7%, and Phi-3 -2.5% with it on its 3072-8192 columns), but
-    not for Q5_K, which Qwen's file lacks and no run has measured with it. With int8_x=False, the
-    float kernels' own table."""
+    H100, one Q4_K_M stream: Qwen +3.9% on top of the 129-256-key decode graph, and Phi-3 -2.5%
+    with it on its 3072-8192 columns), but not for Q5_K, which Qwen's file lacks and no run has
+    measured with it. With int8_x=False, the float kernels' own table."""
     if not int8_x:
         return _float_gemv_config(qtype, n, k)
     early = qtype != Q.Q5_K and (n < 2048 or k < 2048)

@@ -693,10 +693,7 @@ def attention(
 ) -> torch.Tensor:
     """Causal attention of q over each sequence's cached context -> [T, H, D]; `rounded`: also
     written, the output rounded to int8 for the o projection (by the decode kernels themselves)."""
-    n_heads, n_kv = q.shape[1], k_cache.shape[1]
-    if n_heads % n_kv:
-        raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv} KV heads")
-    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    scale = _checked_scale(q, k_cache, scale)
     if meta.is_decode:
         return decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, rounded=rounded)
     if _is_fresh_prompt(meta, sliding_window):
@@ -706,6 +703,15 @@ def attention(
     if rounded is not None:
         round_x_reference(out.reshape(out.shape[0], -1), out=rounded)
     return out
+
+
+def _checked_scale(q: torch.Tensor, k_cache: torch.Tensor, scale: float | None) -> float:
+    """The softmax scale (default 1 / sqrt(D)), once the query heads are known to group evenly
+    over the KV heads."""
+    n_heads, n_kv = q.shape[1], k_cache.shape[1]
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv} KV heads")
+    return 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
 
 
 def rope_store_attend(
@@ -736,12 +742,9 @@ def rope_store_attend(
         return attention(
             q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window, rounded=rounded
         )
-    n_heads, n_kv = q.shape[1], k_cache.shape[1]
-    if n_heads % n_kv:
-        raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv} KV heads")
+    scale = _checked_scale(q, k_cache, scale)
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     assert bias is None or bias.is_contiguous()
-    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     fresh = FreshKV(k, v, positions, cos_sin, meta.slot_mapping, bias)
     return decode_attention(
         q, k_cache, v_cache, meta, scale, sliding_window, rounded=rounded, fresh=fresh

@@ -16,12 +16,10 @@ import logging
 import os
 import signal
 
-import uvicorn
-
 from worker_orcd.server import front_status
 from worker_orcd.server.front_app import REPLICA_FAILED, Front, create_front_app
 from worker_orcd.server.logs import configure_json_logging, log_event
-from worker_orcd.server.main import GRACEFUL_SHUTDOWN_S, _Server, listen, post_callback
+from worker_orcd.server.main import GRACEFUL_SHUTDOWN_S, listen, post_callback, start_serving
 from worker_orcd.server.options import ServerSettings
 from worker_orcd.server.replica_plan import plan_replicas
 from worker_orcd.server.replicas import ReplicaSet, ReplicaStartError
@@ -101,20 +99,8 @@ async def _run(settings: ServerSettings, replicas: ReplicaSet) -> int:
         front.shutting_down = True
         replicas.begin_stop()  # each replica ends its jobs: their streams end through us
 
-    config = uvicorn.Config(
-        create_front_app(front),
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
-    server = _Server(config, begin_shutdown)
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not serving.done():
-        await asyncio.sleep(0.005)
-    if server.started:
-        host, port = sock.getsockname()[:2]
-        uri = f"http://{host}:{port}"
+    server, serving, uri = await start_serving(create_front_app(front), sock, begin_shutdown)
+    if uri is not None:
         facts = await front_status.health(
             replicas, worker_id=wid, started=front.started, shutting_down=False
         )

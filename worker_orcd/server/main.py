@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import uvicorn
+from fastapi import FastAPI
 
 from worker_orcd.server.app import create_app
 from worker_orcd.server.jobs import Scheduler
@@ -146,6 +147,28 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
+async def start_serving(
+    app: FastAPI, sock: socket.socket, on_first_signal: Callable[[int], None]
+) -> tuple[_Server, asyncio.Task[None], str | None]:
+    """uvicorn serving `app` on `sock`, SIGINT/SIGTERM handed to `on_first_signal`, once it has
+    started: (the server, its task, the URI it serves at, or None where it stopped first)."""
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    server = _Server(config, on_first_signal)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.005)
+    if not server.started:
+        return server, serving, None
+    host, port = sock.getsockname()[:2]
+    return server, serving, f"http://{host}:{port}"
+
+
 async def _serve(worker: Worker, sock: socket.socket) -> int:
     settings, wid = worker.settings, worker.settings.worker_id
     exit_code = 0
@@ -164,20 +187,8 @@ async def _serve(worker: Worker, sock: socket.socket) -> int:
         worker.shutting_down = True
         worker.scheduler.shutdown()
 
-    config = uvicorn.Config(
-        create_app(worker),
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
-    server = _Server(config, begin_shutdown)
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not serving.done():
-        await asyncio.sleep(0.005)
-    if server.started:
-        host, port = sock.getsockname()[:2]
-        uri = f"http://{host}:{port}"
+    server, serving, uri = await start_serving(create_app(worker), sock, begin_shutdown)
+    if uri is not None:
         log_event(
             logger,
             "ready",

@@ -35,6 +35,8 @@ pytestmark = [
 
 DEV = torch.device("cuda")
 MAX_SEQS = 24
+# cache slots a sequence may fill: its prompt (under 300 tokens, `_seqs`) and the decoded token
+SLOTS_PER_SEQ = 320
 # Two best logits within this many bf16 steps of their size are a near-tie that the rounding of
 # another batch shape may flip (the logits, bf16, are a few tens after the head's scaling).
 NEAR_TIE_ULPS = 4
@@ -68,7 +70,7 @@ def _seqs(n: int, vocab: int, gen: torch.Generator) -> list[Sequence]:
 
 @pytest.mark.parametrize("preset", ["qwen2.5-0.5b", "phi3-mini"])
 def test_every_decode_bucket_replays_like_eager_and_like_each_sequence_alone(preset: str) -> None:
-    model, config, kv = _model(preset, 2, MAX_SEQS * 320)
+    model, config, kv = _model(preset, 2, MAX_SEQS * SLOTS_PER_SEQ)
     buckets = decode_buckets(MAX_SEQS)
     graphs = CudaGraphRunner.create(model, kv, batch_sizes=buckets, prompt_buckets=(16,))
     assert graphs is not None
@@ -78,7 +80,7 @@ def test_every_decode_bucket_replays_like_eager_and_like_each_sequence_alone(pre
     gen = torch.Generator().manual_seed(1)
     for n in sorted({1, 3, *buckets}):
         seqs = _seqs(n, config.vocab_size, gen)
-        per = -(-320 // kv.block_size)
+        per = -(-SLOTS_PER_SEQ // kv.block_size)
         for i, s in enumerate(seqs):  # interleaved, non-contiguous blocks
             s.block_table = blocks[i::MAX_SEQS][:per]
         with torch.inference_mode():

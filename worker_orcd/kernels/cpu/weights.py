@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from worker_orcd.kernels.cpu import ops
+from worker_orcd.kernels.shards import bytes_by_type, stack_rows
+from worker_orcd.kernels.shards import nbytes as shard_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -95,26 +97,16 @@ class CpuPackedWeight:
     @classmethod
     def pack(cls, shards: list[CpuShard]) -> CpuPackedWeight:
         """Shards in row order (each kept as it is)."""
-        k = _cols(shards[0])
-        parts: list[tuple[int, CpuShard]] = []
-        row = 0
-        for s in shards:
-            if _cols(s) != k:
-                raise ValueError(f"shards of a packed weight must share k={k}, got {_cols(s)}")
-            parts.append((row, s))
-            row += _rows(s)
-        return cls(parts, row, k)
+        parts, n, k = stack_rows(shards)
+        return cls(parts, n, k)
 
     @property
     def nbytes(self) -> int:
-        return sum(_nbytes(s) for _, s in self.parts)
+        return sum(shard_nbytes(s) for _, s in self.parts)
 
     def quant_mix(self) -> Counter[str]:
         """Bytes per storage type ("Q5_0", "float32", ...)."""
-        mix: Counter[str] = Counter()
-        for _, s in self.parts:
-            mix[_type_name(s)] += _nbytes(s)
-        return mix
+        return bytes_by_type(self.parts)
 
     def takes_rounded_x(self, m: int, device: torch.device) -> bool:
         """The CPU kernels round x themselves (once per call): never."""
@@ -161,21 +153,3 @@ class CpuPackedWeight:
             if b is not None:
                 y += b
         return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*lead, self.n)
-
-
-def _rows(s: CpuShard) -> int:
-    return s.n if isinstance(s, CpuQuantizedWeight) else s.shape[0]
-
-
-def _cols(s: CpuShard) -> int:
-    return s.k if isinstance(s, CpuQuantizedWeight) else s.shape[1]
-
-
-def _nbytes(s: CpuShard) -> int:
-    return s.nbytes if isinstance(s, CpuQuantizedWeight) else s.numel() * s.element_size()
-
-
-def _type_name(s: CpuShard) -> str:
-    if isinstance(s, CpuQuantizedWeight):
-        return s.qtype.name
-    return str(s.dtype).removeprefix("torch.")

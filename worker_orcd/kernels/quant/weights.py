@@ -29,6 +29,9 @@ from worker_orcd.kernels.quant.ops import (
     quant_matmul,
     takes_rounded_x,
 )
+from worker_orcd.kernels.shards import bytes_by_type, stack_rows
+from worker_orcd.kernels.shards import nbytes as shard_nbytes
+from worker_orcd.kernels.shards import rows as shard_rows
 
 logger = logging.getLogger(__name__)
 
@@ -143,26 +146,16 @@ class PackedWeight:
                 merged[-1] = QuantizedWeight.cat_rows([prev, s])
             else:
                 merged.append(s)
-        k = _cols(merged[0])
-        parts: list[tuple[int, Shard]] = []
-        row = 0
-        for s in merged:
-            if _cols(s) != k:
-                raise ValueError(f"shards of a packed weight must share k={k}, got {_cols(s)}")
-            parts.append((row, s))
-            row += _rows(s)
-        return cls(row, k, parts)
+        parts, n, k = stack_rows(merged)
+        return cls(n, k, parts)
 
     @property
     def nbytes(self) -> int:
-        return sum(_nbytes(s) for _, s in self.parts)
+        return sum(shard_nbytes(s) for _, s in self.parts)
 
     def quant_mix(self) -> Counter[str]:
         """Bytes per storage type ("Q4_K", "bfloat16", ...)."""
-        mix: Counter[str] = Counter()
-        for _, s in self.parts:
-            mix[_type_name(s)] += _nbytes(s)
-        return mix
+        return bytes_by_type(self.parts)
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of a single-part weight (an embedding table), dequantized: [*ids, k]."""
@@ -224,7 +217,7 @@ class PackedWeight:
             # prefill: every part into one scratch weight, then one cuBLAS matmul
             w = SCRATCH.get((self.n, self.k), x.dtype, x.device)
             for row, s in self.parts:
-                dst = w[row : row + _rows(s)]
+                dst = w[row : row + shard_rows(s)]
                 if isinstance(s, QuantizedWeight):
                     dequantize_planes(s.planes, s.qtype, s.n, s.k, out=dst)
                 else:
@@ -233,7 +226,7 @@ class PackedWeight:
         else:
             y = torch.empty((m, self.n), dtype=x.dtype, device=x.device)
             for row, s in self.parts:
-                _matmul_part(x2, s, y[:, row : row + _rows(s)], rounded)
+                _matmul_part(x2, s, y[:, row : row + shard_rows(s)], rounded)
         if bias is not None:
             y += bias
         return y.view(*lead, self.n)
@@ -248,19 +241,3 @@ def _matmul_part(
     if out is None:
         return y
     return out.copy_(y)
-
-
-def _rows(s: Shard) -> int:
-    return s.n if isinstance(s, QuantizedWeight) else s.shape[0]
-
-
-def _cols(s: Shard) -> int:
-    return s.k if isinstance(s, QuantizedWeight) else s.shape[1]
-
-
-def _nbytes(s: Shard) -> int:
-    return s.nbytes if isinstance(s, QuantizedWeight) else s.numel() * s.element_size()
-
-
-def _type_name(s: Shard) -> str:
-    return s.qtype.name if isinstance(s, QuantizedWeight) else str(s.dtype).removeprefix("torch.")

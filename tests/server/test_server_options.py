@@ -3,6 +3,9 @@ Engine.load, reported."""
 
 from __future__ import annotations
 
+import logging
+import socket
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -10,6 +13,7 @@ import pytest
 
 from worker_orcd import cli
 from worker_orcd.server import loading
+from worker_orcd.server.main import bind_or_log
 from worker_orcd.server.options import ServerSettings
 
 
@@ -128,3 +132,24 @@ def test_model_facts_report_weights_and_their_mix(monkeypatch: pytest.MonkeyPatc
     facts = loading.model_facts(SimpleNamespace(info=lambda: info), _serve_settings())
     assert (facts.quant_kind, facts.weights) == ("Q4_K_M", "quantized")
     assert facts.weight_mix == {"Q4_K": 100, "float32": 20}
+
+
+def test_a_taken_port_is_one_bind_failed_line(caplog: pytest.LogCaptureFixture) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        settings = _serve_settings("--host", "127.0.0.1", "--worker-id", "w")
+        settings = replace(settings, port=port)
+        with caplog.at_level(logging.INFO, logger="worker_orcd"):
+            assert bind_or_log(settings) is None
+    finally:
+        taken.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error worker_id=w code=BIND_FAILED host=127.0.0.1 port={port} ")
+    # the port free again: the same settings bind
+    sock = bind_or_log(settings)
+    assert sock is not None and sock.getsockname()[1] == port
+    sock.close()

@@ -19,7 +19,12 @@ import signal
 from worker_orcd.server import front_status
 from worker_orcd.server.front_app import REPLICA_FAILED, Front, create_front_app
 from worker_orcd.server.logs import configure_json_logging, log_event
-from worker_orcd.server.main import GRACEFUL_SHUTDOWN_S, listen, post_callback, start_serving
+from worker_orcd.server.main import (
+    GRACEFUL_SHUTDOWN_S,
+    bind_or_log,
+    post_callback,
+    start_serving,
+)
 from worker_orcd.server.options import ServerSettings
 from worker_orcd.server.replica_plan import plan_replicas
 from worker_orcd.server.replicas import ReplicaSet, ReplicaStartError
@@ -76,19 +81,8 @@ async def _run(settings: ServerSettings, replicas: ReplicaSet) -> int:
     failed = await _start(replicas, wid)
     if failed is not None:
         return failed
-    try:
-        sock = listen(settings.host, settings.port)
-    except OSError as exc:
-        log_event(
-            logger,
-            "error",
-            worker_id=wid,
-            code="BIND_FAILED",
-            host=settings.host,
-            port=settings.port,
-            message=str(exc),
-            level=logging.ERROR,
-        )
+    sock = bind_or_log(settings)
+    if sock is None:
         await replicas.stop()
         return 1
     front = Front(settings, replicas)

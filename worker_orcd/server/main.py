@@ -67,19 +67,8 @@ def serve(args: argparse.Namespace) -> int:
     engine = load_engine(settings)
     if engine is None:
         return 1
-    try:
-        sock = listen(settings.host, settings.port)
-    except OSError as exc:
-        log_event(
-            logger,
-            "error",
-            worker_id=wid,
-            code="BIND_FAILED",
-            host=settings.host,
-            port=settings.port,
-            message=str(exc),
-            level=logging.ERROR,
-        )
+    sock = bind_or_log(settings)
+    if sock is None:
         return 1
     facts = model_facts(engine, settings)
     metrics = Metrics(gpu_memory_bytes=lambda: gpu_memory_bytes(facts.device))
@@ -118,6 +107,25 @@ def listen(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def bind_or_log(settings: ServerSettings) -> socket.socket | None:
+    """`listen` on the settings' host and port, or None after logging why it could not
+    (BIND_FAILED: the port taken, an unknown host, ...)."""
+    try:
+        return listen(settings.host, settings.port)
+    except OSError as exc:
+        log_event(
+            logger,
+            "error",
+            worker_id=settings.worker_id,
+            code="BIND_FAILED",
+            host=settings.host,
+            port=settings.port,
+            message=str(exc),
+            level=logging.ERROR,
+        )
+        return None
 
 
 class _Server(uvicorn.Server):

@@ -102,8 +102,8 @@ def _rotated(row, b_row, cols, partner, cos, sin, first, mask, HAS_BIAS: tl.cons
     """Columns cols of the head(s) at `row` (plus the bias at `b_row`, rounded to x's dtype
     first) rotated as the RoPE kernel rotates them, in float32: x1 cos - x2 sin in the first
     half, x2 cos + x1 sin in the second."""
-    x = norm_in.norm_in(row, b_row, cols, mask, HAS_BIAS).to(tl.float32)
-    xp = norm_in.norm_in(row, b_row, partner, mask, HAS_BIAS).to(tl.float32)
+    x = rope.load_biased(row, b_row, cols, mask, HAS_BIAS)
+    xp = rope.load_biased(row, b_row, partner, mask, HAS_BIAS)
     return tl.where(first, x * cos - xp * sin, x * cos + xp * sin)
 
 

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 @triton.jit
-def _load_biased(src, b, i, mask, HAS_BIAS: tl.constexpr):
+def load_biased(src, b, i, mask, HAS_BIAS: tl.constexpr):
     """x[i] in float32; with a bias, x + b rounded to x's dtype first, as the projection's output
     plus its bias is when added apart (one torch add): the residual add of `norm_in`."""
     return norm_in.norm_in(src, b, i, mask, HAS_BIAS).to(tl.float32)
@@ -49,15 +49,15 @@ def _rotate_head(
     ([BLOCK_HALF] each, `_cos_sin`)."""
     i = tl.arange(0, BLOCK_HALF)
     hm = i < HALF
-    x1 = _load_biased(src, b, i, hm, HAS_BIAS)
-    x2 = _load_biased(src, b, HALF + i, hm, HAS_BIAS)
+    x1 = load_biased(src, b, i, hm, HAS_BIAS)
+    x2 = load_biased(src, b, HALF + i, hm, HAS_BIAS)
     ty = dst.dtype.element_ty
     tl.store(dst + i, (x1 * cos - x2 * sin).to(ty), mask=hm)
     tl.store(dst + HALF + i, (x2 * cos + x1 * sin).to(ty), mask=hm)
     if 2 * HALF < D:  # partial rotary: the tail passes through
         j = 2 * HALF + tl.arange(0, BLOCK_D)
         jm = j < D
-        tl.store(dst + j, _load_biased(src, b, j, jm, HAS_BIAS).to(ty), mask=jm)
+        tl.store(dst + j, load_biased(src, b, j, jm, HAS_BIAS).to(ty), mask=jm)
 
 
 @triton.jit
@@ -129,7 +129,7 @@ def _rope_kernel(
                 )
                 j = tl.arange(0, BLOCK_D)
                 jm = j < D
-                v = _load_biased(v_ptr + t * stride_vt + hk * D, kb + HK * D, j, jm, HAS_BIAS)
+                v = load_biased(v_ptr + t * stride_vt + hk * D, kb + HK * D, j, jm, HAS_BIAS)
                 tl.store(vc_ptr + (slot * HK + hk) * D + j, v.to(vc_ptr.dtype.element_ty), mask=jm)
         else:
             _rotate_head(

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.kernels.conftest import GPU, INTERPRETED, rel_err
-from worker_orcd.kernels.attention import AttentionMetadata, attention_ref
+from tests.kernels.conftest import GPU, INTERPRETED, rel_err, scattered_metadata
+from worker_orcd.kernels.attention import attention_ref
 from worker_orcd.kernels.rope import rope_cos_sin_cache
 
 # (query heads, KV heads, head dim, rotary dims): Qwen2.5's GQA, Phi-3's MHA, a partial rotary
@@ -32,29 +32,8 @@ def _decode_batch(ctx_lens: list[int], h: int, hk: int, d: int, device: str, dty
     kc = torch.randn(n_blocks * page, hk, d, generator=g).to(device, dtype)
     vc = torch.randn(n_blocks * page, hk, d, generator=g).to(device, dtype)
     free = torch.randperm(n_blocks, generator=g).tolist()
-    tables, kv_slots, slots = [], [], []
-    for c in ctx_lens:
-        table = [free.pop() for _ in range(-(-c // page))]
-        tables.append(table)
-        s = [table[p // page] * page + p % page for p in range(c)]
-        kv_slots.append(torch.tensor(s, device=device))
-        slots.append(s[-1])
-    width = max(len(t) for t in tables)
-    bt = [t + [-1] * (width - len(t)) for t in tables]
     b = len(ctx_lens)
-    qs = list(range(b + 1))
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, device=device),
-        query_start=qs,
-        context_lens=list(ctx_lens),
-        kv_slots=kv_slots,
-        query_start_t=torch.tensor(qs, dtype=torch.int32, device=device),
-        context_lens_t=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(bt, dtype=torch.int32, device=device),
-        block_size=page,
-        max_query_len=1,
-        max_context_len=max(ctx_lens),
-    )
+    meta = scattered_metadata(ctx_lens, [1] * b, page, free, device)
     qkv = torch.randn(b, (h + 2 * hk) * d, generator=g).to(device, dtype)
     q = qkv[:, : h * d].view(b, h, d)
     k = qkv[:, h * d : (h + hk) * d].view(b, hk, d)

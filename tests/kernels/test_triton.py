@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.kernels.conftest import rel_err
+from tests.kernels.conftest import rel_err, scattered_metadata
 from worker_orcd import kernels
 from worker_orcd.kernels import rope_store_kv_ref
 from worker_orcd.kernels.activation import silu_and_mul_linear_ref, silu_and_mul_ref
@@ -112,30 +112,8 @@ def _paged_batch(
     n_blocks = sum(-(-c // page) for c in ctx_lens) + 2
     kc = torch.randn(n_blocks * page, hk, d, device=DEV, dtype=BF16)
     vc = torch.randn(n_blocks * page, hk, d, device=DEV, dtype=BF16)
-    free = torch.randperm(n_blocks).tolist()
-    tables, kv_slots, slots, qs = [], [], [], [0]
-    for c, ql in zip(ctx_lens, q_lens, strict=True):
-        table = [free.pop() for _ in range(-(-c // page))]
-        tables.append(table)
-        s = torch.tensor([table[p // page] * page + p % page for p in range(c)], device=DEV)
-        kv_slots.append(s)
-        slots += s[c - ql :].tolist()
-        qs.append(qs[-1] + ql)
-    width = max(len(t) for t in tables)
-    bt = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEV)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, device=DEV),
-        query_start=qs,
-        context_lens=list(ctx_lens),
-        kv_slots=kv_slots,
-        query_start_t=torch.tensor(qs, dtype=torch.int32, device=DEV),
-        context_lens_t=torch.tensor(ctx_lens, dtype=torch.int32, device=DEV),
-        block_tables=bt,
-        block_size=page,
-        max_query_len=max(q_lens),
-        max_context_len=max(ctx_lens),
-    )
-    q = torch.randn(qs[-1], h, d, device=DEV, dtype=BF16)
+    meta = scattered_metadata(ctx_lens, q_lens, page, torch.randperm(n_blocks).tolist(), DEV)
+    q = torch.randn(sum(q_lens), h, d, device=DEV, dtype=BF16)
     return q, kc, vc, meta
 
 

@@ -201,8 +201,9 @@ class Worker:
             max_tokens = min(self.settings.max_tokens_out, room)
         try:
             self.engine.check_fits(n_prompt, max_tokens)
-        except InvalidRequestError as exc:
-            raise RequestValidationError([FieldError("prompt", exc.message)]) from exc
+        except InvalidRequestError as exc:  # "prompt of N tokens + ...": the field leads already
+            constraint = exc.message.removeprefix("prompt ")
+            raise RequestValidationError([FieldError("prompt", constraint)]) from exc
         return max_tokens
 
     def cancel_on_exit(self, job: Job) -> None:

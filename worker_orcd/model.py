@@ -24,7 +24,9 @@ from torch import nn
 from worker_orcd import kernels
 from worker_orcd.config import ModelConfig
 from worker_orcd.kernels import AttentionMetadata
+from worker_orcd.kernels.quant import ahead
 from worker_orcd.kernels.quant.ops import RoundedX
+from worker_orcd.kernels.quant.weights import PackedWeight, QuantizedWeight
 from worker_orcd.layers import (
     Attention,
     GateUpLinear,
@@ -297,5 +299,25 @@ class CausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.model.layers]
 
     def finish_loading(self) -> None:
-        """Build what derives from loaded weights (the LongRoPE cos/sin cache)."""
+        """Build what derives from loaded weights (the LongRoPE cos/sin cache; where turned on,
+        each GEMV weight's link to the next, `ahead`)."""
         self.model.rotary_emb.build()
+        linked = ahead.link(self.gemv_weights())
+        if linked:
+            logger.info("%d GEMV weights linked to the next one for L2", linked)
+
+    def gemv_weights(self) -> list[QuantizedWeight]:
+        """The device-quantized weights a decode step's GEMVs read, one per launch, in the order
+        they run: each layer's qkv, o, gate/up and down parts, then the output head."""
+        linears: list[Linear | LMHead] = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        linears.append(self.lm_head)
+        return [
+            part
+            for lin in linears
+            if isinstance(lin.quantized, PackedWeight)
+            for _, part in lin.quantized.parts
+            if isinstance(part, QuantizedWeight)
+        ]

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels.quant.words import byte_at, f16_at, f16_bits
-from worker_orcd.kernels.triton import norm_in, pdl
+from worker_orcd.kernels.triton import l2_ahead, norm_in, pdl
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ def gemv_q8_0_i8_kernel(
     r_ptr=None, g_ptr=None, s_ptr=None, stride_rm=0, eps=0.0, NORM: tl.constexpr = False,
     HAS_RESIDUAL: tl.constexpr = False, WRITE_SUM: tl.constexpr = False,
     NORM_BLOCK: tl.constexpr = 1024, EARLY: tl.constexpr = False,
+    ah_a=None, ah_a_lines=0, ah_b=None, ah_b_lines=0, AHEAD: tl.constexpr = 0,
 ):  # fmt: skip
     # qs int32 [N, K / 4]; tile [BLOCK_N rows, BLOCKS blocks, 8 words]. With NORM the input is
     # rms_norm(x + residual) * g (`ops.NormIn`), computed here (K <= NORM_BLOCK).
@@ -254,6 +255,7 @@ def gemv_q8_0_i8_kernel(
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 4), 8)  # rows of 32-byte blocks
     if EARLY:
         q, d = _q8_0_tiles(qs_row, d_ptr, r64, nb, lo_u, hi_u, b, t, D_WORDS)
+    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 1)  # START
     pdl.prologue(PDL)
     r_row, rstd = _norm_rstd(
         x_row, r_ptr, s_ptr, pid_m, M, K, stride_rm, eps, NORM, HAS_RESIDUAL, WRITE_SUM, NORM_BLOCK
@@ -273,6 +275,7 @@ def gemv_q8_0_i8_kernel(
             PREQ, NORM, HAS_RESIDUAL, ASM,
         )  # fmt: skip
     _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
+    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 2)  # END
 
 
 @triton.jit
@@ -337,6 +340,7 @@ def _gemv_q4_q5_0_i8(
     r_ptr=None, g_ptr=None, s_ptr=None, stride_rm=0, eps=0.0, NORM: tl.constexpr = False,
     HAS_RESIDUAL: tl.constexpr = False, WRITE_SUM: tl.constexpr = False,
     NORM_BLOCK: tl.constexpr = 1024, EARLY: tl.constexpr = False,
+    ah_a=None, ah_a_lines=0, ah_b=None, ah_b_lines=0, AHEAD: tl.constexpr = 0,
 ):  # fmt: skip
     # qs int32 [N, K / 8]: word t of a block holds elements 4t + i (low nibbles) and 16 + 4t + i
     # (high); Q5_0's qh word per block has their fifth bits at bits 8i + t and 8i + 4 + t. NORM:
@@ -350,6 +354,7 @@ def _gemv_q4_q5_0_i8(
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 8), 4)  # rows of 16-byte blocks
     if EARLY:
         q, h = _q4_q5_0_tiles(qs_row, qh_ptr, r64, nb, lo_u, hi_u, b, t, HAS_QH)
+    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 1)  # START
     pdl.prologue(PDL)
     r_row, rstd = _norm_rstd(
         x_row, r_ptr, s_ptr, pid_m, M, K, stride_rm, eps, NORM, HAS_RESIDUAL, WRITE_SUM, NORM_BLOCK
@@ -369,6 +374,7 @@ def _gemv_q4_q5_0_i8(
             pid_m, nb, HAS_QH, PREQ, NORM, HAS_RESIDUAL, ASM, D_WORDS,
         )  # fmt: skip
     _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
+    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 2)  # END
 
 
 @triton.jit
@@ -454,6 +460,7 @@ def _gemv_q4_q5_k_i8(
     HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, SUPER: tl.constexpr, ASM: tl.constexpr,
     STAGES: tl.constexpr, PREQ: tl.constexpr, PDL: tl.constexpr,
     EARLY: tl.constexpr = False,
+    ah_a=None, ah_a_lines=0, ah_b=None, ah_b_lines=0, AHEAD: tl.constexpr = 0,
 ):  # fmt: skip
     # tile [BLOCK_N rows, 4 * SUPER chunks, 8 words]: chunk g = 4s + c of a step is 32 bytes of
     # qs, sub-blocks 2c (low nibbles) and 2c + 1 (high) of super-block s; sc int32 [N, ns * 3]
@@ -473,6 +480,7 @@ def _gemv_q4_q5_k_i8(
     qh_row = qh_ptr + tl.multiple_of(r64 * (K // 32), 8)
     if EARLY:
         q, h = _q4k_tiles(qs_row, qh_row, lo_u, hi_u, g, c, t, HAS_QH)
+    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 1)  # START
     pdl.prologue(PDL)
     acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
     start = lo_u
@@ -489,6 +497,7 @@ def _gemv_q4_q5_k_i8(
             g, c, t, i32, HAS_QH, PREQ, ASM,
         )  # fmt: skip
     _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
+    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 2)  # END
 
 
 @triton.jit
@@ -554,6 +563,7 @@ def gemv_q6_k_i8_kernel(
     BLOCK_N: tl.constexpr, HALVES: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
     PREQ: tl.constexpr, D_WORDS: tl.constexpr, PDL: tl.constexpr,
     EARLY: tl.constexpr = False,
+    ah_a=None, ah_a_lines=0, ah_b=None, ah_b_lines=0, AHEAD: tl.constexpr = 0,
 ):  # fmt: skip
     # tile [BLOCK_N rows, HALVES halves of 128, 2 (u), 4 (v)]: with t = 4u + v, words a = ql word
     # t and b = ql word 8 + t of the half, h = qh word t give in byte i the quants of elements
@@ -575,6 +585,7 @@ def gemv_q6_k_i8_kernel(
         a, b, h, sw0, sw1, d = _q6_k_tiles(
             ql_row, qh_row, sc_ptr, d_ptr, r64, K, lo_u, hi_u, hh_, tt, D_WORDS
         )
+    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 1)  # START
     pdl.prologue(PDL)
     acc = tl.zeros([BLOCK_N, HALVES], dtype=tl.float32)
     start = lo_u
@@ -593,6 +604,7 @@ def gemv_q6_k_i8_kernel(
             pid_m, K, PREQ, ASM,
         )  # fmt: skip
     _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
+    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 2)  # END
 
 
 def asm_dp4a(device_type: str) -> bool:

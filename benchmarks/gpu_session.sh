@@ -25,8 +25,8 @@ if [ -d .whl ]; then
 fi
 LIMIT=${LIMIT:-420}
 summary="$OUT/summary.txt"
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; } \
-    | tee "$summary"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  env | grep '^WORKER_ORCD_' | grep -v '^WORKER_ORCD_CACHE='; } | tee "$summary"
 run() {  # name, command...
     local name=$1; shift
     local t0=$SECONDS

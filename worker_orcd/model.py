@@ -302,22 +302,23 @@ class CausalLM(nn.Module):
         """Build what derives from loaded weights (the LongRoPE cos/sin cache; where turned on,
         each GEMV weight's link to the next, `ahead`)."""
         self.model.rotary_emb.build()
-        linked = ahead.link(self.gemv_weights())
+        linked = ahead.link([w for w in self.gemv_weights() if ahead.planes(w)[0].is_cuda])
         if linked:
             logger.info("%d GEMV weights linked to the next one for L2", linked)
 
-    def gemv_weights(self) -> list[QuantizedWeight]:
-        """The device-quantized weights a decode step's GEMVs read, one per launch, in the order
-        they run: each layer's qkv, o, gate/up and down parts, then the output head."""
+    def gemv_weights(self) -> list[QuantizedWeight | torch.Tensor]:
+        """The weights a decode step's projections read, one per launch, in the order they run:
+        each layer's qkv, o, gate/up and down (the parts of a quantized one), then the output
+        head. A CPU model's blocks (no device GEMVs) are left out."""
         linears: list[Linear | LMHead] = []
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
         linears.append(self.lm_head)
-        return [
-            part
-            for lin in linears
-            if isinstance(lin.quantized, PackedWeight)
-            for _, part in lin.quantized.parts
-            if isinstance(part, QuantizedWeight)
-        ]
+        weights: list[QuantizedWeight | torch.Tensor] = []
+        for lin in linears:
+            if isinstance(lin.quantized, PackedWeight):
+                weights += [s for _, s in lin.quantized.parts if isinstance(s, QuantizedWeight)]
+            elif lin.quantized is None and not lin.weight.is_meta:
+                weights.append(lin.weight)
+        return weights

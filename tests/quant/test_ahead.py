@@ -85,13 +85,30 @@ def test_step_weights_ring_in_the_order_a_step_reads_them(l2_mode) -> None:  # n
     assert weights[-1] is model.lm_head.quantized.parts[0][1]
 
     l2_mode(None)
-    assert ahead.link(weights) == 0 and all(w.ahead is None for w in weights)
+    assert ahead.link(weights) == 0 and all(w.l2_ahead is None for w in weights)
     l2_mode("end:1")
     assert ahead.link(weights) == len(weights)
     for w, nxt in zip(weights, weights[1:] + weights[:1], strict=True):
         largest = max(nxt.planes.values(), key=lambda t: t.nbytes)
-        assert w.ahead.a.data_ptr() == largest.data_ptr()
-        assert 0 < w.ahead.nbytes <= min(1 << 20, sum(t.nbytes for t in nxt.planes.values()))
+        assert w.l2_ahead.a.data_ptr() == largest.data_ptr()
+        assert 0 < w.l2_ahead.nbytes <= min(1 << 20, sum(t.nbytes for t in nxt.planes.values()))
+
+
+def test_dense_step_weights_are_the_projection_weights_in_order() -> None:
+    config = dataclasses.replace(PRESETS["phi3-mini"], n_layers=2, vocab_size=512, hidden_size=256,
+                                 n_heads=4, n_kv_heads=4, head_dim=64, rope_dim=64,
+                                 intermediate_size=512)  # fmt: skip
+    model = build_model(config, device=torch.device("cpu"), dtype=torch.float32, max_positions=16)
+    expected = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        expected += [attn.qkv_proj.weight, attn.o_proj.weight, mlp.gate_up_proj.weight]
+        expected.append(mlp.down_proj.weight)
+    weights = model.gemv_weights()
+    assert [w.shape for w in weights] == [(768, 256), (256, 256), (1024, 256), (256, 512)] * 2 + [
+        (512, 256)
+    ]
+    assert all(a is b for a, b in zip(weights, [*expected, model.lm_head.weight], strict=True))
 
 
 # -- GPU ------------------------------------------------------------------------------------------
@@ -119,3 +136,49 @@ def test_prefetching_gemvs_are_bit_equal(qtype: Q, l2_mode) -> None:  # noqa: AN
                     near = ahead.Ahead.of(list(nxt.values()), ahead.setting()[1])
                     y = quant_gemv(x, planes, qtype, n, k, config=c, ahead=near)
                     assert torch.equal(y, plain), (qtype.name, n, k, m, c, mode)
+
+
+@gpu
+@needs_cuda
+def test_prefetching_dense_projections_are_bit_equal(l2_mode) -> None:  # noqa: ANN001
+    """The bf16 GEMV (one row: plain, SwiGLU in, norm in, qkv + RoPE + cache write) and the
+    few-row kernels (plain, qkv + RoPE) with `l2_ahead` on their weight: bit for bit the same."""
+    from worker_orcd.kernels.rope import rope_cos_sin_cache
+    from worker_orcd.kernels.triton import gemv
+
+    bf16 = torch.bfloat16
+    nxt = torch.randn(16384, 3072, device="cuda", dtype=bf16)  # 100 MB, cut to the cap
+    h, hk, d, k = 14, 2, 64, 896  # Qwen2.5-0.5B's attention
+    n = (h + 2 * hk) * d
+    cos_sin = rope_cos_sin_cache(d, 4096, 1e6, device="cuda")
+    w_qkv = torch.randn(n, k, device="cuda", dtype=bf16) * 0.05
+    w_big = torch.randn(3072, 8192, device="cuda", dtype=bf16) * 0.02
+    g = 1 + 0.1 * torch.randn(k, device="cuda", dtype=bf16)
+
+    def run(rows: int) -> list[torch.Tensor]:
+        gen = torch.Generator(device="cuda").manual_seed(rows)
+        x = torch.randn(rows, k, device="cuda", generator=gen).to(bf16)
+        r = torch.randn(rows, k, device="cuda", generator=gen).to(bf16)
+        gate_up = torch.randn(rows, 2 * 8192, device="cuda", generator=gen).to(bf16)
+        caches = [torch.zeros(64, hk, d, device="cuda", dtype=bf16) for _ in range(2)]
+        positions = torch.arange(rows, device="cuda") + 100
+        slots = torch.arange(rows, device="cuda") * 3
+        q, s = gemv.norm_qkv_rope_store(
+            x, r, g, 1e-6, w_qkv, None, positions, cos_sin, *caches, slots
+        )
+        outs = [q, s, *caches, gemv.linear(gate_up[:, :8192], w_big)]
+        if rows == 1:
+            outs.append(gemv.silu_and_mul_linear(gate_up, w_big))
+            outs += list(gemv.add_rms_norm_linear(x, r, g, 1e-6, w_qkv))
+        return outs
+
+    for rows in (1, 4, 8):
+        l2_mode(None)
+        plain = run(rows)
+        for mode in ("start", "end:8"):
+            l2_mode(mode)
+            for w in (w_qkv, w_big):
+                w.l2_ahead = ahead.Ahead.of([nxt], ahead.setting()[1])
+            for a, b in zip(run(rows), plain, strict=True):
+                assert torch.equal(a, b), (rows, mode)
+            del w_qkv.l2_ahead, w_big.l2_ahead

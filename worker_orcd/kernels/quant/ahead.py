@@ -1,18 +1,22 @@
-"""The next weight of a decode step asked into L2 by the GEMV before it ("ahead"): host side.
+"""The next weight of a decode step asked into L2 by the projection before it ("ahead"): host side.
 
-A batch-1 decode step on quantized weights alternates GEMVs, each a few microseconds of reading a
-weight at half the copy bandwidth or less, with small kernels (norm, RoPE, attention, SwiGLU) that
-move almost no bytes. Memory is idle during the small kernels and during each GEMV's ramp and
-tail. Here a GEMV's programs also issue `prefetch.global.L2` for their share of the weight that
-the step's next GEMV reads (one 128-byte line per thread and instruction, no registers written),
-so those bytes stream in while the small kernels run, and the next GEMV's loads hit L2.
+A decode step alternates projections, each a few microseconds of reading a weight at 50-90% of
+the copy bandwidth, with small kernels (norm, RoPE, attention, SwiGLU) that move almost no bytes;
+memory idles through those and through each projection's ramp and tail. With this on, the
+programs of a projection kernel also issue `prefetch.global.L2` for their share of the weight
+that the step's next projection reads (one 128-byte line per thread and instruction, no register
+written), so those bytes stream in while the small kernels run and the next projection's loads
+hit L2. The kernels that do it: the int8 GEMVs of quantized weights (`gemv_i8`, one to three
+rows), and for bf16 weights the GEMV and the few-row kernels (`triton.gemv`, `triton.gemv_rows`,
+1 to 16 rows); the small-batch quantized kernels and cuBLAS do not.
 
 Nothing writes a weight, so the prefetches may go before the PDL wait (`START`: under the previous
-kernel's tail, competing with this GEMV's own first loads) or after the program's store (`END`:
+kernel's tail, competing with this kernel's own first loads) or after the program's store (`END`:
 programs that finish early fill the launch's tail). `WORKER_ORCD_L2_AHEAD` picks one, `start` or
 `end`, optionally with a cap in MB on the bytes asked for per weight (`end:16`; default 24), and
-is off when unset or 0: a measurement has yet to decide. The weights are linked in the order a
-step reads them (`link`, from `CausalLM.finish_loading`); the prefetch changes no result.
+is off when unset or 0: a measurement has yet to decide. `CausalLM.finish_loading` links the
+weights in the order a step reads them (`link`; each gets `l2_ahead`); the prefetch changes no
+result.
 """
 
 from __future__ import annotations
@@ -95,14 +99,24 @@ def launch_args(ahead: Ahead | None, like: torch.Tensor, device: torch.device) -
     )
 
 
+def planes(w: object) -> list[torch.Tensor]:
+    """The tensors of a weight: a quantized weight's planes, or a dense weight itself."""
+    planes = getattr(w, "planes", None)
+    return list(planes.values()) if planes is not None else [w]
+
+
 def link(weights: list[object]) -> int:
-    """Give each quantized weight of `weights` (a step's GEMV weights in the order it reads them,
-    each with `.ahead` and `.planes`; None for a dense one) the regions of the next one, the last
-    the first's (the next step starts over). Returns the number linked; off: none."""
+    """Give each weight of `weights` (a step's GEMV weights in the order it reads them: quantized
+    weights with `.planes`, or dense weight tensors) an `l2_ahead` with the regions of the next
+    one, the last the first's (the next step starts over). Returns the number linked; off: none."""
     mode, cap = setting()
-    quantized = [w for w in weights if w is not None]
-    if mode == OFF or len(quantized) < 2:
+    if mode == OFF or len(weights) < 2:
         return 0
-    for w, nxt in zip(quantized, quantized[1:] + quantized[:1], strict=True):
-        w.ahead = Ahead.of(list(nxt.planes.values()), cap)
-    return len(quantized)
+    for w, nxt in zip(weights, weights[1:] + weights[:1], strict=True):
+        w.l2_ahead = Ahead.of(planes(nxt), cap)
+    return len(weights)
+
+
+def of(weight: object) -> Ahead | None:
+    """The regions `link` gave `weight` (None if none)."""
+    return getattr(weight, "l2_ahead", None)

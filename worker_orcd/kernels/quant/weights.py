@@ -49,7 +49,7 @@ class QuantizedWeight:
     n: int
     k: int
     planes: dict[str, torch.Tensor]
-    ahead: Ahead | None = None  # the next GEMV's weight bytes, for L2 (`ahead.link`)
+    l2_ahead: Ahead | None = None  # the next GEMV's weight bytes, for L2 (`ahead.link`)
 
     @classmethod
     def from_gguf(
@@ -104,7 +104,7 @@ class QuantizedWeight:
         out2 = None if out is None else out.view(-1, self.n)
         y = quant_matmul(
             x2, self.planes, self.qtype, self.n, self.k, out=out2, rounded=rounded, norm=norm,
-            ahead=self.ahead,
+            ahead=self.l2_ahead,
         )  # fmt: skip
         return y.view(*lead, self.n)
 

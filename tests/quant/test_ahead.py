@@ -131,7 +131,7 @@ def test_prefetching_gemvs_are_bit_equal(qtype: Q, l2_mode) -> None:  # noqa: AN
             for c in configs:
                 l2_mode(None)
                 plain = quant_gemv(x, planes, qtype, n, k, config=c)
-                for mode in ("start:8", "end", "end:64"):
+                for mode in ("start:8", "end", "end:64", "end:0"):
                     l2_mode(mode)
                     near = ahead.Ahead.of(list(nxt.values()), ahead.setting()[1])
                     y = quant_gemv(x, planes, qtype, n, k, config=c, ahead=near)

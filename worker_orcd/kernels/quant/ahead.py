@@ -99,6 +99,15 @@ def launch_args(ahead: Ahead | None, like: torch.Tensor, device: torch.device) -
     )
 
 
+def int8_args(ahead: Ahead | None, like: torch.Tensor, device: torch.device) -> dict:
+    """`launch_args` for the int8 GEMVs, with EVICT: under `ahead` their quant loads are marked
+    evict-first (as the bf16 kernels' weight loads always are), so that a large weight streaming
+    through L2 does not push out the next one's lines before they are read. `end:0` (no lines)
+    measures that alone."""
+    args = launch_args(ahead, like, device)
+    return {**args, "EVICT": "evict_first" if args["AHEAD"] != OFF else ""}
+
+
 def planes(w: object) -> list[torch.Tensor]:
     """The tensors of a weight: a quantized weight's planes, or a dense weight itself."""
     planes = getattr(w, "planes", None)

@@ -300,11 +300,11 @@ class CausalLM(nn.Module):
 
     def finish_loading(self) -> None:
         """Build what derives from loaded weights (the LongRoPE cos/sin cache; where turned on,
-        each GEMV weight's link to the next, `ahead`)."""
+        each projection weight's link to the next, `ahead`)."""
         self.model.rotary_emb.build()
         linked = ahead.link([w for w in self.gemv_weights() if ahead.planes(w)[0].is_cuda])
         if linked:
-            logger.info("%d GEMV weights linked to the next one for L2", linked)
+            logger.info("%d projection weights linked to the next one for L2", linked)
 
     def gemv_weights(self) -> list[QuantizedWeight | torch.Tensor]:
         """The weights a decode step's projections read, one per launch, in the order they run:

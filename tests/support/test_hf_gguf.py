@@ -180,7 +180,7 @@ def test_kquants_are_random_blocks_synced_into_the_model(tmp_path: Path) -> None
     """K-quant tensors hold random valid blocks at the tensor's scale, and the model holds their
     dequantized values, so transformers on the file and on the model agree."""
     model = make_qwen2(vocab_size=SMALL_VOCAB, hidden_size=256, intermediate_size=512)
-    before = model.model.layers[0].mlp.down_proj.weight.clone()
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     qtypes = {"ffn_down": Q.Q6_K, "ffn_up": Q.Q4_K, "attn_q": Q.Q5_K, "token_embd": Q.Q4_K}
     path = write_gguf(model, tmp_path / "k.gguf", tokenizer=None, qtypes=qtypes, sync_model=True)
     table = _tensor_table(path)

@@ -302,11 +302,11 @@ class CausalLM(nn.Module):
         """Build what derives from loaded weights (the LongRoPE cos/sin cache; where turned on,
         each projection weight's link to the next, `ahead`)."""
         self.model.rotary_emb.build()
-        linked = ahead.link([w for w in self.gemv_weights() if ahead.planes(w)[0].is_cuda])
+        linked = ahead.link([w for w in self.projection_weights() if ahead.planes(w)[0].is_cuda])
         if linked:
             logger.info("%d projection weights linked to the next one for L2", linked)
 
-    def gemv_weights(self) -> list[QuantizedWeight | torch.Tensor]:
+    def projection_weights(self) -> list[QuantizedWeight | torch.Tensor]:
         """The weights a decode step's projections read, one per launch, in the order they run:
         each layer's qkv, o, gate/up and down (the parts of a quantized one), then the output
         head. A CPU model's blocks (no device GEMVs) are left out."""

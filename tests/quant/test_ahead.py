@@ -74,7 +74,7 @@ def test_step_weights_ring_in_the_order_a_step_reads_them(l2_mode) -> None:  # n
     cpu = torch.device("cpu")
     model = build_model(config, device=cpu, dtype=torch.float32, max_positions=16, quantized=True)
     fill_random_q4_k_m(model, config, generator=torch.Generator().manual_seed(0))
-    weights = model.gemv_weights()
+    weights = model.projection_weights()
     # per layer: qkv (v in Q8_0 where the mix gives it more bits: a launch of its own), o,
     # gate/up, down (Q4_K or Q6_K); then the tied Q8_0 head
     assert [(w.qtype.name, w.n, w.k) for w in weights] == [
@@ -104,7 +104,7 @@ def test_dense_step_weights_are_the_projection_weights_in_order() -> None:
         attn, mlp = layer.self_attn, layer.mlp
         expected += [attn.qkv_proj.weight, attn.o_proj.weight, mlp.gate_up_proj.weight]
         expected.append(mlp.down_proj.weight)
-    weights = model.gemv_weights()
+    weights = model.projection_weights()
     assert [w.shape for w in weights] == [(768, 256), (256, 256), (1024, 256), (256, 512)] * 2 + [
         (512, 256)
     ]

@@ -50,14 +50,16 @@ def setting() -> tuple[int, int]:
     mode = _MODES[mode_s]
     cap = int(cap_s or DEFAULT_CAP_MB) << 20
     if mode != OFF:
-        logger.info("next weights asked into L2 by each GEMV (%s, up to %d MB)", mode_s, cap >> 20)
+        logger.info(
+            "next weights asked into L2 by each projection (%s, up to %d MB)", mode_s, cap >> 20
+        )
     return mode, cap
 
 
 @dataclass(frozen=True, slots=True)
 class Ahead:
     """Up to two byte regions (flat uint8 views of weight planes) and their lengths in lines:
-    what one GEMV launch asks L2 for. An unused region has 0 lines."""
+    what one projection launch asks L2 for. An unused region has 0 lines."""
 
     a: torch.Tensor
     a_lines: int
@@ -67,7 +69,7 @@ class Ahead:
     @classmethod
     def of(cls, planes: list[torch.Tensor], cap: int) -> Ahead | None:
         """The two largest of `planes`, each cut to its share of `cap` bytes (their start: the
-        first rows, which the next GEMV's first programs read)."""
+        first rows, which the next projection's first programs read)."""
         flat = sorted(
             (p.reshape(-1).view(torch.uint8) for p in planes if p.is_contiguous() and p.numel()),
             key=lambda t: -t.numel(),
@@ -83,9 +85,6 @@ class Ahead:
     @property
     def nbytes(self) -> int:
         return (self.a_lines + self.b_lines) * LINE
-
-    def args(self) -> tuple[torch.Tensor, int, torch.Tensor, int]:
-        return self.a, self.a_lines, self.b, self.b_lines
 
 
 def launch_args(ahead: Ahead | None, like: torch.Tensor, device: torch.device) -> dict:
@@ -115,9 +114,10 @@ def planes(w: object) -> list[torch.Tensor]:
 
 
 def link(weights: list[object]) -> int:
-    """Give each weight of `weights` (a step's GEMV weights in the order it reads them: quantized
-    weights with `.planes`, or dense weight tensors) an `l2_ahead` with the regions of the next
-    one, the last the first's (the next step starts over). Returns the number linked; off: none."""
+    """Give each weight of `weights` (a step's projection weights in the order it reads them:
+    quantized weights with `.planes`, or dense weight tensors) an `l2_ahead` with the regions of
+    the next one, the last the first's (the next step starts over). Returns the number linked;
+    off: none."""
     mode, cap = setting()
     if mode == OFF or len(weights) < 2:
         return 0

@@ -49,7 +49,7 @@ class QuantizedWeight:
     n: int
     k: int
     planes: dict[str, torch.Tensor]
-    l2_ahead: Ahead | None = None  # the next GEMV's weight bytes, for L2 (`ahead.link`)
+    l2_ahead: Ahead | None = None  # the next projection's weight bytes, for L2 (`ahead.link`)
 
     @classmethod
     def from_gguf(

@@ -1,4 +1,4 @@
-"""The L2 prefetch of the next GEMV's weight (`ahead`), inside the int8 GEMVs: see
+"""The L2 prefetch of the next projection's weight (`ahead`), inside the projection kernels: see
 `worker_orcd.kernels.quant.ahead` for what it is for, how it is turned on and how the weights
 are linked."""
 

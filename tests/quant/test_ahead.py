@@ -67,6 +67,23 @@ def test_regions_are_the_two_largest_planes_cut_to_the_cap() -> None:
     assert one.a_lines == qs.nbytes // 128 and one.b_lines == 0
 
 
+def test_launch_keywords_only_where_on(l2_mode) -> None:  # noqa: ANN001
+    planes = random_planes(Q.Q4_K, 256, 3072, "cpu", seed=2)
+    near = ahead.Ahead.of(list(planes.values()), cap=1 << 30)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    l2_mode(None)
+    assert ahead.launch_args(near, cuda) == {} and ahead.int8_args(near, cuda) == {}
+    l2_mode("end")
+    assert ahead.launch_args(None, cuda) == {} and ahead.int8_args(near, cpu) == {}
+    kw = ahead.int8_args(near, cuda)
+    assert (kw["AHEAD"], kw["EVICT"], kw["ah_a_lines"]) == (ahead.END, "evict_first", near.a_lines)
+    assert (
+        kw["ah_a"] is near.a
+        and kw["ah_b"] is near.b
+        and "EVICT" not in ahead.launch_args(near, cuda)
+    )
+
+
 def test_step_weights_ring_in_the_order_a_step_reads_them(l2_mode) -> None:  # noqa: ANN001
     config = dataclasses.replace(
         PRESETS["qwen2.5-0.5b"], n_layers=2, vocab_size=512, intermediate_size=512

@@ -87,24 +87,24 @@ class Ahead:
         return (self.a_lines + self.b_lines) * LINE
 
 
-def launch_args(ahead: Ahead | None, like: torch.Tensor, device: torch.device) -> dict:
-    """Kernel keywords: the regions and AHEAD (the mode where `ahead` applies on `device`, else
-    OFF with `like` standing in for the pointers)."""
+def launch_args(ahead: Ahead | None, device: torch.device) -> dict:
+    """Kernel keywords: the regions and AHEAD (the mode) where `ahead` applies on `device`; none
+    otherwise, so that the kernel's defaults (AHEAD off) make the launch it was before."""
     mode, _ = setting()
     if ahead is None or mode == OFF or device.type != "cuda":
-        return dict(ah_a=like, ah_a_lines=0, ah_b=like, ah_b_lines=0, AHEAD=OFF)
+        return {}
     return dict(
         ah_a=ahead.a, ah_a_lines=ahead.a_lines, ah_b=ahead.b, ah_b_lines=ahead.b_lines, AHEAD=mode
     )
 
 
-def int8_args(ahead: Ahead | None, like: torch.Tensor, device: torch.device) -> dict:
+def int8_args(ahead: Ahead | None, device: torch.device) -> dict:
     """`launch_args` for the int8 GEMVs, with EVICT: under `ahead` their quant loads are marked
     evict-first (as the bf16 kernels' weight loads always are), so that a large weight streaming
     through L2 does not push out the next one's lines before they are read. `end:0` (no lines)
     measures that alone."""
-    args = launch_args(ahead, like, device)
-    return {**args, "EVICT": "evict_first" if args["AHEAD"] != OFF else ""}
+    args = launch_args(ahead, device)
+    return {**args, "EVICT": "evict_first"} if args else {}
 
 
 def planes(w: object) -> list[torch.Tensor]:

@@ -408,7 +408,7 @@ def quant_gemv(
         flags["STAGES"] = cfg.stages
         flags["PREQ"] = cfg.prequant
         flags["EARLY"] = cfg.early
-        flags.update(l2.int8_args(ahead, x, x.device))
+        flags.update(l2.int8_args(ahead, x.device))
         warps = _i8_warps(qtype, cfg)
         if cfg.prequant:
             x, xdx, xsum = rounded if rounded is not None else quantize_x(x)

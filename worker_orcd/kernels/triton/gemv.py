@@ -306,7 +306,7 @@ def _launch(
         PREFETCH=bool(prefetch and prefetch[0]),
         num_warps=num_warps,
         **pdl.launch(x, m),
-        **l2.launch_args(l2.of(weight), x, x.device),
+        **l2.launch_args(l2.of(weight), x.device),
     )
     return out
 
@@ -430,7 +430,7 @@ def norm_qkv_rope_store(
         BLOCK_K=min(1024, triton.next_power_of_2(k)),
         num_warps=4,
         **pdl.launch(x, rows),
-        **l2.launch_args(l2.of(weight), x, x.device),
+        **l2.launch_args(l2.of(weight), x.device),
     )
     return q, summed
 

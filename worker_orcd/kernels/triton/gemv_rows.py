@@ -268,7 +268,7 @@ def launch(
         F32_DOT=_f32_dot(weight),
         num_warps=num_warps,
         **pdl.launch(x, m),
-        **l2.launch_args(l2.of(weight), x, x.device),
+        **l2.launch_args(l2.of(weight), x.device),
     )
     return out
 
@@ -319,6 +319,6 @@ def qkv_rope_launch(
         F32_DOT=_f32_dot(weight),
         num_warps=4,
         **pdl.launch(x, m),
-        **l2.launch_args(l2.of(weight), x, x.device),
+        **l2.launch_args(l2.of(weight), x.device),
     )
     return q

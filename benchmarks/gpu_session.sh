@@ -7,11 +7,8 @@
 # against a spawned server on a random bf16 GGUF of that preset written to /tmp). STREAMS sets the
 # stream counts (default 1 8 32 64). base-streams-PRESET[-q] runs the same bench on the package in
 # $BASE (default base/: another revision's, `git archive REV worker_orcd | tar -x -C base`, left
-# untracked so that it travels), for before/after rows on one machine. ahead-PRESET[-q] runs
-# that bench once per WORKER_ORCD_L2_AHEAD mode in $AHEAD_MODES (default 0 end start end:0: the
-# L2 prefetch of the next projection's weight, off and on, benchmarks/NOTES.md v13).
-# kernels-PART runs `benchmarks/kernels.py PART` (batch: the decode attention sweep; rows: the
-# few-row kernels').
+# untracked so that it travels), for before/after rows on one machine. kernels-PART runs
+# `benchmarks/kernels.py PART` (batch: the decode attention sweep; rows: the few-row kernels').
 #
 #   OUT=out benchmarks/gpu_session.sh tests streams-phi3-mini streams-qwen2.5-0.5b-q
 #   OUT=out benchmarks/gpu_session.sh tune-phi3 serve-phi3-mini
@@ -45,14 +42,6 @@ for step in "$@"; do
     # what failed (-q prints a bare F and the names only in the final summary)
     tests) run tests $PY -m pytest -v -m gpu tests --ignore=tests/server -p no:cacheprovider -n 4 \
         --timeout 240 -ra ;;
-    ahead-*)  # the streams bench once per WORKER_ORCD_L2_AHEAD mode ($AHEAD_MODES), alternated
-        preset=${step#ahead-}; q=()
-        if [[ $preset == *-q ]]; then preset=${preset%-q}; q=(--weights quantized); fi
-        for mode in ${AHEAD_MODES:-0 end start end:0}; do
-            run "$step-${mode/:/-}" env WORKER_ORCD_L2_AHEAD="$mode" $PY -m worker_orcd.cli bench \
-                --preset "$preset" "${q[@]}" --streams ${STREAMS:-1 8 32 64} --prompt-tokens 128 \
-                --gen-tokens 128
-        done ;;
     streams-* | base-streams-*)
         preset=${step#*streams-}; q=(); dir=$PWD
         if [[ $preset == *-q ]]; then preset=${preset%-q}; q=(--weights quantized); fi

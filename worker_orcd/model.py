@@ -24,9 +24,7 @@ from torch import nn
 from worker_orcd import kernels
 from worker_orcd.config import ModelConfig
 from worker_orcd.kernels import AttentionMetadata
-from worker_orcd.kernels.quant import ahead
 from worker_orcd.kernels.quant.ops import RoundedX
-from worker_orcd.kernels.quant.weights import PackedWeight, QuantizedWeight
 from worker_orcd.layers import (
     Attention,
     GateUpLinear,
@@ -299,26 +297,5 @@ class CausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.model.layers]
 
     def finish_loading(self) -> None:
-        """Build what derives from loaded weights (the LongRoPE cos/sin cache; where turned on,
-        each projection weight's link to the next, `ahead`)."""
+        """Build what derives from loaded weights (the LongRoPE cos/sin cache)."""
         self.model.rotary_emb.build()
-        linked = ahead.link([w for w in self.projection_weights() if ahead.planes(w)[0].is_cuda])
-        if linked:
-            logger.info("%d projection weights linked to the next one for L2", linked)
-
-    def projection_weights(self) -> list[QuantizedWeight | torch.Tensor]:
-        """The weights a decode step's projections read, one per launch, in the order they run:
-        each layer's qkv, o, gate/up and down (the parts of a quantized one), then the output
-        head. A CPU model's blocks (no device GEMVs) are left out."""
-        linears: list[Linear | LMHead] = []
-        for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            linears += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
-        linears.append(self.lm_head)
-        weights: list[QuantizedWeight | torch.Tensor] = []
-        for lin in linears:
-            if isinstance(lin.quantized, PackedWeight):
-                weights += [s for _, s in lin.quantized.parts if isinstance(s, QuantizedWeight)]
-            elif lin.quantized is None and not lin.weight.is_meta:
-                weights.append(lin.weight)
-        return weights

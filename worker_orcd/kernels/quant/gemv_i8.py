@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels.quant.words import byte_at, f16_at, f16_bits
-from worker_orcd.kernels.triton import l2_ahead, norm_in, pdl
+from worker_orcd.kernels.triton import norm_in, pdl
 
 logger = logging.getLogger(__name__)
 
@@ -205,14 +205,10 @@ def _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk):
 
 
 @triton.jit
-def _q8_0_tiles(
-    qs_row, d_ptr, r64, nb, b0, hi_u, b, t, D_WORDS: tl.constexpr, EVICT: tl.constexpr = ""
-):
+def _q8_0_tiles(qs_row, d_ptr, r64, nb, b0, hi_u, b, t, D_WORDS: tl.constexpr):
     """One step's weight words of `gemv_q8_0_i8_kernel`: quants [BN, B, 8] and scales [BN, B]."""
     bc = tl.minimum(b0 + b, hi_u - 1)  # past the range: a valid block times x = 0
-    q = tl.load(
-        qs_row[:, None, None] + tl.multiple_of(bc * 8, 8)[:, None] + t, eviction_policy=EVICT
-    )
+    q = tl.load(qs_row[:, None, None] + tl.multiple_of(bc * 8, 8)[:, None] + t)
     return q, f16_at(d_ptr, r64[:, None] * nb + bc[None, :], D_WORDS)
 
 
@@ -246,8 +242,6 @@ def gemv_q8_0_i8_kernel(
     r_ptr=None, g_ptr=None, s_ptr=None, stride_rm=0, eps=0.0, NORM: tl.constexpr = False,
     HAS_RESIDUAL: tl.constexpr = False, WRITE_SUM: tl.constexpr = False,
     NORM_BLOCK: tl.constexpr = 1024, EARLY: tl.constexpr = False,
-    ah_a=None, ah_a_lines=0, ah_b=None, ah_b_lines=0, AHEAD: tl.constexpr = 0,
-    EVICT: tl.constexpr = "",
 ):  # fmt: skip
     # qs int32 [N, K / 4]; tile [BLOCK_N rows, BLOCKS blocks, 8 words]. With NORM the input is
     # rms_norm(x + residual) * g (`ops.NormIn`), computed here (K <= NORM_BLOCK).
@@ -259,8 +253,7 @@ def gemv_q8_0_i8_kernel(
     t = tl.arange(0, 8)
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 4), 8)  # rows of 32-byte blocks
     if EARLY:
-        q, d = _q8_0_tiles(qs_row, d_ptr, r64, nb, lo_u, hi_u, b, t, D_WORDS, EVICT)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 1)  # START
+        q, d = _q8_0_tiles(qs_row, d_ptr, r64, nb, lo_u, hi_u, b, t, D_WORDS)
     pdl.prologue(PDL)
     r_row, rstd = _norm_rstd(
         x_row, r_ptr, s_ptr, pid_m, M, K, stride_rm, eps, NORM, HAS_RESIDUAL, WRITE_SUM, NORM_BLOCK
@@ -274,27 +267,22 @@ def gemv_q8_0_i8_kernel(
         )  # fmt: skip
         start = lo_u + BLOCKS
     for b0 in tl.range(start, hi_u, BLOCKS, num_stages=STAGES):
-        q, d = _q8_0_tiles(qs_row, d_ptr, r64, nb, b0, hi_u, b, t, D_WORDS, EVICT)
+        q, d = _q8_0_tiles(qs_row, d_ptr, r64, nb, b0, hi_u, b, t, D_WORDS)
         acc = _q8_0_step(
             acc, q, d, b0, hi_u, b, x_row, r_row, g_ptr, rstd, zr, xdx_ptr, pid_m, nb,
             PREQ, NORM, HAS_RESIDUAL, ASM,
         )  # fmt: skip
     _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 2)  # END
 
 
 @triton.jit
-def _q4_q5_0_tiles(
-    qs_row, qh_ptr, r64, nb, b0, hi_u, b, t, HAS_QH: tl.constexpr, EVICT: tl.constexpr = ""
-):
+def _q4_q5_0_tiles(qs_row, qh_ptr, r64, nb, b0, hi_u, b, t, HAS_QH: tl.constexpr):
     """One step's bulk weight words of `_gemv_q4_q5_0_i8`: quants [BN, B, 4] and Q5_0's fifth
     bits [BN, B, 1] (HAS_QH; else the quants again, unused). The step reads the scales."""
     bc = tl.minimum(b0 + b, hi_u - 1)
-    q = tl.load(
-        qs_row[:, None, None] + tl.multiple_of(bc * 4, 4)[:, None] + t, eviction_policy=EVICT
-    )
+    q = tl.load(qs_row[:, None, None] + tl.multiple_of(bc * 4, 4)[:, None] + t)
     if HAS_QH:
-        h = tl.load(qh_ptr + r64[:, None] * nb + bc[None, :], eviction_policy=EVICT)[:, :, None]
+        h = tl.load(qh_ptr + r64[:, None] * nb + bc[None, :])[:, :, None]
     else:
         h = q
     return q, h
@@ -349,8 +337,6 @@ def _gemv_q4_q5_0_i8(
     r_ptr=None, g_ptr=None, s_ptr=None, stride_rm=0, eps=0.0, NORM: tl.constexpr = False,
     HAS_RESIDUAL: tl.constexpr = False, WRITE_SUM: tl.constexpr = False,
     NORM_BLOCK: tl.constexpr = 1024, EARLY: tl.constexpr = False,
-    ah_a=None, ah_a_lines=0, ah_b=None, ah_b_lines=0, AHEAD: tl.constexpr = 0,
-    EVICT: tl.constexpr = "",
 ):  # fmt: skip
     # qs int32 [N, K / 8]: word t of a block holds elements 4t + i (low nibbles) and 16 + 4t + i
     # (high); Q5_0's qh word per block has their fifth bits at bits 8i + t and 8i + 4 + t. NORM:
@@ -363,8 +349,7 @@ def _gemv_q4_q5_0_i8(
     t = tl.arange(0, 4)
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 8), 4)  # rows of 16-byte blocks
     if EARLY:
-        q, h = _q4_q5_0_tiles(qs_row, qh_ptr, r64, nb, lo_u, hi_u, b, t, HAS_QH, EVICT)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 1)  # START
+        q, h = _q4_q5_0_tiles(qs_row, qh_ptr, r64, nb, lo_u, hi_u, b, t, HAS_QH)
     pdl.prologue(PDL)
     r_row, rstd = _norm_rstd(
         x_row, r_ptr, s_ptr, pid_m, M, K, stride_rm, eps, NORM, HAS_RESIDUAL, WRITE_SUM, NORM_BLOCK
@@ -378,30 +363,24 @@ def _gemv_q4_q5_0_i8(
         )  # fmt: skip
         start = lo_u + BLOCKS
     for b0 in tl.range(start, hi_u, BLOCKS, num_stages=STAGES):
-        q, h = _q4_q5_0_tiles(qs_row, qh_ptr, r64, nb, b0, hi_u, b, t, HAS_QH, EVICT)
+        q, h = _q4_q5_0_tiles(qs_row, qh_ptr, r64, nb, b0, hi_u, b, t, HAS_QH)
         acc = _q4_q5_0_step(
             acc, q, h, b0, hi_u, b, t, x_row, r_row, g_ptr, rstd, zr, xdx_ptr, xs_ptr, d_ptr, r64,
             pid_m, nb, HAS_QH, PREQ, NORM, HAS_RESIDUAL, ASM, D_WORDS,
         )  # fmt: skip
     _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 2)  # END
 
 
 @triton.jit
-def _q4k_tiles(qs_row, qh_row, s0, hi_u, g, c, t, HAS_QH: tl.constexpr, EVICT: tl.constexpr = ""):
+def _q4k_tiles(qs_row, qh_row, s0, hi_u, g, c, t, HAS_QH: tl.constexpr):
     """The bulk weight words of one step of `_gemv_q4_q5_k_i8` (super-blocks from s0): quants
     and fifth bits (HAS_QH; else q again, unused). The scale words are read by the step, after its
     dot products, as the plain loop reads them: read here, they changed the kernel's layouts (and
     Q5_K's last bits with x rounded once)."""
     sbc = tl.minimum(s0 + g // 4, hi_u - 1)  # past the range: a valid super-block times x = 0
-    q = tl.load(
-        qs_row[:, None, None] + tl.multiple_of(sbc * 32 + c * 8, 8)[:, None] + t,
-        eviction_policy=EVICT,
-    )
+    q = tl.load(qs_row[:, None, None] + tl.multiple_of(sbc * 32 + c * 8, 8)[:, None] + t)
     if HAS_QH:
-        h = tl.load(
-            qh_row[:, None, None] + tl.multiple_of(sbc * 8, 8)[:, None] + t, eviction_policy=EVICT
-        )
+        h = tl.load(qh_row[:, None, None] + tl.multiple_of(sbc * 8, 8)[:, None] + t)
     else:
         h = q
     return q, h
@@ -475,8 +454,6 @@ def _gemv_q4_q5_k_i8(
     HAS_QH: tl.constexpr, BLOCK_N: tl.constexpr, SUPER: tl.constexpr, ASM: tl.constexpr,
     STAGES: tl.constexpr, PREQ: tl.constexpr, PDL: tl.constexpr,
     EARLY: tl.constexpr = False,
-    ah_a=None, ah_a_lines=0, ah_b=None, ah_b_lines=0, AHEAD: tl.constexpr = 0,
-    EVICT: tl.constexpr = "",
 ):  # fmt: skip
     # tile [BLOCK_N rows, 4 * SUPER chunks, 8 words]: chunk g = 4s + c of a step is 32 bytes of
     # qs, sub-blocks 2c (low nibbles) and 2c + 1 (high) of super-block s; sc int32 [N, ns * 3]
@@ -495,8 +472,7 @@ def _gemv_q4_q5_k_i8(
     qs_row = qs_ptr + tl.multiple_of(r64 * (K // 8), 32)
     qh_row = qh_ptr + tl.multiple_of(r64 * (K // 32), 8)
     if EARLY:
-        q, h = _q4k_tiles(qs_row, qh_row, lo_u, hi_u, g, c, t, HAS_QH, EVICT)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 1)  # START
+        q, h = _q4k_tiles(qs_row, qh_row, lo_u, hi_u, g, c, t, HAS_QH)
     pdl.prologue(PDL)
     acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
     start = lo_u
@@ -507,28 +483,23 @@ def _gemv_q4_q5_k_i8(
         )  # fmt: skip
         start = lo_u + SUPER
     for s0 in tl.range(start, hi_u, SUPER, num_stages=STAGES):
-        q, h = _q4k_tiles(qs_row, qh_row, s0, hi_u, g, c, t, HAS_QH, EVICT)
+        q, h = _q4k_tiles(qs_row, qh_row, s0, hi_u, g, c, t, HAS_QH)
         acc = _q4k_step(
             acc, q, h, s0, hi_u, x_row, zr, xdx_ptr, xs_ptr, sc_ptr, dm_ptr, r64, ns, pid_m, K,
             g, c, t, i32, HAS_QH, PREQ, ASM,
         )  # fmt: skip
     _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 2)  # END
 
 
 @triton.jit
-def _q6_k_tiles(
-    ql_row, qh_row, sc_ptr, d_ptr, r64, K, h0, hi_u, hh_, tt, D_WORDS: tl.constexpr,
-    EVICT: tl.constexpr = "",
-):  # fmt: skip
+def _q6_k_tiles(ql_row, qh_row, sc_ptr, d_ptr, r64, K, h0, hi_u, hh_, tt, D_WORDS: tl.constexpr):
     """One step's weight words of `gemv_q6_k_i8_kernel`: ql words a and b, qh words h
     [BN, H, 2, 4], the eight scales of each half as two words [BN, H, 1] and d [BN, H]."""
     hc = tl.minimum(h0 + hh_, hi_u - 1)
     qa = ql_row[:, None, None, None] + tl.multiple_of(hc * 16, 16)[:, None, None] + tt
-    a = tl.load(qa, eviction_policy=EVICT)
-    b = tl.load(qa + 8, eviction_policy=EVICT)
-    qh = qh_row[:, None, None, None] + tl.multiple_of(hc * 8, 8)[:, None, None] + tt
-    h = tl.load(qh, eviction_policy=EVICT)
+    a = tl.load(qa)
+    b = tl.load(qa + 8)
+    h = tl.load(qh_row[:, None, None, None] + tl.multiple_of(hc * 8, 8)[:, None, None] + tt)
     sw = sc_ptr + r64[:, None] * (K // 64) + (hc * 2)[None, :]  # [BN, H]
     sw0 = tl.load(sw)[:, :, None]
     sw1 = tl.load(sw + 1)[:, :, None]
@@ -583,8 +554,6 @@ def gemv_q6_k_i8_kernel(
     BLOCK_N: tl.constexpr, HALVES: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
     PREQ: tl.constexpr, D_WORDS: tl.constexpr, PDL: tl.constexpr,
     EARLY: tl.constexpr = False,
-    ah_a=None, ah_a_lines=0, ah_b=None, ah_b_lines=0, AHEAD: tl.constexpr = 0,
-    EVICT: tl.constexpr = "",
 ):  # fmt: skip
     # tile [BLOCK_N rows, HALVES halves of 128, 2 (u), 4 (v)]: with t = 4u + v, words a = ql word
     # t and b = ql word 8 + t of the half, h = qh word t give in byte i the quants of elements
@@ -604,9 +573,8 @@ def gemv_q6_k_i8_kernel(
     qh_row = qh_ptr + tl.multiple_of(r64 * (K // 16), 16)
     if EARLY:
         a, b, h, sw0, sw1, d = _q6_k_tiles(
-            ql_row, qh_row, sc_ptr, d_ptr, r64, K, lo_u, hi_u, hh_, tt, D_WORDS, EVICT
+            ql_row, qh_row, sc_ptr, d_ptr, r64, K, lo_u, hi_u, hh_, tt, D_WORDS
         )
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 1)  # START
     pdl.prologue(PDL)
     acc = tl.zeros([BLOCK_N, HALVES], dtype=tl.float32)
     start = lo_u
@@ -618,14 +586,13 @@ def gemv_q6_k_i8_kernel(
         start = lo_u + HALVES
     for h0 in tl.range(start, hi_u, HALVES, num_stages=STAGES):
         a, b, h, sw0, sw1, d = _q6_k_tiles(
-            ql_row, qh_row, sc_ptr, d_ptr, r64, K, h0, hi_u, hh_, tt, D_WORDS, EVICT
+            ql_row, qh_row, sc_ptr, d_ptr, r64, K, h0, hi_u, hh_, tt, D_WORDS
         )
         acc = _q6_k_step(
             acc, a, b, h, sw0, sw1, d, h0, hi_u, hh_, tt, u, i32, x_row, zr, xdx_ptr, xs_ptr,
             pid_m, K, PREQ, ASM,
         )  # fmt: skip
     _store_y(y_ptr, acc, pid_m, rows, rmask, stride_ym, stride_yk)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 2)  # END
 
 
 def asm_dp4a(device_type: str) -> bool:

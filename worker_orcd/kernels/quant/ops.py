@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from worker_orcd.gguf.dequant import dequantize as dequantize_gguf
-from worker_orcd.kernels.quant import ahead as l2
 from worker_orcd.kernels.quant.formats import Q, ceil_div, check_shape, from_planes
 
 logger = logging.getLogger(__name__)
@@ -384,13 +383,11 @@ def quant_gemv(
     config: GemvConfig | None = None,
     rounded: RoundedX | None = None,
     norm: NormIn | None = None,
-    ahead: l2.Ahead | None = None,
 ) -> torch.Tensor:
     """y = x W^T with W [n, k] in planes; x [M, k] (M small); out [M, n] may be a column slice.
     `rounded`: x already rounded (by the kernel that produced it), used where the config reads
     x rounded once. `norm`: the input is rms_norm(x + residual) * weight, computed here (where
-    `fuses_norm`). `ahead`: the next GEMV's weight bytes, asked into L2 by the int8 kernels where
-    WORKER_ORCD_L2_AHEAD turns that on (`ahead`)."""
+    `fuses_norm`)."""
     check_shape(qtype, n, k)
     _check_x(x, k)
     if x.stride(1) != 1:
@@ -408,7 +405,6 @@ def quant_gemv(
         flags["STAGES"] = cfg.stages
         flags["PREQ"] = cfg.prequant
         flags["EARLY"] = cfg.early
-        flags.update(l2.int8_args(ahead, x.device))
         warps = _i8_warps(qtype, cfg)
         if cfg.prequant:
             x, xdx, xsum = rounded if rounded is not None else quantize_x(x)
@@ -616,18 +612,17 @@ def quant_matmul(
     out: torch.Tensor | None = None,
     rounded: RoundedX | None = None,
     norm: NormIn | None = None,
-    ahead: l2.Ahead | None = None,
 ) -> torch.Tensor:
     """y = x W^T for x [M, k]: fused GEMV for M <= GEMV_MAX_ROWS, the fused small-batch kernel
     up to BATCHED_MAX_ROWS, else dequantize + cuBLAS (`matmul_path`). `rounded`: x rounded by
     its producer, for the GEMVs that read it (`takes_rounded_x`); `norm`: the input normalized
-    by the GEMV (only where `fuses_norm`); `ahead`: see `quant_gemv` (GEMVs only)."""
+    by the GEMV (only where `fuses_norm`)."""
     _check_x(x, k)
     path = matmul_path(x.shape[0], x.device)
     if norm is not None:
         if path != "gemv":
             raise ValueError(f"only the GEMV of up to {GEMV_MAX_ROWS} rows normalizes its input")
-        return quant_gemv(x, planes, qtype, n, k, out=out, norm=norm, ahead=ahead)
+        return quant_gemv(x, planes, qtype, n, k, out=out, norm=norm)
     if path == "reference":
         y = quant_matmul_reference(x, planes, qtype, n, k).to(x.dtype)
         if out is None:
@@ -635,7 +630,7 @@ def quant_matmul(
         out.copy_(y)
         return out
     if path == "gemv":
-        return quant_gemv(x, planes, qtype, n, k, out=out, rounded=rounded, ahead=ahead)
+        return quant_gemv(x, planes, qtype, n, k, out=out, rounded=rounded)
     if path == "batched":
         return quant_batched(x, planes, qtype, n, k, out=out)
     w = dequantize_planes(planes, qtype, n, k, out=SCRATCH.get((n, k), x.dtype, x.device))

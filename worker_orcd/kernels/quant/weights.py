@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
-from worker_orcd.kernels.quant.ahead import Ahead
 from worker_orcd.kernels.quant.formats import check_shape, planes_nbytes, to_planes
 from worker_orcd.kernels.quant.ops import (
     SCRATCH,
@@ -49,7 +48,6 @@ class QuantizedWeight:
     n: int
     k: int
     planes: dict[str, torch.Tensor]
-    l2_ahead: Ahead | None = None  # the next projection's weight bytes, for L2 (`ahead.link`)
 
     @classmethod
     def from_gguf(
@@ -103,9 +101,8 @@ class QuantizedWeight:
         x2 = x.reshape(-1, self.k)
         out2 = None if out is None else out.view(-1, self.n)
         y = quant_matmul(
-            x2, self.planes, self.qtype, self.n, self.k, out=out2, rounded=rounded, norm=norm,
-            ahead=self.l2_ahead,
-        )  # fmt: skip
+            x2, self.planes, self.qtype, self.n, self.k, out=out2, rounded=rounded, norm=norm
+        )
         return y.view(*lead, self.n)
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

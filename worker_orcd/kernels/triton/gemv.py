@@ -15,8 +15,7 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels import split_qkv
-from worker_orcd.kernels.quant import ahead as l2
-from worker_orcd.kernels.triton import activation, gemv_rows, l2_ahead, norm, norm_in, pdl, rope
+from worker_orcd.kernels.triton import activation, gemv_rows, norm, norm_in, pdl, rope
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +77,6 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
-    ah_a=None,  # `l2_ahead`: the next weight's regions, asked into L2 where AHEAD
-    ah_a_lines=0,
-    ah_b=None,
-    ah_b_lines=0,
-    AHEAD: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -93,7 +87,6 @@ def _gemv_kernel(
     # The weights do not depend on earlier kernels: the first tile is read before the wait, so
     # under programmatic launch it streams in while the previous kernel finishes.
     w = _gemv_w(w_rows, K, cols, row_mask)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 1)  # START
     pdl.prologue(PDL)
     x_row = x_ptr + m * stride_xm
     r_row = r_ptr + m * stride_rm
@@ -118,7 +111,6 @@ def _gemv_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 2)  # END
 
 
 @triton.jit
@@ -149,11 +141,6 @@ def _qkv_rope_kernel(
     BLOCK_P: tl.constexpr,  # rotation pairs per program
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
-    ah_a=None,  # `l2_ahead`: the next weight's regions, asked into L2 where AHEAD
-    ah_a_lines=0,
-    ah_b=None,
-    ah_b_lines=0,
-    AHEAD: tl.constexpr = 0,
 ):
     """The qkv projection of one row with the rotary embedding and the KV-cache write in its
     epilogue: a program computes the rows j and j + D/2 of one head (a NEOX rotation pair) for
@@ -180,7 +167,6 @@ def _qkv_rope_kernel(
     if HAS_BIAS:
         bias_a = tl.load(b_ptr + rows_a).to(tl.float32)
         bias_b = tl.load(b_ptr + rows_b).to(tl.float32)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 1)  # START
     pdl.prologue(PDL)
     x_row = x_ptr + m * stride_xm
     r_row = r_ptr + m * stride_rm
@@ -223,7 +209,6 @@ def _qkv_rope_kernel(
                 dst = vc_ptr + (slot * HK + head - H - HK) * D
             tl.store(dst + j, ya.to(kc_ptr.dtype.element_ty))
             tl.store(dst + HALF + j, yb.to(kc_ptr.dtype.element_ty))
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 2)  # END
 
 
 Config = tuple[int, int, int, bool]  # (BLOCK_N, BLOCK_K, num_warps, prefetch)
@@ -306,7 +291,6 @@ def _launch(
         PREFETCH=bool(prefetch and prefetch[0]),
         num_warps=num_warps,
         **pdl.launch(x, m),
-        **l2.launch_args(l2.of(weight), x.device),
     )
     return out
 
@@ -430,7 +414,6 @@ def norm_qkv_rope_store(
         BLOCK_K=min(1024, triton.next_power_of_2(k)),
         num_warps=4,
         **pdl.launch(x, rows),
-        **l2.launch_args(l2.of(weight), x.device),
     )
     return q, summed
 

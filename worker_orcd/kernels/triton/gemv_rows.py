@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.quant import ahead as l2
-from worker_orcd.kernels.triton import arrivals, l2_ahead, pdl
+from worker_orcd.kernels.triton import arrivals, pdl
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +70,6 @@ def _rows_kernel(
     SPLITS: tl.constexpr,
     F32_DOT: tl.constexpr,
     PDL: tl.constexpr,
-    ah_a=None,  # `l2_ahead`: the next weight's regions, asked into L2 where AHEAD
-    ah_a_lines=0,
-    ah_b=None,
-    ah_b_lines=0,
-    AHEAD: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
@@ -87,7 +81,6 @@ def _rows_kernel(
     x_rows = x_ptr + bb[:, None] * stride_xm
     lo = tl.program_id(1) * K_SPLIT
     hi = tl.minimum(K, lo + K_SPLIT)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 1)  # START
     pdl.prologue(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
     for k0 in tl.range(lo, hi, BLOCK_K, num_stages=STAGES):
@@ -103,7 +96,6 @@ def _rows_kernel(
         bias = tl.load(b_ptr + cols, mask=n_mask & (tl.program_id(1) == 0), other=0.0)
         acc += bias.to(tl.float32)[:, None]
     arrivals.store_split(y_ptr, ws_ptr, lock_ptr, acc, cols, M, N, bb, b_mask, stride_ym, SPLITS)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 2)  # END
 
 
 @triton.jit
@@ -131,11 +123,6 @@ def _qkv_rope_rows_kernel(
     STAGES: tl.constexpr,
     F32_DOT: tl.constexpr,
     PDL: tl.constexpr,
-    ah_a=None,  # `l2_ahead`: the next weight's regions, asked into L2 where AHEAD
-    ah_a_lines=0,
-    ah_b=None,
-    ah_b_lines=0,
-    AHEAD: tl.constexpr = 0,
 ):
     """The qkv projection of a few rows with the rotary embedding and the KV-cache write in the
     epilogue. A program computes, for all rows, the weight rows j and j + D/2 of one head (the
@@ -162,7 +149,6 @@ def _qkv_rope_rows_kernel(
     slot = tl.load(slot_ptr + bb, mask=b_mask, other=-1).to(tl.int64)
     if HAS_BIAS:
         bias = tl.load(b_ptr + wrows).to(tl.float32)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 1)  # START
     pdl.prologue(PDL)
     acc = tl.zeros((2 * BLOCK_P, BLOCK_B), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
@@ -191,7 +177,6 @@ def _qkv_rope_rows_kernel(
             dst = vc_ptr + (slot[None, :] * HK + head - H - HK) * D + j[:, None]
         tl.store(dst, ya.to(kc_ptr.dtype.element_ty), mask=ok)
         tl.store(dst + HALF, yb.to(kc_ptr.dtype.element_ty), mask=ok)
-    l2_ahead.ahead(ah_a, ah_a_lines, ah_b, ah_b_lines, AHEAD, 2)  # END
 
 
 def _f32_dot(weight: torch.Tensor) -> bool:
@@ -268,7 +253,6 @@ def launch(
         F32_DOT=_f32_dot(weight),
         num_warps=num_warps,
         **pdl.launch(x, m),
-        **l2.launch_args(l2.of(weight), x.device),
     )
     return out
 
@@ -319,6 +303,5 @@ def qkv_rope_launch(
         F32_DOT=_f32_dot(weight),
         num_warps=4,
         **pdl.launch(x, m),
-        **l2.launch_args(l2.of(weight), x.device),
     )
     return q

@@ -152,7 +152,7 @@ class Worker:
             raise
         except InvalidRequestError as exc:  # e.g. a chat request to a model without a template
             field = "prompt" if gen.prompt is not None else "messages"
-            raise RequestValidationError([FieldError(field, exc.message)]) from exc
+            raise _field_error(field, exc) from exc
         max_tokens = self._check_fit(len(ids), gen.max_tokens)
         seed = gen.seed if gen.seed is not None else secrets.randbits(64)
         params = gen.sampling(max_tokens=max_tokens, seed=seed)
@@ -201,9 +201,8 @@ class Worker:
             max_tokens = min(self.settings.max_tokens_out, room)
         try:
             self.engine.check_fits(n_prompt, max_tokens)
-        except InvalidRequestError as exc:  # "prompt of N tokens + ...": the field leads already
-            constraint = exc.message.removeprefix("prompt ")
-            raise RequestValidationError([FieldError("prompt", constraint)]) from exc
+        except InvalidRequestError as exc:
+            raise _field_error("prompt", exc) from exc
         return max_tokens
 
     def cancel_on_exit(self, job: Job) -> None:
@@ -246,3 +245,9 @@ async def read_json(request: Request) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestValidationError([FieldError("body", f"must be valid JSON ({exc})")]) from exc
+
+
+def _field_error(field: str, exc: InvalidRequestError) -> RequestValidationError:
+    """The engine's refusal as a validation error of `field`. The engine's sentences may already
+    lead with the field ("prompt of N tokens + ..."); the field is then said once."""
+    return RequestValidationError([FieldError(field, exc.message.removeprefix(f"{field} "))])

@@ -4,6 +4,8 @@ the replay is what the kernel boundaries cost (drain, launch, ramp-up).
 
     PYTHONPATH=. python benchmarks/profile_decode.py --preset qwen2.5-0.5b [--weights quantized]
         [--batch B]   # B sequences of the same context in one step
+        [--warm-up-only]   # three eager steps and no profiler, e.g. under
+                           # ncu --clock-control none -k regex:KERNEL -c N
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ def main() -> None:
     p.add_argument("--context", type=int, default=100)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument(
+        "--warm-up-only",
+        action="store_true",
+        help="stop after the three warm-up steps: for a run under a kernel profiler (ncu), which "
+        "cannot share the device's profiling interface with torch's profiler",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     dev = torch.device("cuda")
@@ -71,6 +79,8 @@ def main() -> None:
     for _ in range(3):
         eager_step()
     torch.cuda.synchronize()
+    if args.warm_up_only:
+        return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             eager_step()

@@ -9,10 +9,14 @@
 # $BASE (default base/: another revision's, `git archive REV worker_orcd | tar -x -C base`, left
 # untracked so that it travels), for before/after rows on one machine. kernels-PART runs
 # `benchmarks/kernels.py PART` (batch: the decode attention sweep; rows: the few-row kernels').
+# ncu-PRESET[-q] runs three eager decode steps at 192 keys (`profile_decode.py --warm-up-only`,
+# NCU_BATCH sequences) under ncu and reads the counters of the first NCU_COUNT kernels whose
+# names match the regex NCU_KERNELS (whole log under $OUT: stall reasons, occupancy, DRAM).
 #
 #   OUT=out benchmarks/gpu_session.sh tests streams-phi3-mini streams-qwen2.5-0.5b-q
 #   OUT=out benchmarks/gpu_session.sh tune-phi3 serve-phi3-mini
 #   STREAMS="1 8" benchmarks/gpu_session.sh base-streams-qwen2.5-0.5b-q streams-qwen2.5-0.5b-q
+#   NCU_BATCH=8 NCU_KERNELS="_mm_q4_q5_k|mm_q6_k" NCU_COUNT=4 benchmarks/gpu_session.sh ncu-phi3-mini-q
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -66,6 +70,16 @@ for step in "$@"; do
             --random "$preset" --clients 16 64 64 --rounds 4 --fixed --prompt-tokens 128 \
             --gen-tokens 128 --serve-args "--device cuda --max-num-seqs 64 --kv-cache-tokens 65536" \
             --json "$OUT/$step.json" ;;
+    ncu-*)  # hardware counters of a decode step's kernels: ncu-PRESET[-q], NCU_KERNELS a regex
+        preset=${step#ncu-}; q=()
+        if [[ $preset == *-q ]]; then preset=${preset%-q}; q=(--weights quantized); fi
+        run "$step" ncu --clock-control none --section SpeedOfLight --section Occupancy \
+            --section LaunchStats --section WarpStateStats --section SchedulerStats \
+            --section MemoryWorkloadAnalysis \
+            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+            -k "regex:${NCU_KERNELS:-gemv|_mm_|_rows_|_decode_}" -c "${NCU_COUNT:-6}" \
+            $PY benchmarks/profile_decode.py --warm-up-only --preset "$preset" "${q[@]}" \
+            --context 192 --batch "${NCU_BATCH:-1}" ;;
     *) echo "unknown step $step" | tee -a "$summary" ;;
     esac
 done

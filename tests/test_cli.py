@@ -1,7 +1,9 @@
-"""`worker-orcd generate` and `pull` from the command line, in process."""
+"""`worker-orcd generate`, `pull` and `bench --device cpu --streams` from the command line, in
+process."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -39,3 +41,44 @@ def test_pull_testdata_print_path(
     assert cli.main(["pull", "--testdata", "--print-path"]) == 0
     assert capsys.readouterr().out == f"{tmp_path / 'testdata' / 'llama-cpp-python-0.3.36'}\n"
     assert set(testdata.missing()) == set(testdata.VOCAB_TESTDATA.files)  # nothing fetched
+
+
+def test_bench_streams_on_cpu_runs_the_batched_workload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_gguf(make_qwen2(), tmp_path / "qwen2.gguf")
+    out_json = tmp_path / "streams.json"
+    argv = ["bench", "--device", "cpu", "--model", str(path), "--streams", "1", "3"]
+    argv += ["--prompt-tokens", "8", "--gen-tokens", "4", "--json", str(out_json)]
+    assert cli.main(["--log-level", "warning", *argv]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out_json.read_text())["streams"]
+    assert [r["streams"] for r in rows] == [1, 3]
+    for r in rows:  # the engine ran: prompts filled and tokens decoded; no CUDA graph on the CPU
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ms_per_token"] > 0
+        assert r["graph_decode_tok_s"] is None
+    table = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d", line)]
+    assert [t[0] for t in table] == ["1", "3"]
+    assert "8 prompt + 4 generated" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--streams", "0"], "--streams takes counts of at least 1 (got 0)"),
+        (["--streams", "2", "-1"], "--streams takes counts of at least 1 (got -1)"),
+        (["--streams", "1", "--prompt-tokens", "0"], "--prompt-tokens must be at least 1 (got 0)"),
+        (["--streams", "1", "--gen-tokens", "0"], "--gen-tokens must be at least 1 (got 0)"),
+        (
+            ["--streams", "1", "--max-context", "16", "--prompt-tokens", "16", "--gen-tokens", "4"],
+            "--prompt-tokens 16 + --gen-tokens 4 + 1 = 21 exceeds the context of 16 tokens",
+        ),
+    ],
+)
+def test_bench_refuses_counts_that_cannot_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    path = write_gguf(make_qwen2(), tmp_path / "qwen2.gguf")
+    argv = ["bench", "--device", "cpu", "--model", str(path), *extra]
+    assert cli.main(["--log-level", "warning", *argv]) == 2
+    assert capsys.readouterr().out.strip() == message

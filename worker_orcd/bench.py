@@ -141,7 +141,25 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
 
 
+def _check_counts(args: argparse.Namespace) -> str | None:
+    """What is wrong with the workload's counts, if anything (a sentence naming the option)."""
+    for flag, values in (("--streams", args.streams or []), ("--prefill", args.prefill or []),
+                         ("--decode-context", args.decode_context or [])):  # fmt: skip
+        bad = [v for v in values if v < 1]
+        if bad:
+            return f"{flag} takes counts of at least 1 (got {bad[0]})"
+    for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--gen-tokens", args.gen_tokens),
+                        ("--decode-steps", args.decode_steps)):  # fmt: skip
+        if value < 1:
+            return f"{flag} must be at least 1 (got {value})"
+    return None
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    problem = _check_counts(args)
+    if problem is not None:
+        print(problem)
+        return 2
     if args.device == "cpu":
         from worker_orcd.bench_cpu import run_cpu_bench
 

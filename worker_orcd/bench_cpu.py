@@ -3,6 +3,8 @@
     worker-orcd bench --device cpu [--model FILE] [--weights quantized|dequantized]
                       [--prefill N ...] [--decode-context N ...] [--decode-steps N]
                       [--max-context N] [--json FILE]
+    worker-orcd bench --device cpu [--model FILE] --streams B ... [--prompt-tokens N]
+                      [--gen-tokens N] [--json FILE]
 
 Figures, each the median of `REPEATS` runs:
 - command to first token: `worker-orcd generate` started as a new process (default settings, a
@@ -16,6 +18,10 @@ Figures, each the median of `REPEATS` runs:
   it is the KV cache (sized by the engine for its whole context, `--max-context` bounds it).
 The machine's load average is printed beside them: on a shared machine, other work slows all of
 these.
+
+With `--streams`, the many-requests workload instead (`bench_streams`): for each count B, B
+random prompts of --prompt-tokens and --gen-tokens greedy tokens through Engine.generate_batch,
+the step loop a server runs, with a KV cache of B such sequences.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ def run_cpu_bench(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"model file not found: {path} (run `worker-orcd pull`)")
         return 1
+    if args.streams:
+        return run_cpu_streams(path, args)
     load_before = os.getloadavg()
     first_token = [command_to_first_token(path, args.weights) for _ in range(REPEATS)]
     engine, load_s = _load(path, args.weights, args.max_context)
@@ -98,6 +106,46 @@ def run_cpu_bench(args: argparse.Namespace) -> int:
                 f,
                 indent=1,
             )
+    return 0
+
+
+def run_cpu_streams(path: Path, args: argparse.Namespace) -> int:
+    """The streams workload on the CPU engine: one Engine with room for max(--streams) sequences
+    of --prompt-tokens + --gen-tokens, each count run as `bench_streams.run_streams` runs it."""
+    from worker_orcd.bench_streams import EngineStreams, print_streams, run_streams
+    from worker_orcd.engine.engine import Engine
+
+    per_stream = args.prompt_tokens + args.gen_tokens + 1
+    t0 = time.perf_counter()
+    engine = Engine.load(
+        path,
+        device="cpu",
+        weights=args.weights,
+        max_context=args.max_context,
+        max_num_seqs=max(args.streams),
+        kv_cache_tokens=max(args.streams) * per_stream,
+    )
+    logger.info("loaded %s in %.1f s", path, time.perf_counter() - t0)
+    if per_stream > engine.context_length:
+        print(
+            f"--prompt-tokens {args.prompt_tokens} + --gen-tokens {args.gen_tokens} + 1 = "
+            f"{per_stream} exceeds the context of {engine.context_length} tokens"
+        )
+        return 2
+    weight_bytes = _decode_weight_bytes(engine)
+    rows = run_streams(
+        EngineStreams(engine), args.streams, args.prompt_tokens, args.gen_tokens, weight_bytes
+    )
+    name = f"{path.name} ({engine.info().weights}, CPU, {torch.get_num_threads()} threads)"
+    print_streams(name, None, weight_bytes, rows, args.prompt_tokens, args.gen_tokens)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"model": str(path), "weight_bytes": weight_bytes,
+                 "streams": [asdict(r) for r in rows]},
+                f,
+                indent=1,
+            )  # fmt: skip
     return 0
 
 

@@ -9,8 +9,8 @@ greedy tokens, run together. Two ways:
   each stream's first over the time from there to the last request's end (a sequence may decode a
   token during the last prompt chunk's step, so this can overstate decode by at most one token per
   stream); ms/token is that decode time over the longest stream's decode steps, what each stream
-  sees. With a real tokenizer a stream may end early at an end-of-generation token; the counts
-  are the tokens actually generated.
+  sees. End-of-generation tokens do not end a stream (`ignore_eos`), so each generates exactly
+  --gen-tokens, as in llama-batched-bench, whatever the model and its tokenizer.
 - graph: the model alone, as llama-batched-bench measures it: the B prompts prefilled in one flat
   batch, then gen tokens of device-fed decode steps of batch B on the captured graph, timed from
   the host (no sampling, text or scheduling).
@@ -86,7 +86,8 @@ def _warm(bench, b: int, prompt_tokens: int) -> None:  # noqa: ANN001
     from worker_orcd.engine.types import SamplingParams
 
     prompts = [bench._ids(prompt_tokens) for _ in range(b)]
-    bench.engine.generate_batch(prompts, SamplingParams(max_tokens=4, temperature=0.0))
+    warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    bench.engine.generate_batch(prompts, warm)
 
 
 def _engine_run(bench, b: int, prompt_tokens: int, gen_tokens: int):  # noqa: ANN001, ANN202
@@ -95,7 +96,7 @@ def _engine_run(bench, b: int, prompt_tokens: int, gen_tokens: int):  # noqa: AN
     from worker_orcd.engine.types import SamplingParams
 
     prompts = [bench._ids(prompt_tokens) for _ in range(b)]
-    params = SamplingParams(max_tokens=gen_tokens + 1, temperature=0.0)
+    params = SamplingParams(max_tokens=gen_tokens + 1, temperature=0.0, ignore_eos=True)
     if bench.engine.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -248,3 +248,22 @@ def test_cuda_graphs_default_off_on_cpu_and_forced_on_cpu_is_refused(
     assert resolve_cuda_graphs(None, cuda) is True  # on by default where Triton runs
     monkeypatch.setattr(triton_kernels, "available", lambda device=None: False)
     assert resolve_cuda_graphs(None, cuda) is False
+
+
+def test_ignore_eos_runs_to_max_tokens(
+    phi3_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    free = phi3_engine.generate("Once upon a time", GREEDY)
+    assert len(free.token_ids) == 12
+    # make the third greedy token an end-of-generation token of this tokenizer
+    monkeypatch.setattr(phi3_engine.tokenizer, "_eog", frozenset({free.token_ids[2]}))
+    stopped = phi3_engine.generate("Once upon a time", GREEDY)
+    assert stopped.stop_reason is StopReason.EOS
+    assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
+    assert len(stopped.token_ids) <= 3
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    kept = phi3_engine.generate("Once upon a time", params)
+    assert kept.stop_reason is StopReason.MAX_TOKENS
+    assert kept.token_ids == free.token_ids
+    with pytest.raises(InvalidRequestError, match="ignore_eos must be true or false"):
+        phi3_engine.generate("hi", SamplingParams(ignore_eos="yes"))  # type: ignore[arg-type]

@@ -483,7 +483,7 @@ class Engine:
             seed=seed,
             rng=make_generator(seed, self.device),
             decoder=self.tokenizer.decoder(prev_id=prompt_ids[-1]),
-            eog=self.tokenizer.eog_ids,
+            eog=frozenset() if params.ignore_eos else self.tokenizer.eog_ids,
             context_length=self.context_length,
             on_text=on_text,
             on_done=on_done,

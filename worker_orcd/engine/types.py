@@ -31,6 +31,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # End-of-generation tokens do not end the request (vLLM's and llama.cpp's ignore_eos): it runs
+    # to max_tokens, as llama-batched-bench's streams do; `bench --streams` sets it.
+    ignore_eos: bool = False
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming every field that is out of range."""
@@ -54,6 +57,8 @@ class SamplingParams:
             problems.append(f"seed must be an unsigned 64-bit integer (got {self.seed!r})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop must hold non-empty strings")
+        if not isinstance(self.ignore_eos, bool):
+            problems.append(f"ignore_eos must be true or false (got {self.ignore_eos!r})")
         if problems:
             raise InvalidRequestError("; ".join(problems))
 

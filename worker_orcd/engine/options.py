@@ -17,7 +17,8 @@ WEIGHT_CHOICES = ("quantized", "dequantized")
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type of a count: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {value})")
@@ -82,7 +83,7 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     """--tensor-parallel-size: Engine.load's tensor_parallel_size."""
     p.add_argument(
         "--tensor-parallel-size",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="split the model over N ranks: N GPUs from the chosen one on cuda, N processes on "

@@ -8,17 +8,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from worker_orcd.engine.options import add_load_arguments, batch_kwargs
+from worker_orcd.engine.options import add_load_arguments, batch_kwargs, positive_int
 
 PROMPT_MAX_CHARS = 32768
 MAX_STOP_STRINGS = 4
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {value})")
-    return value
 
 
 def _port(text: str) -> int:
@@ -48,18 +41,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-tokens-in",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="largest prompt in tokens (default: the context length)",
     )
-    p.add_argument("--max-tokens-out", type=_positive_int, default=2048)
+    p.add_argument("--max-tokens-out", type=positive_int, default=2048)
     p.add_argument(
         "--inference-timeout-sec",
         type=float,
         default=300.0,
         help="a job not done this long after its submission is cancelled (INFERENCE_TIMEOUT)",
     )
-    p.add_argument("--max-context", type=_positive_int, default=None)
+    p.add_argument("--max-context", type=positive_int, default=None)
     p.add_argument(
         "--max-queue",
         type=int,
@@ -70,7 +63,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", default="text", choices=["text", "json"])
     p.add_argument(
         "--data-parallel-size",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="N independent copies of the model (each on its own GPUs, or on the cpu) behind "

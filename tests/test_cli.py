@@ -65,20 +65,32 @@ def test_bench_streams_on_cpu_runs_the_batched_workload(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--streams", "0"], "--streams takes counts of at least 1 (got 0)"),
-        (["--streams", "2", "-1"], "--streams takes counts of at least 1 (got -1)"),
-        (["--streams", "1", "--prompt-tokens", "0"], "--prompt-tokens must be at least 1 (got 0)"),
-        (["--streams", "1", "--gen-tokens", "0"], "--gen-tokens must be at least 1 (got 0)"),
+        (["--streams", "0"], "--streams: must be an integer >= 1 (got 0)"),
+        (["--streams", "2", "-1"], "--streams: must be an integer >= 1 (got -1)"),
         (
-            ["--streams", "1", "--max-context", "16", "--prompt-tokens", "16", "--gen-tokens", "4"],
-            "--prompt-tokens 16 + --gen-tokens 4 + 1 = 21 exceeds the context of 16 tokens",
+            ["--streams", "1", "--prompt-tokens", "0"],
+            "--prompt-tokens: must be an integer >= 1 (got 0)",
         ),
+        (["--streams", "1", "--gen-tokens", "0"], "--gen-tokens: must be an integer >= 1 (got 0)"),
     ],
 )
-def test_bench_refuses_counts_that_cannot_run(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+def test_bench_refuses_counts_below_one(
+    capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--device", "cpu", *extra])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_streams_refuses_a_workload_longer_than_the_context(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write_gguf(make_qwen2(), tmp_path / "qwen2.gguf")
-    argv = ["bench", "--device", "cpu", "--model", str(path), *extra]
+    argv = ["bench", "--device", "cpu", "--model", str(path), "--streams", "1"]
+    argv += ["--max-context", "16", "--prompt-tokens", "16", "--gen-tokens", "4"]
     assert cli.main(["--log-level", "warning", *argv]) == 2
-    assert capsys.readouterr().out.strip() == message
+    expected = (
+        "bench --streams: prompt of 16 tokens + max_tokens 5 = 21 exceeds the context of 16 tokens"
+    )
+    assert capsys.readouterr().out.strip() == expected

@@ -38,7 +38,7 @@ from worker_orcd.benchtools import (
     peer_transformers,
 )
 from worker_orcd.config import ModelConfig
-from worker_orcd.engine.options import add_parallel_arguments
+from worker_orcd.engine.options import add_parallel_arguments, positive_int
 from worker_orcd.parallel import SINGLE, Parallel, rank_config
 
 logger = logging.getLogger(__name__)
@@ -109,27 +109,32 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "dequantized on cuda, the engine's default (quantized) on cpu",
     )
     p.add_argument(
-        "--prefill", type=int, nargs="+", default=None, metavar="N", help="default 128 512 2048"
+        "--prefill",
+        type=positive_int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="default 128 512 2048",
     )
     p.add_argument(
         "--decode-context",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
         metavar="N",
         help="mean context of the timed decode steps (default 100 4000)",
     )
-    p.add_argument("--decode-steps", type=int, default=128)
+    p.add_argument("--decode-steps", type=positive_int, default=128)
     p.add_argument(
         "--streams",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
         metavar="B",
         help="the many-requests workload instead: B streams of --prompt-tokens + --gen-tokens",
     )
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=positive_int, default=128)
+    p.add_argument("--gen-tokens", type=positive_int, default=128)
     p.add_argument(
         "--max-context",
         type=int,
@@ -141,25 +146,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
 
 
-def _check_counts(args: argparse.Namespace) -> str | None:
-    """What is wrong with the workload's counts, if anything (a sentence naming the option)."""
-    for flag, values in (("--streams", args.streams or []), ("--prefill", args.prefill or []),
-                         ("--decode-context", args.decode_context or [])):  # fmt: skip
-        bad = [v for v in values if v < 1]
-        if bad:
-            return f"{flag} takes counts of at least 1 (got {bad[0]})"
-    for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--gen-tokens", args.gen_tokens),
-                        ("--decode-steps", args.decode_steps)):  # fmt: skip
-        if value < 1:
-            return f"{flag} must be at least 1 (got {value})"
-    return None
-
-
 def run_bench(args: argparse.Namespace) -> int:
-    problem = _check_counts(args)
-    if problem is not None:
-        print(problem)
-        return 2
     if args.device == "cpu":
         from worker_orcd.bench_cpu import run_cpu_bench
 

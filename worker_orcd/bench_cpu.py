@@ -113,24 +113,22 @@ def run_cpu_streams(path: Path, args: argparse.Namespace) -> int:
     """The streams workload on the CPU engine: one Engine with room for max(--streams) sequences
     of --prompt-tokens + --gen-tokens, each count run as `bench_streams.run_streams` runs it."""
     from worker_orcd.bench_streams import EngineStreams, print_streams, run_streams
-    from worker_orcd.engine.engine import Engine
+    from worker_orcd.errors import InvalidRequestError
 
-    per_stream = args.prompt_tokens + args.gen_tokens + 1
-    t0 = time.perf_counter()
-    engine = Engine.load(
+    most = max(args.streams)
+    per_stream = args.prompt_tokens + args.gen_tokens + 1  # run_streams asks gen + 1 tokens
+    engine, load_s = _load(
         path,
-        device="cpu",
-        weights=args.weights,
-        max_context=args.max_context,
-        max_num_seqs=max(args.streams),
-        kv_cache_tokens=max(args.streams) * per_stream,
+        args.weights,
+        args.max_context,
+        max_num_seqs=most,
+        kv_cache_tokens=most * per_stream,
     )
-    logger.info("loaded %s in %.1f s", path, time.perf_counter() - t0)
-    if per_stream > engine.context_length:
-        print(
-            f"--prompt-tokens {args.prompt_tokens} + --gen-tokens {args.gen_tokens} + 1 = "
-            f"{per_stream} exceeds the context of {engine.context_length} tokens"
-        )
+    logger.info("loaded %s in %.1f s", path, load_s)
+    try:
+        engine.check_fits(args.prompt_tokens, args.gen_tokens + 1)
+    except InvalidRequestError as exc:
+        print(f"bench --streams: {exc.message}")
         return 2
     weight_bytes = _decode_weight_bytes(engine)
     rows = run_streams(
@@ -166,11 +164,13 @@ def command_to_first_token(path: Path, weights: str | None) -> float:
     return elapsed
 
 
-def _load(path: Path, weights: str | None, max_context: int | None):  # -> (Engine, seconds)
+def _load(path: Path, weights: str | None, max_context: int | None, **batching):  # noqa: ANN003
+    """(Engine, seconds to load it) on the CPU; `batching`: Engine.load's max_num_seqs and
+    kv_cache_tokens."""
     from worker_orcd.engine.engine import Engine
 
     t0 = time.perf_counter()
-    engine = Engine.load(path, device="cpu", weights=weights, max_context=max_context)
+    engine = Engine.load(path, device="cpu", weights=weights, max_context=max_context, **batching)
     return engine, time.perf_counter() - t0
 
 

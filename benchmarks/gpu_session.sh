@@ -40,6 +40,10 @@ run() {  # name, command...
     tail -n 25 "$OUT/$name.log" | tee -a "$summary"
     grep -E "^(FAILED|ERROR)|\] (FAILED|ERROR) " "$OUT/$name.log" | head -n 20 | tee -a "$summary"
 }
+preset_of() {  # PRESET[-q] -> $preset, and $q: the bench's quantized-weights option for -q
+    preset=$1; q=()
+    if [[ $preset == *-q ]]; then preset=${preset%-q}; q=(--weights quantized); fi
+}
 for step in "$@"; do
     case $step in
     # -v: each result with its test's name as it ends, so a run stopped by its limit still names
@@ -47,8 +51,7 @@ for step in "$@"; do
     tests) run tests $PY -m pytest -v -m gpu tests --ignore=tests/server -p no:cacheprovider -n 4 \
         --timeout 240 -ra ;;
     streams-* | base-streams-*)
-        preset=${step#*streams-}; q=(); dir=$PWD
-        if [[ $preset == *-q ]]; then preset=${preset%-q}; q=(--weights quantized); fi
+        preset_of "${step#*streams-}"; dir=$PWD
         if [[ $step == base-* ]]; then
             dir=$(cd "${BASE:-base}" 2>/dev/null && pwd)
             if [ ! -d "$dir/worker_orcd" ]; then
@@ -71,8 +74,7 @@ for step in "$@"; do
             --gen-tokens 128 --serve-args "--device cuda --max-num-seqs 64 --kv-cache-tokens 65536" \
             --json "$OUT/$step.json" ;;
     ncu-*)  # hardware counters of a decode step's kernels: ncu-PRESET[-q], NCU_KERNELS a regex
-        preset=${step#ncu-}; q=()
-        if [[ $preset == *-q ]]; then preset=${preset%-q}; q=(--weights quantized); fi
+        preset_of "${step#ncu-}"
         run "$step" ncu --clock-control none --section SpeedOfLight --section Occupancy \
             --section LaunchStats --section WarpStateStats --section SchedulerStats \
             --section MemoryWorkloadAnalysis \

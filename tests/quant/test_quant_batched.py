@@ -11,6 +11,8 @@ elements.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -29,6 +31,7 @@ from worker_orcd.kernels.quant.formats import Q, block_format
 from worker_orcd.kernels.quant.ops import (
     BATCHED_MAX_ROWS,
     GEMV_MAX_ROWS,
+    PAIRS_ENV,
     BatchedConfig,
     batched_config,
     matmul_path,
@@ -38,6 +41,7 @@ from worker_orcd.kernels.quant.ops import (
 from worker_orcd.kernels.quant.weights import PackedWeight, QuantizedWeight
 
 ROWS = (1, 2, 7, 16, 64)
+PAIRED = (Q.Q4_K, Q.Q5_K, Q.Q6_K)  # the types whose weights `BatchedConfig.pairs` makes in pairs
 # y's own rounding to its dtype, and float32 sums
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
 # Triton's interpreter truncates to bf16 where the GPU and torch round to nearest (the weight and
@@ -102,6 +106,16 @@ def test_default_configs_fit_their_batches(qtype: Q) -> None:
             BatchedConfig(64, 16, tiles=3).check(qtype)
 
 
+def test_pairs_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PAIRS_ENV, raising=False)
+    assert not batched_config(Q.Q4_K, 3072, 3072, 8).pairs
+    monkeypatch.setenv(PAIRS_ENV, "1")
+    assert batched_config(Q.Q4_K, 3072, 3072, 8).pairs
+    monkeypatch.setenv(PAIRS_ENV, "yes")
+    with pytest.raises(ValueError, match=f"{PAIRS_ENV} must be 0 or 1, got 'yes'"):
+        batched_config(Q.Q4_K, 3072, 3072, 8)
+
+
 # -- CPU, Triton interpreter ---------------------------------------------------------------------
 
 
@@ -122,6 +136,9 @@ def test_interpreted_batched(qtype: Q) -> None:
     check_batched(qtype, 37, 2 * unit, 7, torch.float16, "cpu")
     for m in (7, 40):  # bf16 x: the PTX path's column order, x^T loaded permuted (7) or not (40)
         check_batched(qtype, 37, 2 * unit, m, torch.bfloat16, "cpu", tol=TOL_INTERPRETED_BF16)
+        if qtype in PAIRED:  # and its weights made in bf16 pairs
+            cfg = replace(batched_config(qtype, 37, 2 * unit, m), pairs=True)
+            check_batched(qtype, 37, 2 * unit, m, torch.bfloat16, "cpu", cfg, TOL_INTERPRETED_BF16)
 
 
 # -- GPU ------------------------------------------------------------------------------------------
@@ -134,6 +151,9 @@ def test_batched_real_and_odd_shapes(qtype: Q) -> None:
     for n, k in shapes_for(qtype, REAL + ODD):
         for m in ROWS:
             check_batched(qtype, n, k, m, torch.bfloat16, "cuda")
+            if qtype in PAIRED:
+                cfg = replace(batched_config(qtype, n, k, m), pairs=True)
+                check_batched(qtype, n, k, m, torch.bfloat16, "cuda", cfg)
     for n, k in shapes_for(qtype, [(896, 4864), (3072, 3072), (9216, 3072)] + ODD):
         check_batched(qtype, n, k, 7, torch.float32, "cuda")
         check_batched(qtype, n, k, 16, torch.float16, "cuda")
@@ -146,6 +166,8 @@ def test_batched_real_and_odd_shapes(qtype: Q) -> None:
             (50, BatchedConfig(64, 16, num_warps=8, tiles=2 if qtype != Q.Q6_K else 4)),
         ]:
             check_batched(qtype, n, k, m, torch.bfloat16, "cuda", cfg)
+            if qtype in PAIRED:
+                check_batched(qtype, n, k, m, torch.bfloat16, "cuda", replace(cfg, pairs=True))
 
 
 @gpu

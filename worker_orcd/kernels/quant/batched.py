@@ -24,15 +24,23 @@ Besides the product's own rounding this rounds c once, ~2**-24 of the largest we
 K-quants on bf16 x (`PACKED`, the decode path): compiled plainly, the step above costs about seven
 instructions a weight, a byte extracted, shifted and masked for every weight, and that count, not
 the bytes, bounds these kernels at 8-64 rows. With PACKED the Q4_K/Q5_K/Q6_K kernels instead hand
-one 32-bit word of quant bytes (four weights of a row) to a PTX block that makes two weights per
-lop3 (two nibbles under the exponent of bf16 128.0 in the two 16-bit lanes: bf16(128 + q),
+one 32-bit word of quant bytes (four weights of the tile) to a PTX block that makes two weights
+per lop3 (two nibbles under the exponent of bf16 128.0 in the two 16-bit lanes: bf16(128 + q),
 exact), widens each lane to float32 with a shift or a mask, and computes w = a (128 + q) + c' in
-float32 (c' = c - 128 a), rounded to bf16 in pairs: the same weights as above, about three
-instructions each (`_nibbles`, `_q6_weights`). For those words to be four adjacent bytes, the
+float32 (c' = c - 128 a), rounded to bf16 in pairs: the same weights as above, about three and a
+half instructions each (`_nibbles`, `_q6_weights`). For those words to be four adjacent bytes, the
 tile's columns are put in the order of the MMA's A operand (a thread holds columns 2t, 2t + 1,
 2t + 8 and 2t + 9 of each 16), and x^T's rows in the same order (`_mma_order`): the product is
-unchanged. Triton's interpreter runs the same reordering with the weights made elementwise, so the
-CPU tests check it.
+unchanged. A word's four weights need not share a row (in the MMA operand's layout the last two
+sit eight rows below the first two), so every weight takes its scales from its own lane. Triton's
+interpreter runs the same reordering with the weights made elementwise, so the CPU tests check it.
+
+`PAIRS` (`BatchedConfig.pairs`) makes those weights two at a time in the lanes of the bf16x2
+registers that the MMA takes: a byte permute puts two bytes in the lanes of a word, a lop3 puts
+their nibbles under bf16 128.0, an fma.bf16x2 takes off the 128 and the zero point (exact), a
+second one makes w = a q + c: about two instructions a weight. Q6_K's weights stay the same bf16
+values (scale and q6 - 32 are exact in bf16); Q4_K/Q5_K's a = d scale and c = -dmin min are
+rounded to bf16 before the fma, ~2**-9 relative error each, where the float path rounds only w.
 
 Every per-row load of a scale is a 4-byte word (Q4_K/Q5_K's d and dmin pair, Q6_K's eight scales
 of a half as two words, an f16 d read through the word holding it: `words.f16_at`) so that the
@@ -59,6 +67,7 @@ import logging
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.quant import ptx
 from worker_orcd.kernels.quant.words import byte_at, f16_at, f16_bits
 from worker_orcd.kernels.triton import arrivals, pdl
 
@@ -178,93 +187,61 @@ def _mm_q4_q5_0(
     arrivals.store_split(y_ptr, ws_ptr, lock_ptr, acc, rows, M, N, xr, xmask, stride_ym, SPLITS)
 
 
-_MAGIC = "0x43004300"  # bf16 128.0 in each 16-bit lane: a nibble or-ed under it reads 128 + q
-_REGS = ".reg .b32 s0, s1, t0, t1, x0, x1, r, f0, f1, f2, f3;"
-
-
-def _rotate_ptx(x: str, h: str, amount: str, mask: str) -> list[str]:
-    """PTX lines leaving in x the magic with the bits `mask` of h rotated left by `amount` or-ed
-    in: high quant bits brought above the nibbles of their lanes."""
-    return [
-        f"shf.l.wrap.b32 {x}, {h}, {h}, {amount};",
-        f"lop3.b32 {x}, {x}, {mask}, {_MAGIC}, 0xEA;",
-    ]
-
-
-def _word_ptx(
-    q: str, shift: int, out: int, scales: int, high: list[str] | None = None
-) -> list[str]:
-    """PTX lines turning the word of quant bytes in operand q into four bf16 weights, operands
-    $out (elements 0, 1) and $out + 1 (2, 3). Each byte's nibble at bit `shift` goes under the
-    magic of a 16-bit lane (a lop3 for bytes 0 and 2, one for 1 and 3), with the high bits that
-    the lines `high` leave in x0 (bytes 0, 2) and x1 (1, 3); a shift or a mask widens each lane
-    to the float32 128 + q; w = a (128 + q) + c' with a and c' the operands $scales + i and
-    $scales + 4 + i; then a round-to-nearest pair to bf16, as the float path rounds."""
-    lines = [f"shr.b32 s0, {q}, {shift};", f"shr.b32 s1, {q}, {shift + 8};"]
-    magic = (_MAGIC, _MAGIC)
-    if high:
-        lines += high
-        magic = ("x0", "x1")
-    lines += [
-        f"lop3.b32 t0, s0, 0x000F000F, {magic[0]}, 0xEA;",
-        f"lop3.b32 t1, s1, 0x000F000F, {magic[1]}, 0xEA;",
-        "shl.b32 f0, t0, 16;", "and.b32 f2, t0, 0xFFFF0000;",
-        "shl.b32 f1, t1, 16;", "and.b32 f3, t1, 0xFFFF0000;",
-    ]  # fmt: skip
-    lines += [f"fma.rn.f32 f{i}, f{i}, ${scales + i}, ${scales + 4 + i};" for i in range(4)]
-    lines += [f"cvt.rn.bf16x2.f32 ${out}, f1, f0;", f"cvt.rn.bf16x2.f32 ${out + 1}, f3, f2;"]
-    return lines
-
-
-def _ptx(lines: list[str]) -> str:
-    return "{\n" + "\n".join([_REGS, *lines]) + "\n}"
-
-
-def _nibbles_ptx(fifth_bit: bool) -> str:
-    """PTX for `_nibbles`: one word of quant bytes (four weights of a row of the tile) to their
-    low- and high-nibble weights (`_word_ptx`); Q5_K's fifth bits, bit 2c (low) and 2c + 1 (high)
-    of the qh word, rotated to bit 4 of each lane. c' = c - 128 a is exact enough: its rounding
-    is ~2**-24 of 128 a."""
-    first = 6 if fifth_bit else 5  # operands after the words: [2c,] a_lo, c_lo, a_hi, c_hi
-    n = f"${first}"  # 2c: the qh bit of the low nibbles' sub-block
-    scales = first + 4 if fifth_bit else first
-    lines = []
-    for half in (0, 1):
-        high = []
-        if fifth_bit:  # bit 2c + half of bytes 0, 2 (1, 3) to bit 4 of each lane, by a rotate
-            for x, base in (("x0", 4 - half), ("x1", 28 - half)):
-                high += [f"mov.b32 r, {base};", f"sub.u32 r, r, {n};"]
-                high += _rotate_ptx(x, "$5", "r", "0x00100010")
-        lines += _word_ptx("$4", 4 * half, 2 * half, scales + 8 * half, high)
-    return _ptx(lines)
-
-
-NIBBLES_Q4 = tl.constexpr(_nibbles_ptx(False))
-NIBBLES_Q5 = tl.constexpr(_nibbles_ptx(True))
+NIBBLES_Q4 = tl.constexpr(ptx.nibbles_ptx(False))
+NIBBLES_Q5 = tl.constexpr(ptx.nibbles_ptx(True))
+NIBBLES_Q4_PAIRS = tl.constexpr(ptx.pair_nibbles_ptx(False))
+NIBBLES_Q5_PAIRS = tl.constexpr(ptx.pair_nibbles_ptx(True))
+Q6_G0 = tl.constexpr(ptx.q6_ptx(0))
+Q6_G1 = tl.constexpr(ptx.q6_ptx(1))
+Q6_G0_PAIRS = tl.constexpr(ptx.pair_q6_ptx(0))
+Q6_G1_PAIRS = tl.constexpr(ptx.pair_q6_ptx(1))
 
 
 @triton.jit
 def _nibbles(
     q, h, n2, a_lo, c_lo, a_hi, c_hi, BLOCK_N: tl.constexpr, HAS_QH: tl.constexpr,
-    ASM: tl.constexpr,
+    ASM: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
     """bf16 weights (low nibbles, high nibbles) of a [BLOCK_N, 32] tile of quant bytes q (u8),
     w = a q + c per row (a, c float32 [BLOCK_N]); with HAS_QH the fifth bits are bit n2 (low
-    nibbles) and n2 + 1 (high) of h (u8 [BLOCK_N, 32]). ASM: four weights per PTX block
-    (`_nibbles_ptx`), about three instructions a weight where the float path takes seven;
-    otherwise (Triton's interpreter) the same values elementwise."""
+    nibbles) and n2 + 1 (high) of h (u8 [BLOCK_N, 32]). ASM: four weights of each nibble per PTX
+    block: made in float32 as a (128 + q) + (c - 128 a) and rounded once (`ptx.nibbles_ptx`,
+    about three and a half instructions a weight where the float path takes seven; c - 128 a
+    rounds by ~2**-24 of 128 a), or with PAIRS two at a time in bf16 from a and c rounded to bf16
+    (`ptx.pair_nibbles_ptx`, about two); otherwise (Triton's interpreter) the same values
+    elementwise."""
     shape: tl.constexpr = (BLOCK_N, 32)
-    c_lo = c_lo - 128.0 * a_lo
-    c_hi = c_hi - 128.0 * a_hi
+    if PAIRS:
+        a_lo = a_lo.to(tl.bfloat16)
+        c_lo = c_lo.to(tl.bfloat16)
+        a_hi = a_hi.to(tl.bfloat16)
+        c_hi = c_hi.to(tl.bfloat16)
+        base: tl.constexpr = 0  # w = a q + c
+    else:
+        c_lo = c_lo - 128.0 * a_lo
+        c_hi = c_hi - 128.0 * a_hi
+        base: tl.constexpr = 128  # w = a (128 + q) + c - 128 a
     if ASM:
         args = [
             tl.broadcast_to(a_lo[:, None], shape), tl.broadcast_to(c_lo[:, None], shape),
             tl.broadcast_to(a_hi[:, None], shape), tl.broadcast_to(c_hi[:, None], shape),
         ]  # fmt: skip
-        if HAS_QH:
+        if HAS_QH and PAIRS:  # rotation counts bringing bit n2 (n2 + 1) of a lane's byte to bit 4
+            r_lo = tl.zeros(shape, tl.int32) + (4 - n2)
+            r_hi = tl.zeros(shape, tl.int32) + (3 - n2)
+            w_lo, w_hi = tl.inline_asm_elementwise(
+                NIBBLES_Q5_PAIRS, "=r,=r,=r,=r" + ",r" * 18, [q, h, r_lo, r_hi] + args,
+                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
+            )  # fmt: skip
+        elif HAS_QH:
             n = tl.zeros(shape, tl.int32) + n2
             w_lo, w_hi = tl.inline_asm_elementwise(
                 NIBBLES_Q5, "=r,=r,=r,=r" + ",r" * 22, [q, h, n] + args,
+                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
+            )  # fmt: skip
+        elif PAIRS:
+            w_lo, w_hi = tl.inline_asm_elementwise(
+                NIBBLES_Q4_PAIRS, "=r,=r,=r,=r" + ",r" * 9, [q] + args,
                 dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
             )  # fmt: skip
         else:
@@ -274,31 +251,17 @@ def _nibbles(
             )  # fmt: skip
     else:
         q = q.to(tl.int32)
-        lo = 128 + (q & 15)
-        hi = 128 + ((q >> 4) & 15)
+        lo = base + (q & 15)
+        hi = base + ((q >> 4) & 15)
         if HAS_QH:
             h = h.to(tl.int32)
             lo += ((h >> n2) & 1) << 4
             hi += ((h >> (n2 + 1)) & 1) << 4
-        w_lo = (lo.to(tl.float32) * a_lo[:, None] + c_lo[:, None]).to(tl.bfloat16)
-        w_hi = (hi.to(tl.float32) * a_hi[:, None] + c_hi[:, None]).to(tl.bfloat16)
+        w_lo = lo.to(tl.float32) * a_lo.to(tl.float32)[:, None] + c_lo.to(tl.float32)[:, None]
+        w_hi = hi.to(tl.float32) * a_hi.to(tl.float32)[:, None] + c_hi.to(tl.float32)[:, None]
+        w_lo = w_lo.to(tl.bfloat16)
+        w_hi = w_hi.to(tl.bfloat16)
     return w_lo, w_hi
-
-
-def _q6_ptx(g: int) -> str:
-    """PTX for `_q6_weights` of groups g and g + 2 (g = 0, 1): one word of ql bytes (operand $4)
-    and one of qh bytes ($5), four weights of each group (`_word_ptx`): group f is the low
-    (f < 2) or high nibble under qh's bits 2f, 2f + 1, rotated to bits 4-5 of each lane."""
-    lines = []
-    for i, f in enumerate((g, g + 2)):
-        high = _rotate_ptx("x0", "$5", str((4 - 2 * f) % 32), "0x00300030")
-        high += _rotate_ptx("x1", "$5", str((28 - 2 * f) % 32), "0x00300030")
-        lines += _word_ptx("$4", 4 * (f // 2), 2 * i, 6 + 8 * i, high)
-    return _ptx(lines)
-
-
-Q6_G0 = tl.constexpr(_q6_ptx(0))
-Q6_G1 = tl.constexpr(_q6_ptx(1))
 
 
 @triton.jit
@@ -321,12 +284,16 @@ def _halves(v0, v1, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _q6_weights(q, qh, sw0, sw1, G: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+def _q6_weights(
+    q, qh, sw0, sw1, G: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
+    PAIRS: tl.constexpr,
+):  # fmt: skip
     """bf16 weights, before d, of Q6_K groups G and G + 2 of a half from [BLOCK_N, 32] tiles of ql
     bytes q and qh bytes qh (u8): six bits, the nibble of q (low for group G, high for G + 2)
     under bits 2f, 2f + 1 of qh; w = a (q6 - 32) with a the scale of the sub-block (2f for the
     first 16 columns, 2f + 1 for the rest; sw0, sw1 the half's scale words). ASM: four weights
-    of each group per PTX block (`_q6_ptx`; a word's four share their a); otherwise (Triton's
+    of each group per PTX block (`ptx.q6_ptx`, in float32; with PAIRS `ptx.pair_q6_ptx`, two at
+    a time in bf16: the same values, as a and q6 - 32 are exact in bf16); otherwise (Triton's
     interpreter) the same values elementwise."""
     a0_lo = _q6_scale(sw0, sw1, 2 * G)
     a1_lo = _q6_scale(sw0, sw1, 2 * G + 1)
@@ -334,9 +301,20 @@ def _q6_weights(q, qh, sw0, sw1, G: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl
     a1_hi = _q6_scale(sw0, sw1, 2 * G + 5)
     a_lo = _halves(a0_lo, a1_lo, BLOCK_N)
     a_hi = _halves(a0_hi, a1_hi, BLOCK_N)
-    c_lo = _halves(-160.0 * a0_lo, -160.0 * a1_lo, BLOCK_N)  # w = a (128 + q6) + c
-    c_hi = _halves(-160.0 * a0_hi, -160.0 * a1_hi, BLOCK_N)
-    if ASM:
+    if ASM and PAIRS:
+        args = [q, qh, a_lo.to(tl.bfloat16), a_hi.to(tl.bfloat16)]
+        cons_p: tl.constexpr = "=r,=r,=r,=r" + ",r" * 6
+        if G == 0:
+            w_lo, w_hi = tl.inline_asm_elementwise(
+                Q6_G0_PAIRS, cons_p, args, (tl.bfloat16, tl.bfloat16), True, 4
+            )
+        else:
+            w_lo, w_hi = tl.inline_asm_elementwise(
+                Q6_G1_PAIRS, cons_p, args, (tl.bfloat16, tl.bfloat16), True, 4
+            )
+    elif ASM:
+        c_lo = _halves(-160.0 * a0_lo, -160.0 * a1_lo, BLOCK_N)  # w = a (128 + q6) + c
+        c_hi = _halves(-160.0 * a0_hi, -160.0 * a1_hi, BLOCK_N)
         args = [q, qh, a_lo, c_lo, a_hi, c_hi]
         cons: tl.constexpr = "=r,=r,=r,=r" + ",r" * 18
         if G == 0:
@@ -352,8 +330,8 @@ def _q6_weights(q, qh, sw0, sw1, G: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl
         qh = qh.to(tl.int32)
         q6_lo = (q & 15) | (((qh >> (2 * G)) & 3) << 4)
         q6_hi = ((q >> 4) & 15) | (((qh >> (2 * G + 4)) & 3) << 4)
-        w_lo = ((128 + q6_lo).to(tl.float32) * a_lo + c_lo).to(tl.bfloat16)
-        w_hi = ((128 + q6_hi).to(tl.float32) * a_hi + c_hi).to(tl.bfloat16)
+        w_lo = ((q6_lo - 32).to(tl.float32) * a_lo).to(tl.bfloat16)
+        w_hi = ((q6_hi - 32).to(tl.float32) * a_hi).to(tl.bfloat16)
     return w_lo, w_hi
 
 
@@ -428,9 +406,9 @@ def _k4_weights(q8, h8, c, d, dmin, sc_lo, mn_lo, sc_hi, mn_hi, HAS_QH: tl.const
 def _mm_q4_q5_k(
     x_ptr, dm_ptr, sc_ptr, qh_ptr, qs_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym,
     SPLIT_UNITS,
-    HAS_QH: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr, F32_DOT: tl.constexpr,
-    SPLITS: tl.constexpr, PDL: tl.constexpr,
+    HAS_QH: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr,
+    F32_DOT: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # Unit u = chunk c = u % 4 of super-block u // 4 (STEP chunks per step, dividing 4, so a step
     # stays in one super-block): qs bytes 32c..32c+31 hold sub-block 2c in their low nibbles
@@ -473,7 +451,7 @@ def _mm_q4_q5_k(
                     hp = None
                 w_lo, w_hi = _nibbles(
                     _mma_order(q8, BLOCK_N), hp, 2 * c, d * sc_lo, -(dmin * mn_lo), d * sc_hi,
-                    -(dmin * mn_hi), BLOCK_N, HAS_QH, ASM,
+                    -(dmin * mn_hi), BLOCK_N, HAS_QH, ASM, PAIRS,
                 )  # fmt: skip
                 xt_lo = _xt_mma(x_ptr, stride_xm, xr, xmask, u * 64, BLOCK_B)
                 xt_hi = _xt_mma(x_ptr, stride_xm, xr, xmask, u * 64 + 32, BLOCK_B)
@@ -490,9 +468,9 @@ def _mm_q4_q5_k(
 def mm_q6_k_kernel(
     x_ptr, d_ptr, sc_ptr, qh_ptr, ql_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym,
     SPLIT_UNITS,
-    D_WORDS: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr, F32_DOT: tl.constexpr,
-    SPLITS: tl.constexpr, PDL: tl.constexpr,
+    D_WORDS: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STEP: tl.constexpr, STAGES: tl.constexpr,
+    F32_DOT: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # Unit = half h of 128 elements (STEP halves per step, one or two: a step stays in one
     # super-block): bytes a = ql[64h + l], b = ql[64h + 32 + l] and qh[32h + l] (l < 32) give
@@ -521,7 +499,9 @@ def mm_q6_k_kernel(
                 qh = _mma_order(tl.load(qh_row[:, None] + half * 32 + l32[None, :]), BLOCK_N)
                 for g in tl.static_range(2):  # ql bytes a (g = 0) or b: groups g and g + 2
                     q = tl.load(ql_row[:, None] + half * 64 + g * 32 + l32[None, :])
-                    w_lo, w_hi = _q6_weights(_mma_order(q, BLOCK_N), qh, sw0, sw1, g, BLOCK_N, ASM)
+                    w_lo, w_hi = _q6_weights(
+                        _mma_order(q, BLOCK_N), qh, sw0, sw1, g, BLOCK_N, ASM, PAIRS
+                    )
                     for j in tl.static_range(2):
                         col0 = half * 128 + (g + 2 * j) * 32
                         xt = _xt_mma(x_ptr, stride_xm, xr, xmask, col0, BLOCK_B)

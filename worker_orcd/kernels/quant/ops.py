@@ -17,6 +17,7 @@ The references go back to GGUF bytes (`formats.from_planes`) and use the dequant
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -147,6 +148,9 @@ class BatchedConfig:
     split_k: int = 1  # programs along K; > 1 adds float32 partials, summed by the last
     tiles: int = 4  # [block_n, 32] weight tiles per unrolled step along K
     stages: int = 2  # software-pipeline stages of the walk along K
+    # K-quants on bf16 x: weights made two at a time in bf16 (`batched`'s PAIRS; Q4_K/Q5_K's
+    # scale and min rounded to bf16 first) instead of in float32 and rounded
+    pairs: bool = False
 
     def check(self, qtype: GGMLQuantizationType) -> None:
         if self.block_n not in (16, 32, 64, 128) or self.block_b not in (16, 32, 64):
@@ -189,7 +193,20 @@ def batched_config(qtype: GGMLQuantizationType, n: int, k: int, m: int) -> Batch
     split = 1
     while split < most and programs * split * 2 <= cap and units >= steps * tiles * split * 2:
         split *= 2
-    return BatchedConfig(block_n, block_b, split_k=split, tiles=tiles)
+    return BatchedConfig(block_n, block_b, split_k=split, tiles=tiles, pairs=pairs_default())
+
+
+# Not on by default until a GPU run has compared it: `WORKER_ORCD_QUANT_PAIRS=1` turns it on for
+# the default configs, for before/after measurements of whole models.
+PAIRS_ENV = "WORKER_ORCD_QUANT_PAIRS"
+
+
+def pairs_default() -> bool:
+    """Whether the default small-batch configs make K-quant weights in bf16 pairs."""
+    value = os.environ.get(PAIRS_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{PAIRS_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 class RoundedX(NamedTuple):
@@ -511,6 +528,7 @@ def quant_batched(
     if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # bf16 x: weights made a word of quants at a time
         flags["PACKED"] = x.dtype == torch.bfloat16
         flags["ASM"] = x.device.type == "cuda"
+        flags["PAIRS"] = cfg.pairs
     flags.update(pdl.launch(x, m))
     units = k // _UNIT_BATCHED[qtype]
     per, split = arrivals.split_len(units, cfg.split_k, step)

@@ -7,7 +7,9 @@
 # against a spawned server on a random bf16 GGUF of that preset written to /tmp). STREAMS sets the
 # stream counts (default 1 8 32 64). base-streams-PRESET[-q] runs the same bench on the package in
 # $BASE (default base/: another revision's, `git archive REV worker_orcd | tar -x -C base`, left
-# untracked so that it travels), for before/after rows on one machine. kernels-PART runs
+# untracked so that it travels), for before/after rows on one machine; pairs-streams-PRESET[-q]
+# the same bench with the small-batch K-quant weights made in bf16 pairs
+# (WORKER_ORCD_QUANT_PAIRS=1, `BatchedConfig.pairs`). kernels-PART runs
 # `benchmarks/kernels.py PART` (batch: the decode attention sweep; rows: the few-row kernels').
 # ncu-PRESET[-q] runs three eager decode steps at 192 keys (`profile_decode.py --warm-up-only`,
 # NCU_BATCH sequences) under ncu and reads the counters of the first NCU_COUNT kernels whose
@@ -16,6 +18,7 @@
 #   OUT=out benchmarks/gpu_session.sh tests streams-phi3-mini streams-qwen2.5-0.5b-q
 #   OUT=out benchmarks/gpu_session.sh tune-phi3 serve-phi3-mini
 #   STREAMS="1 8" benchmarks/gpu_session.sh base-streams-qwen2.5-0.5b-q streams-qwen2.5-0.5b-q
+#   STREAMS="1 8 32 64" benchmarks/gpu_session.sh streams-phi3-mini-q pairs-streams-phi3-mini-q
 #   NCU_BATCH=8 NCU_KERNELS="_mm_q4_q5_k|mm_q6_k" NCU_COUNT=4 benchmarks/gpu_session.sh ncu-phi3-mini-q
 set -uo pipefail
 OUT=${OUT:-out}
@@ -50,8 +53,9 @@ for step in "$@"; do
     # what failed (-q prints a bare F and the names only in the final summary)
     tests) run tests $PY -m pytest -v -m gpu tests --ignore=tests/server -p no:cacheprovider -n 4 \
         --timeout 240 -ra ;;
-    streams-* | base-streams-*)
-        preset_of "${step#*streams-}"; dir=$PWD
+    streams-* | base-streams-* | pairs-streams-*)
+        preset_of "${step#*streams-}"; dir=$PWD; pairs=${WORKER_ORCD_QUANT_PAIRS:-0}
+        [[ $step == pairs-* ]] && pairs=1
         if [[ $step == base-* ]]; then
             dir=$(cd "${BASE:-base}" 2>/dev/null && pwd)
             if [ ! -d "$dir/worker_orcd" ]; then
@@ -60,7 +64,8 @@ for step in "$@"; do
             fi
         fi
         # -m puts the working directory first on the path: the package run is the one in $dir
-        run "$step" env -C "$dir" PYTHONPATH="$dir:$PYTHONPATH" $PY -m worker_orcd.cli bench \
+        run "$step" env -C "$dir" PYTHONPATH="$dir:$PYTHONPATH" WORKER_ORCD_QUANT_PAIRS=$pairs \
+            $PY -m worker_orcd.cli bench \
             --preset "$preset" "${q[@]}" --streams ${STREAMS:-1 8 32 64} --prompt-tokens 128 \
             --gen-tokens 128 ;;
     kernels-*) run "$step" $PY benchmarks/kernels.py ${step#kernels-} ;;

@@ -8,11 +8,13 @@ L2, as a decode step meets its weights (`do_bench`, used before 2026-12-06, time
 and read 10-20% high where the host's launch was slower than the kernel); GB/s of the weight's
 quantized bytes and their share of the copy bandwidth measured in the same run, and how the
 small-batch kernel compares with the better of the other two; a table at the end and JSON under
---out. x and y are bf16, weights random GGUF blocks made on the GPU (speed does not depend on the
-values).
+--out. For Q4_K, Q5_K and Q6_K, also the default config with the weights made the other way
+(`BatchedConfig.pairs`: in bf16 pairs or in float32), in the log and as `twin_us`. x and y are
+bf16, weights random GGUF blocks made on the GPU (speed does not depend on the values).
 
 With --tune, instead: a sweep of the small-batch kernels' launch configs for the weights of the
-two models' Q4_K_M mixes, each batch's best config and its time against the default's.
+two models' Q4_K_M mixes (K-quants' super-block steps both ways, `pairs`), each batch's best
+config and its time against the default's.
 
     PYTHONPATH=. python benchmarks/quant_kernels.py --batched [--types Q4_K,Q6_K] [--out DIR]
         [--rows 2,4,8] [--model phi3]
@@ -26,7 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 
 import quant_kernels as qk  # this script's directory is on sys.path
@@ -66,6 +68,7 @@ MIX = [
     (Q.Q8_0, "qwen.lm_head"),
 ]  # fmt: skip
 ROWS = (2, 4, 8, 16, 32, 64)
+PAIRED = (Q.Q4_K, Q.Q5_K, Q.Q6_K)  # the types whose weights `BatchedConfig.pairs` makes in pairs
 
 
 def graph_us(fn: Callable[[dict], object], weights: list[dict]) -> float:
@@ -109,6 +112,13 @@ def sweep(
                 "dense": graph_us(partial(_dense, x, **shape, w=scratch, y=y), weights),
                 "gemv": graph_us(partial(quant_gemv, x, **shape, out=y), weights),
             }
+            twin = ""  # the default config with the weights made the other way (`pairs`)
+            if qtype in PAIRED:
+                cfg = batched_config(qtype, n, k, m)
+                cfg = replace(cfg, pairs=not cfg.pairs)
+                fn = partial(quant_batched, x, **shape, out=y, config=cfg)
+                us["twin"] = graph_us(fn, weights)
+                twin = f" | pairs={cfg.pairs} {us['twin']:8.2f} us"
             other = min(us["dense"], us["gemv"])
             row = {
                 "qtype": qtype.name, "name": name, "n": n, "k": k, "m": m, "mb": size / 1e6,
@@ -120,9 +130,9 @@ def sweep(
             rows.append(row)
             logger.info(
                 "%-5s %-13s [%6d, %5d] B=%2d  batched %8.2f us %5.0f GB/s %3.0f%% | "
-                "dequant+cuBLAS %8.2f us | GEMV %8.2f us | %5.2fx the better other",
+                "dequant+cuBLAS %8.2f us | GEMV %8.2f us | %5.2fx the better other%s",
                 qtype.name, name, n, k, m, us["batched"], row["batched_gbs"],
-                100 * row["batched_gbs"] / copy_gbs, us["dense"], us["gemv"], row["speedup"],
+                100 * row["batched_gbs"] / copy_gbs, us["dense"], us["gemv"], row["speedup"], twin,
             )  # fmt: skip
         del planes, weights, scratch
         torch.cuda.empty_cache()
@@ -135,11 +145,13 @@ def tune_configs(qtype: Q, m: int) -> list[BatchedConfig]:
     bb = batched_config(qtype, 4096, 4096, m).block_b
     shapes = [(32, 4), (64, 4), (64, 8), (128, 8), (128, 4), (16, 4)]
     cfgs = [BatchedConfig(bn, bb, w, split_k=s) for bn, w in shapes for s in (1, 2, 4)]
-    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # 8 tiles a step (a super-block), K split up to 8
+    if qtype in PAIRED:  # 8 tiles a step (a super-block), K split up to 8
         cfgs += [BatchedConfig(64, bb, 4, split_k=s, tiles=8) for s in (1, 2, 4, 8)]
         cfgs += [BatchedConfig(64, bb, 4, split_k=8, tiles=8, stages=st) for st in (3, 4)]
         cfgs += [BatchedConfig(128, bb, 8, split_k=s, tiles=8) for s in (2, 4)]
         cfgs += [BatchedConfig(64, bb, 4, split_k=8), BatchedConfig(64, bb, 4, tiles=8, stages=1)]
+        # and the super-block steps with the weights made in bf16 pairs
+        cfgs += [replace(c, pairs=True) for c in cfgs if c.tiles == 8]
     else:
         cfgs += [BatchedConfig(64, bb, 4, tiles=t) for t in (2, 8)]
         cfgs += [BatchedConfig(64, bb, 4, stages=st) for st in (1, 3, 4)]
@@ -162,7 +174,10 @@ def tune(types: list[Q], batches: tuple[int, ...] = ROWS, model: str = "") -> li
             default = batched_config(qtype, n, k, m)
             fn = partial(quant_batched, x, qtype=qtype, n=n, k=k, out=y)  # each call: fn(planes)
             timed = [(graph_us(fn, weights), default)]
-            for cfg in tune_configs(qtype, m):
+            cfgs = tune_configs(qtype, m)
+            if qtype in PAIRED:  # the default with its weights made the other way
+                cfgs.append(replace(default, pairs=not default.pairs))
+            for cfg in cfgs:
                 if cfg != default:
                     timed.append((graph_us(partial(fn, config=cfg), weights), cfg))
             best_us, best = min(timed, key=lambda t: t[0])
@@ -206,10 +221,10 @@ def run(
             b = r["best"]
             logger.info(
                 "%-5s %-13s %3d %8.2fus %8.2fus %6.0f  block_n %d, block_b %d, warps %d, "
-                "split_k %d, tiles %d, stages %d",
+                "split_k %d, tiles %d, stages %d, pairs %s",
                 r["qtype"], r["name"], r["m"], r["default_us"], r["best_us"],
                 r["mb"] * 1e3 / r["best_us"], b["block_n"], b["block_b"], b["num_warps"],
-                b["split_k"], b["tiles"], b["stages"],
+                b["split_k"], b["tiles"], b["stages"], b["pairs"],
             )  # fmt: skip
         return 0
     rows = sweep(chosen, copy_gbs, batches, model)

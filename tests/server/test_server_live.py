@@ -106,6 +106,25 @@ def test_chat_messages_go_through_the_template(server: LiveServer, engine) -> No
     assert text_of(events) == ref.text and "blue" in ref.text.lower()
 
 
+def test_ignore_eos_runs_past_the_end_of_the_answer(server: LiveServer, engine) -> None:  # noqa: ANN001
+    messages = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "What colour is the sky on a clear day?"},
+    ]
+    ids = engine.encode_prompt(messages=messages)
+    answer = engine.generate(ids, SamplingParams(max_tokens=12, temperature=0, seed=0))
+    assert answer.stop_reason.value == "EOS" and len(answer.token_ids) < 12  # what is run past
+    body = {"messages": messages, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    with server.client() as client:
+        events = stream_execute(client, {"job_id": job_id(), **body})
+    end = check_one_terminal(events).json()
+    assert end["stop_reason"] == "MAX_TOKENS" and end["tokens_out"] == 12
+    ref = engine.generate(
+        ids, SamplingParams(max_tokens=12, temperature=0, seed=0, ignore_eos=True)
+    )
+    assert text_of(events) == ref.text and ref.text.startswith(answer.text)
+
+
 def test_chinese_and_emoji_stream_whole_characters(server: LiveServer, engine) -> None:  # noqa: ANN001
     # Each of 🦩, 🫠, 龘 and 靐 takes two or three byte-level tokens in Qwen's vocabulary; a pattern
     # repeated three times is continued by greedy decoding. 13 tokens are one more repetition; a

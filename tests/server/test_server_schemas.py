@@ -31,9 +31,10 @@ def test_minimal_body_gets_defaults() -> None:
         1.0,
         (),
     )
+    assert g.ignore_eos is False
     params = g.sampling(max_tokens=5, seed=7)
     params.validate()
-    assert (params.max_tokens, params.seed) == (5, 7)
+    assert (params.max_tokens, params.seed, params.ignore_eos) == (5, 7, False)
 
 
 def test_full_body_is_read() -> None:
@@ -49,6 +50,7 @@ def test_full_body_is_read() -> None:
             "repetition_penalty": 2,
             "stop": ["a", "b", "c", "d"],
             "seed": U64_MAX,
+            "ignore_eos": True,
         },
         max_tokens_out=MAX_OUT,
     )
@@ -56,6 +58,7 @@ def test_full_body_is_read() -> None:
     assert g.messages == ({"role": "user", "content": "hi"},)
     assert (g.max_tokens, g.temperature, g.top_p, g.top_k, g.min_p) == (MAX_OUT, 0.0, 0.5, 40, 0.05)
     assert (g.repetition_penalty, g.stop, g.seed) == (2.0, ("a", "b", "c", "d"), U64_MAX)
+    assert g.ignore_eos is True and g.sampling(max_tokens=1, seed=0).ignore_eos is True
 
 
 @pytest.mark.parametrize(
@@ -85,6 +88,8 @@ def test_full_body_is_read() -> None:
         ("seed", -1, f"[0, {U64_MAX}]"),
         ("seed", U64_MAX + 1, f"[0, {U64_MAX}]"),
         ("seed", 1.5, "integer"),
+        ("ignore_eos", 1, "true or false"),
+        ("ignore_eos", "yes", "true or false"),
         ("surprise", 1, "not a known field"),
     ],
 )
@@ -152,13 +157,14 @@ def test_openai_completions_defaults_and_extensions() -> None:
             "logprobs": None,
             "user": "u",
             "top_k": 5,
+            "ignore_eos": True,
         },
         chat=False,
         max_tokens_out=MAX_OUT,
     )
     assert (req.model, req.stream, req.include_usage) == ("m", True, True)
     g = req.generation
-    assert (g.prompt, g.max_tokens, g.stop, g.top_k) == ("hi", 16, ("\n",), 5)
+    assert (g.prompt, g.max_tokens, g.stop, g.top_k, g.ignore_eos) == ("hi", 16, ("\n",), 5, True)
 
 
 def test_openai_chat_accepts_content_parts_and_max_completion_tokens() -> None:

@@ -54,6 +54,7 @@ class GenerationRequest:
     repetition_penalty: float
     stop: tuple[str, ...]
     seed: int | None
+    ignore_eos: bool  # end-of-generation tokens do not end the request (vLLM's, llama.cpp's)
 
     @property
     def prompt_chars(self) -> int:
@@ -71,6 +72,7 @@ class GenerationRequest:
             repetition_penalty=self.repetition_penalty,
             seed=seed,
             stop=self.stop,
+            ignore_eos=self.ignore_eos,
         )
 
 
@@ -214,6 +216,7 @@ def _generation(
         repetition_penalty=b.number("repetition_penalty", 1.0, 0.0, 2.0, lo_open=True),
         stop=b.stop(),
         seed=b.integer("seed", None, 0, U64_MAX),
+        ignore_eos=b.boolean("ignore_eos", False),
     )
 
 

@@ -10,8 +10,9 @@ read by benchmarks/sse_client.py: httpx cost too much per event for one process)
 --rounds requests one after the other, streaming (`/execute` SSE, or `/v1/completions` with
 `stream: true` under --endpoint openai). Request lengths are a seeded mix (prompt and output
 lengths uniform in [L/2, 3L/2] around --prompt-tokens / --gen-tokens) or, with --fixed, exactly
-those. Prompts are random common words (about one token each; the server reports the real count).
-Requests are greedy (temperature 0) unless --temperature says otherwise.
+those (sent with `ignore_eos`: no request ends early at an end-of-generation token). Prompts are
+random common words (about one token each; the server reports the real count). Requests are greedy
+(temperature 0) unless --temperature says otherwise.
 
 Reported per N: output tok/s (output tokens of all requests / wall time from the first request
 sent to the last one done), time to first token p50/p99 (request sent -> first text piece; and
@@ -79,6 +80,7 @@ class Workload:
     prompt: str
     prompt_words: int
     gen_tokens: int
+    exact: bool = False  # exactly gen_tokens: end-of-generation tokens do not end it (ignore_eos)
 
 
 @dataclass(slots=True)
@@ -123,7 +125,7 @@ def workloads(n: int, args: argparse.Namespace, rng: random.Random) -> list[Work
             p = rng.randint(max(1, args.prompt_tokens // 2), args.prompt_tokens * 3 // 2)
             g = rng.randint(max(1, args.gen_tokens // 2), args.gen_tokens * 3 // 2)
         words = " ".join(rng.choice(WORDS) for _ in range(p))
-        out.append(Workload(prompt=words, prompt_words=p, gen_tokens=g))
+        out.append(Workload(prompt=words, prompt_words=p, gen_tokens=g, exact=args.fixed))
     return out
 
 
@@ -144,6 +146,8 @@ def _body(w: Workload, endpoint: str, temperature: float, seed: int) -> dict[str
         "temperature": temperature,
         "seed": seed,
     }
+    if w.exact:
+        body["ignore_eos"] = True
     if endpoint == "openai":
         return {"model": "any", "stream": True, "stream_options": {"include_usage": True}, **body}
     return {"job_id": f"load-{seed}", **body}
@@ -279,7 +283,7 @@ async def run_level(
     url: str, n: int, args: argparse.Namespace, rng: random.Random, seeds: list[int]
 ) -> Report:
     warm = [] if args.no_warmup else workloads(n, args, rng)
-    warm = [Workload(w.prompt, w.prompt_words, min(8, w.gen_tokens)) for w in warm]
+    warm = [Workload(w.prompt, w.prompt_words, min(8, w.gen_tokens), w.exact) for w in warm]
     warm_seeds = [_next(seeds) for _ in warm]
     plans = [workloads(args.rounds, args, rng) for _ in range(n)]
     plan_seeds = [[_next(seeds) for _ in plan] for plan in plans]
@@ -360,13 +364,14 @@ async def _run_processes(
         children.append(child)
     try:
         for _ in children:
-            await asyncio.to_thread(ready.get, True, args.request_timeout)
+            await asyncio.to_thread(_get, ready, children, args.request_timeout, "warming up")
         async with _metrics_client(url) as client:
             before = await _metrics(client)
             start.set()
             out: list[Result] = []
             for _ in children:
-                out.extend(await asyncio.to_thread(results.get, True, args.time_limit + 600))
+                limit = args.time_limit + 600
+                out.extend(await asyncio.to_thread(_get, results, children, limit, "its results"))
             after = await _metrics(client)
     finally:
         for child in children:
@@ -375,6 +380,25 @@ async def _run_processes(
                 child.kill()
     wall = max((r.done for r in out), default=0.0) - min((r.sent for r in out), default=0.0)
     return out, before, after, wall
+
+
+def _get(q: Any, children: list[Any], timeout: float, what: str) -> Any:
+    """The next item of the queue q, within `timeout` seconds; SystemExit, at once, naming a
+    client process that died first (an exception in it ends it with a nonzero code), and on
+    timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return q.get(True, min(0.5, max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            dead = [c for c in children if c.exitcode not in (None, 0)]
+            if dead:
+                raise SystemExit(
+                    f"client process {dead[0].pid} exited with code {dead[0].exitcode} "
+                    f"before {what}"
+                ) from None
+            if time.monotonic() >= deadline:
+                raise SystemExit(f"no client process finished {what} in {timeout:g} s") from None
 
 
 def _child(

@@ -4,6 +4,7 @@ file through the real loader."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 from dataclasses import replace
@@ -58,6 +59,32 @@ def test_load_run_counts_what_the_server_counts(
     assert report.output_tok_s == pytest.approx(report.output_tokens / report.wall_s)
     assert report.batch_seqs_mean >= 1
     assert "out tok/s" in serve_load.format_table([report])
+
+
+def test_fixed_lengths_are_exact_requests() -> None:
+    """--fixed: every request its exact lengths, sent with ignore_eos on both endpoints; the seeded
+    mix leaves end-of-generation tokens to end a request."""
+    base = ["--url", "http://127.0.0.1:1", "--prompt-tokens", "6", "--gen-tokens", "5"]
+    fixed = serve_load.workloads(
+        3, serve_load.build_parser().parse_args([*base, "--fixed"]), random.Random(0)
+    )
+    assert {(w.prompt_words, w.gen_tokens, w.exact) for w in fixed} == {(6, 5, True)}
+    for endpoint in ("execute", "openai"):
+        body = serve_load._body(fixed[0], endpoint, 0.0, 7)
+        assert body["ignore_eos"] is True and body["max_tokens"] == 5
+    mix = serve_load.workloads(3, serve_load.build_parser().parse_args(base), random.Random(0))
+    assert not any(w.exact for w in mix)
+    assert "ignore_eos" not in serve_load._body(mix[0], "execute", 0.0, 7)
+
+
+def test_a_client_process_that_dies_ends_the_run_at_once() -> None:
+    """A client process that fails (here the options it reads are missing) ends the run with its
+    exit code as soon as it dies, not after the minute that the wait for it allows."""
+    args = argparse.Namespace(request_timeout=60.0, time_limit=60.0)
+    w = serve_load.Workload("the cat", 2, 3)
+    run = serve_load._run_processes("http://127.0.0.1:1", 1, [w], [0], [[w]], [[1]], args)
+    with pytest.raises(SystemExit, match=r"client process \d+ exited with code 1 before warming"):
+        asyncio.run(run)
 
 
 def test_loopback_only() -> None:

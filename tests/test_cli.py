@@ -52,7 +52,8 @@ def test_bench_streams_on_cpu_runs_the_batched_workload(
     argv += ["--prompt-tokens", "8", "--gen-tokens", "4", "--json", str(out_json)]
     assert cli.main(["--log-level", "warning", *argv]) == 0
     out = capsys.readouterr().out
-    rows = json.loads(out_json.read_text())["streams"]
+    data = json.loads(out_json.read_text())
+    rows = data["streams"]
     assert [r["streams"] for r in rows] == [1, 3]
     for r in rows:  # the engine ran: prompts filled and tokens decoded; no CUDA graph on the CPU
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ms_per_token"] > 0
@@ -60,6 +61,10 @@ def test_bench_streams_on_cpu_runs_the_batched_workload(
     table = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d", line)]
     assert [t[0] for t in table] == ["1", "3"]
     assert "8 prompt + 4 generated" in out
+    # each row's GB/s as a share of the read bandwidth measured in the same run
+    assert data["read_gbs"] > 0 and " %read " in out
+    for r, t in zip(rows, table, strict=True):
+        assert t[5] == f"{100 * r['decode_gbs'] / data['read_gbs']:.0f}%"
 
 
 @pytest.mark.parametrize(

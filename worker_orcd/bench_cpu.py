@@ -134,12 +134,13 @@ def run_cpu_streams(path: Path, args: argparse.Namespace) -> int:
     rows = run_streams(
         EngineStreams(engine), args.streams, args.prompt_tokens, args.gen_tokens, weight_bytes
     )
+    read_gbs = read_bandwidth_gbs()
     name = f"{path.name} ({engine.info().weights}, CPU, {torch.get_num_threads()} threads)"
-    print_streams(name, None, weight_bytes, rows, args.prompt_tokens, args.gen_tokens)
+    print_streams(name, None, weight_bytes, rows, args.prompt_tokens, args.gen_tokens, read_gbs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"model": str(path), "weight_bytes": weight_bytes,
+                {"model": str(path), "weight_bytes": weight_bytes, "read_gbs": read_gbs,
                  "streams": [asdict(r) for r in rows]},
                 f,
                 indent=1,

@@ -172,28 +172,34 @@ def print_streams(
     rows: list[StreamsRow],
     prompt: int,
     gen: int,
+    read_gbs: float | None = None,
 ) -> None:
+    """The streams table; each GB/s also as a share of the card's copy bandwidth (`ceil`), or on
+    a CPU of this process's read bandwidth (`read_gbs`, the single-request CPU bench's %read)."""
     if ceil is not None:
         print(
             f"\n{ceil.device_name}: copy {ceil.copy_gbs:.0f} GB/s (read + written), "
             f"bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s"
         )
-    copy = ceil.copy_gbs if ceil is not None else None
+    elif read_gbs is not None:
+        print(f"\nread bandwidth of this process's threads: {read_gbs:.1f} GB/s")
+    ref = ceil.copy_gbs if ceil is not None else read_gbs
+    label = "%copy" if ceil is not None or read_gbs is None else "%read"
     print(f"{name}: {weight_bytes / 1e9:.2f} GB of weights; {prompt} prompt + {gen} generated")
     print(
         f"{'streams':>7} {'prefill tok/s':>13} {'decode tok/s':>12} {'ms/tok':>7} "
-        f"{'GB/s':>6} {'%copy':>5} | {'graph tok/s':>11} {'ms/step':>7} {'%copy':>5}"
+        f"{'GB/s':>6} {label:>5} | {'graph tok/s':>11} {'ms/step':>7} {'%copy':>5}"
     )
     for r in rows:
         g = (
             f"{r.graph_decode_tok_s:11.0f} {r.graph_ms_per_step:7.2f} "
-            f"{_share(r.graph_gbs or 0, copy)}"
+            f"{_share(r.graph_gbs or 0, ref)}"
             if r.graph_decode_tok_s is not None
             else ""
         )
         print(
             f"{r.streams:7d} {r.prefill_tok_s:13.0f} {r.decode_tok_s:12.1f} {r.ms_per_token:7.2f} "
-            f"{r.decode_gbs:6.1f} {_share(r.decode_gbs, copy)} | {g}"
+            f"{r.decode_gbs:6.1f} {_share(r.decode_gbs, ref)} | {g}"
         )
 
 

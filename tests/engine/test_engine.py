@@ -152,6 +152,30 @@ def test_repetition_penalty_reaches_the_sampler(phi3_engine: Engine) -> None:
     assert set(boost.token_ids) <= set(boost.prompt_ids)
 
 
+def test_presence_and_frequency_penalties_reach_the_sampler(phi3_engine: Engine) -> None:
+    """Greedy with the penalties equals a greedy loop over the model's own logits with the
+    penalties applied by hand: each id's logit less presence_penalty once generated and
+    frequency_penalty per time (vLLM's and OpenAI's definition: generated ids only, the prompt's
+    not counted). Negative here, so that they boost what was generated: the random model never
+    repeats a token unprompted."""
+    prompt = phi3_engine.prompt_ids("a b c d e f")
+    params = SamplingParams(
+        max_tokens=8, temperature=0.0, presence_penalty=-2.0, frequency_penalty=-1.0
+    )
+    out = phi3_engine.generate("a b c d e f", params)
+    banned = set(phi3_engine.banned_ids.tolist())
+    ids: list[int] = []
+    for _ in range(8):
+        logits = phi3_engine.score(prompt + ids)[-1]
+        for i in set(ids):
+            logits[i] -= -2.0 - 1.0 * ids.count(i)
+        logits[list(banned)] = float("-inf")
+        ids.append(int(logits.argmax()))
+    assert out.token_ids == ids
+    plain = phi3_engine.generate("a b c d e f", SamplingParams(max_tokens=8, temperature=0.0))
+    assert plain.token_ids != ids  # the penalties changed the pick: the test can tell
+
+
 def test_oom_frees_the_request_and_engine_stays_usable(
     phi3_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -89,6 +91,52 @@ def test_padded_prev_tokens_equal_the_list_form() -> None:
     torch.testing.assert_close(from_list[2], logits[2], rtol=0, atol=0)
     changed = (from_list != logits).nonzero().tolist()
     assert changed == [[0, 1], [0, 2], [0, 3], [1, 5]]
+
+
+def _counted(row: torch.Tensor, p: SamplingParams, outputs: list[int]) -> torch.Tensor:
+    """The presence and frequency penalties from their definition, one id at a time."""
+    out = row.clone()
+    for i in set(outputs):
+        out[i] -= p.frequency_penalty * outputs.count(i) + p.presence_penalty
+    return out
+
+
+def test_presence_and_frequency_penalties_count_the_generated_ids() -> None:
+    """Rows of a mixed batch: each id's logit less presence_penalty once generated and
+    frequency_penalty per time; repetition first (over the prompt too); the list and padded
+    forms agree; a row with both off is untouched."""
+    logits = _logits(4, 120, seed=11)
+    outs = [[5, 5, 5, 9], [7, 7, 100], [], [1, 2, 2]]
+    params = [
+        SamplingParams(temperature=0.0, frequency_penalty=0.7),
+        SamplingParams(temperature=0.8, presence_penalty=-1.5, frequency_penalty=2.0),
+        SamplingParams(temperature=1.0, presence_penalty=2.0),
+        SamplingParams(temperature=0.0, repetition_penalty=1.4),  # counts off in this row
+    ]
+    prev = [torch.tensor([3, 5, *o], dtype=torch.long) for o in outs]
+    rows = [torch.tensor(o, dtype=torch.long) for o in outs]
+    padded = torch.tensor([[5, 5, 5, 9], [7, 7, 100, -1], [-1] * 4, [1, 2, 2, -1]])
+    got = filter_logits(logits, params, prev, output_tokens=rows)
+    same = filter_logits(logits, params, prev, output_tokens=padded)
+    torch.testing.assert_close(same, got, rtol=0, atol=0)
+    for row, (p, o) in enumerate(zip(params, outs, strict=True)):
+        base = _hf_filter(
+            logits[row],
+            SamplingParams(temperature=0.0, repetition_penalty=p.repetition_penalty),
+            prev[row],
+        )
+        want = _hf_filter(_counted(base, p, o), replace(p, repetition_penalty=1.0), None)
+        torch.testing.assert_close(got[row], want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[3], _hf_filter(logits[3], params[3], prev[3]), rtol=0, atol=0)
+    # a big enough penalty moves the greedy pick off the generated ids
+    top = logits[0].argmax()
+    ids = sample(
+        logits[:1],
+        [replace(params[0], frequency_penalty=2.0)],
+        [None],
+        output_tokens=[top.repeat(30)],
+    )
+    assert int(ids[0]) != int(top)
 
 
 def _numpy_allowed(row: np.ndarray, p: SamplingParams) -> set[int]:

@@ -51,6 +51,8 @@ def test_full_body_is_read() -> None:
             "stop": ["a", "b", "c", "d"],
             "seed": U64_MAX,
             "ignore_eos": True,
+            "presence_penalty": -2,
+            "frequency_penalty": 0.5,
         },
         max_tokens_out=MAX_OUT,
     )
@@ -59,6 +61,8 @@ def test_full_body_is_read() -> None:
     assert (g.max_tokens, g.temperature, g.top_p, g.top_k, g.min_p) == (MAX_OUT, 0.0, 0.5, 40, 0.05)
     assert (g.repetition_penalty, g.stop, g.seed) == (2.0, ("a", "b", "c", "d"), U64_MAX)
     assert g.ignore_eos is True and g.sampling(max_tokens=1, seed=0).ignore_eos is True
+    params = g.sampling(max_tokens=1, seed=0)
+    assert (params.presence_penalty, params.frequency_penalty) == (-2.0, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -82,6 +86,9 @@ def test_full_body_is_read() -> None:
         ("min_p", 1.1, "[0, 1]"),
         ("repetition_penalty", 0, "(0, 2]"),
         ("repetition_penalty", 2.5, "(0, 2]"),
+        ("presence_penalty", 2.01, "[-2, 2]"),
+        ("frequency_penalty", -3, "[-2, 2]"),
+        ("frequency_penalty", "1", "number"),
         ("stop", ["a", "b", "c", "d", "e"], "at most 4"),
         ("stop", [""], "non-empty"),
         ("stop", [1], "non-empty"),
@@ -165,6 +172,7 @@ def test_openai_completions_defaults_and_extensions() -> None:
     assert (req.model, req.stream, req.include_usage) == ("m", True, True)
     g = req.generation
     assert (g.prompt, g.max_tokens, g.stop, g.top_k, g.ignore_eos) == ("hi", 16, ("\n",), 5, True)
+    assert (g.presence_penalty, g.frequency_penalty) == (0.0, 0.0)
 
 
 def test_openai_chat_accepts_content_parts_and_max_completion_tokens() -> None:
@@ -200,7 +208,8 @@ def test_openai_chat_accepts_content_parts_and_max_completion_tokens() -> None:
         (False, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
         (False, {"messages": [{"role": "user", "content": "x"}]}, "messages"),
         (True, {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
-        (True, {"messages": USER_X, "frequency_penalty": 1}, "frequency_penalty"),
+        (True, {"messages": USER_X, "frequency_penalty": 2.5}, "frequency_penalty"),
+        (False, {"prompt": "x", "presence_penalty": -2.1}, "presence_penalty"),
         (True, {"messages": USER_X, "tools": []}, "tools"),
         (True, {"messages": USER_X, "logprobs": True}, "logprobs"),
     ],

@@ -66,13 +66,20 @@ class Request:
     @property
     def greedy_on_device(self) -> bool:
         """Whether a graph's own argmax picks what `sample` would (greedy, banned ids only)."""
-        return self.params.temperature == 0 and self.params.repetition_penalty == 1.0
+        p = self.params
+        return p.temperature == 0 and p.repetition_penalty == 1.0 and not p.counts_outputs
 
     def history(self) -> torch.Tensor | None:
         """The ids seen so far, for the repetition penalty (None when it is off)."""
         if self.params.repetition_penalty == 1.0:
             return None
         return torch.tensor(self.seq.token_ids, dtype=torch.int64)
+
+    def outputs(self) -> torch.Tensor | None:
+        """The ids generated so far, for the presence and frequency penalties (None when off)."""
+        if not self.params.counts_outputs:
+            return None
+        return torch.tensor(self.seq.generated, dtype=torch.int64)
 
     def push(self, token: int) -> StopReason | None:
         """Append token, stream its text; EOS, STOP_SEQUENCE or a count limit if generation ends

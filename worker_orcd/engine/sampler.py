@@ -1,10 +1,12 @@
 """Token sampling on [B, V] logits, on CPU or CUDA, without host syncs.
 
 Order, per row: banned ids -> -inf; repetition penalty (divide positive logits, multiply negative
-ones, once per distinct id seen); then greedy (argmax) when temperature is 0, otherwise temperature
--> top-k -> top-p -> min-p -> a draw. Each filter matches transformers' logits warpers (ties at the
-top-k boundary are kept; top-p keeps the smallest set whose mass exceeds p, at least one token;
-min-p drops tokens below min_p * the largest probability).
+ones, once per distinct id seen); presence and frequency penalties (subtract presence_penalty from
+each id generated so far and frequency_penalty times its count, as vLLM does); then greedy
+(argmax) when temperature is 0, otherwise temperature -> top-k -> top-p -> min-p -> a draw. Each
+filter matches transformers' logits warpers (ties at the top-k boundary are kept; top-p keeps the
+smallest set whose mass exceeds p, at least one token; min-p drops tokens below min_p * the
+largest probability).
 
 The draw is an exponential race, argmax(p / q) with q ~ Exp(1) from the request's generator: it
 samples from p exactly, like torch.multinomial, but never waits for the device. Per-row settings
@@ -41,15 +43,17 @@ def sample(
     generators: Sequence[torch.Generator | None],
     prev_tokens: PrevTokens = None,
     banned_ids: Tensor | None = None,
+    output_tokens: PrevTokens = None,
 ) -> Tensor:
     """Next token per row: [B, V] float logits -> [B] int64 ids (on the logits' device).
 
     prev_tokens: ids seen so far per row (prompt and output), for the repetition penalty: a list of
       1-D tensors, or a [B, L] tensor padded with negative ids. banned_ids: 1-D ids never drawn.
-    generators: per row; None draws from torch's default generator of the device.
+    output_tokens: the ids generated so far per row, as prev_tokens, for the presence and
+      frequency penalties. generators: per row; None draws from torch's default generator.
     """
     _check(logits, params, generators)
-    filtered = filter_logits(logits, params, prev_tokens, banned_ids)
+    filtered = filter_logits(logits, params, prev_tokens, banned_ids, output_tokens)
     greedy = [p.temperature == 0 for p in params]
     if all(greedy):
         return filtered.argmax(dim=-1)
@@ -75,10 +79,11 @@ def filter_logits(
     params: Sequence[SamplingParams],
     prev_tokens: PrevTokens = None,
     banned_ids: Tensor | None = None,
+    output_tokens: PrevTokens = None,
 ) -> Tensor:
     """The distribution `sample` draws from, as float32 logits with -inf for excluded ids.
 
-    Greedy rows (temperature 0) get the banned-id mask and the repetition penalty only.
+    Greedy rows (temperature 0) get the banned-id mask and the penalties only.
     """
     if logits.ndim != 2 or logits.shape[0] != len(params):
         raise ValueError(f"logits must be [B, V] with B = {len(params)}, got {tuple(logits.shape)}")
@@ -87,6 +92,8 @@ def filter_logits(
         x.index_fill_(1, banned_ids.to(x.device), float("-inf"))
     if prev_tokens is not None and any(p.repetition_penalty != 1.0 for p in params):
         x = _repetition_penalty(x, [p.repetition_penalty for p in params], prev_tokens)
+    if output_tokens is not None and any(p.counts_outputs for p in params):
+        x = _count_penalties(x, params, output_tokens)
     sampled = [p.temperature > 0 for p in params]
     if not any(sampled):
         return x
@@ -132,25 +139,45 @@ def filter_logits(
     return x
 
 
+def _padded_ids(x: Tensor, tokens: PrevTokens, what: str) -> Tensor:
+    """[B, L] ids on x's device, padding (negative ids) mapped to V: a scratch column past the
+    vocabulary, which the callers drop."""
+    batch, vocab = x.shape
+    if isinstance(tokens, Tensor):
+        ids = tokens.to(x.device, torch.long).reshape(batch, -1)
+    else:
+        if len(tokens) != batch:
+            raise ValueError(f"{what} has {len(tokens)} rows for a batch of {batch}")
+        rows = [t.to(x.device, torch.long).reshape(-1) for t in tokens]
+        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
+    return torch.where(ids < 0, vocab, ids)
+
+
 def _repetition_penalty(x: Tensor, penalties: list[float], prev_tokens: PrevTokens) -> Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor, per row, over a padded id matrix."""
     batch, vocab = x.shape
-    if isinstance(prev_tokens, Tensor):
-        ids = prev_tokens.to(x.device, torch.long).reshape(batch, -1)
-    else:
-        if len(prev_tokens) != batch:
-            raise ValueError(f"prev_tokens has {len(prev_tokens)} rows for a batch of {batch}")
-        rows = [t.to(x.device, torch.long).reshape(-1) for t in prev_tokens]
-        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
+    ids = _padded_ids(x, prev_tokens, "prev_tokens")
     if ids.shape[1] == 0:
         return x
-    # padding (negative ids) goes to an extra scratch column that is dropped afterwards
-    ids = torch.where(ids < 0, vocab, ids)
     ext = torch.cat([x, x.new_zeros(batch, 1)], dim=1)
     seen = ext.gather(1, ids)
     penalty = _per_row(penalties, x.device)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return ext.scatter_(1, ids, seen)[:, :vocab]
+
+
+def _count_penalties(
+    x: Tensor, params: Sequence[SamplingParams], output_tokens: PrevTokens
+) -> Tensor:
+    """x less presence_penalty where an id was generated and frequency_penalty times its count."""
+    batch, vocab = x.shape
+    ids = _padded_ids(x, output_tokens, "output_tokens")
+    if ids.shape[1] == 0:
+        return x
+    counts = x.new_zeros(batch, vocab + 1).scatter_add_(1, ids, x.new_ones(ids.shape))[:, :vocab]
+    freq = _per_row([p.frequency_penalty for p in params], x.device)
+    presence = _per_row([p.presence_penalty for p in params], x.device)
+    return x - counts * freq - (counts > 0).to(x.dtype) * presence
 
 
 def _per_row(

@@ -390,11 +390,12 @@ class StepLoop:
             return []
         reqs = [self._live[s.seq_id] for s in due]
         params = [r.params for r in reqs]
-        history = None
+        history = outputs = None
         if any(p.repetition_penalty != 1.0 for p in params):
-            rows = [r.history() for r in reqs]
-            history = [torch.empty(0, dtype=torch.int64) if h is None else h for h in rows]
-        ids = sample(logits, params, [r.rng for r in reqs], history, self.banned_ids)
+            history = _rows([r.history() for r in reqs])
+        if any(p.counts_outputs for p in params):
+            outputs = _rows([r.outputs() for r in reqs])
+        ids = sample(logits, params, [r.rng for r in reqs], history, self.banned_ids, outputs)
         return ids.tolist()
 
     def _finish(self, req: Request, reason: StopReason) -> None:
@@ -409,3 +410,8 @@ class StepLoop:
                 continue
             self.scheduler.finish(req.seq)
             req.fail(error)
+
+
+def _rows(rows: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Per-request id rows for the sampler: an empty row where a request's penalty is off."""
+    return [torch.empty(0, dtype=torch.int64) if r is None else r for r in rows]

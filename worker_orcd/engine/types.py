@@ -21,7 +21,8 @@ class StopReason(str, enum.Enum):
 
 @dataclass(slots=True)
 class SamplingParams:
-    """Decoding settings. temperature 0 is greedy; top_k 0, top_p 1, min_p 0, penalty 1 are off."""
+    """Decoding settings. temperature 0 is greedy; top_k 0, top_p 1, min_p 0, repetition penalty
+    1 and presence and frequency penalties 0 are off."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -29,6 +30,10 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    # OpenAI's, as vLLM applies them: over the generated tokens only, each id's logit less
+    # presence_penalty once it has appeared and frequency_penalty times its count
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     # End-of-generation tokens do not end the request (vLLM's and llama.cpp's ignore_eos): it runs
@@ -52,6 +57,10 @@ class SamplingParams:
             problems.append(
                 f"repetition_penalty must be in (0, 2] (got {self.repetition_penalty!r})"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not -2.0 <= value <= 2.0:
+                problems.append(f"{name} must be in [-2, 2] (got {value!r})")
         seed = self.seed
         if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= U64_MAX):
             problems.append(f"seed must be an unsigned 64-bit integer (got {self.seed!r})")
@@ -61,6 +70,11 @@ class SamplingParams:
             problems.append(f"ignore_eos must be true or false (got {self.ignore_eos!r})")
         if problems:
             raise InvalidRequestError("; ".join(problems))
+
+    @property
+    def counts_outputs(self) -> bool:
+        """Whether the presence or frequency penalty needs the counts of generated ids."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def _finite(x: object) -> bool:

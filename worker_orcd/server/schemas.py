@@ -52,6 +52,8 @@ class GenerationRequest:
     top_k: int
     min_p: float
     repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
     stop: tuple[str, ...]
     seed: int | None
     ignore_eos: bool  # end-of-generation tokens do not end the request (vLLM's, llama.cpp's)
@@ -70,6 +72,8 @@ class GenerationRequest:
             top_p=self.top_p,
             min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             seed=seed,
             stop=self.stop,
             ignore_eos=self.ignore_eos,
@@ -214,6 +218,8 @@ def _generation(
         top_k=b.integer("top_k", 0, 0) or 0,
         min_p=b.number("min_p", 0.0, 0.0, 1.0),
         repetition_penalty=b.number("repetition_penalty", 1.0, 0.0, 2.0, lo_open=True),
+        presence_penalty=b.number("presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=b.number("frequency_penalty", 0.0, -2.0, 2.0),
         stop=b.stop(),
         seed=b.integer("seed", None, 0, U64_MAX),
         ignore_eos=b.boolean("ignore_eos", False),
@@ -325,8 +331,6 @@ def parse_openai(body: Any, *, chat: bool, max_tokens_out: int) -> OpenAIRequest
         else:
             include_usage = bool(options.get("include_usage", False))
     b.must_equal("n", (1,), "must be 1")
-    b.must_equal("presence_penalty", (0, 0.0), "must be 0 (not supported)")
-    b.must_equal("frequency_penalty", (0, 0.0), "must be 0 (not supported)")
     b.must_equal("logit_bias", ({},), "must be empty (not supported)")
     b.get("user")
     if chat:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -176,6 +178,37 @@ def test_presence_and_frequency_penalties_reach_the_sampler(phi3_engine: Engine)
     assert plain.token_ids != ids  # the penalties changed the pick: the test can tell
 
 
+def test_logprobs_are_the_models_distribution_and_stream_once_each(phi3_engine: Engine) -> None:
+    """Each generated token's entry: its log-probability and the 3 most likely ids under
+    log_softmax of the model's logits at its position, computed apart by `score`; a sampled
+    request (temperature 1.7, top-k 5) reports the raw distribution, not the filtered one. The
+    entries handed to on_logprobs, before the text they belong to, are the output's, once each."""
+    prompt = phi3_engine.prompt_ids("a b c d e f")
+    params = SamplingParams(max_tokens=6, temperature=1.7, top_k=5, seed=3, logprobs=3)
+    handed: list = []
+    events: list[str] = []
+    handle = phi3_engine.submit(
+        prompt,
+        params,
+        on_text=lambda text: events.append("text"),
+        on_logprobs=lambda entries: (handed.extend(entries), events.append("lp")),
+    )
+    out = handle.result(timeout=60)
+    assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids) == 6
+    assert handed == out.logprobs and events[0] == "lp"
+    for i, entry in enumerate(out.logprobs):
+        lp = phi3_engine.score(prompt + out.token_ids[:i])[-1].log_softmax(-1)
+        assert entry.token_id == out.token_ids[i]
+        assert entry.logprob == pytest.approx(float(lp[entry.token_id]), abs=1e-4)
+        top = lp.topk(3)
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    plain = phi3_engine.generate(prompt, replace(params, logprobs=None))
+    assert plain.logprobs is None and plain.token_ids == out.token_ids  # same draws
+    greedy = phi3_engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0.0, logprobs=0))
+    assert greedy.logprobs is not None and all(e.top == () for e in greedy.logprobs)
+
+
 def test_oom_frees_the_request_and_engine_stays_usable(
     phi3_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -291,3 +324,19 @@ def test_ignore_eos_runs_to_max_tokens(
     assert kept.token_ids == free.token_ids
     with pytest.raises(InvalidRequestError, match="ignore_eos must be true or false"):
         phi3_engine.generate("hi", SamplingParams(ignore_eos="yes"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("presence_penalty", 2.5, "presence_penalty must be in [-2, 2] (got 2.5)"),
+        ("frequency_penalty", float("nan"), "frequency_penalty must be in [-2, 2] (got nan)"),
+        ("logprobs", 21, "logprobs must be null or an integer in [0, 20] (got 21)"),
+        ("logprobs", -1, "logprobs must be null or an integer in [0, 20] (got -1)"),
+        ("logprobs", True, "logprobs must be null or an integer in [0, 20] (got True)"),
+    ],
+)
+def test_sampling_params_name_what_is_out_of_range(field: str, value: object, words: str) -> None:
+    with pytest.raises(InvalidRequestError, match=re.escape(words)):
+        replace(SamplingParams(), **{field: value}).validate()
+    SamplingParams(presence_penalty=-2, frequency_penalty=2.0, logprobs=20).validate()

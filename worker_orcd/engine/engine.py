@@ -41,7 +41,13 @@ from worker_orcd.engine.parallel import (
     resolve_graphs,
     start_ranks,
 )
-from worker_orcd.engine.request import DoneCallback, Request, RequestHandle, TextCallback
+from worker_orcd.engine.request import (
+    DoneCallback,
+    LogprobsCallback,
+    Request,
+    RequestHandle,
+    TextCallback,
+)
 from worker_orcd.engine.sampler import make_generator
 from worker_orcd.engine.scheduler import ScheduledBatch, Scheduler
 from worker_orcd.engine.sequence import Sequence
@@ -468,11 +474,14 @@ class Engine:
         on_text: TextCallback | None = None,
         on_done: DoneCallback | None = None,
         cancel: threading.Event | None = None,
+        on_logprobs: LogprobsCallback | None = None,
     ) -> RequestHandle:
         """Queue a request from any thread; it runs batched with the others. Invalid parameters,
         a prompt that does not fit and the like raise InvalidRequestError here. `on_text` gets each
         text delta and `on_done(output, error)` is called exactly once, both on the engine thread
-        (keep them quick). Setting `cancel` (or `handle.cancel()`) ends it within one step."""
+        (keep them quick). Setting `cancel` (or `handle.cancel()`) ends it within one step. With
+        params.logprobs, `on_logprobs` gets the entries of the tokens behind each delta just
+        before it (and any left, of tokens that gave no text, before on_done)."""
         params.validate()
         prompt_ids = self.prompt_ids(prompt)
         self.check_fits(len(prompt_ids), params.max_tokens)
@@ -487,6 +496,7 @@ class Engine:
             context_length=self.context_length,
             on_text=on_text,
             on_done=on_done,
+            on_logprobs=on_logprobs,
             cancel=cancel if cancel is not None else threading.Event(),
         )
         self.loop.add(request)

@@ -19,7 +19,13 @@ import torch
 
 from worker_orcd.engine.sequence import Sequence
 from worker_orcd.engine.stop import StopMatcher
-from worker_orcd.engine.types import GenerationOutput, SamplingParams, StopReason, Timings
+from worker_orcd.engine.types import (
+    GenerationOutput,
+    SamplingParams,
+    StopReason,
+    Timings,
+    TokenLogprob,
+)
 from worker_orcd.errors import WorkerError
 from worker_orcd.tokenizer.decoder import IncrementalDecoder
 
@@ -27,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 TextCallback = Callable[[str], None]
 DoneCallback = Callable[[GenerationOutput | None, WorkerError | None], None]
+LogprobsCallback = Callable[[list[TokenLogprob]], None]
 
 
 @dataclass(slots=True, eq=False)
@@ -40,6 +47,9 @@ class Request:
     context_length: int
     on_text: TextCallback | None = None
     on_done: DoneCallback | None = None
+    # with params.logprobs: the entries of the tokens behind each text delta, just before on_text
+    # hands it over (and before on_done, those of tokens that gave no text)
+    on_logprobs: LogprobsCallback | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     stops: StopMatcher = field(init=False)
     parts: list[str] = field(default_factory=list)
@@ -51,7 +61,9 @@ class Request:
     error: WorkerError | None = None
     done: threading.Event = field(default_factory=threading.Event)
     callback_error: Exception | None = None  # on_text raised: the request fails at its next step
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
     _cancel_seen: bool = False
+    _logprobs_sent: int = 0
 
     def __post_init__(self) -> None:
         self.stops = StopMatcher(self.params.stop)
@@ -67,7 +79,12 @@ class Request:
     def greedy_on_device(self) -> bool:
         """Whether a graph's own argmax picks what `sample` would (greedy, banned ids only)."""
         p = self.params
-        return p.temperature == 0 and p.repetition_penalty == 1.0 and not p.counts_outputs
+        return (
+            p.temperature == 0
+            and p.repetition_penalty == 1.0
+            and not p.counts_outputs
+            and p.logprobs is None  # the host needs the logits
+        )
 
     def history(self) -> torch.Tensor | None:
         """The ids seen so far, for the repetition penalty (None when it is off)."""
@@ -81,13 +98,16 @@ class Request:
             return None
         return torch.tensor(self.seq.generated, dtype=torch.int64)
 
-    def push(self, token: int) -> StopReason | None:
-        """Append token, stream its text; EOS, STOP_SEQUENCE or a count limit if generation ends
-        after it (None: go on). A cancel is the step loop's to check."""
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> StopReason | None:
+        """Append token (and its log-probability entry, with params.logprobs), stream its text;
+        EOS, STOP_SEQUENCE or a count limit if generation ends after it (None: go on). A cancel is
+        the step loop's to check."""
         seq = self.seq
         if not seq.generated and not self.first_token_at:
             self.first_token_at = time.perf_counter()
         seq.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if token in self.eog:
             return StopReason.EOS
         text, matched = self.stops.feed(self.decoder.push(token))
@@ -114,12 +134,25 @@ class Request:
         if not text:
             return
         self.parts.append(text)
-        if self.on_text is None or self.callback_error is not None:
+        self._call(self._send_logprobs)
+        if self.on_text is not None:
+            self._call(self.on_text, text)
+
+    def _send_logprobs(self) -> None:
+        """Hand the entries not yet handed over to on_logprobs."""
+        if self.on_logprobs is not None and self._logprobs_sent < len(self.logprobs):
+            entries = self.logprobs[self._logprobs_sent :]
+            self._logprobs_sent = len(self.logprobs)
+            self.on_logprobs(entries)
+
+    def _call(self, fn: Callable[..., None], *args: object) -> None:
+        """A listener's callback; its bug ends this request (at its next step), no other."""
+        if self.callback_error is not None:
             return
         try:
-            self.on_text(text)
-        except Exception as exc:  # noqa: BLE001 - a listener's bug ends its request, no other
-            logger.exception("on_text callback of sequence %d failed", self.seq.seq_id)
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("callback of sequence %d failed", self.seq.seq_id)
             self.callback_error = exc
             self.cancel.set()
 
@@ -128,16 +161,17 @@ class Request:
         report the output once. A request whose on_text failed ends with that error instead."""
         if self.done.is_set():
             return self.output
-        if self.callback_error is not None:
-            exc = self.callback_error
-            self.fail(WorkerError(f"on_text callback failed: {type(exc).__name__}: {exc}"))
-            return None
-        if reason is not StopReason.STOP_SEQUENCE:
+        if self.callback_error is None and reason is not StopReason.STOP_SEQUENCE:
             text, _ = self.stops.feed(self.decoder.flush())
             tail = text if self.stops.matched is not None else text + self.stops.flush()
             if self.stops.matched is not None:  # in the flushed text, or held back behind a longer
                 reason = StopReason.STOP_SEQUENCE
             self._emit(tail)
+        self._call(self._send_logprobs)  # tokens that gave no text: EOS, a stop string's
+        if self.callback_error is not None:
+            exc = self.callback_error
+            self.fail(WorkerError(f"on_text callback failed: {type(exc).__name__}: {exc}"))
+            return None
         now = time.perf_counter()
         t = self.timings
         t.tokens_out = len(self.seq.generated)
@@ -154,6 +188,7 @@ class Request:
             seed=self.seed,
             stop_sequence=self.stops.matched,
             timings=t,
+            logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
         )
         _log_request(self.output)
         self._done()

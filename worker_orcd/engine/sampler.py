@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from worker_orcd.engine.types import SamplingParams
+from worker_orcd.engine.types import SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,23 @@ def sample(
         return drawn
     mask = _per_row([float(x) for x in greedy], logits.device, always_tensor=True)
     return torch.where(mask.squeeze(1).bool(), filtered.argmax(dim=-1), drawn)
+
+
+def token_logprobs(logits: Tensor, ids: Tensor, top: Sequence[int]) -> list[TokenLogprob]:
+    """Each row's chosen id's log-probability under log_softmax(logits) (the raw model
+    distribution) and its `top[row]` most likely ids with theirs, on the host (one copy)."""
+    lp = logits.float().log_softmax(dim=-1)
+    chosen = lp.gather(1, ids.to(lp.device, torch.long).reshape(-1, 1)).squeeze(1)
+    k = max(top, default=0)
+    if k:
+        top_lp, top_ids = lp.topk(k, dim=-1)
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+    out = []
+    for row, (tid, value) in enumerate(zip(ids.tolist(), chosen.tolist(), strict=True)):
+        n = top[row]
+        alts = tuple(zip(top_ids[row][:n], top_lp[row][:n], strict=True)) if n else ()
+        out.append(TokenLogprob(int(tid), float(value), alts))
+    return out
 
 
 def filter_logits(

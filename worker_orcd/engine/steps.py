@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from worker_orcd.engine.request import Request
-from worker_orcd.engine.sampler import sample
+from worker_orcd.engine.sampler import sample, token_logprobs
 from worker_orcd.engine.scheduler import ScheduledBatch, Scheduler
 from worker_orcd.engine.sequence import Sequence, SequenceStatus
-from worker_orcd.engine.types import StopReason
+from worker_orcd.engine.types import StopReason, TokenLogprob
 from worker_orcd.errors import VramOomError, WorkerError
 from worker_orcd.model import ForwardAborted
 
@@ -377,17 +377,20 @@ class StepLoop:
 
         logits = self.runner.forward(batch, abort=aborted)  # [due, V]
         due = batch.due()
-        ids = self._sample(due, logits)
+        ids, entries = self._sample(due, logits)
         self.scheduler.postprocess(batch)
-        for seq, token in zip(due, ids, strict=True):
+        for seq, token, entry in zip(due, ids, entries, strict=True):
             req = self._live[seq.seq_id]
-            reason = req.push(token)
+            reason = req.push(token, entry)
             if reason is not None:
                 self._finish(req, reason)
 
-    def _sample(self, due: list[Sequence], logits: torch.Tensor) -> list[int]:
+    def _sample(
+        self, due: list[Sequence], logits: torch.Tensor
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Each due sequence's next id, and its log-probability entry where its request asks."""
         if not due:
-            return []
+            return [], []
         reqs = [self._live[s.seq_id] for s in due]
         params = [r.params for r in reqs]
         history = outputs = None
@@ -396,7 +399,13 @@ class StepLoop:
         if any(p.counts_outputs for p in params):
             outputs = _rows([r.outputs() for r in reqs])
         ids = sample(logits, params, [r.rng for r in reqs], history, self.banned_ids, outputs)
-        return ids.tolist()
+        entries: list[TokenLogprob | None] = [None] * len(due)
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if rows:
+            top = [params[i].logprobs or 0 for i in rows]
+            for i, entry in zip(rows, token_logprobs(logits[rows], ids[rows], top), strict=True):
+                entries[i] = entry
+        return ids.tolist(), entries
 
     def _finish(self, req: Request, reason: StopReason) -> None:
         self.scheduler.finish(req.seq)

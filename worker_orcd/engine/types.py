@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from worker_orcd.errors import InvalidRequestError
 
 U64_MAX = 2**64 - 1
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 
 
 class StopReason(str, enum.Enum):
@@ -39,6 +40,10 @@ class SamplingParams:
     # End-of-generation tokens do not end the request (vLLM's and llama.cpp's ignore_eos): it runs
     # to max_tokens, as llama-batched-bench's streams do; `bench --streams` sets it.
     ignore_eos: bool = False
+    # Report each generated token's log-probability and this many most likely alternatives, from
+    # the model's distribution (log-softmax of the raw logits, before penalties and sampling
+    # settings, as vLLM reports them by default); None: off
+    logprobs: int | None = None
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming every field that is out of range."""
@@ -68,6 +73,13 @@ class SamplingParams:
             problems.append("stop must hold non-empty strings")
         if not isinstance(self.ignore_eos, bool):
             problems.append(f"ignore_eos must be true or false (got {self.ignore_eos!r})")
+        lp = self.logprobs
+        if lp is not None and (
+            isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS
+        ):
+            problems.append(
+                f"logprobs must be null or an integer in [0, {MAX_LOGPROBS}] (got {lp!r})"
+            )
         if problems:
             raise InvalidRequestError("; ".join(problems))
 
@@ -100,6 +112,16 @@ class Timings:
         return steps / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives at its position
+    (`SamplingParams.logprobs` of them, most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(slots=True)
 class GenerationOutput:
     prompt_ids: list[int]
@@ -109,3 +131,4 @@ class GenerationOutput:
     seed: int
     stop_sequence: str | None = None
     timings: Timings = field(default_factory=Timings)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, with params.logprobs

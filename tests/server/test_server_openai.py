@@ -135,6 +135,64 @@ def test_chat_streaming_without_usage(client: openai.OpenAI) -> None:
     assert len(finish_reasons(chunks)) == 1
 
 
+def with_logprobs(engine, max_tokens: int, top: int, **prompt: object):  # noqa: ANN001, ANN003, ANN201
+    ids = engine.encode_prompt(**prompt)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, seed=0, logprobs=top)
+    return engine.generate(ids, params)
+
+
+def test_chat_logprobs(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
+    """Each generated token with its bytes, its log-probability and the 2 most likely, as the
+    engine in this process gives them; the official client parses every field."""
+    messages = [{"role": "user", "content": "Name three colours, comma separated."}]
+    ref = with_logprobs(engine, 6, 2, messages=messages)
+    out = client.chat.completions.create(
+        model="any", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = out.choices[0].logprobs.content
+    assert len(content) == len(ref.token_ids) == out.usage.completion_tokens
+    for got, want in zip(content, ref.logprobs, strict=True):
+        raw = engine.token_bytes(want.token_id)
+        assert got.bytes == list(raw) and got.token == raw.decode("utf-8", "replace")
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [t.bytes for t in got.top_logprobs] == [
+            list(engine.token_bytes(t)) for t, _ in want.top
+        ]
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx(
+            [v for _, v in want.top], abs=1e-4
+        )
+        assert got.top_logprobs[0].logprob >= got.logprob - 1e-6  # greedy: the most likely
+    assert "".join(c.token for c in content).startswith(out.choices[0].message.content[:3])
+
+
+def test_completions_streaming_logprobs(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
+    """Across the chunks of a stream: one entry per generated token, each once, in order, the
+    offsets running on over the chunks; the chosen token is among each position's top."""
+    prompt = "def fibonacci(n):"
+    ref = with_logprobs(engine, 10, 1, prompt=prompt)
+    chunks = list(
+        client.completions.create(
+            model="any",
+            prompt=prompt,
+            max_tokens=10,
+            temperature=0,
+            logprobs=1,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    tokens = [t for p in parts for t in p.tokens]
+    values = [v for p in parts for v in p.token_logprobs]
+    offsets = [o for p in parts for o in p.text_offset]
+    tops = [t for p in parts for t in p.top_logprobs]
+    assert len(tokens) == len(ref.token_ids) == chunks[-1].usage.completion_tokens
+    assert tokens == [engine.token_bytes(t).decode("utf-8", "replace") for t in ref.token_ids]
+    assert values == pytest.approx([e.logprob for e in ref.logprobs], abs=1e-4)
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    assert all(tok in top and len(top) <= 2 for tok, top in zip(tokens, tops, strict=True))
+
+
 def test_invalid_request_is_a_bad_request_error(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="any", prompt="x", max_tokens=5, temperature=3, n=2)

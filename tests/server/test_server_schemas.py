@@ -172,7 +172,17 @@ def test_openai_completions_defaults_and_extensions() -> None:
     assert (req.model, req.stream, req.include_usage) == ("m", True, True)
     g = req.generation
     assert (g.prompt, g.max_tokens, g.stop, g.top_k, g.ignore_eos) == ("hi", 16, ("\n",), 5, True)
-    assert (g.presence_penalty, g.frequency_penalty) == (0.0, 0.0)
+    assert (g.presence_penalty, g.frequency_penalty, g.logprobs) == (0.0, 0.0, None)
+    for body, want in [({"logprobs": 3}, 3), ({"logprobs": 0}, 0)]:
+        req = parse_openai({"prompt": "x", **body}, chat=False, max_tokens_out=MAX_OUT)
+        assert req.generation.sampling(max_tokens=1, seed=0).logprobs == want
+    for body, want in [
+        ({"logprobs": True, "top_logprobs": 5}, 5),
+        ({"logprobs": True}, 0),
+        ({"logprobs": False}, None),
+    ]:
+        req = parse_openai({"messages": USER_X, **body}, chat=True, max_tokens_out=MAX_OUT)
+        assert req.generation.logprobs == want
 
 
 def test_openai_chat_accepts_content_parts_and_max_completion_tokens() -> None:
@@ -211,7 +221,11 @@ def test_openai_chat_accepts_content_parts_and_max_completion_tokens() -> None:
         (True, {"messages": USER_X, "frequency_penalty": 2.5}, "frequency_penalty"),
         (False, {"prompt": "x", "presence_penalty": -2.1}, "presence_penalty"),
         (True, {"messages": USER_X, "tools": []}, "tools"),
-        (True, {"messages": USER_X, "logprobs": True}, "logprobs"),
+        (True, {"messages": USER_X, "logprobs": 1}, "logprobs"),
+        (True, {"messages": USER_X, "top_logprobs": 2}, "top_logprobs"),
+        (True, {"messages": USER_X, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        (False, {"prompt": "x", "logprobs": 21}, "logprobs"),
+        (False, {"prompt": "x", "logprobs": True}, "logprobs"),
     ],
 )
 def test_openai_rejections(chat: bool, body: dict[str, Any], field: str) -> None:

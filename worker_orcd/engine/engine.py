@@ -466,6 +466,10 @@ class Engine:
                 self.blocks.release(seq)
         return torch.cat(chunks)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's bytes (`Tokenizer.token_bytes`), for log-probability reports."""
+        return self.tokenizer.token_bytes(token_id)
+
     def submit(
         self,
         prompt: str | SequenceOf[int],

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worker_orcd.engine.types import GenerationOutput, SamplingParams, StopReason
+from worker_orcd.engine.types import GenerationOutput, SamplingParams, StopReason, TokenLogprob
 from worker_orcd.errors import InvalidRequestError, WorkerError
 from worker_orcd.server.logs import log_event
 from worker_orcd.server.metrics import Metrics
@@ -80,10 +80,12 @@ class GeneratingEngine(Protocol):
         on_text: TextCallback | None = None,
         on_done: DoneCallback | None = None,
         cancel: threading.Event | None = None,
+        on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
     ) -> Any:
         """Queue a request (raise InvalidRequestError if it can never run); `on_text` and then
         `on_done` exactly once are called from the engine's thread; `cancel` ends it within a
-        step with StopReason.CANCELLED."""
+        step with StopReason.CANCELLED. With params.logprobs, `on_logprobs` gets the entries of
+        the tokens behind each text delta just before it (passed only then)."""
         ...
 
     def close(self) -> None:
@@ -102,6 +104,7 @@ class Started:
 class Token:
     text: str
     index: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # with params.logprobs: the tokens behind this text
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,7 @@ class Job:
     state: JobState = JobState.QUEUED
     submitted_at: float = field(default_factory=time.monotonic)
     pieces: int = 0  # Token events so far (engine thread)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # for the next Token
     timer: asyncio.TimerHandle | None = None
     # Events from the engine's thread not yet on the queue; non-empty iff a flush is scheduled.
     _handover: list[JobEvent] = field(default_factory=list)
@@ -232,6 +236,9 @@ class Scheduler:
                     f"queue is full ({waiting} waiting, --max-queue {self._max_queue})"
                 )
             self._live[job.job_id] = job
+        extra = {}
+        if job.params.logprobs is not None:
+            extra["on_logprobs"] = job.pending_logprobs.extend
         try:
             self._engine.submit(
                 job.prompt_ids,
@@ -239,6 +246,7 @@ class Scheduler:
                 on_text=lambda text: self._on_text(job, text),
                 on_done=lambda output, error: self._on_done(job, output, error),
                 cancel=job.cancel_event,
+                **extra,
             )
         except BaseException:
             with self._lock:
@@ -312,7 +320,8 @@ class Scheduler:
             return
         if job.state is JobState.QUEUED:
             self._start(job, job.emit)
-        job.emit(Token(text=text, index=job.pieces))
+        job.emit(Token(text=text, index=job.pieces, logprobs=tuple(job.pending_logprobs)))
+        job.pending_logprobs.clear()
         job.pieces += 1
 
     def _on_done(

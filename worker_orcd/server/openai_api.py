@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from worker_orcd.engine.types import GenerationOutput, StopReason
+from worker_orcd.engine.types import GenerationOutput, StopReason, TokenLogprob
 from worker_orcd.server import sse
 from worker_orcd.server.jobs import Failed, Finished, Job, JobEvent, Started, Token
 from worker_orcd.server.schemas import FieldError, OpenAIRequest, parse_openai
@@ -93,7 +93,13 @@ class _Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def choice(
-        self, text: str | None, finish_reason: str | None, *, role: bool = False, chunk: bool
+        self,
+        text: str | None,
+        finish_reason: str | None,
+        *,
+        role: bool = False,
+        chunk: bool,
+        logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0}
         if not self.chat:
@@ -105,9 +111,68 @@ class _Reply:
             choice["delta"] = delta
         else:
             choice["message"] = {"role": "assistant", "content": text or ""}
-        choice["logprobs"] = None
+        choice["logprobs"] = logprobs
         choice["finish_reason"] = finish_reason
         return choice
+
+
+# JSON has no -inf: a probability that underflows reads as this, as vLLM reports it
+_MIN_LOGPROB = -9999.0
+
+
+class _Logprobs:
+    """TokenLogprob entries as the endpoint's logprobs object: chat's `content` list (token,
+    logprob, bytes, top_logprobs) or completions' parallel lists (tokens, token_logprobs,
+    top_logprobs with the chosen token among them, text_offset). Keeps the count handed out and,
+    for completions, each token's offset in the text, across the chunks of a stream."""
+
+    def __init__(self, chat: bool, token_bytes: Callable[[int], bytes]) -> None:
+        self.chat = chat
+        self.token_bytes = token_bytes
+        self.sent = 0
+        self.offset = 0
+
+    def shape(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+        self.sent += len(entries)
+        if self.chat:
+            content = [
+                {
+                    **self._item(e.token_id, e.logprob),
+                    "top_logprobs": [self._item(*t) for t in e.top],
+                }
+                for e in entries
+            ]
+            return {"content": content, "refusal": None}
+        tokens, offsets, tops = [], [], []
+        for e in entries:
+            text = self._text(e.token_id)
+            tokens.append(text)
+            offsets.append(self.offset)
+            self.offset += len(text)
+            top = {self._text(t): _finite(v) for t, v in e.top}
+            top.setdefault(text, _finite(e.logprob))
+            tops.append(top)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [_finite(e.logprob) for e in entries],
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    def _text(self, token_id: int) -> str:
+        return self.token_bytes(token_id).decode("utf-8", "replace")
+
+    def _item(self, token_id: int, logprob: float) -> dict[str, Any]:
+        raw = self.token_bytes(token_id)
+        return {
+            "token": raw.decode("utf-8", "replace"),
+            "logprob": _finite(logprob),
+            "bytes": list(raw),
+        }
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob > _MIN_LOGPROB else _MIN_LOGPROB
 
 
 def _usage(output: GenerationOutput) -> dict[str, int]:
@@ -143,12 +208,14 @@ async def _serve(worker: Worker, request: Request, *, chat: bool) -> Response:
                 )
             if isinstance(event, Finished):
                 out = event.output
+                logprobs = None
+                if out.logprobs is not None:
+                    logprobs = _Logprobs(chat, worker.engine.token_bytes).shape(out.logprobs)
+                reason = _FINISH_REASON[out.stop_reason]
                 return JSONResponse(
                     {
                         **reply.envelope(chunk=False),
-                        "choices": [
-                            reply.choice(out.text, _FINISH_REASON[out.stop_reason], chunk=False)
-                        ],
+                        "choices": [reply.choice(out.text, reason, chunk=False, logprobs=logprobs)],
                         "usage": _usage(out),
                     }
                 )
@@ -164,19 +231,31 @@ async def _stream(
     watcher = asyncio.create_task(watch_disconnect(request, lambda: worker.cancel_on_exit(job)))
     # With include_usage every chunk carries "usage": null, and one last chunk carries the totals.
     extra: dict[str, Any] = {"usage": None} if req.include_usage else {}
+    # with logprobs: each chunk those of the tokens behind its text, the last one any left
+    shaper = None
+    if req.generation.logprobs is not None:
+        shaper = _Logprobs(reply.chat, worker.engine.token_bytes)
 
-    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> bytes:
-        choice = reply.choice(text, finish_reason, role=role, chunk=True)
+    def chunk(
+        text: str | None,
+        finish_reason: str | None = None,
+        role: bool = False,
+        entries: Sequence[TokenLogprob] = (),
+    ) -> bytes:
+        logprobs = shaper.shape(entries) if shaper is not None and entries else None
+        choice = reply.choice(text, finish_reason, role=role, chunk=True, logprobs=logprobs)
         return sse.data_only({**reply.envelope(chunk=True), "choices": [choice], **extra})
 
     def frames(event: JobEvent) -> list[bytes]:
         if isinstance(event, Started):
             return [chunk("", role=True)] if reply.chat else []
         if isinstance(event, Token):
-            return [chunk(event.text)]
+            return [chunk(event.text, entries=event.logprobs)]
         if isinstance(event, Finished):
             out = event.output
-            last = [chunk(None if reply.chat else "", _FINISH_REASON[out.stop_reason])]
+            rest = out.logprobs[shaper.sent :] if shaper is not None and out.logprobs else []
+            reason = _FINISH_REASON[out.stop_reason]
+            last = [chunk(None if reply.chat else "", reason, entries=rest)]
             if req.include_usage:
                 usage = {**reply.envelope(chunk=True), "choices": [], "usage": _usage(out)}
                 last.append(sse.data_only(usage))

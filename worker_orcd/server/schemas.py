@@ -8,10 +8,10 @@ field that is wrong together with the constraint it broke, and so that unknown f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from worker_orcd.engine.types import U64_MAX, SamplingParams
+from worker_orcd.engine.types import MAX_LOGPROBS, U64_MAX, SamplingParams
 from worker_orcd.errors import InvalidRequestError
 from worker_orcd.server.options import MAX_STOP_STRINGS, PROMPT_MAX_CHARS
 
@@ -57,6 +57,7 @@ class GenerationRequest:
     stop: tuple[str, ...]
     seed: int | None
     ignore_eos: bool  # end-of-generation tokens do not end the request (vLLM's, llama.cpp's)
+    logprobs: int | None = None  # OpenAI endpoints: alternatives per token's log-probability
 
     @property
     def prompt_chars(self) -> int:
@@ -77,6 +78,7 @@ class GenerationRequest:
             seed=seed,
             stop=self.stop,
             ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs,
         )
 
 
@@ -333,12 +335,14 @@ def parse_openai(body: Any, *, chat: bool, max_tokens_out: int) -> OpenAIRequest
     b.must_equal("n", (1,), "must be 1")
     b.must_equal("logit_bias", ({},), "must be empty (not supported)")
     b.get("user")
-    if chat:
-        b.must_equal("logprobs", (False,), "must be false (not supported)")
-        b.must_equal("top_logprobs", (0,), "must be 0 (not supported)")
+    if chat:  # logprobs: true, and top_logprobs alternatives (0 without it)
+        top = b.integer("top_logprobs", None, 0, MAX_LOGPROBS)
+        logprobs = (top or 0) if b.boolean("logprobs", False) else None
+        if top is not None and logprobs is None:
+            b.fail("top_logprobs", "needs logprobs: true")
         b.must_equal("response_format", ({"type": "text"},), 'must be {"type": "text"}')
-    else:
-        b.must_equal("logprobs", (0,), "must be null (not supported)")
+    else:  # logprobs: the alternatives per token
+        logprobs = b.integer("logprobs", None, 0, MAX_LOGPROBS)
         b.must_equal("echo", (False,), "must be false (not supported)")
         b.must_equal("best_of", (1,), "must be 1")
         b.must_equal("suffix", ("",), "must be empty (not supported)")
@@ -346,5 +350,8 @@ def parse_openai(body: Any, *, chat: bool, max_tokens_out: int) -> OpenAIRequest
     if errors:
         raise RequestValidationError(errors)
     return OpenAIRequest(
-        generation=generation, model=model, stream=stream, include_usage=include_usage
+        generation=replace(generation, logprobs=logprobs),
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
     )

@@ -241,6 +241,11 @@ class Tokenizer:
             chunks.append(piece)
         return b"".join(chunks).decode("utf-8", "replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's bytes as it reads inside a text (a special token as its text): what
+        OpenAI's logprobs give as a token's bytes. Part of a UTF-8 character, for some tokens."""
+        return self._piece(int(token_id), skip_special=False, at_start=False)[0]
+
     def decoder(self, skip_special: bool = True, prev_id: int | None = None) -> IncrementalDecoder:
         """A streaming decoder; it skips special tokens by default (it streams generated text).
 

@@ -79,3 +79,18 @@ def test_random_ids_match_decode(
         assert "".join(_stream(tok, ids, skip_special=skip_special)) == tok.decode(
             ids, skip_special=skip_special
         )
+
+
+@pytest.mark.parametrize("name", KINDS)
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_join_to_the_text(name: str, text: str, request: pytest.FixtureRequest) -> None:
+    """A token's bytes as they read inside a text (logprob reports): joined, the text's UTF-8,
+    with SentencePiece's dummy-prefix space where decode drops it at the start; a special token
+    reads as its text."""
+    tok: Tokenizer = request.getfixturevalue(name)
+    ids = tok.encode(text, add_special=False)
+    joined = b"".join(tok.token_bytes(i) for i in ids)
+    assert joined in (text.encode(), b" " + text.encode())
+    assert joined.decode() == tok.decode(ids) or joined.decode() == " " + tok.decode(ids)
+    eos = tok.eos_id
+    assert eos is not None and tok.token_bytes(eos) == tok.id_to_piece(eos).encode()

@@ -193,6 +193,41 @@ def test_completions_streaming_logprobs(client: openai.OpenAI, engine) -> None: 
     assert all(tok in top and len(top) <= 2 for tok, top in zip(tokens, tops, strict=True))
 
 
+def test_echo_scores_a_prompt_as_generation_saw_it(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
+    """echo with max_tokens 0 on a prompt of token ids (how evaluation harnesses score text):
+    the prompt comes back as text, its first token without a log-probability, and the tokens a
+    completion generated, scored again as prompt (one prefill), get the log-probabilities that
+    the decode steps gave them."""
+    prompt = "def fibonacci(n):"
+    gen = client.completions.create(
+        model="any", prompt=prompt, max_tokens=6, temperature=0, logprobs=0
+    )
+    ids = engine.encode_prompt(prompt=prompt)
+    out_ids = with_logprobs(engine, 6, 0, prompt=prompt).token_ids
+    scored = client.completions.create(
+        model="any", prompt=[ids + out_ids], max_tokens=0, echo=True, logprobs=2
+    )
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == engine.decode(ids + out_ids)
+    assert (
+        scored.usage.prompt_tokens == len(ids) + len(out_ids)
+        and scored.usage.completion_tokens == 0
+    )
+    assert len(lp.tokens) == len(ids) + len(out_ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    tail = lp.token_logprobs[len(ids) :]
+    assert tail == pytest.approx(gen.choices[0].logprobs.token_logprobs, abs=2e-3)
+    assert lp.tokens[len(ids) :] == gen.choices[0].logprobs.tokens
+    assert all(1 <= len(t) <= 3 for t in lp.top_logprobs[1:])  # the top 2, and the token's own
+    echoed = client.completions.create(
+        model="any", prompt=prompt, max_tokens=3, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text == prompt + with_logprobs(engine, 3, 0, prompt=prompt).text
+    assert echoed.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="outside 0"):
+        client.completions.create(model="any", prompt=[[1, 10**7]], max_tokens=1)
+
+
 def test_invalid_request_is_a_bad_request_error(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="any", prompt="x", max_tokens=5, temperature=3, n=2)

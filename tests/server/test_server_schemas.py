@@ -173,6 +173,13 @@ def test_openai_completions_defaults_and_extensions() -> None:
     g = req.generation
     assert (g.prompt, g.max_tokens, g.stop, g.top_k, g.ignore_eos) == ("hi", 16, ("\n",), 5, True)
     assert (g.presence_penalty, g.frequency_penalty, g.logprobs) == (0.0, 0.0, None)
+    for prompt in ([5, 6, 7], [[5, 6, 7]]):  # token ids, as OpenAI takes them
+        req = parse_openai({"prompt": prompt}, chat=False, max_tokens_out=MAX_OUT)
+        assert (req.generation.prompt, req.generation.prompt_ids) == (None, (5, 6, 7))
+    req = parse_openai(
+        {"prompt": "x", "echo": True, "max_tokens": 0}, chat=False, max_tokens_out=MAX_OUT
+    )
+    assert req.echo and req.generation.max_tokens == 0
     for body, want in [({"logprobs": 3}, 3), ({"logprobs": 0}, 0)]:
         req = parse_openai({"prompt": "x", **body}, chat=False, max_tokens_out=MAX_OUT)
         assert req.generation.sampling(max_tokens=1, seed=0).logprobs == want
@@ -213,7 +220,6 @@ def test_openai_chat_accepts_content_parts_and_max_completion_tokens() -> None:
     ("chat", "body", "field"),
     [
         (False, {"prompt": "x", "n": 2}, "n"),
-        (False, {"prompt": "x", "echo": True}, "echo"),
         (False, {"prompt": "x", "best_of": 3}, "best_of"),
         (False, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
         (False, {"messages": [{"role": "user", "content": "x"}]}, "messages"),
@@ -226,6 +232,12 @@ def test_openai_chat_accepts_content_parts_and_max_completion_tokens() -> None:
         (True, {"messages": USER_X, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         (False, {"prompt": "x", "logprobs": 21}, "logprobs"),
         (False, {"prompt": "x", "logprobs": True}, "logprobs"),
+        (False, {"prompt": "x", "echo": True, "stream": True}, "echo"),
+        (False, {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        (False, {"prompt": [[1, -2]]}, "prompt"),
+        (False, {"prompt": [[1], [2]]}, "prompt"),
+        (True, {"messages": USER_X, "echo": True}, "echo"),
+        (False, {"prompt": [1, True]}, "prompt"),
     ],
 )
 def test_openai_rejections(chat: bool, body: dict[str, Any], field: str) -> None:

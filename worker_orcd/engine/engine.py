@@ -48,11 +48,11 @@ from worker_orcd.engine.request import (
     RequestHandle,
     TextCallback,
 )
-from worker_orcd.engine.sampler import make_generator
+from worker_orcd.engine.sampler import make_generator, token_logprobs
 from worker_orcd.engine.scheduler import ScheduledBatch, Scheduler
 from worker_orcd.engine.sequence import Sequence
 from worker_orcd.engine.steps import EngineStats, StepLoop, StepObserver
-from worker_orcd.engine.types import GenerationOutput, SamplingParams
+from worker_orcd.engine.types import GenerationOutput, SamplingParams, TokenLogprob
 from worker_orcd.errors import (
     InsufficientVramError,
     InvalidRequestError,
@@ -469,6 +469,21 @@ class Engine:
     def token_bytes(self, token_id: int) -> bytes:
         """One token's bytes (`Tokenizer.token_bytes`), for log-probability reports."""
         return self.tokenizer.token_bytes(token_id)
+
+    def decode(self, ids: SequenceOf[int]) -> str:
+        """Token ids to text, special tokens included (a prompt given as ids, echoed back)."""
+        return self.tokenizer.decode(ids)
+
+    def prompt_logprobs(self, ids: SequenceOf[int], top: int) -> list[TokenLogprob]:
+        """Each prompt token's log-probability after those before it, with the `top` most likely
+        ids at its position, from `score`'s logits (the raw model distribution); the first token
+        has none. Blocks: call it off the event loop."""
+        token_ids = self.prompt_ids(ids)
+        if len(token_ids) < 2:
+            return []
+        logits = self.score(token_ids)[:-1]
+        targets = torch.tensor(token_ids[1:], dtype=torch.int64)
+        return token_logprobs(logits, targets, [top] * (len(token_ids) - 1))
 
     def submit(
         self,

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from worker_orcd.engine.types import GenerationOutput, StopReason, TokenLogprob
 from worker_orcd.server import sse
@@ -132,7 +133,8 @@ class _Logprobs:
         self.sent = 0
         self.offset = 0
 
-    def shape(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+    def shape(self, entries: Sequence[TokenLogprob], lead: int | None = None) -> dict[str, Any]:
+        """`lead`: completions' echo: the prompt's first token, which has no log-probability."""
         self.sent += len(entries)
         if self.chat:
             content = [
@@ -143,7 +145,17 @@ class _Logprobs:
                 for e in entries
             ]
             return {"content": content, "refusal": None}
-        tokens, offsets, tops = [], [], []
+        tokens: list[str] = []
+        offsets: list[int] = []
+        tops: list[dict[str, float] | None] = []
+        values: list[float | None] = []
+        if lead is not None:
+            tokens.append(self._text(lead))
+            offsets.append(self.offset)
+            self.offset += len(tokens[0])
+            tops.append(None)
+            values.append(None)
+        values += [_finite(e.logprob) for e in entries]
         for e in entries:
             text = self._text(e.token_id)
             tokens.append(text)
@@ -154,7 +166,7 @@ class _Logprobs:
             tops.append(top)
         return {
             "tokens": tokens,
-            "token_logprobs": [_finite(e.logprob) for e in entries],
+            "token_logprobs": values,
             "top_logprobs": tops,
             "text_offset": offsets,
         }
@@ -190,8 +202,10 @@ async def _serve(worker: Worker, request: Request, *, chat: bool) -> Response:
     job_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     request.state.job_id = job_id
     endpoint = "v1_chat_completions" if chat else "v1_completions"
-    job = await worker.new_job(job_id, req.generation, endpoint=endpoint)
     reply = _Reply(id=job_id, chat=chat, model=worker.facts.model, created=int(time.time()))
+    if req.echo:
+        return await _serve_echo(worker, request, req, reply, endpoint)
+    job = await worker.new_job(job_id, req.generation, endpoint=endpoint)
     if req.stream:
         return StreamingResponse(
             _stream(worker, job, request, req, reply),
@@ -223,6 +237,50 @@ async def _serve(worker: Worker, request: Request, *, chat: bool) -> Response:
         watcher.cancel()
         worker.cancel_on_exit(job)
     raise AssertionError("a job's events always end with Finished or Failed")
+
+
+async def _serve_echo(
+    worker: Worker, request: Request, req: OpenAIRequest, reply: _Reply, endpoint: str
+) -> Response:
+    """Completions with echo (never streamed): the prompt, then its completion (none with
+    max_tokens 0); with logprobs, the prompt tokens' from the model's logits over the prompt
+    (the first token has none), then the completion's."""
+    gen = req.generation
+    ids = await worker.prompt_ids(gen)
+    worker.check_fit(len(ids), gen.max_tokens)
+    prompt_text = gen.prompt if gen.prompt is not None else worker.engine.decode(ids)
+    prompt_entries: list[TokenLogprob] = []
+    if gen.logprobs is not None:
+        prompt_entries = await run_in_threadpool(worker.engine.prompt_logprobs, ids, gen.logprobs)
+    text, reason, generated = prompt_text, "length", []
+    if gen.max_tokens != 0:
+        job = await worker.new_job(reply.id, gen, endpoint=endpoint, ids=ids)
+        watcher = asyncio.create_task(watch_disconnect(request, lambda: worker.cancel_on_exit(job)))
+        try:
+            async for event in job_events(job):
+                if isinstance(event, Failed):
+                    status = http_status(event.code)
+                    body = error_body(event.code, event.message, status, [])
+                    return JSONResponse(body, status_code=status)
+                if isinstance(event, Finished):
+                    out = event.output
+                    text += out.text
+                    reason = _FINISH_REASON[out.stop_reason]
+                    generated = out.token_ids
+                    prompt_entries += out.logprobs or []
+        finally:
+            watcher.cancel()
+            worker.cancel_on_exit(job)
+    logprobs = None
+    if gen.logprobs is not None:
+        logprobs = _Logprobs(False, worker.engine.token_bytes).shape(prompt_entries, lead=ids[0])
+    usage = {
+        "prompt_tokens": len(ids),
+        "completion_tokens": len(generated),
+        "total_tokens": len(ids) + len(generated),
+    }
+    choice = reply.choice(text, reason, chunk=False, logprobs=logprobs)
+    return JSONResponse({**reply.envelope(chunk=False), "choices": [choice], "usage": usage})
 
 
 async def _stream(

@@ -58,11 +58,14 @@ class GenerationRequest:
     seed: int | None
     ignore_eos: bool  # end-of-generation tokens do not end the request (vLLM's, llama.cpp's)
     logprobs: int | None = None  # OpenAI endpoints: alternatives per token's log-probability
+    prompt_ids: tuple[int, ...] | None = None  # /v1/completions: a prompt given as token ids
 
     @property
     def prompt_chars(self) -> int:
         if self.prompt is not None:
             return len(self.prompt)
+        if self.prompt_ids is not None:
+            return 0
         return sum(len(m["content"]) for m in self.messages or ())
 
     def sampling(self, *, max_tokens: int, seed: int) -> SamplingParams:
@@ -94,6 +97,7 @@ class OpenAIRequest:
     model: str | None
     stream: bool
     include_usage: bool
+    echo: bool = False  # completions: the prompt (and its logprobs) ahead of the completion
 
 
 class _Body:
@@ -197,24 +201,34 @@ def _is_number(value: Any) -> bool:
 
 
 def _generation(
-    b: _Body, *, max_tokens_out: int, default_max_tokens: int | None, allow_content_parts: bool
+    b: _Body,
+    *,
+    max_tokens_out: int,
+    default_max_tokens: int | None,
+    allow_content_parts: bool,
+    allow_token_ids: bool = False,
+    min_max_tokens: int = 1,
 ) -> GenerationRequest:
     prompt_value = b.get("prompt")
     messages_value = b.get("messages")
     prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
     messages: tuple[dict[str, str], ...] | None = None
     if prompt_value is None and messages_value is None:
         b.fail("prompt", "is required (or messages)")
     elif prompt_value is not None and messages_value is not None:
         b.fail("prompt", "and messages are mutually exclusive: give one")
+    elif prompt_value is not None and allow_token_ids and _is_token_ids(prompt_value):
+        prompt_ids = _token_ids(b, prompt_value)
     elif prompt_value is not None:
-        prompt = _prompt(b, prompt_value)
+        prompt = _prompt(b, prompt_value, allow_token_ids)
     else:
         messages = _messages(b, messages_value, allow_content_parts)
     return GenerationRequest(
         prompt=prompt,
         messages=messages,
-        max_tokens=b.integer("max_tokens", default_max_tokens, 1, max_tokens_out),
+        prompt_ids=prompt_ids,
+        max_tokens=b.integer("max_tokens", default_max_tokens, min_max_tokens, max_tokens_out),
         temperature=b.number("temperature", 1.0, 0.0, 2.0),
         top_p=b.number("top_p", 1.0, 0.0, 1.0, lo_open=True),
         top_k=b.integer("top_k", 0, 0) or 0,
@@ -228,14 +242,36 @@ def _generation(
     )
 
 
-def _prompt(b: _Body, value: Any) -> str | None:
+def _prompt(b: _Body, value: Any, allow_token_ids: bool = False) -> str | None:
     # The OpenAI completions API also allows a list; we take a list of exactly one string.
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if not isinstance(value, str) or not 1 <= len(value) <= PROMPT_MAX_CHARS:
-        b.fail("prompt", f"must be a string of 1..{PROMPT_MAX_CHARS} characters")
+        ids = f", a list of 1..{PROMPT_MAX_CHARS} token ids" if allow_token_ids else ""
+        b.fail("prompt", f"must be a string of 1..{PROMPT_MAX_CHARS} characters{ids}")
         return None
     return value
+
+
+def _is_token_ids(value: Any) -> bool:
+    """A prompt of token ids: a list of integers, or a list holding one such list (OpenAI's
+    forms for one prompt)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
+        value = value[0]
+    return isinstance(value, list) and bool(value) and all(_is_int(x) for x in value)
+
+
+def _token_ids(b: _Body, value: list[Any]) -> tuple[int, ...] | None:
+    if len(value) == 1 and isinstance(value[0], list):
+        value = value[0]
+    if len(value) > PROMPT_MAX_CHARS or any(x < 0 for x in value):
+        b.fail("prompt", f"token ids must be 1..{PROMPT_MAX_CHARS} integers >= 0")
+        return None
+    return tuple(value)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _messages(b: _Body, value: Any, allow_content_parts: bool) -> tuple[dict[str, str], ...] | None:
@@ -317,10 +353,20 @@ def parse_openai(body: Any, *, chat: bool, max_tokens_out: int) -> OpenAIRequest
         b.seen.add("messages")
         b.body = {k: v for k, v in b.body.items() if k != "messages"}
     default_max = None if chat else OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS
+    # completions' echo: the prompt and its tokens' log-probabilities come back ahead of the
+    # completion, which may then be empty (max_tokens 0): how evaluation harnesses score text
+    echo = False if chat else b.boolean("echo", False)
     generation = _generation(
-        b, max_tokens_out=max_tokens_out, default_max_tokens=default_max, allow_content_parts=chat
+        b,
+        max_tokens_out=max_tokens_out,
+        default_max_tokens=default_max,
+        allow_content_parts=chat,
+        allow_token_ids=not chat,
+        min_max_tokens=0 if echo else 1,
     )
     stream = b.boolean("stream", False)
+    if echo and stream:
+        b.fail("echo", "is supported without stream only")
     include_usage = False
     options = b.get("stream_options")
     if options is not None:
@@ -343,7 +389,6 @@ def parse_openai(body: Any, *, chat: bool, max_tokens_out: int) -> OpenAIRequest
         b.must_equal("response_format", ({"type": "text"},), 'must be {"type": "text"}')
     else:  # logprobs: the alternatives per token
         logprobs = b.integer("logprobs", None, 0, MAX_LOGPROBS)
-        b.must_equal("echo", (False,), "must be false (not supported)")
         b.must_equal("best_of", (1,), "must be 1")
         b.must_equal("suffix", ("",), "must be empty (not supported)")
     b.reject_unknown()
@@ -354,4 +399,5 @@ def parse_openai(body: Any, *, chat: bool, max_tokens_out: int) -> OpenAIRequest
         model=model,
         stream=stream,
         include_usage=include_usage,
+        echo=echo,
     )

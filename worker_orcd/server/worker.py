@@ -33,6 +33,7 @@ from worker_orcd.server.schemas import FieldError, GenerationRequest, RequestVal
 
 if TYPE_CHECKING:
     from worker_orcd.engine.steps import EngineStats
+    from worker_orcd.engine.types import TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,10 @@ class ServingEngine(GeneratingEngine, Protocol):
     def check_fits(self, n_prompt: int, max_tokens: int) -> None: ...
 
     def token_bytes(self, token_id: int) -> bytes: ...
+
+    def prompt_logprobs(self, ids: Sequence[int], top: int) -> list[TokenLogprob]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
 
     def stats(self) -> EngineStats: ...
 
@@ -142,10 +147,19 @@ class Worker:
             "mean_batch_seqs": round(s.step_seqs / s.steps, 3) if s.steps else 0.0,
         }
 
-    async def new_job(self, job_id: str, gen: GenerationRequest, endpoint: str) -> Job:
-        """Tokenize off the event loop, check the prompt's fit, and queue the job."""
+    async def prompt_ids(self, gen: GenerationRequest) -> list[int]:
+        """The request's prompt as token ids: tokenized off the event loop, or as given (each id
+        checked against the vocabulary)."""
+        if gen.prompt_ids is not None:
+            vocab = self.facts.vocab_size
+            bad = [i for i in gen.prompt_ids if i >= vocab]
+            if bad:
+                raise RequestValidationError(
+                    [FieldError("prompt", f"holds token id {bad[0]}, outside 0..{vocab - 1}")]
+                )
+            return list(gen.prompt_ids)
         try:
-            ids = await run_in_threadpool(
+            return await run_in_threadpool(
                 self.engine.encode_prompt,
                 prompt=gen.prompt,
                 messages=list(gen.messages) if gen.messages else None,
@@ -155,7 +169,15 @@ class Worker:
         except InvalidRequestError as exc:  # e.g. a chat request to a model without a template
             field = "prompt" if gen.prompt is not None else "messages"
             raise _field_error(field, exc) from exc
-        max_tokens = self._check_fit(len(ids), gen.max_tokens)
+
+    async def new_job(
+        self, job_id: str, gen: GenerationRequest, endpoint: str, ids: list[int] | None = None
+    ) -> Job:
+        """Tokenize off the event loop (unless `ids` are given), check the prompt's fit, and
+        queue the job."""
+        if ids is None:
+            ids = await self.prompt_ids(gen)
+        max_tokens = self.check_fit(len(ids), gen.max_tokens)
         seed = gen.seed if gen.seed is not None else secrets.randbits(64)
         params = gen.sampling(max_tokens=max_tokens, seed=seed)
         job = Job(
@@ -182,7 +204,9 @@ class Worker:
         )
         return job
 
-    def _check_fit(self, n_prompt: int, max_tokens: int | None) -> int:
+    def check_fit(self, n_prompt: int, max_tokens: int | None) -> int:
+        """max_tokens, or as many as the context and --max-tokens-out allow; raise naming the
+        prompt if it does not fit."""
         limit = self.settings.max_tokens_in
         if limit is not None and n_prompt > limit:
             raise RequestValidationError(

@@ -20,9 +20,11 @@ def client(server: LiveServer) -> openai.OpenAI:
     )
 
 
-def greedy(engine, max_tokens: int, **prompt: object):  # noqa: ANN001, ANN003, ANN201
+def greedy(engine, max_tokens: int, logprobs: int | None = None, **prompt: object):  # noqa: ANN001, ANN003, ANN201
+    """The in-process engine's greedy output (with `logprobs` alternatives per token)."""
     ids = engine.encode_prompt(**prompt)
-    return engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0, seed=0))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, seed=0, logprobs=logprobs)
+    return engine.generate(ids, params)
 
 
 def finish_reasons(chunks: list) -> list[str]:  # noqa: ANN001
@@ -135,17 +137,11 @@ def test_chat_streaming_without_usage(client: openai.OpenAI) -> None:
     assert len(finish_reasons(chunks)) == 1
 
 
-def with_logprobs(engine, max_tokens: int, top: int, **prompt: object):  # noqa: ANN001, ANN003, ANN201
-    ids = engine.encode_prompt(**prompt)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, seed=0, logprobs=top)
-    return engine.generate(ids, params)
-
-
 def test_chat_logprobs(client: openai.OpenAI, engine) -> None:  # noqa: ANN001
     """Each generated token with its bytes, its log-probability and the 2 most likely, as the
     engine in this process gives them; the official client parses every field."""
     messages = [{"role": "user", "content": "Name three colours, comma separated."}]
-    ref = with_logprobs(engine, 6, 2, messages=messages)
+    ref = greedy(engine, 6, 2, messages=messages)
     out = client.chat.completions.create(
         model="any", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
     )
@@ -169,7 +165,7 @@ def test_completions_streaming_logprobs(client: openai.OpenAI, engine) -> None: 
     """Across the chunks of a stream: one entry per generated token, each once, in order, the
     offsets running on over the chunks; the chosen token is among each position's top."""
     prompt = "def fibonacci(n):"
-    ref = with_logprobs(engine, 10, 1, prompt=prompt)
+    ref = greedy(engine, 10, 1, prompt=prompt)
     chunks = list(
         client.completions.create(
             model="any",
@@ -203,7 +199,7 @@ def test_echo_scores_a_prompt_as_generation_saw_it(client: openai.OpenAI, engine
         model="any", prompt=prompt, max_tokens=6, temperature=0, logprobs=0
     )
     ids = engine.encode_prompt(prompt=prompt)
-    out_ids = with_logprobs(engine, 6, 0, prompt=prompt).token_ids
+    out_ids = greedy(engine, 6, 0, prompt=prompt).token_ids
     scored = client.completions.create(
         model="any", prompt=[ids + out_ids], max_tokens=0, echo=True, logprobs=2
     )
@@ -222,7 +218,7 @@ def test_echo_scores_a_prompt_as_generation_saw_it(client: openai.OpenAI, engine
     echoed = client.completions.create(
         model="any", prompt=prompt, max_tokens=3, temperature=0, echo=True
     )
-    assert echoed.choices[0].text == prompt + with_logprobs(engine, 3, 0, prompt=prompt).text
+    assert echoed.choices[0].text == prompt + greedy(engine, 3, 0, prompt=prompt).text
     assert echoed.choices[0].logprobs is None
     with pytest.raises(openai.BadRequestError, match="outside 0"):
         client.completions.create(model="any", prompt=[[1, 10**7]], max_tokens=1)

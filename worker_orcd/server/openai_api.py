@@ -187,13 +187,43 @@ def _finite(logprob: float) -> float:
     return logprob if logprob > _MIN_LOGPROB else _MIN_LOGPROB
 
 
-def _usage(output: GenerationOutput) -> dict[str, int]:
-    prompt, completion = len(output.prompt_ids), len(output.token_ids)
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def _reply_json(
+    reply: _Reply,
+    text: str,
+    reason: str,
+    logprobs: dict[str, Any] | None,
+    usage: dict[str, int],
+) -> JSONResponse:
+    """The whole (not streamed) response of one choice."""
+    choice = reply.choice(text, reason, chunk=False, logprobs=logprobs)
+    return JSONResponse({**reply.envelope(chunk=False), "choices": [choice], "usage": usage})
+
+
+async def _outcome(worker: Worker, request: Request, job: Job) -> GenerationOutput | Response:
+    """The job's output once it finishes, or the error response if it fails; a client that
+    goes away first cancels it."""
+    watcher = asyncio.create_task(watch_disconnect(request, lambda: worker.cancel_on_exit(job)))
+    try:
+        async for event in job_events(job):
+            if isinstance(event, Failed):
+                status = http_status(event.code)
+                return JSONResponse(
+                    error_body(event.code, event.message, status, []), status_code=status
+                )
+            if isinstance(event, Finished):
+                return event.output
+    finally:
+        watcher.cancel()
+        worker.cancel_on_exit(job)
+    raise AssertionError("a job's events always end with Finished or Failed")
 
 
 async def _serve(worker: Worker, request: Request, *, chat: bool) -> Response:
@@ -212,31 +242,14 @@ async def _serve(worker: Worker, request: Request, *, chat: bool) -> Response:
             media_type=sse.MEDIA_TYPE,
             headers=sse.HEADERS,
         )
-    watcher = asyncio.create_task(watch_disconnect(request, lambda: worker.cancel_on_exit(job)))
-    try:
-        async for event in job_events(job):
-            if isinstance(event, Failed):
-                status = http_status(event.code)
-                return JSONResponse(
-                    error_body(event.code, event.message, status, []), status_code=status
-                )
-            if isinstance(event, Finished):
-                out = event.output
-                logprobs = None
-                if out.logprobs is not None:
-                    logprobs = _Logprobs(chat, worker.engine.token_bytes).shape(out.logprobs)
-                reason = _FINISH_REASON[out.stop_reason]
-                return JSONResponse(
-                    {
-                        **reply.envelope(chunk=False),
-                        "choices": [reply.choice(out.text, reason, chunk=False, logprobs=logprobs)],
-                        "usage": _usage(out),
-                    }
-                )
-    finally:
-        watcher.cancel()
-        worker.cancel_on_exit(job)
-    raise AssertionError("a job's events always end with Finished or Failed")
+    out = await _outcome(worker, request, job)
+    if isinstance(out, Response):
+        return out
+    logprobs = None
+    if out.logprobs is not None:
+        logprobs = _Logprobs(chat, worker.engine.token_bytes).shape(out.logprobs)
+    usage = _usage(len(out.prompt_ids), len(out.token_ids))
+    return _reply_json(reply, out.text, _FINISH_REASON[out.stop_reason], logprobs, usage)
 
 
 async def _serve_echo(
@@ -247,40 +260,25 @@ async def _serve_echo(
     (the first token has none), then the completion's."""
     gen = req.generation
     ids = await worker.prompt_ids(gen)
-    worker.check_fit(len(ids), gen.max_tokens)
+    worker.check_fit(len(ids), gen.max_tokens)  # before the scoring pass
     prompt_text = gen.prompt if gen.prompt is not None else worker.engine.decode(ids)
-    prompt_entries: list[TokenLogprob] = []
+    entries: list[TokenLogprob] = []
     if gen.logprobs is not None:
-        prompt_entries = await run_in_threadpool(worker.engine.prompt_logprobs, ids, gen.logprobs)
-    text, reason, generated = prompt_text, "length", []
+        entries = await run_in_threadpool(worker.engine.prompt_logprobs, ids, gen.logprobs)
+    text, reason, generated = prompt_text, "length", 0
     if gen.max_tokens != 0:
         job = await worker.new_job(reply.id, gen, endpoint=endpoint, ids=ids)
-        watcher = asyncio.create_task(watch_disconnect(request, lambda: worker.cancel_on_exit(job)))
-        try:
-            async for event in job_events(job):
-                if isinstance(event, Failed):
-                    status = http_status(event.code)
-                    body = error_body(event.code, event.message, status, [])
-                    return JSONResponse(body, status_code=status)
-                if isinstance(event, Finished):
-                    out = event.output
-                    text += out.text
-                    reason = _FINISH_REASON[out.stop_reason]
-                    generated = out.token_ids
-                    prompt_entries += out.logprobs or []
-        finally:
-            watcher.cancel()
-            worker.cancel_on_exit(job)
+        out = await _outcome(worker, request, job)
+        if isinstance(out, Response):
+            return out
+        text += out.text
+        reason = _FINISH_REASON[out.stop_reason]
+        generated = len(out.token_ids)
+        entries += out.logprobs or []
     logprobs = None
     if gen.logprobs is not None:
-        logprobs = _Logprobs(False, worker.engine.token_bytes).shape(prompt_entries, lead=ids[0])
-    usage = {
-        "prompt_tokens": len(ids),
-        "completion_tokens": len(generated),
-        "total_tokens": len(ids) + len(generated),
-    }
-    choice = reply.choice(text, reason, chunk=False, logprobs=logprobs)
-    return JSONResponse({**reply.envelope(chunk=False), "choices": [choice], "usage": usage})
+        logprobs = _Logprobs(False, worker.engine.token_bytes).shape(entries, lead=ids[0])
+    return _reply_json(reply, text, reason, logprobs, _usage(len(ids), generated))
 
 
 async def _stream(
@@ -315,7 +313,11 @@ async def _stream(
             reason = _FINISH_REASON[out.stop_reason]
             last = [chunk(None if reply.chat else "", reason, entries=rest)]
             if req.include_usage:
-                usage = {**reply.envelope(chunk=True), "choices": [], "usage": _usage(out)}
+                usage = {
+                    **reply.envelope(chunk=True),
+                    "choices": [],
+                    "usage": _usage(len(out.prompt_ids), len(out.token_ids)),
+                }
                 last.append(sse.data_only(usage))
             return last
         return [sse.data_only(error_body(event.code, event.message, http_status(event.code), []))]

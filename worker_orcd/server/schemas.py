@@ -214,12 +214,16 @@ def _generation(
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     messages: tuple[dict[str, str], ...] | None = None
+    ids = _token_ids(prompt_value) if allow_token_ids else None
     if prompt_value is None and messages_value is None:
         b.fail("prompt", "is required (or messages)")
     elif prompt_value is not None and messages_value is not None:
         b.fail("prompt", "and messages are mutually exclusive: give one")
-    elif prompt_value is not None and allow_token_ids and _is_token_ids(prompt_value):
-        prompt_ids = _token_ids(b, prompt_value)
+    elif ids is not None:
+        if len(ids) > PROMPT_MAX_CHARS or any(x < 0 for x in ids):
+            b.fail("prompt", f"token ids must be 1..{PROMPT_MAX_CHARS} integers >= 0")
+        else:
+            prompt_ids = tuple(ids)
     elif prompt_value is not None:
         prompt = _prompt(b, prompt_value, allow_token_ids)
     else:
@@ -253,21 +257,14 @@ def _prompt(b: _Body, value: Any, allow_token_ids: bool = False) -> str | None:
     return value
 
 
-def _is_token_ids(value: Any) -> bool:
-    """A prompt of token ids: a list of integers, or a list holding one such list (OpenAI's
-    forms for one prompt)."""
+def _token_ids(value: Any) -> list[int] | None:
+    """A prompt of token ids as its list, from OpenAI's two forms for one prompt (a list of
+    integers, or a list holding one such list); None for any other value."""
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
         value = value[0]
-    return isinstance(value, list) and bool(value) and all(_is_int(x) for x in value)
-
-
-def _token_ids(b: _Body, value: list[Any]) -> tuple[int, ...] | None:
-    if len(value) == 1 and isinstance(value[0], list):
-        value = value[0]
-    if len(value) > PROMPT_MAX_CHARS or any(x < 0 for x in value):
-        b.fail("prompt", f"token ids must be 1..{PROMPT_MAX_CHARS} integers >= 0")
-        return None
-    return tuple(value)
+    if isinstance(value, list) and value and all(_is_int(x) for x in value):
+        return value
+    return None
 
 
 def _is_int(x: Any) -> bool:

@@ -99,7 +99,7 @@ def _pairs_ptx(word: str, p: tuple[str, str] = ("p0", "p1")) -> list[str]:
 
 
 def _pair_word_ptx(
-    shift: int, out: int, a: int, c: str | None, zero: str, high: bool = False
+    shift: int, out: int, a: int, c: int | None, zero: str, high: bool = False
 ) -> list[str]:
     """PTX lines turning the pairs p0, p1 of quant bytes (`_pairs_ptx`) into four bf16 weights,
     operands $out (elements 0, 1) and $out + 1 (2, 3). Each lane's nibble at bit `shift` goes
@@ -117,7 +117,7 @@ def _pair_word_ptx(
         src = ("s0", "s1")
     magic = ("x0", "x1") if high else (_MAGIC, _MAGIC)
     for i in (0, 1):
-        cc = f"${int(c[1:]) + i}" if c else "kz"
+        cc = f"${c + i}" if c is not None else "kz"
         lines += [
             f"lop3.b32 t{i}, {src[i]}, 0x000F000F, {magic[i]}, 0xEA;",
             f"fma.rn.bf16x2 t{i}, t{i}, k1, kq;",
@@ -145,7 +145,7 @@ def pair_nibbles_ptx(fifth_bit: bool) -> str:
             lines += _rotate_ptx("x0", "h0", amount, "0x00100010")
             lines += _rotate_ptx("x1", "h1", amount, "0x00100010")
         a = first + 4 * half
-        lines += _pair_word_ptx(4 * half, 2 * half, a, f"${a + 2}", _NEG_128, fifth_bit)
+        lines += _pair_word_ptx(4 * half, 2 * half, a, a + 2, _NEG_128, fifth_bit)
     return _ptx(lines, _PAIR_REGS)
 
 

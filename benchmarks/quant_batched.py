@@ -45,6 +45,7 @@ from worker_orcd.kernels.quant.formats import (
     to_planes,
 )
 from worker_orcd.kernels.quant.ops import (
+    PACKED_TYPES,
     BatchedConfig,
     batched_config,
     dequantize_planes,
@@ -68,7 +69,6 @@ MIX = [
     (Q.Q8_0, "qwen.lm_head"),
 ]  # fmt: skip
 ROWS = (2, 4, 8, 16, 32, 64)
-PAIRED = (Q.Q4_K, Q.Q5_K, Q.Q6_K)  # the types whose weights `BatchedConfig.pairs` makes in pairs
 
 
 def graph_us(fn: Callable[[dict], object], weights: list[dict]) -> float:
@@ -113,7 +113,7 @@ def sweep(
                 "gemv": graph_us(partial(quant_gemv, x, **shape, out=y), weights),
             }
             twin = ""  # the default config with the weights made the other way (`pairs`)
-            if qtype in PAIRED:
+            if qtype in PACKED_TYPES:
                 cfg = batched_config(qtype, n, k, m)
                 cfg = replace(cfg, pairs=not cfg.pairs)
                 fn = partial(quant_batched, x, **shape, out=y, config=cfg)
@@ -145,7 +145,7 @@ def tune_configs(qtype: Q, m: int) -> list[BatchedConfig]:
     bb = batched_config(qtype, 4096, 4096, m).block_b
     shapes = [(32, 4), (64, 4), (64, 8), (128, 8), (128, 4), (16, 4)]
     cfgs = [BatchedConfig(bn, bb, w, split_k=s) for bn, w in shapes for s in (1, 2, 4)]
-    if qtype in PAIRED:  # 8 tiles a step (a super-block), K split up to 8
+    if qtype in PACKED_TYPES:  # 8 tiles a step (a super-block), K split up to 8
         cfgs += [BatchedConfig(64, bb, 4, split_k=s, tiles=8) for s in (1, 2, 4, 8)]
         cfgs += [BatchedConfig(64, bb, 4, split_k=8, tiles=8, stages=st) for st in (3, 4)]
         cfgs += [BatchedConfig(128, bb, 8, split_k=s, tiles=8) for s in (2, 4)]
@@ -175,7 +175,7 @@ def tune(types: list[Q], batches: tuple[int, ...] = ROWS, model: str = "") -> li
             fn = partial(quant_batched, x, qtype=qtype, n=n, k=k, out=y)  # each call: fn(planes)
             timed = [(graph_us(fn, weights), default)]
             cfgs = tune_configs(qtype, m)
-            if qtype in PAIRED:  # the default with its weights made the other way
+            if qtype in PACKED_TYPES:  # the default with its weights made the other way
                 cfgs.append(replace(default, pairs=not default.pairs))
             for cfg in cfgs:
                 if cfg != default:

@@ -31,6 +31,7 @@ from worker_orcd.kernels.quant.formats import Q, block_format
 from worker_orcd.kernels.quant.ops import (
     BATCHED_MAX_ROWS,
     GEMV_MAX_ROWS,
+    PACKED_TYPES,
     PAIRS_ENV,
     BatchedConfig,
     batched_config,
@@ -41,7 +42,6 @@ from worker_orcd.kernels.quant.ops import (
 from worker_orcd.kernels.quant.weights import PackedWeight, QuantizedWeight
 
 ROWS = (1, 2, 7, 16, 64)
-PAIRED = (Q.Q4_K, Q.Q5_K, Q.Q6_K)  # the types whose weights `BatchedConfig.pairs` makes in pairs
 # y's own rounding to its dtype, and float32 sums
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
 # Triton's interpreter truncates to bf16 where the GPU and torch round to nearest (the weight and
@@ -136,7 +136,7 @@ def test_interpreted_batched(qtype: Q) -> None:
     check_batched(qtype, 37, 2 * unit, 7, torch.float16, "cpu")
     for m in (7, 40):  # bf16 x: the PTX path's column order, x^T loaded permuted (7) or not (40)
         check_batched(qtype, 37, 2 * unit, m, torch.bfloat16, "cpu", tol=TOL_INTERPRETED_BF16)
-        if qtype in PAIRED:  # and its weights made in bf16 pairs
+        if qtype in PACKED_TYPES:  # and its weights made in bf16 pairs
             cfg = replace(batched_config(qtype, 37, 2 * unit, m), pairs=True)
             check_batched(qtype, 37, 2 * unit, m, torch.bfloat16, "cpu", cfg, TOL_INTERPRETED_BF16)
 
@@ -151,7 +151,7 @@ def test_batched_real_and_odd_shapes(qtype: Q) -> None:
     for n, k in shapes_for(qtype, REAL + ODD):
         for m in ROWS:
             check_batched(qtype, n, k, m, torch.bfloat16, "cuda")
-            if qtype in PAIRED:
+            if qtype in PACKED_TYPES:
                 cfg = replace(batched_config(qtype, n, k, m), pairs=True)
                 check_batched(qtype, n, k, m, torch.bfloat16, "cuda", cfg)
     for n, k in shapes_for(qtype, [(896, 4864), (3072, 3072), (9216, 3072)] + ODD):
@@ -166,7 +166,7 @@ def test_batched_real_and_odd_shapes(qtype: Q) -> None:
             (50, BatchedConfig(64, 16, num_warps=8, tiles=2 if qtype != Q.Q6_K else 4)),
         ]:
             check_batched(qtype, n, k, m, torch.bfloat16, "cuda", cfg)
-            if qtype in PAIRED:
+            if qtype in PACKED_TYPES:
                 check_batched(qtype, n, k, m, torch.bfloat16, "cuda", replace(cfg, pairs=True))
 
 

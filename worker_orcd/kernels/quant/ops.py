@@ -138,6 +138,11 @@ def _float_gemv_config(qtype: GGMLQuantizationType, n: int, k: int) -> GemvConfi
     return GemvConfig(8 if n >= 8192 else 4, 32, 4, int8_x=False)
 
 
+# The K-quants, whose small-batch kernels take a whole super-block a step and, on bf16 x, make
+# their weights a word of quants at a time (PACKED; in bf16 pairs with `BatchedConfig.pairs`)
+PACKED_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+
 @dataclass(frozen=True, slots=True)
 class BatchedConfig:
     """Launch shape of the small-batch kernels (`batched`)."""
@@ -185,7 +190,7 @@ def batched_config(qtype: GGMLQuantizationType, n: int, k: int, m: int) -> Batch
     block_n = 64 if n >= 2048 else 32
     programs = ceil_div(n, block_n) * ceil_div(m, block_b)
     units = k // 32
-    k_quant = qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+    k_quant = qtype in PACKED_TYPES
     tiles, most = (8, 8) if k_quant else (4, 4)
     few = block_b == 16
     cap = _BATCHED_PROGRAMS_FEW if few else _BATCHED_PROGRAMS
@@ -525,7 +530,7 @@ def quant_batched(
     flags["STEP"] = step
     # float32 x in IEEE float32; Triton's interpreter (CPU tensors) cannot multiply bf16 operands
     flags["F32_DOT"] = x.dtype == torch.float32 or x.device.type != "cuda"
-    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # bf16 x: weights made a word of quants at a time
+    if qtype in PACKED_TYPES:  # bf16 x: weights made a word of quants at a time
         flags["PACKED"] = x.dtype == torch.bfloat16
         flags["ASM"] = x.device.type == "cuda"
         flags["PAIRS"] = cfg.pairs
